@@ -1,0 +1,95 @@
+# mxtransfer: paths and targets only. Hyper-parameters live in the CLIs' defaults (train/config.py etc.).
+#   make demo      the whole pipeline on the bundled default set and the open_nsfw Caffe model
+#   make test      installs .venv and runs the test suite
+SHELL := /bin/bash
+PYTHON  ?= python3
+VENV    ?= .venv
+GPU     ?=
+PY      := $(VENV)/bin/python
+ifeq ($(GPU),cu112)
+REQS := requirements-gpu.txt
+# The CPU mxnet and mxnet-cu112 share the import name: never both in one venv.
+STAMP := $(VENV)/.installed-cu112
+else
+REQS := requirements.txt
+STAMP := $(VENV)/.installed-cpu
+endif
+
+# ---- make rec: im2rec-style lists, then packing -------------------------------------------------------
+IMAGES      ?= demo/images
+REC_PREFIX  ?= out/rec/demo
+LIST_OPTS   ?= --recursive --train-ratio 0.8
+PACK_OPTS   ?= --resize 224 --quality 95
+# ---- make convert ------------------------------------------------------------------------------------
+PROTOTXT     ?= .cache/models/nsfw/deploy.prototxt
+CAFFEMODEL   ?= .cache/models/nsfw/resnet_50_1by2_nsfw.caffemodel
+MODEL_PREFIX ?= out/model/nsfw
+CONVERT_OPTS ?= --verify
+# ---- make train / predict ----------------------------------------------------------------------------
+TRAIN_REC    ?= $(REC_PREFIX)_train.rec
+VAL_REC      ?= $(REC_PREFIX)_val.rec
+TRAIN_PREFIX ?= out/train/finetuned
+NUM_CLASSES  ?=
+TRAIN_OPTS   ?=
+EPOCH        ?= 0
+PREDICT_IN   ?= $(VAL_REC)
+PREDICT_CSV  ?= out/predict/predictions.csv
+PREDICT_OPTS ?=
+
+.PHONY: install test test-fast demo rec convert train predict fetch-models bench bench-pack bench-convert \
+        bench-train check-gpu-install clean
+
+install: $(STAMP)
+
+$(STAMP): $(REQS) requirements-common.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r $(REQS)
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+rec: install
+	$(PY) -m recbuild --list $(LIST_OPTS) $(REC_PREFIX) $(IMAGES)
+	$(PY) -m recbuild $(PACK_OPTS) $(REC_PREFIX) $(IMAGES)
+
+fetch-models: install
+	$(PY) -m tools.fetch_models
+
+convert: install
+	$(PY) -m tools.caffe_converter $(CONVERT_OPTS) $(PROTOTXT) $(CAFFEMODEL) $(MODEL_PREFIX)
+
+train: install
+	$(PY) -m train --pretrained-model $(MODEL_PREFIX) --data-train $(TRAIN_REC) --data-val $(VAL_REC) \
+	    --model-prefix $(TRAIN_PREFIX) $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES),) $(TRAIN_OPTS)
+
+predict: install
+	$(PY) -m train.predict $(TRAIN_PREFIX) $(EPOCH) $(PREDICT_IN) --out $(PREDICT_CSV) $(PREDICT_OPTS)
+
+demo: install
+	$(PY) -m tools.demo
+
+bench: bench-pack bench-convert bench-train
+
+bench-pack: install
+	$(PY) -m bench.pack
+
+bench-convert: install
+	$(PY) -m bench.convert
+
+bench-train: install
+	$(PY) -m bench.train
+
+# A GPU install is checked without a GPU: every library libmxnet.so links must resolve except the driver.
+check-gpu-install:
+	$(MAKE) install GPU=cu112
+	source tools/gpu_env.sh && ldd $(VENV)/lib/python3*/site-packages/mxnet/libmxnet.so | \
+	    grep "not found" | grep -v libcuda.so.1 && exit 1 || echo "all CUDA 11 libraries resolve (libcuda.so.1 comes with the driver)"
+
+clean:
+	rm -rf out .pytest_cache

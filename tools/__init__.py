@@ -1,0 +1,1 @@
+"""Shared tooling: the Caffe converter, verification against OpenCV, deployment, launch and demo."""
