@@ -1,0 +1,411 @@
+"""Deployment bundle: one folder that legacy MXNet serving code, Gluon, C/C++ and (optionally) ONNX can load.
+
+    python -m tools.deploy PREFIX EPOCH OUTDIR [--name model] [--classes CLASSMAP|LST|REC] [--onnx] [--force]
+
+writes, atomically (a temporary folder renamed into place only when complete):
+
+    OUTDIR/model-symbol.json      inference symbol (SoftmaxOutput -> softmax of the same name, see below)
+    OUTDIR/model-0000.params      only the parameters the symbol uses, `arg:`/`aux:` keyed as always
+    OUTDIR/model-preprocess.json  the preprocessing sidecar (symbols/sidecar.py), class names included
+    OUTDIR/model.classes.json     the class map (recbuild/classmap.py): label index -> name
+    OUTDIR/model.onnx             with --onnx (tools/onnx_export.py)
+    OUTDIR/README.md              how to load it four ways, the input recipe and where it came from
+
+Why the SoftmaxOutput is rewritten: SoftmaxOutput is a training op with a `softmax_label` input. Its forward
+pass is exactly `softmax`, and stock `mx.mod.Module(..., label_names=None)` and MXPredCreate ignore the label,
+but `gluon.SymbolBlock.imports` treats the label as a missing parameter and refuses the file. The bundle
+therefore carries `softmax` under the same layer name, so the output is still called `<name>_output` and
+predictions are bit-identical; keep the training checkpoint to resume training.
+
+After writing, `--check` (on by default) feeds one seeded input through mx.mod.Module, gluon.SymbolBlock and
+the C predict API (and onnxruntime with --onnx) and fails if they disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from recbuild.classmap import find_class_map, read_class_map, write_class_map
+from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar
+from tools.atomic import atomic_open
+
+log = logging.getLogger(__name__)
+
+# Defaults in one place.
+DEFAULT_NAME = "model"
+DEFAULT_EPOCH_OUT = 0  # serving code usually hard-codes epoch 0; the source epoch is recorded in README/sidecar
+# Loaders must agree to float32 round-off: the same kernels run underneath, only the entry point differs.
+PARITY_RTOL, PARITY_ATOL = 1e-5, 1e-6
+
+
+class DeployError(ValueError):
+    """Bad input to the bundler; the message names the file and what is expected instead."""
+
+
+@dataclass
+class Bundle:
+    """Paths of a written bundle."""
+
+    outdir: Path
+    name: str
+
+    @property
+    def prefix(self) -> Path:
+        return self.outdir / self.name
+
+    @property
+    def symbol_file(self) -> Path:
+        return self.outdir / f"{self.name}-symbol.json"
+
+    @property
+    def params_file(self) -> Path:
+        return self.outdir / f"{self.name}-{DEFAULT_EPOCH_OUT:04d}.params"
+
+    @property
+    def onnx_file(self) -> Path:
+        return self.outdir / f"{self.name}.onnx"
+
+
+# ---- the inference symbol ------------------------------------------------------------------------------------
+def _head_op(sym) -> Tuple[str, dict]:
+    graph = json.loads(sym.tojson())
+    if len(graph["heads"]) != 1:
+        return "", {}
+    node = graph["nodes"][graph["heads"][0][0]]
+    return node["op"], node.get("attrs", node.get("param", {})) or {}
+
+
+def inference_symbol(sym):
+    """The symbol with a final SoftmaxOutput replaced by `softmax` of the same name (forward-identical).
+
+    Args:
+        sym: an mx.sym.Symbol, typically from mx.model.load_checkpoint.
+
+    Returns:
+        The inference symbol; unchanged when it does not end in SoftmaxOutput.
+
+    Raises:
+        DeployError: SoftmaxOutput is used elsewhere or with options whose forward pass is not a plain
+            softmax over the class axis.
+    """
+    import mxnet as mx
+
+    op, attrs = _head_op(sym)
+    graph_ops = [n["op"] for n in json.loads(sym.tojson())["nodes"]]
+    if op != "SoftmaxOutput":
+        if "SoftmaxOutput" in graph_ops:
+            raise DeployError("SoftmaxOutput is used inside the graph, not as its single output; "
+                              "only a final SoftmaxOutput can be turned into an inference softmax")
+        return sym
+    if graph_ops.count("SoftmaxOutput") > 1:
+        raise DeployError("more than one SoftmaxOutput in the graph; only a final one is supported")
+    name = sym.name
+    data = sym.get_children()[0]
+    truthy = {"true", "1"}
+    if str(attrs.get("multi_output", "False")).lower() in truthy:
+        return mx.sym.softmax(data, axis=1, name=name)  # multi_output: softmax over channels at each position
+    _, out_shapes, _ = data.infer_shape_partial()
+    # SoftmaxOutput flattens (N, ...) to (N, -1) unless preserve_shape; for the usual (N, K) logits both are
+    # a softmax over the last axis.
+    if str(attrs.get("preserve_shape", "False")).lower() in truthy or (out_shapes and out_shapes[0]
+                                                                       and len(out_shapes[0]) == 2):
+        return mx.sym.softmax(data, axis=-1, name=name)
+    return mx.sym.softmax(mx.sym.flatten(data), axis=-1, name=name)
+
+
+# ---- loading and checking the source checkpoint --------------------------------------------------------------
+def load_checkpoint_files(prefix: str, epoch: int):
+    """mx.model.load_checkpoint with one-line errors naming the missing file."""
+    import mxnet as mx
+
+    symbol_file = Path(f"{prefix}-symbol.json")
+    params_file = Path(f"{prefix}-{epoch:04d}.params")
+    for path in (symbol_file, params_file):
+        if not path.is_file():
+            others = sorted(p.name for p in Path(prefix).parent.glob(f"{Path(prefix).name}-*.params"))
+            hint = f"; params beside it: {', '.join(others)}" if others and path == params_file else ""
+            raise DeployError(f"{path}: no such checkpoint file{hint}")
+    try:
+        return mx.model.load_checkpoint(str(prefix), epoch)
+    except mx.base.MXNetError as err:
+        raise DeployError(f"{prefix}: cannot load checkpoint epoch {epoch}: "
+                          f"{str(err).strip().splitlines()[0]}") from None
+
+
+def used_params(sym, arg_params: dict, aux_params: dict, pre: Preprocess, where: str) -> Tuple[dict, dict, List[str]]:
+    """Keep the parameters `sym` uses, check their shapes against infer_shape; report the others by name."""
+    input_names = {pre.input_name}
+    args = [a for a in sym.list_arguments() if a not in input_names]
+    auxs = sym.list_auxiliary_states()
+    missing = [a for a in args if a not in arg_params] + [a for a in auxs if a not in aux_params]
+    if missing:
+        raise DeployError(f"{where}: the params lack {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                          f"used by the symbol")
+    shape = (1,) + tuple(pre.input_shape)
+    arg_shapes, out_shapes, aux_shapes = sym.infer_shape(**{pre.input_name: shape})
+    for name, expected in list(zip(sym.list_arguments(), arg_shapes)) + list(zip(auxs, aux_shapes)):
+        if name in input_names:
+            continue
+        got = (arg_params.get(name) if name in arg_params else aux_params[name]).shape
+        if tuple(got) != tuple(expected):
+            raise DeployError(f"{where}: parameter {name} has shape {tuple(got)}, the symbol needs "
+                              f"{tuple(expected)} for input {shape}")
+    unused = sorted(set(arg_params) - set(args)) + sorted(set(aux_params) - set(auxs))
+    return ({a: arg_params[a] for a in args}, {a: aux_params[a] for a in auxs}, unused)
+
+
+def resolve_classes(pre: Preprocess, classes_arg: Optional[str], num_outputs: int, where: str) -> List[str]:
+    """Class names from --classes (class map, or a .lst/.rec/.idx whose class map is found) or the sidecar."""
+    names = None
+    if classes_arg:
+        path = Path(classes_arg)
+        if not path.name.endswith(".classes.json"):
+            found = find_class_map(path)
+            if found is None:
+                raise DeployError(f"{path}: no class map (*.classes.json) found beside it; pass the class map "
+                                  f"written by `python -m recbuild --list`")
+            path = found
+        names = read_class_map(path)
+    elif pre.class_names:
+        names = list(pre.class_names)
+    if names is None:
+        raise DeployError(f"{where}: the sidecar has no class names; pass --classes PREFIX.classes.json "
+                          f"(written by `python -m recbuild --list`)")
+    if len(names) != num_outputs:
+        raise DeployError(f"{where}: the model has {num_outputs} outputs but the class map has {len(names)} "
+                          f"classes")
+    return names
+
+
+# ---- the three (four) loaders ---------------------------------------------------------------------------------
+def predict_module(bundle: Bundle, x: np.ndarray, input_name: str = "data") -> np.ndarray:
+    """Predictions through stock mx.model.load_checkpoint + mx.mod.Module, as legacy serving code does."""
+    import mxnet as mx
+
+    sym, arg, aux = mx.model.load_checkpoint(str(bundle.prefix), DEFAULT_EPOCH_OUT)
+    mod = mx.mod.Module(sym, data_names=[input_name], label_names=None, context=mx.cpu())
+    mod.bind(data_shapes=[(input_name, x.shape)], for_training=False)
+    mod.set_params(arg, aux)
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)]), is_train=False)
+    return mod.get_outputs()[0].asnumpy()
+
+
+def predict_gluon(bundle: Bundle, x: np.ndarray, input_name: str = "data") -> np.ndarray:
+    """Predictions through gluon.SymbolBlock.imports."""
+    import mxnet as mx
+
+    with _quiet_warnings():
+        net = mx.gluon.SymbolBlock.imports(str(bundle.symbol_file), [input_name], str(bundle.params_file))
+    return net(mx.nd.array(x)).asnumpy()
+
+
+def predict_c_api(bundle: Bundle, x: np.ndarray, input_name: str = "data") -> np.ndarray:
+    """Predictions through the C predict API (MXPredCreate ... MXPredFree) via ctypes."""
+    from tools.c_predict import CPredictor
+
+    with CPredictor.from_files(bundle.symbol_file, bundle.params_file, {input_name: x.shape}) as pred:
+        return pred.forward(**{input_name: x})[0]
+
+
+def predict_onnx(bundle: Bundle, x: np.ndarray) -> np.ndarray:
+    """Predictions through onnxruntime on the bundle's ONNX file."""
+    from tools.onnx_export import run_onnxruntime
+
+    return run_onnxruntime(bundle.onnx_file, x)
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def check_parity(bundle: Bundle, pre: Preprocess, batch: int = 2, seed: int = 0,
+                 with_onnx: bool = False) -> Dict[str, float]:
+    """Run one seeded batch of images through every loader; return max |difference| to Module per loader.
+
+    Raises:
+        RuntimeError: a loader disagrees with mx.mod.Module beyond float32 round-off.
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(batch, pre.input_shape[1], pre.input_shape[2], pre.input_shape[0]))
+    x = pre.apply(images.astype(np.float32), bundle.outdir)
+    ref = predict_module(bundle, x, pre.input_name)
+    loaders = {"gluon.SymbolBlock": lambda: predict_gluon(bundle, x, pre.input_name),
+               "C predict API": lambda: predict_c_api(bundle, x, pre.input_name)}
+    if with_onnx:
+        from tools.onnx_export import ONNX_ATOL, ONNX_RTOL
+        loaders["onnxruntime"] = lambda: predict_onnx(bundle, x)
+    diffs = {}
+    for name, run in loaders.items():
+        got = run()
+        rtol, atol = (ONNX_RTOL, ONNX_ATOL) if name == "onnxruntime" else (PARITY_RTOL, PARITY_ATOL)
+        if got.shape != ref.shape or not np.allclose(got, ref, rtol=rtol, atol=atol):
+            diff = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
+            raise RuntimeError(f"{bundle.outdir}: {name} disagrees with mx.mod.Module (max |diff| {diff:.3g}, "
+                               f"shapes {got.shape} vs {ref.shape})")
+        diffs[name] = float(np.abs(got - ref).max())
+    return diffs
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+README_TEMPLATE = """# {name}: deployment bundle
+
+Made by `python -m tools.deploy {prefix} {epoch} ...` on {date} from checkpoint `{prefix}` epoch {epoch}.
+{num_classes} classes: {classes}.
+
+## Files
+- `{name}-symbol.json`, `{name}-{epoch_out:04d}.params`: the MXNet 1.x checkpoint (inference symbol: the final
+  SoftmaxOutput is the forward-identical `softmax`, output `{output}`).
+- `{name}-preprocess.json`: how to turn an image into the input (below); `{name}.classes.json`: label -> name.
+{onnx_line}
+## Input
+`{input_name}`: float32 (N, {c}, {h}, {w}); image pixels in [0, 255] in **{order}** order,
+then `x = (x - mean) / std * scale` with mean = {mean}, std = {std}, scale = {scale}.
+Output `{output}`: (N, {num_classes}) class probabilities.
+
+## Load it
+```python
+import mxnet as mx
+sym, arg, aux = mx.model.load_checkpoint("{name}", {epoch_out})              # legacy Module
+mod = mx.mod.Module(sym, label_names=None); mod.bind([("data", (1, {c}, {h}, {w}))], for_training=False)
+mod.set_params(arg, aux)
+net = mx.gluon.SymbolBlock.imports("{name}-symbol.json", ["data"], "{name}-{epoch_out:04d}.params")  # Gluon
+```
+C/C++: `MXPredCreate(symbol_json, params_bytes, size, 1, 0, 1, {{"data"}}, {{0, 4}}, {{N, {c}, {h}, {w}}}, &h)`,
+then `MXPredSetInput`, `MXPredForward`, `MXPredGetOutput`.
+{onnx_load}"""
+
+
+def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME, classes: Optional[str] = None,
+                 onnx: bool = False, force: bool = False, check: bool = True) -> Tuple[Bundle, dict]:
+    """Write the deploy bundle of checkpoint `prefix`/`epoch` into `outdir`, atomically.
+
+    Args:
+        prefix: checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params, PREFIX-preprocess.json).
+        epoch: checkpoint epoch.
+        outdir: bundle folder; must not exist or be empty unless `force`.
+        name: file name prefix inside the bundle.
+        classes: a class map or a .lst/.rec/.idx whose class map to use; default: the sidecar's class names.
+        onnx: also export `NAME.onnx`.
+        force: replace a non-empty `outdir`.
+        check: run the parity check on the written bundle before it is moved into place.
+
+    Returns:
+        The bundle and a summary dict (classes, dropped params, parity figures).
+    """
+    import mxnet as mx
+
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise DeployError(f"{outdir}: exists and is not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not force:
+        raise DeployError(f"{outdir}: folder is not empty; pass --force to replace it")
+    if not has_sidecar(prefix):
+        raise DeployError(f"{prefix}-preprocess.json: no preprocessing sidecar beside the checkpoint; the "
+                          f"converter and trainer write it (python -m tools.caffe_converter / python -m train)")
+    pre = load_sidecar(prefix)
+    sym, arg_params, aux_params = load_checkpoint_files(prefix, epoch)
+    sym = inference_symbol(sym)
+    arg_params, aux_params, unused = used_params(sym, arg_params, aux_params, pre, f"{prefix}-{epoch:04d}.params")
+    _, out_shapes, _ = sym.infer_shape(**{pre.input_name: (1,) + tuple(pre.input_shape)})
+    num_outputs = int(np.prod(out_shapes[0][1:]))
+    names = resolve_classes(pre, classes, num_outputs, f"{prefix}-preprocess.json")
+
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".part", dir=outdir.parent))
+    try:
+        bundle = Bundle(tmp, name)
+        mx.model.save_checkpoint(str(bundle.prefix), DEFAULT_EPOCH_OUT, sym, arg_params, aux_params)
+        bundle_pre = copy_mean_file(pre, prefix, bundle.prefix)
+        bundle_pre = replace(bundle_pre, num_classes=len(names), class_names=names,
+                             source={**(pre.source or {}), "deployed_from": {"prefix": str(prefix), "epoch": epoch}})
+        save_sidecar(bundle.prefix, bundle_pre)
+        write_class_map(bundle.prefix, names)
+        if onnx:
+            from tools.onnx_export import export_onnx
+            export_onnx(sym, arg_params, aux_params, bundle_pre, bundle.onnx_file,
+                        metadata={"class_names": json.dumps(names), "preprocess": json.dumps(bundle_pre.to_dict())},
+                        verify=False)
+        _write_readme(bundle, bundle_pre, prefix, epoch, names, onnx)
+        parity = check_parity(bundle, bundle_pre, with_onnx=onnx) if check else {}
+        # Swap into place: the old bundle (with --force) survives until the new one is complete.
+        old = None
+        if outdir.exists():
+            old = outdir.with_name(f".{outdir.name}.old.{os.getpid()}")
+            outdir.rename(old)
+        tmp.rename(outdir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Bundle(outdir, name), {"classes": names, "unused_params": unused, "parity": parity}
+
+
+def _write_readme(bundle: Bundle, pre: Preprocess, prefix: str, epoch: int, names: List[str], onnx: bool) -> None:
+    c, h, w = pre.input_shape
+    shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+    onnx_line = (f"- `{bundle.name}.onnx`: the same network for onnxruntime (opset 13, dynamic batch; "
+                 f"see tools/onnx_export.py for its limits).\n") if onnx else ""
+    onnx_load = (f"ONNX: `onnxruntime.InferenceSession(\"{bundle.name}.onnx\").run(None, {{\"data\": x}})`.\n"
+                 if onnx else "")
+    text = README_TEMPLATE.format(
+        name=bundle.name, prefix=prefix, epoch=epoch, epoch_out=DEFAULT_EPOCH_OUT,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), num_classes=len(names), classes=shown,
+        onnx_line=onnx_line, onnx_load=onnx_load, input_name=pre.input_name, c=c, h=h, w=w,
+        order=pre.channel_order, mean=pre.mean, std=pre.std if pre.std is not None else 1, scale=pre.scale,
+        output=f"{pre.output_name}_output")
+    with atomic_open(bundle.outdir / "README.md", "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.deploy",
+                                     description="Write a deployment bundle of an MXNet checkpoint.")
+    parser.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params)")
+    parser.add_argument("epoch", type=int, help="checkpoint epoch")
+    parser.add_argument("outdir", type=Path, help="bundle folder (created; must be empty unless --force)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help=f"file prefix inside the bundle (default {DEFAULT_NAME})")
+    parser.add_argument("--classes", help="class map (*.classes.json) or a .lst/.rec beside one; "
+                                          "default: the class names in the checkpoint's sidecar")
+    parser.add_argument("--onnx", action="store_true", help="also export NAME.onnx (tools/onnx_export.py)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the Module / Gluon / C API (/ onnxruntime) parity check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.time()
+    try:
+        bundle, summary = write_bundle(args.prefix, args.epoch, args.outdir, name=args.name, classes=args.classes,
+                                       onnx=args.onnx, force=args.force, check=args.check)
+    except (DeployError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    files = sorted(p.name for p in bundle.outdir.iterdir())
+    unused = summary["unused_params"]
+    parity = ", ".join(f"{k} max|diff| {v:.1e}" for k, v in summary["parity"].items()) or "not checked (--no-check)"
+    print(f"deploy bundle {bundle.outdir} ({time.time() - start:.1f} s): {', '.join(files)}. "
+          f"{len(summary['classes'])} classes. Parity with mx.mod.Module: {parity}. "
+          + (f"Left out {len(unused)} params the symbol does not use: {', '.join(unused[:8])}."
+             if unused else "Every param is used by the symbol."))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
