@@ -1,0 +1,132 @@
+"""ONNX export: onnxruntime matches MXNet within 1e-4 relative on VGG-like and ResNet-like fine-tuned nets."""
+import json
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from symbols.sidecar import load_sidecar
+from tests import _deploy_fixtures as fx
+from tools import deploy, onnx_export
+
+RTOL, ATOL = 1e-4, 1e-6  # the issue's bar; atol only matters for probabilities near zero
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=sorted(fx.NETS))
+def exported(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"onnx_{request.param}")
+    prefix = fx.make_checkpoint(folder / "ckpt", request.param, epoch=2)
+    b, summary = deploy.write_bundle(prefix, 2, folder / "bundle", onnx=True)
+    return prefix, b, summary
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_onnxruntime_matches_mxnet(exported, batch):
+    prefix, b, _ = exported
+    x = fx.sample_input(batch=batch, seed=batch)
+    reference = fx.reference_predict(prefix, 2, x)  # the training checkpoint through stock Module
+    got = _session(b.onnx_file).run(None, {"data": x})[0]
+    assert got.shape == reference.shape == (batch, fx.NUM_CLASSES)
+    np.testing.assert_allclose(got, reference, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(got.argmax(1), reference.argmax(1))
+
+
+def test_logits_match_too(exported, tmp_path):
+    """Softmax compresses errors; the classifier's logits must match within the same relative bar."""
+    prefix, _, _ = exported
+    sym, args, auxs = mx.model.load_checkpoint(prefix, 2)
+    logits = sym.get_children()[0]
+    pre = load_sidecar(prefix)
+    onnx_export.export_onnx(logits, args, auxs, pre, tmp_path / "logits.onnx", verify=False)
+    x = fx.sample_input(batch=3, seed=9)
+    mod = mx.mod.Module(logits, label_names=None, context=mx.cpu())
+    mod.bind([("data", x.shape)], for_training=False)
+    mod.set_params(args, auxs, allow_extra=True)
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)]), is_train=False)
+    reference = mod.get_outputs()[0].asnumpy()
+    got = _session(tmp_path / "logits.onnx").run(None, {"data": x})[0]
+    scale = np.abs(reference).max()
+    assert scale > 0.1
+    assert np.abs(got - reference).max() <= RTOL * scale
+
+
+def test_model_structure(exported):
+    _, b, summary = exported
+    model = onnx.load(str(b.onnx_file))
+    onnx.checker.check_model(model)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 13)]
+    assert [i.name for i in model.graph.input] == ["data"]  # weights are initializers, not inputs
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert not dims[0].HasField("dim_value") and [d.dim_value for d in dims[1:]] == list(fx.INPUT_SHAPE)
+    assert model.graph.node[-1].op_type == "Softmax"  # SoftmaxOutput exported as softmax
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["class_names"]) == fx.CLASSES
+    assert json.loads(meta["preprocess"])["channel_order"] == "BGR"
+    assert "onnxruntime" in summary["parity"]
+
+
+def test_fix_gamma_default_is_honoured(tmp_path):
+    """MXNet ignores gamma when fix_gamma=True (its default); the stock exporter would apply it."""
+    x = mx.sym.Convolution(mx.sym.var("data"), num_filter=4, kernel=(3, 3), name="conv")
+    x = mx.sym.BatchNorm(x, name="bn")  # fix_gamma defaults to True
+    sym = mx.sym.FullyConnected(x, num_hidden=3, name="fc")  # logits: a softmax could saturate and hide it
+    pre = fx.Preprocess(input_shape=(3, 8, 8), num_classes=3)
+    rng = np.random.default_rng(0)
+    args = {"conv_weight": rng.normal(0, 0.3, (4, 3, 3, 3)), "conv_bias": np.zeros(4),
+            "bn_gamma": np.full(4, 5.0), "bn_beta": rng.normal(0, 1, 4),
+            "fc_weight": rng.normal(0, 0.3, (3, 4 * 6 * 6)), "fc_bias": np.zeros(3)}
+    auxs = {"bn_moving_mean": rng.normal(0, 1, 4), "bn_moving_var": rng.uniform(0.5, 2, 4)}
+    to_nd = lambda d: {k: mx.nd.array(np.asarray(v, np.float32)) for k, v in d.items()}
+    onnx_export.export_onnx(sym, to_nd(args), to_nd(auxs), pre, tmp_path / "bn.onnx", verify=False)
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    mod = mx.mod.Module(sym, label_names=None, context=mx.cpu())
+    mod.bind([("data", x.shape)], for_training=False)
+    mod.set_params(to_nd(args), to_nd(auxs))
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)]), is_train=False)
+    reference = mod.get_outputs()[0].asnumpy()
+    got = _session(tmp_path / "bn.onnx").run(None, {"data": x})[0]
+    assert np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(got, reference, rtol=RTOL, atol=RTOL * np.abs(reference).max())
+
+
+def test_unsupported_operator_is_named(tmp_path):
+    x = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=3, name="fc")
+    sym = mx.sym.SVMOutput(x, name="svm_head")
+    pre = fx.Preprocess(input_shape=(3, 4, 4), num_classes=3)
+    args = {"fc_weight": mx.nd.ones((3, 48)), "fc_bias": mx.nd.zeros(3)}
+    with pytest.raises(onnx_export.OnnxExportError, match=r"svm_head \(SVMOutput\)"):
+        onnx_export.export_onnx(sym, args, {}, pre, tmp_path / "svm.onnx")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_exporter_compat_is_undone():
+    """The onnx.mapping stand-in and the opset override exist only while exporting."""
+    import onnx.defs
+
+    newest = onnx.defs.onnx_opset_version()
+    with onnx_export._exporter_compat():
+        assert onnx.defs.onnx_opset_version() == 13
+        from onnx import mapping  # noqa: F401  (what the exporter imports)
+    assert onnx.defs.onnx_opset_version() == newest and "onnx.mapping" not in sys.modules
+
+
+def test_cli(tmp_path):
+    prefix = fx.make_checkpoint(tmp_path / "ckpt", "resnet_like", epoch=1)
+    out = tmp_path / "m.onnx"
+    res = subprocess.run([sys.executable, "-m", "tools.onnx_export", prefix, "1", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "onnxruntime vs MXNet: max abs diff" in res.stdout and out.is_file()
+    bad = subprocess.run([sys.executable, "-m", "tools.onnx_export", prefix + "_nope", "1", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "_nope-preprocess.json" in bad.stderr
