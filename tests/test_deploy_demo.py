@@ -1,0 +1,177 @@
+"""tools/demo.py orchestration: cached/invalidated stages, failure reports, accuracy, the from-scratch init."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from tests import _deploy_fixtures as fx
+from tools import demo
+
+
+def _writer(path: Path, counter: Path) -> list:
+    """A stage command that writes `path` and counts its runs in `counter`."""
+    code = (f"import pathlib; p = pathlib.Path({str(path)!r}); p.parent.mkdir(parents=True, exist_ok=True); "
+            f"p.write_text('x'); c = pathlib.Path({str(counter)!r}); "
+            f"c.write_text(c.read_text() + {path.name!r} + ' ' if c.exists() else {path.name!r} + ' '); print('made', p)")
+    return [sys.executable, "-c", code]
+
+
+def _run_all(cfg, stages):
+    token, stamps = "start", {}
+    for i, stage in enumerate(stages, 1):
+        stamps[stage.name] = demo.run_stage(cfg, stage, i, len(stages), token)
+        token = stamps[stage.name]["token"]
+    return stamps
+
+
+def test_stages_are_cached_and_a_rerun_invalidates_what_follows(tmp_path, capsys):
+    cfg = demo.DemoConfig(out=tmp_path / "out")
+    counter = tmp_path / "runs.txt"
+    files = [tmp_path / "out" / name / f"{name}.txt" for name in ("a", "b", "c")]
+    stages = [demo.Stage(f.stem, f"stage {f.stem}", commands=[_writer(f, counter)], folder=f.parent, outputs=[f])
+              for f in files]
+    first = _run_all(cfg, stages)
+    assert counter.read_text().split() == ["a.txt", "b.txt", "c.txt"]
+    assert not any(s["cached"] for s in first.values())
+    assert "made" in (cfg.out / "logs" / "b.log").read_text()  # output is logged ...
+    assert "made" in capsys.readouterr().out  # ... and shown
+    second = _run_all(cfg, stages)
+    assert all(s["cached"] for s in second.values()) and counter.read_text().split() == ["a.txt", "b.txt", "c.txt"]
+    files[1].unlink()  # b's output vanished: b re-runs, and so does c, which depends on it
+    third = _run_all(cfg, stages)
+    assert [n for n, s in third.items() if not s["cached"]] == ["b", "c"]
+    assert counter.read_text().split()[3:] == ["b.txt", "c.txt"]
+    fresh = _run_all(demo.DemoConfig(out=cfg.out, fresh=True), stages)
+    assert not any(s["cached"] for s in fresh.values())
+
+
+def test_a_changed_command_reruns_the_stage(tmp_path):
+    cfg = demo.DemoConfig(out=tmp_path / "out")
+    out = tmp_path / "out" / "a" / "a.txt"
+    stage = demo.Stage("a", "a", commands=[_writer(out, tmp_path / "n")], outputs=[out])
+    assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+    stage.commands[0] = stage.commands[0] + ["--epochs", "5"]
+    assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+
+
+def test_failed_stage_names_itself_its_log_and_the_error(tmp_path):
+    cfg = demo.DemoConfig(out=tmp_path / "out")
+    bad = demo.Stage("convert", "convert", commands=[[sys.executable, "-c",
+                                                      "import sys; print('layer foo: unsupported'); sys.exit(3)"]])
+    with pytest.raises(demo.DemoError) as err:
+        demo.run_stage(cfg, bad, 1, 1, "start")
+    message = str(err.value)
+    assert "stage convert failed (exit 3)" in message and "layer foo: unsupported" in message
+    assert str(cfg.out / "logs" / "convert.log") in message
+    assert not (cfg.out / "stamps" / "convert.json").exists()
+    missing = demo.Stage("pack", "pack", commands=[[sys.executable, "-c", "pass"]], outputs=[tmp_path / "x.rec"])
+    with pytest.raises(demo.DemoError, match=r"did not write .*x\.rec"):
+        demo.run_stage(cfg, missing, 1, 1, "start")
+
+
+def _write_lst(path, rows):
+    path.write_text("".join(f"{i}\t{label:.6f}\t{p}\n" for i, label, p in rows))
+
+
+def test_accuracy_from_csv_matches_ids_by_index_or_path(tmp_path):
+    classes = ["bag", "coat", "dress"]
+    rows = [(0, 0, "bag/1.png"), (1, 1, "coat/2.png"), (2, 2, "dress/3.png"), (3, 1, "coat/4.png")]
+    lst = tmp_path / "v_val.lst"
+    _write_lst(lst, rows)
+    probs = {0: [0.8, 0.1, 0.1], 1: [0.1, 0.7, 0.2], 2: [0.6, 0.2, 0.2], 3: [0.2, 0.3, 0.5]}  # 2 of 4 right
+    for id_of in (lambda r: str(r[0]), lambda r: r[2]):
+        csv_file = tmp_path / "p.csv"
+        csv_file.write_text("id," + ",".join(classes) + "\n" + "".join(
+            id_of(r) + "," + ",".join(map(str, probs[r[0]])) + "\n" for r in rows))
+        assert demo.accuracy_from_csv(csv_file, lst, classes) == (0.5, 4)
+    csv_file.write_text("id,bag,coat,dress\n0,1,0,0\n")
+    with pytest.raises(ValueError, match="1 predictions for 4 images"):
+        demo.accuracy_from_csv(csv_file, lst, classes)
+    csv_file.write_text("id,bag,coat\n0,1,0\n")
+    with pytest.raises(ValueError, match="no probability column"):
+        demo.accuracy_from_csv(csv_file, lst, classes)
+
+
+def test_random_init_is_the_same_network_with_learned_batchnorm(tmp_path):
+    prefix = Path(fx.make_checkpoint(tmp_path / "ckpt", "resnet_like", epoch=0))
+    dst = tmp_path / "scratch" / "rand"
+    demo.write_random_init(prefix, dst)
+    src_sym, src_args, src_aux = mx.model.load_checkpoint(str(prefix), 0)
+    sym, args, aux = mx.model.load_checkpoint(str(dst), 0)
+    assert sym.list_arguments() == src_sym.list_arguments() and set(aux) == set(src_aux)
+    bns = [n for n in json.loads(sym.tojson())["nodes"] if n["op"] == "BatchNorm"]
+    assert bns and all(n["attrs"]["use_global_stats"] == "False" for n in bns)
+    for name, value in args.items():
+        assert value.shape == src_args[name].shape
+        if name.endswith("_weight"):
+            assert not np.allclose(value.asnumpy(), src_args[name].asnumpy())
+            fan_in = int(np.prod(value.shape[1:]))
+            assert abs(value.asnumpy().std() - np.sqrt(2 / fan_in)) < 0.5 * np.sqrt(2 / fan_in)  # He init
+        elif name.endswith(("_bias", "_beta")):
+            assert not value.asnumpy().any()
+        else:
+            assert (value.asnumpy() == 1).all()
+    assert all((v.asnumpy() == (1 if k.endswith("var") else 0)).all() for k, v in aux.items())
+    assert (tmp_path / "scratch" / "rand-preprocess.json").is_file()
+    # Trains: a step in training mode gives finite outputs.
+    mod = mx.mod.Module(sym, label_names=["prob_label"], context=mx.cpu())
+    mod.bind([("data", (4,) + fx.INPUT_SHAPE)], [("prob_label", (4,))])
+    mod.set_params(args, aux)
+    mod.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.05})
+    batch = mx.io.DataBatch([mx.nd.array(fx.sample_input(4))], [mx.nd.array([0, 1, 2, 3])])
+    mod.forward_backward(batch)
+    mod.update()
+    assert np.isfinite(mod.get_outputs()[0].asnumpy()).all()
+
+
+def test_random_init_refuses_unknown_parameter_roles(tmp_path):
+    prefix = Path(fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=0))
+    sym, args, aux = mx.model.load_checkpoint(str(prefix), 0)
+    odd = mx.sym.broadcast_mul(sym.get_internals()["fc8_output"], mx.sym.var("temperature", shape=(1, 1)))
+    args["temperature"] = mx.nd.ones((1, 1))
+    mx.model.save_checkpoint(str(prefix), 0, mx.sym.SoftmaxOutput(odd, name="prob"), args, aux)
+    with pytest.raises(ValueError, match="parameter temperature"):
+        demo.write_random_init(prefix, tmp_path / "r")
+
+
+def test_stage_commands_follow_the_cli_contracts(tmp_path):
+    cfg = demo.DemoConfig(out=tmp_path / "o", epochs=3)
+    stages = {s.name: s for s in demo.build_stages(cfg)}
+    assert list(stages) == ["fetch", "pack", "convert", "finetune", "scratch", "predict", "deploy"]
+    listing, packing = stages["pack"].commands
+    assert listing[3:] == ["--list", "--recursive", "--train-ratio", "0.8", str(cfg.rec_prefix), "demo/images"]
+    assert packing[3:9] == ["--resize", "224", "--quality", "95", "--color", "1"]
+    assert "--verify" in stages["convert"].commands[0]
+    ft = stages["finetune"].commands[0]
+    assert ft[ft.index("--pretrained-model") + 1] == str(cfg.model_prefix)
+    assert ft[ft.index("--num-epochs") + 1] == "3"
+    sc = stages["scratch"].commands[0]
+    assert sc[sc.index("--pretrained-model") + 1] == str(cfg.scratch_init_prefix) and "--lr-mult" not in sc
+    assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
+    assert stages["deploy"].commands[0][3:] == [str(cfg.finetune_prefix), "3", str(cfg.deploy_dir), "--onnx",
+                                                "--force"]
+
+
+def test_freeze_regex_keeps_only_the_last_stage_and_head_trainable():
+    """Parameter names of the converted open_nsfw net (Caffe layer names + MXNet suffixes)."""
+    frozen = ["conv_1_weight", "bn_1_gamma", "scale_1_beta", "conv_stage0_block0_proj_shortcut_weight",
+              "bn_stage1_block3_branch2b_moving_var", "conv_stage2_block5_branch2c_weight"]
+    trainable = ["conv_stage3_block0_branch2a_weight", "bn_stage3_block2_branch2c_gamma",
+                 "scale_stage3_block1_branch2b_beta", "fc_nsfw_weight", "fc_nsfw_bias"]
+    rule = re.compile(demo.DemoConfig().freeze)
+    assert all(rule.search(n) for n in frozen)
+    assert not any(rule.search(n) for n in trainable)
+
+
+def test_table_lists_accuracies_times_and_outputs():
+    summary = {"classes": 10, "val_images": 160, "epochs": 4,
+               "accuracy": {"fine-tuned": 0.8125, "from scratch": 0.5, "chance (uniform)": 0.1},
+               "stage_seconds": {"pack": 3.2, "finetune": 150.0}, "cached": ["pack"],
+               "wall_seconds_this_run": 160.0, "outputs": {"metrics CSV": "out/demo/finetune/m.csv"}}
+    table = demo.format_table(summary)
+    assert re.search(r"fine-tuned\s+81\.2%", table) and re.search(r"chance \(uniform\)\s+10\.0%", table)
+    assert re.search(r"pack\s+3\.2\s+\(cached\)", table) and "out/demo/finetune/m.csv" in table
