@@ -35,6 +35,8 @@ EPOCH        ?= 0
 PREDICT_IN   ?= $(VAL_REC)
 PREDICT_CSV  ?= out/predict/predictions.csv
 PREDICT_OPTS ?=
+# ---- make demo ------------------------------------------------------------------------------------------
+DEMO_OPTS    ?=
 
 .PHONY: install test test-fast demo rec convert train predict fetch-models bench bench-pack bench-convert \
         bench-train check-gpu-install clean
@@ -72,7 +74,7 @@ predict: install
 	$(PY) -m train.predict $(TRAIN_PREFIX) $(EPOCH) $(PREDICT_IN) --out $(PREDICT_CSV) $(PREDICT_OPTS)
 
 demo: install
-	$(PY) -m tools.demo
+	$(PY) -m tools.demo $(DEMO_OPTS)
 
 bench: bench-pack bench-convert bench-train
 
@@ -86,10 +88,17 @@ bench-train: install
 	$(PY) -m bench.train
 
 # A GPU install is checked without a GPU: every library libmxnet.so links must resolve except the driver.
+# It fails when libmxnet.so is missing, when any library but libcuda.so.1 is unresolved, or when the CUDA runtime
+# does not come from the nvidia-*-cu11 wheels; the full ldd listing is kept in $(VENV)/ldd-libmxnet.txt.
 check-gpu-install:
 	$(MAKE) install GPU=cu112
-	source tools/gpu_env.sh && ldd $(VENV)/lib/python3*/site-packages/mxnet/libmxnet.so | \
-	    grep "not found" | grep -v libcuda.so.1 && exit 1 || echo "all CUDA 11 libraries resolve (libcuda.so.1 comes with the driver)"
+	@set -e; lib=$$(echo $(VENV)/lib/python3*/site-packages/mxnet/libmxnet.so); \
+	test -f "$$lib" || { echo "$$lib: not installed"; exit 1; }; \
+	source tools/gpu_env.sh; ldd "$$lib" > $(VENV)/ldd-libmxnet.txt; \
+	grep -E "libcu|libnvrtc|libnccl|libnvToolsExt" $(VENV)/ldd-libmxnet.txt; \
+	if grep "not found" $(VENV)/ldd-libmxnet.txt | grep -v "libcuda.so.1"; then echo "unresolved libraries above"; exit 1; fi; \
+	grep -q "libcudart.so.11.0 => .*site-packages/nvidia/" $(VENV)/ldd-libmxnet.txt || { echo "libcudart.so.11.0 not from the nvidia wheels"; exit 1; }; \
+	echo "all CUDA 11 libraries resolve (libcuda.so.1 comes with the driver)"
 
 clean:
 	rm -rf out .pytest_cache
