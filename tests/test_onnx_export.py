@@ -130,3 +130,15 @@ def test_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tools.onnx_export", prefix + "_nope", "1", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "_nope-preprocess.json" in bad.stderr
+
+
+def test_full_pooling_window_in_padding_is_refused_with_the_layer_named(tmp_path):
+    """MXNet's 'full' convention keeps a last window that starts in the padding; ONNX drops it."""
+    ok = mx.sym.Pooling(mx.sym.var("data"), kernel=(3, 3), stride=(2, 2), pad=(1, 1), pool_type="max",
+                        pooling_convention="full", name="pool_ok")
+    onnx_export.export_onnx(ok, {}, {}, fx.Preprocess(input_shape=(1, 8, 8)), tmp_path / "ok.onnx")  # verified
+    bad = mx.sym.Pooling(mx.sym.var("data"), kernel=(2, 2), stride=(2, 2), pad=(1, 1), pool_type="max",
+                         pooling_convention="full", name="pool_bad")
+    with pytest.raises(onnx_export.OnnxExportError, match=r"layer pool_bad .*starts in the padding"):
+        onnx_export.export_onnx(bad, {}, {}, fx.Preprocess(input_shape=(1, 7, 7)), tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

@@ -22,6 +22,8 @@ reported before anything is written. The batch axis is dynamic, C/H/W are fixed 
 (the open_nsfw net's 7x7 average pool needs 224 anyway). Tested on VGG-like and ResNet-like nets (Convolution,
 BatchNorm, Activation, Pooling max/avg/global incl. 'full' convention, elementwise add, FullyConnected,
 Dropout, Flatten, softmax); other ops are the exporter's own responsibility and are caught by the check.
+A 'full'-convention (Caffe-style, ceil) pooling whose last window starts in the padding is refused with the
+layer named: MXNet keeps that window, ONNX drops it. Data layout must be NCHW, float32.
 """
 from __future__ import annotations
 
@@ -83,7 +85,43 @@ def _exporter_compat() -> Iterator[None]:
                 del onnx.mapping
 
 
-def prepare_for_exporter(sym, arg_params: dict, aux_params: dict):
+def _check_pooling_windows(sym, graph: dict, input_shape: Sequence[int]) -> None:
+    """Refuse a 'full'-convention pooling whose last window starts in the padding.
+
+    MXNet's 'full' convention keeps such a window; ONNX's ceil_mode (like Caffe) drops it, so the output
+    would be one row/column smaller.
+    """
+    internals = sym.get_internals()
+    _, shapes, _ = internals.infer_shape_partial(data=tuple(input_shape))
+    shape_of = dict(zip(internals.list_outputs(), shapes))
+    for node in graph["nodes"]:
+        attrs = node.get("attrs", {})
+        if node["op"] != "Pooling" or attrs.get("pooling_convention") != "full" or attrs.get("global_pool") in (
+                "True", "1"):
+            continue
+        src = graph["nodes"][node["inputs"][0][0]]
+        in_shape = shape_of.get(src["name"] if src["op"] == "null" else f"{src['name']}_output")
+        if not in_shape:
+            continue
+        kernel, stride = _pair(attrs.get("kernel")), _pair(attrs.get("stride"), 1)
+        pad = _pair(attrs.get("pad"), 0)
+        for size, k, s, p in zip(in_shape[2:], kernel, stride, pad):
+            outputs = -(-(size + 2 * p - k) // s) + 1
+            if p and (outputs - 1) * s >= size + p:
+                raise OnnxExportError(
+                    f"layer {node['name']} (Pooling, 'full' convention): its last window starts in the padding "
+                    f"for input size {size}; MXNet keeps it, ONNX drops it. Export at an input size where "
+                    f"(size + 2*pad - kernel) is a multiple of the stride, or use pad 0")
+
+
+def _pair(text, default=None):
+    if not text or text == "()":
+        return (default, default)
+    values = [int(v) for v in text.strip("()[] ").split(",") if v.strip()]
+    return tuple(values) if len(values) == 2 else (values[0], values[0])
+
+
+def prepare_for_exporter(sym, arg_params: dict, aux_params: dict, input_shape: Sequence[int] = None):
     """Spell out the defaults the exporter gets wrong; return (symbol, params dict) to export.
 
     Raises:
@@ -98,6 +136,8 @@ def prepare_for_exporter(sym, arg_params: dict, aux_params: dict):
     if unsupported:
         raise OnnxExportError(f"layers with operators mxnet's ONNX exporter does not support: "
                               f"{', '.join(unsupported[:8])}; supported: see mx.onnx.get_operator_support()")
+    if input_shape is not None:
+        _check_pooling_windows(sym, graph, input_shape)
     params = {k: v.copy() for k, v in {**arg_params, **aux_params}.items()}
     for node in graph["nodes"]:
         attrs = node.setdefault("attrs", {})
@@ -131,8 +171,8 @@ def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_pa
     from tools.deploy import inference_symbol
 
     sym = inference_symbol(sym)
-    export_sym, params = prepare_for_exporter(sym, arg_params, aux_params)
     shape = (1,) + tuple(pre.input_shape)
+    export_sym, params = prepare_for_exporter(sym, arg_params, aux_params, shape)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp, _exporter_compat(), _quiet_mxnet_logs():
         mx.onnx.export_model(export_sym, params, in_shapes=[shape], in_types=[np.float32], onnx_file_path=str(tmp),
