@@ -1,0 +1,565 @@
+"""Load a Caffe net (prototxt + caffemodel) into one clean, format-independent description.
+
+Everything format-specific happens here, once:
+  * V1 files (`layers { type: CONVOLUTION }`, blobs with num/channels/height/width) become the current
+    `layer { type: "Convolution" }` form;
+  * inputs declared three ways (`input` + `input_dim`, `input` + `input_shape`, an Input layer) become one
+    ordered {name: shape} map;
+  * layers excluded from the TEST phase are dropped, training-only layers are skipped with a note;
+  * caffemodel weights are matched to prototxt layers by name and become float32 numpy arrays.
+
+The caffemodel is not parsed with protobuf: a VGG16 file holds 138 M floats and protobuf would box each of
+them. We walk the wire format over a memory map and take `np.frombuffer` views of the packed float bytes, so
+weights are never copied through float64 (or at all, until they become NDArrays).
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from tools import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CaffeFormatError(ValueError):
+    """A Caffe file that cannot be read or does not match its counterpart. The message is one line."""
+
+
+# Layers that only exist for training; a deploy model never needs them.
+TRAINING_ONLY_TYPES = frozenset({
+    "Data", "ImageData", "HDF5Data", "HDF5Output", "MemoryData", "WindowData", "DummyData", "AnnotatedData",
+    "Accuracy", "Silence",
+    "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "SigmoidCrossEntropyLoss", "InfogainLoss",
+    "MultinomialLogisticLoss", "ContrastiveLoss", "MultiBoxLoss",
+})
+
+# V1 enum name -> current type string. Caffe's own upgrade table, restated from the format.
+V1_TYPE_NAMES = {
+    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
+    "DATA": "Data", "DECONVOLUTION": "Deconvolution", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss", "INNER_PRODUCT": "InnerProduct",
+    "LRN": "LRN", "MEMORY_DATA": "MemoryData", "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX": "Softmax",
+    "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice", "TANH": "TanH",
+    "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+# V1 layer fields that carry over to LayerParameter unchanged (same message types, same names).
+_V1_SHARED_FIELDS = ("include", "exclude", "loss_weight", "transform_param", "loss_param", "accuracy_param",
+                     "concat_param", "convolution_param", "data_param", "dropout_param", "eltwise_param",
+                     "image_data_param", "inner_product_param", "lrn_param", "pooling_param", "power_param",
+                     "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param")
+
+
+@dataclass
+class Layer:
+    """One Caffe layer in the current format, with its weights.
+
+    Attributes:
+        name, type, bottoms, tops: as in the prototxt (V1 enum types already turned into type names).
+        param: the LayerParameter message (type-specific settings such as `convolution_param`).
+        blobs: the layer's weights from the caffemodel as float32 arrays, in Caffe order and shape.
+        fused_scale: a Scale layer folded into this BatchNorm by the converter (its blobs are gamma/beta).
+        folded_into: set on that Scale layer: the BatchNorm that now computes its output.
+        is_net_output: one of this layer's tops is an output of the converted net.
+    """
+
+    name: str
+    type: str
+    bottoms: List[str]
+    tops: List[str]
+    param: caffe_pb2.LayerParameter
+    blobs: List[np.ndarray] = field(default_factory=list)
+    fused_scale: Optional["Layer"] = None
+    folded_into: Optional[str] = None
+    is_net_output: bool = False
+
+
+@dataclass
+class CaffeNet:
+    """A whole net: ordered inputs, the layers to convert, and what was left out."""
+
+    name: str
+    inputs: Dict[str, Tuple[int, ...]]
+    layers: List[Layer]
+    prototxt: str
+    caffemodel: Optional[str] = None
+    format: str = "v2"
+    transform: Optional[caffe_pb2.TransformationParameter] = None
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (layer name, type, why)
+
+
+# ---- prototxt -------------------------------------------------------------------------------------------
+def read_prototxt(path: PathLike) -> caffe_pb2.NetParameter:
+    """Parse a prototxt (V1 or current format) into a NetParameter whose layers are all in `layer`.
+
+    Fields this converter does not know (for example PriorBox settings of an SSD net) are ignored with a
+    warning that names the first of them; a syntax error is a one-line error with the file and line.
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise CaffeFormatError(f"{path}: cannot read prototxt ({err.strerror})") from None
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as err:
+        if "no field named" not in str(err) and "has no value named" not in str(err):
+            raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err}") from None
+        log.warning("%s: ignoring settings the converter does not use (first: %s)", path, err)
+        net = caffe_pb2.NetParameter()
+        try:
+            text_format.Parse(text, net, allow_unknown_field=True)
+        except text_format.ParseError as err2:
+            raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err2}") from None
+    if net.layers and net.layer:
+        raise CaffeFormatError(f"{path}: mixes V1 `layers {{}}` and current `layer {{}}` entries; use one format")
+    if net.layers:
+        upgraded = [v1_to_v2(v1, path) for v1 in net.layers]
+        del net.layers[:]
+        net.layer.extend(upgraded)
+        net.name = net.name  # keep
+        _mark_v1(net)
+    return net
+
+
+_V1_MARK = "__mxtransfer_v1__"
+
+
+def _mark_v1(net: caffe_pb2.NetParameter) -> None:
+    # Remember the source format without a new proto field: the NetState stage list is unused at inference.
+    net.state.stage.append(_V1_MARK)
+
+
+def _is_v1(net: caffe_pb2.NetParameter) -> bool:
+    return _V1_MARK in net.state.stage
+
+
+def v1_to_v2(v1: caffe_pb2.V1LayerParameter, where: str = "prototxt") -> caffe_pb2.LayerParameter:
+    """Turn one V1 `layers {}` entry into a current `layer {}` entry (blobs included)."""
+    layer = caffe_pb2.LayerParameter()
+    layer.name = v1.name
+    type_enum = caffe_pb2.V1LayerParameter.LayerType.Name(v1.type)
+    layer.type = V1_TYPE_NAMES.get(type_enum, type_enum)
+    layer.bottom.extend(v1.bottom)
+    layer.top.extend(v1.top)
+    for name in _V1_SHARED_FIELDS:
+        if name in ("include", "exclude", "loss_weight"):
+            getattr(layer, name).extend(getattr(v1, name))
+        elif v1.HasField(name):
+            getattr(layer, name).CopyFrom(getattr(v1, name))
+    layer.blobs.extend(v1.blobs)
+    return layer
+
+
+def in_test_phase(layer: caffe_pb2.LayerParameter) -> bool:
+    """Caffe's NetStateRule filter for the TEST phase (levels and stages are not used by deploy nets)."""
+    if layer.HasField("phase") and layer.phase != caffe_pb2.TEST:
+        return False
+    if layer.include:
+        return any(not rule.HasField("phase") or rule.phase == caffe_pb2.TEST for rule in layer.include)
+    return not any(not rule.HasField("phase") or rule.phase == caffe_pb2.TEST for rule in layer.exclude)
+
+
+def _net_inputs(net: caffe_pb2.NetParameter, path: str) -> Dict[str, Tuple[int, ...]]:
+    """Inputs declared at net level: `input` + `input_dim` or `input` + `input_shape`."""
+    inputs: Dict[str, Tuple[int, ...]] = {}
+    if not net.input:
+        if net.input_dim or net.input_shape:
+            raise CaffeFormatError(f"{path}: input_dim/input_shape given without an `input:` name")
+        return inputs
+    if net.input_shape:
+        if len(net.input_shape) != len(net.input):
+            raise CaffeFormatError(f"{path}: {len(net.input)} inputs but {len(net.input_shape)} input_shape entries")
+        for name, shape in zip(net.input, net.input_shape):
+            inputs[name] = tuple(int(d) for d in shape.dim)
+    elif net.input_dim:
+        if len(net.input_dim) != 4 * len(net.input):
+            raise CaffeFormatError(f"{path}: {len(net.input)} inputs need {4 * len(net.input)} input_dim values "
+                                   f"(num, channels, height, width each), got {len(net.input_dim)}")
+        for i, name in enumerate(net.input):
+            inputs[name] = tuple(int(d) for d in net.input_dim[4 * i:4 * i + 4])
+    else:
+        raise CaffeFormatError(f"{path}: input {list(net.input)} has no shape; add input_shape {{ dim: ... }}")
+    return inputs
+
+
+# ---- caffemodel: a wire-format walk over a memory map ---------------------------------------------------
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _Truncated(pos)
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError(f"varint too long at byte {pos}")
+
+
+def _fields(buf, pos: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
+    """Yield (field number, wire type, value-or-start, stop) for each field of a message in buf[pos:end]."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise DecodeError(f"field number 0 at byte {pos}")
+        if wire == _WIRE_VARINT:
+            value, pos = _varint(buf, pos, end)
+            yield number, wire, value, pos
+        elif wire == _WIRE_LEN:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise _Truncated(pos)
+            yield number, wire, pos, pos + length
+            pos += length
+        elif wire == _WIRE_I32:
+            if pos + 4 > end:
+                raise _Truncated(pos)
+            yield number, wire, pos, pos + 4
+            pos += 4
+        elif wire == _WIRE_I64:
+            if pos + 8 > end:
+                raise _Truncated(pos)
+            yield number, wire, pos, pos + 8
+            pos += 8
+        else:
+            raise DecodeError(f"unsupported wire type {wire} at byte {pos}")
+
+
+def _packed_varints(buf, start: int, stop: int) -> List[int]:
+    values = []
+    while start < stop:
+        value, start = _varint(buf, start, stop)
+        values.append(value)
+    return values
+
+
+def _parse_blob(buf, start: int, stop: int) -> np.ndarray:
+    """A BlobProto as a float32 array in its stored shape (a view of buf when the data is packed floats)."""
+    shape: Optional[List[int]] = None
+    legacy = [0, 0, 0, 0]
+    has_legacy = False
+    chunks: List[np.ndarray] = []
+    for number, wire, a, b in _fields(buf, start, stop):
+        if number == 5:                       # repeated float data
+            if wire == _WIRE_LEN:
+                if (b - a) % 4:
+                    raise DecodeError(f"float data of {b - a} bytes at byte {a}")
+                chunks.append(np.frombuffer(buf, dtype="<f4", count=(b - a) // 4, offset=a))
+            elif wire == _WIRE_I32:           # an unpacked writer: one float per field
+                chunks.append(np.frombuffer(buf, dtype="<f4", count=1, offset=a))
+        elif number == 8:                     # repeated double double_data: narrowed once, to float32
+            if wire == _WIRE_LEN:
+                chunks.append(np.frombuffer(buf, dtype="<f8", count=(b - a) // 8, offset=a).astype(np.float32))
+            elif wire == _WIRE_I64:
+                chunks.append(np.frombuffer(buf, dtype="<f8", count=1, offset=a).astype(np.float32))
+        elif number == 7 and wire == _WIRE_LEN:  # BlobShape
+            shape = []
+            for n2, w2, a2, b2 in _fields(buf, a, b):
+                if n2 == 1:
+                    shape.extend(_packed_varints(buf, a2, b2) if w2 == _WIRE_LEN else [a2])
+            shape = [v - (1 << 64) if v >= 1 << 63 else v for v in shape]
+        elif 1 <= number <= 4 and wire == _WIRE_VARINT:
+            legacy[number - 1] = a
+            has_legacy = True
+    if len(chunks) == 1:
+        data = chunks[0]
+    elif chunks:
+        data = np.concatenate(chunks)
+    else:
+        data = np.zeros(0, np.float32)
+    if shape is None:
+        shape = legacy if has_legacy else [data.size]
+    if int(np.prod(shape, dtype=np.int64)) != data.size:
+        raise DecodeError(f"blob shape {shape} does not match its {data.size} values")
+    return data.reshape(shape)
+
+
+@dataclass
+class _ModelLayer:
+    name: str
+    type: str
+    blobs: List[np.ndarray]
+
+
+def read_caffemodel(path: PathLike) -> Dict[str, _ModelLayer]:
+    """Read the weights of a binary caffemodel (V1 or current) as {layer name: layer}.
+
+    The arrays are read-only views into a memory map of the file; nothing is copied for packed float data.
+    A truncated or corrupt file raises CaffeFormatError naming the file and the last layer read.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise CaffeFormatError(f"{path}: empty file, not a caffemodel")
+            buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise CaffeFormatError(f"{path}: cannot read caffemodel ({err.strerror})") from None
+    layers: Dict[str, _ModelLayer] = {}
+    current = "<start of file>"
+    try:
+        for number, wire, a, b in _fields(buf, 0, size):
+            if wire != _WIRE_LEN or number not in (2, 100):
+                continue
+            v1 = number == 2
+            name, type_name, blobs = "", "", []
+            for n2, w2, a2, b2 in _fields(buf, a, b):
+                if v1 and n2 == 1 and w2 == _WIRE_LEN:
+                    raise CaffeFormatError(f"{path}: V0 layer format (2014 and older); upgrade it with Caffe's "
+                                           f"upgrade_net_proto_binary first")
+                if n2 == (4 if v1 else 1) and w2 == _WIRE_LEN:
+                    name = bytes(buf[a2:b2]).decode("utf-8", errors="replace")
+                    current = name
+                elif n2 == (5 if v1 else 2):
+                    if v1 and w2 == _WIRE_VARINT:
+                        enum_name = caffe_pb2.V1LayerParameter.LayerType.Name(a2) \
+                            if a2 in caffe_pb2.V1LayerParameter.LayerType.values() else str(a2)
+                        type_name = V1_TYPE_NAMES.get(enum_name, enum_name)
+                    elif w2 == _WIRE_LEN:
+                        type_name = bytes(buf[a2:b2]).decode("utf-8", errors="replace")
+                elif n2 == (6 if v1 else 7) and w2 == _WIRE_LEN:
+                    blobs.append((a2, b2))
+            parsed = []
+            for i, (a2, b2) in enumerate(blobs):
+                try:
+                    parsed.append(_parse_blob(buf, a2, b2))
+                except DecodeError as err:
+                    raise CaffeFormatError(f"{path}: layer '{name}' blob {i} is corrupt ({err})") from None
+            if name in layers and (layers[name].blobs or parsed):
+                raise CaffeFormatError(f"{path}: two layers named '{name}' carry weights; names must be unique")
+            layers[name] = _ModelLayer(name, type_name, parsed)
+    except _Truncated as err:
+        raise CaffeFormatError(f"{path}: truncated or corrupt caffemodel (data ends early at byte {err.args[0]} "
+                               f"of {size}, after layer '{current}')") from None
+    except DecodeError as err:
+        raise CaffeFormatError(f"{path}: not a valid caffemodel ({err}; last layer read: '{current}')") from None
+    if not layers:
+        raise CaffeFormatError(f"{path}: no layers found; is this a caffemodel (binary NetParameter)?")
+    return layers
+
+
+def read_mean_binaryproto(path: PathLike) -> np.ndarray:
+    """Read a Caffe mean file (a BlobProto, usually 1 x C x H x W, BGR) as a float32 (C, H, W) array."""
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise CaffeFormatError(f"{path}: cannot read mean file ({err.strerror})") from None
+    try:
+        blob = _parse_blob(data, 0, len(data))
+    except (DecodeError, _Truncated) as err:
+        raise CaffeFormatError(f"{path}: not a valid mean.binaryproto ({err})") from None
+    if blob.size == 0:
+        raise CaffeFormatError(f"{path}: mean file holds no values")
+    if blob.ndim == 4 and blob.shape[0] == 1:
+        blob = blob[0]
+    if blob.ndim != 3:
+        raise CaffeFormatError(f"{path}: mean blob has shape {blob.shape}; expected 1 x C x H x W")
+    return np.array(blob, dtype=np.float32)
+
+
+# ---- the whole net --------------------------------------------------------------------------------------
+def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> CaffeNet:
+    """Load prototxt (+ caffemodel weights) into a CaffeNet.
+
+    Args:
+        prototxt: the deploy (or train_val) prototxt, V1 or current format.
+        caffemodel: the binary weights; None loads the structure only (every layer gets no blobs).
+
+    Raises:
+        CaffeFormatError: unreadable files, no input shape, weights for a layer the prototxt lacks.
+    """
+    net = read_prototxt(prototxt)
+    prototxt = str(prototxt)
+    inputs = _net_inputs(net, prototxt)
+    layers: List[Layer] = []
+    skipped: List[Tuple[str, str, str]] = []
+    transform = None
+    names = set()
+    for lp in net.layer:
+        if not in_test_phase(lp):
+            skipped.append((lp.name, lp.type, "not part of the TEST phase"))
+            continue
+        if lp.HasField("transform_param") and transform is None:
+            transform = lp.transform_param
+        if lp.type == "Input":
+            shapes = [tuple(int(d) for d in s.dim) for s in lp.input_param.shape]
+            if len(shapes) == 1 and len(lp.top) > 1:
+                shapes = shapes * len(lp.top)
+            if len(shapes) != len(lp.top):
+                raise CaffeFormatError(f"{prototxt}: Input layer '{lp.name}' has {len(lp.top)} tops but "
+                                       f"{len(shapes)} shapes")
+            for top, shape in zip(lp.top, shapes):
+                inputs[top] = shape
+            continue
+        if lp.type in TRAINING_ONLY_TYPES:
+            skipped.append((lp.name, lp.type, "training-only layer"))
+            continue
+        if lp.name in names:
+            raise CaffeFormatError(f"{prototxt}: two layers named '{lp.name}'; layer names must be unique")
+        names.add(lp.name)
+        layers.append(Layer(lp.name, lp.type, list(lp.bottom), list(lp.top), lp,
+                            [_blob_array(b) for b in lp.blobs]))
+    if not inputs:
+        raise CaffeFormatError(f"{prototxt}: no input shape declared; add `input: \"data\"` with "
+                               f"`input_shape {{ dim: 1 dim: 3 dim: 224 dim: 224 }}` or an Input layer")
+    result = CaffeNet(net.name, inputs, layers, prototxt, format="v1" if _is_v1(net) else "v2",
+                      transform=transform, skipped=skipped)
+    for name, type_name, why in skipped:
+        log.info("skipping layer '%s' (%s): %s", name, type_name, why)
+    if caffemodel is not None:
+        attach_weights(result, read_caffemodel(caffemodel), str(caffemodel))
+    return result
+
+
+def _blob_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
+    """Weights stored inline in a prototxt (rare) as float32 arrays."""
+    data = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
+    shape = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
+    return data.reshape(shape) if int(np.prod(shape)) == data.size else data
+
+
+def attach_weights(net: CaffeNet, model: Dict[str, _ModelLayer], where: str) -> None:
+    """Give each prototxt layer the caffemodel blobs of the same name; weights nobody takes are an error."""
+    by_name = {layer.name: layer for layer in net.layers}
+    skipped = {name for name, _, _ in net.skipped}
+    unused = [name for name, ml in model.items() if ml.blobs and name not in by_name and name not in skipped]
+    if unused:
+        raise CaffeFormatError(
+            f"{where}: weights for layer(s) {unused[:5]}{' ...' if len(unused) > 5 else ''} that "
+            f"{net.prototxt} does not define; the files do not belong together or a layer was renamed")
+    for layer in net.layers:
+        if layer.name in model and model[layer.name].blobs:
+            layer.blobs = model[layer.name].blobs
+
+
+# ---- writing (tests, benchmarks, re-encoding between formats) -------------------------------------------
+_V1_TYPE_ENUMS = {v: k for k, v in V1_TYPE_NAMES.items() if v}
+
+
+def to_v1(layer: caffe_pb2.LayerParameter) -> caffe_pb2.V1LayerParameter:
+    """The V1 `layers {}` form of a current-format layer (without blobs). Types V1 lacks are an error."""
+    if layer.type not in _V1_TYPE_ENUMS:
+        raise CaffeFormatError(f"layer '{layer.name}': type {layer.type} has no V1 encoding")
+    v1 = caffe_pb2.V1LayerParameter()
+    v1.name = layer.name
+    v1.type = caffe_pb2.V1LayerParameter.LayerType.Value(_V1_TYPE_ENUMS[layer.type])
+    v1.bottom.extend(layer.bottom)
+    v1.top.extend(layer.top)
+    for name in _V1_SHARED_FIELDS:
+        if name in ("include", "exclude", "loss_weight"):
+            getattr(v1, name).extend(getattr(layer, name))
+        elif layer.HasField(name):
+            getattr(v1, name).CopyFrom(getattr(layer, name))
+    for name, _ in layer.ListFields():
+        if name.name.endswith("_param") and name.name not in _V1_SHARED_FIELDS:
+            raise CaffeFormatError(f"layer '{layer.name}': {name.name} has no V1 encoding")
+    return v1
+
+
+def _enc_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _enc_len(number: int, length: int) -> bytes:
+    return _enc_varint(number << 3 | _WIRE_LEN) + _enc_varint(length)
+
+
+def _blob_header(arr: np.ndarray, v1: bool) -> bytes:
+    if v1:  # V1 blobs carry a 4-D num/channels/height/width shape, padded with leading 1s
+        dims = (1,) * (4 - arr.ndim) + tuple(arr.shape) if arr.ndim <= 4 else None
+        if dims is None:
+            raise CaffeFormatError(f"a {arr.ndim}-D blob has no V1 encoding")
+        head = b"".join(_enc_varint(n << 3 | _WIRE_VARINT) + _enc_varint(int(d)) for n, d in zip((1, 2, 3, 4), dims))
+    else:
+        shape = caffe_pb2.BlobShape(dim=[int(d) for d in arr.shape]).SerializeToString()
+        head = _enc_len(7, len(shape)) + shape
+    return head + _enc_len(5, arr.size * 4)
+
+
+def write_caffemodel(path: PathLike, net: caffe_pb2.NetParameter, blobs: Dict[str, Sequence[np.ndarray]],
+                     v1: bool = False) -> None:
+    """Write a binary caffemodel: the layers of `net` (current format) with `blobs` {layer name: arrays}.
+
+    Weights are streamed from the arrays' buffers (a 553 MB VGG16 never exists as protobuf floats).
+    With v1=True the layers are written as V1 `layers {}` entries with 4-D legacy blob shapes.
+    """
+    head = caffe_pb2.NetParameter()
+    head.CopyFrom(net)
+    del head.layer[:]
+    del head.layers[:]
+    with open(path, "wb") as out:
+        out.write(head.SerializeToString())
+        for layer in net.layer:
+            bare = caffe_pb2.LayerParameter()
+            bare.CopyFrom(layer)
+            del bare.blobs[:]
+            body = (to_v1(bare) if v1 else bare).SerializeToString()
+            arrays = [np.ascontiguousarray(a, dtype="<f4") for a in blobs.get(layer.name, ())]
+            parts = []
+            for arr in arrays:
+                header = _blob_header(arr, v1)
+                parts.append((header, arr))
+            blob_field = 6 if v1 else 7
+            total = len(body) + sum(len(_enc_len(blob_field, len(h) + a.nbytes)) + len(h) + a.nbytes
+                                    for h, a in parts)
+            out.write(_enc_len(2 if v1 else 100, total))
+            out.write(body)
+            for header, arr in parts:
+                out.write(_enc_len(blob_field, len(header) + arr.nbytes))
+                out.write(header)
+                out.write(memoryview(arr).cast("B"))
+
+
+def write_prototxt(path: PathLike, net: caffe_pb2.NetParameter, v1: bool = False) -> None:
+    """Write the structure of `net` (no blobs) as prototxt text, in V1 or current format."""
+    text_net = caffe_pb2.NetParameter()
+    text_net.CopyFrom(net)
+    del text_net.layer[:]
+    del text_net.layers[:]
+    for layer in net.layer:
+        bare = caffe_pb2.LayerParameter()
+        bare.CopyFrom(layer)
+        del bare.blobs[:]
+        if v1:
+            text_net.layers.append(to_v1(bare))
+        else:
+            text_net.layer.append(bare)
+    Path(path).write_text(text_format.MessageToString(text_net), encoding="utf-8")

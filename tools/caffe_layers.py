@@ -1,0 +1,705 @@
+"""One converter per Caffe layer type, and the table that holds them.
+
+Each `convert_<type>(layer, inputs)` is a small pure function: it reads the layer's Caffe settings, checks
+its weights against the shapes the inputs imply, and returns the MXNet symbols for its tops plus the
+parameters they need. The walker in tools/caffe_converter.py knows no layer type; it looks a type up in
+`LAYER_CONVERTERS` and nothing else.
+
+MXNet's defaults differ from Caffe's in several places (pooling rounding, BatchNorm eps, Deconvolution's
+bias); each converter sets those arguments explicitly and says why.
+
+A second, smaller table, `INPUT_CHANNEL_FLIPS`, says how a layer that reads the (BGR) image directly has its
+weights reordered so that the converted model takes RGB.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from tools import caffe_pb2
+from tools.caffe_io import CaffeFormatError, Layer
+
+Shape = Tuple[int, ...]
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer (or a setting of a layer) this converter cannot express in MXNet. One-line message."""
+
+
+@dataclass
+class Tensor:
+    """A Caffe blob during conversion: the MXNet symbol computing it and its shape (batch included)."""
+
+    sym: mx.sym.Symbol
+    shape: Shape
+
+
+@dataclass
+class Converted:
+    """What a layer converter returns: one symbol per Caffe top, and the parameters the symbols use."""
+
+    outputs: List[mx.sym.Symbol]
+    args: Dict[str, np.ndarray] = field(default_factory=dict)
+    aux: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def _fail(layer: Layer, message: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(f"layer '{layer.name}' ({layer.type}): {message}")
+
+
+def _axis(layer: Layer, axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise _fail(layer, f"axis {axis} is out of range for a {ndim}-D input")
+    return axis % ndim
+
+
+def take_blobs(layer: Layer, specs: Sequence[Tuple[str, Shape]]) -> List[np.ndarray]:
+    """Check the layer's caffemodel blobs against `specs` [(role, expected shape)] and return them reshaped.
+
+    A blob may be stored in V1's padded 4-D form (1, 1, N, K) or with extra unit axes; only the values'
+    count and the non-unit axes have to agree. Anything else is an error naming the layer and the blob.
+    """
+    if len(layer.blobs) != len(specs):
+        roles = ", ".join(f"{role} {tuple(shape)}" for role, shape in specs) or "none"
+        raise CaffeFormatError(
+            f"layer '{layer.name}' ({layer.type}): the caffemodel has {len(layer.blobs)} weight blob(s), "
+            f"expected {len(specs)} ({roles})"
+            + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else ""))
+    out = []
+    for i, (blob, (role, shape)) in enumerate(zip(layer.blobs, specs)):
+        shape = tuple(int(d) for d in shape)
+        if blob.shape != shape:
+            squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731
+            if blob.size != int(np.prod(shape)) or squeeze(blob.shape) != squeeze(shape):
+                raise CaffeFormatError(
+                    f"layer '{layer.name}' ({layer.type}): blob {i} ({role}) has shape {tuple(blob.shape)}, "
+                    f"the prototxt and input shape imply {shape}")
+            blob = blob.reshape(shape)
+        out.append(blob)
+    return out
+
+
+def _pairs(layer: Layer, repeated: Sequence[int], h: int, w: int, has_hw: bool, default: int,
+           what: str, ndim: int) -> Tuple[int, ...]:
+    """Caffe's kernel/stride/pad/dilation: a repeated field (1 or n values) or separate _h/_w fields."""
+    if has_hw:
+        if ndim != 2:
+            raise _fail(layer, f"{what}_h/{what}_w only apply to 2-D spatial inputs")
+        if repeated:
+            raise _fail(layer, f"give either {what} or {what}_h/{what}_w, not both")
+        return (int(h), int(w))
+    if not repeated:
+        return (default,) * ndim
+    if len(repeated) == 1:
+        return (int(repeated[0]),) * ndim
+    if len(repeated) != ndim:
+        raise _fail(layer, f"{len(repeated)} {what} values for {ndim} spatial axes")
+    return tuple(int(v) for v in repeated)
+
+
+def _var(name: str, shape: Shape) -> mx.sym.Symbol:
+    return mx.sym.Variable(name, shape=tuple(int(d) for d in shape))
+
+
+# ---- converters (alphabetical by Caffe type) ---------------------------------------------------------
+def convert_absval(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """|x|."""
+    return Converted([mx.sym.abs(inputs[0].sym, name=layer.name)])
+
+
+def convert_batchnorm(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Caffe BatchNorm stores mean and variance multiplied by a scale-factor blob; we divide it out.
+
+    Caffe's BatchNorm has no gamma/beta; a Scale layer after it supplies them. The walker folds such a
+    Scale in (found through the blob wiring, see `fused_scale`), and then gamma/beta are real parameters
+    (`fix_gamma=False`); otherwise gamma is fixed at 1 and beta starts at 0.
+    MXNet defaults replaced: eps (MXNet 1e-3, Caffe 1e-5), momentum (MXNet 0.9; Caffe's
+    moving_average_fraction, 0.999 by default), use_global_stats (Caffe freezes statistics only when the
+    prototxt says use_global_stats: true; inference uses the stored statistics in both frameworks).
+    """
+    p = layer.param.batch_norm_param
+    channels = inputs[0].shape[1]
+    mean, var, factor = take_blobs(layer, [("mean", (channels,)), ("variance", (channels,)),
+                                           ("scale factor", (1,))])
+    f = float(factor.reshape(-1)[0])
+    f = 0.0 if f == 0 else 1.0 / f
+    args = {}
+    scale_layer: Optional[Layer] = layer.fused_scale
+    if scale_layer is not None:
+        sp = scale_layer.param.scale_param
+        specs = [("scale", (channels,))] + ([("bias", (channels,))] if sp.bias_term else [])
+        blobs = take_blobs(scale_layer, specs)
+        gamma = blobs[0]
+        beta = blobs[1] if sp.bias_term else np.zeros(channels, np.float32)
+    else:
+        gamma, beta = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    args[f"{layer.name}_gamma"] = np.asarray(gamma, np.float32)
+    args[f"{layer.name}_beta"] = np.asarray(beta, np.float32)
+    aux = {f"{layer.name}_moving_mean": (mean * f).astype(np.float32),
+           f"{layer.name}_moving_var": (var * f).astype(np.float32)}
+    sym = mx.sym.BatchNorm(inputs[0].sym, name=layer.name, eps=float(p.eps),
+                           momentum=float(p.moving_average_fraction), fix_gamma=scale_layer is None,
+                           use_global_stats=bool(p.HasField("use_global_stats") and p.use_global_stats), axis=1)
+    return Converted([sym], args, aux)
+
+
+def convert_bias(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """x + b, b broadcast from `axis` over `num_axes` axes (a learned blob, or the second bottom)."""
+    p = layer.param.bias_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    if len(inputs) == 2:
+        bshape, b, args = inputs[1].shape, inputs[1].sym, {}
+    else:
+        n = p.num_axes if p.num_axes >= 0 else len(x.shape) - axis
+        bshape = tuple(x.shape[axis:axis + n])
+        (blob,) = take_blobs(layer, [("bias", bshape or (1,))])
+        b = _var(f"{layer.name}_bias", blob.shape)
+        args = {f"{layer.name}_bias": blob}
+    full = (1,) * axis + tuple(bshape) + (1,) * (len(x.shape) - axis - len(bshape))
+    out = mx.sym.broadcast_add(x.sym, mx.sym.reshape(b, shape=full), name=layer.name)
+    return Converted([out], args)
+
+
+def convert_concat(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Concatenate along `axis` (or the legacy `concat_dim`)."""
+    p = layer.param.concat_param
+    axis = p.axis if p.HasField("axis") or not p.HasField("concat_dim") else p.concat_dim
+    axis = _axis(layer, axis, len(inputs[0].shape))
+    if len(inputs) == 1:
+        return Converted([inputs[0].sym])
+    return Converted([mx.sym.concat(*[t.sym for t in inputs], dim=axis, name=layer.name)])
+
+
+def _conv_settings(layer: Layer, x: Tensor):
+    p = layer.param.convolution_param
+    if p.axis != 1:
+        raise _fail(layer, f"convolution over axis {p.axis} is not supported; only axis 1 (channels)")
+    nd = len(x.shape) - 2
+    kernel = _pairs(layer, p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h") or p.HasField("kernel_w"),
+                    0, "kernel", nd)
+    if min(kernel) <= 0:
+        raise _fail(layer, "no kernel size given")
+    stride = _pairs(layer, p.stride, p.stride_h, p.stride_w, p.HasField("stride_h") or p.HasField("stride_w"),
+                    1, "stride", nd)
+    pad = _pairs(layer, p.pad, p.pad_h, p.pad_w, p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
+    dilate = _pairs(layer, p.dilation, 0, 0, False, 1, "dilation", nd)
+    return p, kernel, stride, pad, dilate
+
+
+def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Convolution with group, dilation, rectangular kernel/stride/pad and optional bias.
+
+    Caffe's kernel_h/kernel_w and stride_h/stride_w override the square fields; both are read here.
+    """
+    x = inputs[0]
+    p, kernel, stride, pad, dilate = _conv_settings(layer, x)
+    channels, group = x.shape[1], p.group
+    if channels % group or p.num_output % group:
+        raise _fail(layer, f"group {group} does not divide {channels} input / {p.num_output} output channels")
+    specs = [("weight", (p.num_output, channels // group) + kernel)]
+    if p.bias_term:
+        specs.append(("bias", (p.num_output,)))
+    blobs = take_blobs(layer, specs)
+    args = {f"{layer.name}_weight": blobs[0]}
+    if p.bias_term:
+        args[f"{layer.name}_bias"] = blobs[1]
+    sym = mx.sym.Convolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
+                             pad=pad, dilate=dilate, num_group=group, no_bias=not p.bias_term)
+    return Converted([sym], args)
+
+
+def convert_crop(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Crop bottom[0] to bottom[1]'s shape from `axis` on, starting at `offset` (one value or one per axis)."""
+    p = layer.param.crop_param
+    if len(inputs) != 2:
+        raise _fail(layer, "needs two bottoms (the blob to crop and the reference)")
+    x, ref = inputs
+    axis = _axis(layer, p.axis, len(x.shape))
+    n = len(x.shape) - axis
+    offsets = list(p.offset)
+    if len(offsets) == 0:
+        offsets = [0] * n
+    elif len(offsets) == 1:
+        offsets = offsets * n
+    elif len(offsets) != n:
+        raise _fail(layer, f"{len(offsets)} offsets for {n} cropped axes")
+    begin, end = [None] * axis, [None] * axis
+    for i, off in enumerate(offsets):
+        size, avail = ref.shape[axis + i], x.shape[axis + i]
+        if off + size > avail:
+            raise _fail(layer, f"crop of {size} at offset {off} exceeds axis {axis + i} of size {avail}")
+        begin.append(int(off))
+        end.append(int(off + size))
+    return Converted([mx.sym.slice(x.sym, begin=tuple(begin), end=tuple(end), name=layer.name)])
+
+
+def convert_deconvolution(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Transposed convolution. Caffe's weight is (C_in, C_out / group, kh, kw), the same layout as MXNet's.
+
+    MXNet's Deconvolution defaults to no_bias=True; Caffe's bias_term defaults to true, so it is always set.
+    """
+    x = inputs[0]
+    p, kernel, stride, pad, dilate = _conv_settings(layer, x)
+    channels, group = x.shape[1], p.group
+    if channels % group or p.num_output % group:
+        raise _fail(layer, f"group {group} does not divide {channels} input / {p.num_output} output channels")
+    specs = [("weight", (channels, p.num_output // group) + kernel)]
+    if p.bias_term:
+        specs.append(("bias", (p.num_output,)))
+    blobs = take_blobs(layer, specs)
+    args = {f"{layer.name}_weight": blobs[0]}
+    if p.bias_term:
+        args[f"{layer.name}_bias"] = blobs[1]
+    sym = mx.sym.Deconvolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
+                               pad=pad, dilate=dilate, num_group=group, no_bias=not p.bias_term)
+    return Converted([sym], args)
+
+
+def convert_dropout(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Kept as Dropout (identity at inference) so that fine-tuning regularises as the original did.
+
+    Both frameworks scale at training time (inverted dropout), so no weight rescaling is needed.
+    """
+    ratio = float(layer.param.dropout_param.dropout_ratio)
+    return Converted([mx.sym.Dropout(inputs[0].sym, p=ratio, name=layer.name)])
+
+
+def convert_eltwise(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SUM (with per-input coefficients), PROD and MAX; the wheel's converter turns PROD and MAX into a sum."""
+    p = layer.param.eltwise_param
+    syms = [t.sym for t in inputs]
+    shapes = {t.shape for t in inputs}
+    if len(shapes) > 1:
+        raise _fail(layer, f"inputs have different shapes {sorted(shapes)}")
+    op = p.operation
+    if op == caffe_pb2.EltwiseParameter.SUM:
+        coeff = list(p.coeff) or [1.0] * len(syms)
+        if len(coeff) != len(syms):
+            raise _fail(layer, f"{len(coeff)} coefficients for {len(syms)} inputs")
+        if any(c != 1.0 for c in coeff):
+            syms = [s if c == 1.0 else s * float(c) for s, c in zip(syms, coeff)]
+        out = mx.sym.add_n(*syms, name=layer.name) if len(syms) > 1 else syms[0]
+        return Converted([out])
+    if p.coeff:
+        raise _fail(layer, "coeff is only allowed with operation SUM")
+    combine = mx.sym.elemwise_mul if op == caffe_pb2.EltwiseParameter.PROD else mx.sym.maximum
+    out = syms[0]
+    for i, s in enumerate(syms[1:], start=1):
+        out = combine(out, s, name=layer.name if i == len(syms) - 1 else f"{layer.name}_part{i}")
+    return Converted([out])
+
+
+def convert_elu(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """ELU with Caffe's alpha (MXNet calls it slope)."""
+    alpha = float(layer.param.elu_param.alpha)
+    return Converted([mx.sym.LeakyReLU(inputs[0].sym, act_type="elu", slope=alpha, name=layer.name)])
+
+
+def convert_flatten(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Merge axes axis..end_axis into one; the batch axis is copied (0) so any batch size works."""
+    p = layer.param.flatten_param
+    shape = inputs[0].shape
+    axis = _axis(layer, p.axis, len(shape))
+    end = _axis(layer, p.end_axis, len(shape))
+    if end < axis:
+        raise _fail(layer, f"end_axis {p.end_axis} comes before axis {p.axis}")
+    merged = int(np.prod(shape[axis:end + 1]))
+    target = [0] * axis + [merged] + list(shape[end + 1:])
+    if axis == 0:
+        target[0] = -1
+    return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+
+
+def convert_innerproduct(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """FullyConnected over the axes from `axis` on. `transpose: true` stores the weight as (K, N)."""
+    p = layer.param.inner_product_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    k = int(np.prod(x.shape[axis:]))
+    n = int(p.num_output)
+    specs = [("weight", (k, n) if p.transpose else (n, k))]
+    if p.bias_term:
+        specs.append(("bias", (n,)))
+    blobs = take_blobs(layer, specs)
+    weight = np.ascontiguousarray(blobs[0].T) if p.transpose else blobs[0]
+    args = {f"{layer.name}_weight": weight}
+    if p.bias_term:
+        args[f"{layer.name}_bias"] = blobs[1]
+    data = x.sym
+    if axis == 1:
+        flatten = True  # MXNet flattens every axis after the batch axis, which is Caffe's axis 1
+    else:
+        flatten = False  # FullyConnected(flatten=False) works on the last axis: merge axis.. into it first
+        if axis != len(x.shape) - 1:
+            data = mx.sym.reshape(data, shape=tuple([0] * axis + [-1]), name=f"{layer.name}_merge")
+    sym = mx.sym.FullyConnected(data, name=layer.name, num_hidden=n, no_bias=not p.bias_term, flatten=flatten)
+    return Converted([sym], args)
+
+
+def convert_lrn(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Local response normalisation.
+
+    ACROSS_CHANNELS: x / (k + alpha / n * sum over n channels of x^2) ^ beta, which is MXNet's LRN.
+    WITHIN_CHANNEL: Caffe computes x / (1 + alpha * mean of x^2 over an n x n window) ^ beta, with the
+    window zero-padded by (n - 1) / 2 and the mean always divided by n^2 (k is not used); built here from
+    an average pooling that counts the padding.
+    """
+    p = layer.param.lrn_param
+    x = inputs[0].sym
+    n = int(p.local_size)
+    if n % 2 == 0:
+        raise _fail(layer, f"local_size must be odd, got {n}")
+    if p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
+        return Converted([mx.sym.LRN(x, name=layer.name, alpha=float(p.alpha), beta=float(p.beta),
+                                     knorm=float(p.k), nsize=n)])
+    pad = (n - 1) // 2
+    nd = len(inputs[0].shape) - 2
+    mean_sq = mx.sym.Pooling(mx.sym.square(x, name=f"{layer.name}_sq"), name=f"{layer.name}_pool",
+                             kernel=(n,) * nd, stride=(1,) * nd, pad=(pad,) * nd, pool_type="avg",
+                             count_include_pad=True, pooling_convention="valid")
+    denom = (mean_sq * float(p.alpha) + 1.0) ** float(-p.beta)
+    return Converted([mx.sym.elemwise_mul(x, denom, name=layer.name)])
+
+
+def convert_normalize(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SSD's Normalize: x / sqrt(sum x^2 + eps) times a learned scale.
+
+    across_spatial sums over C, H and W of each sample, otherwise over C at each position;
+    channel_shared keeps one scale value instead of one per channel.
+    """
+    p = layer.param.norm_param
+    x = inputs[0]
+    channels = x.shape[1]
+    nshape = (1,) if p.channel_shared else (channels,)
+    (scale,) = take_blobs(layer, [("scale", nshape)])
+    axes = tuple(range(1, len(x.shape))) if p.across_spatial else (1,)
+    norm = mx.sym.sqrt(mx.sym.sum(mx.sym.square(x.sym), axis=axes, keepdims=True) + float(p.eps),
+                       name=f"{layer.name}_norm")
+    gamma = _var(f"{layer.name}_gamma", nshape)
+    full = (1, nshape[0]) + (1,) * (len(x.shape) - 2)
+    out = mx.sym.broadcast_mul(mx.sym.broadcast_div(x.sym, norm), mx.sym.reshape(gamma, shape=full),
+                               name=layer.name)
+    return Converted([out], {f"{layer.name}_gamma": scale})
+
+
+def convert_permute(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Transpose; a partial `order` is completed with the remaining axes in their original order (as SSD)."""
+    order = [int(v) for v in layer.param.permute_param.order]
+    ndim = len(inputs[0].shape)
+    if len(set(order)) != len(order) or any(not 0 <= v < ndim for v in order):
+        raise _fail(layer, f"order {order} is not a permutation of the {ndim} axes")
+    order += [a for a in range(ndim) if a not in order]
+    return Converted([mx.sym.transpose(inputs[0].sym, axes=tuple(order), name=layer.name)])
+
+
+def caffe_pool_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
+    """Caffe's pooled size: rounded up, minus a last window that would start inside the bottom/right pad."""
+    if not ceil:
+        return (size + 2 * pad - kernel) // stride + 1
+    out = int(math.ceil((size + 2 * pad - kernel) / stride)) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """MAX and AVE pooling, global or windowed, with Caffe's exact output size.
+
+    Caffe rounds the output size up (MXNet 'full') but drops a last window that starts inside the padding,
+    which 'full' does not; that case is exactly MXNet's 'valid' (round down), so we choose per layer and
+    check the result. AVE divides by the window clipped to the padded input, as MXNet with
+    count_include_pad=True (set explicitly; it is the Caffe behaviour).
+    """
+    p = layer.param.pooling_param
+    x = inputs[0]
+    methods = {caffe_pb2.PoolingParameter.MAX: "max", caffe_pb2.PoolingParameter.AVE: "avg"}
+    if p.pool not in methods:
+        raise _fail(layer, "only MAX and AVE pooling are supported (STOCHASTIC is not)")
+    pool_type = methods[p.pool]
+    nd = len(x.shape) - 2
+    if p.global_pooling:
+        sym = mx.sym.Pooling(x.sym, name=layer.name, kernel=(1,) * nd, pool_type=pool_type, global_pool=True)
+        return Converted([sym])
+    kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
+                    p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
+    if min(kernel) <= 0:
+        raise _fail(layer, "no kernel size given (and global_pooling is off)")
+    stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
+                    p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
+    pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
+                 p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
+    if any(pd >= k for pd, k in zip(pad, kernel)):
+        raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
+    ceil = p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    spatial = x.shape[2:]
+    want = [caffe_pool_size(s, k, st, pd, ceil) for s, k, st, pd in zip(spatial, kernel, stride, pad)]
+    full = [int(math.ceil((s + 2 * pd - k) / st)) + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
+    valid = [(s + 2 * pd - k) // st + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
+    if want == full:
+        convention = "full"
+    elif want == valid:
+        convention = "valid"
+    else:  # one axis rounds up, another drops its last window: no single MXNet convention matches
+        raise _fail(layer, f"Caffe output size {want} matches neither MXNet rounding ({full} / {valid})")
+    sym = mx.sym.Pooling(x.sym, name=layer.name, kernel=kernel, stride=stride, pad=pad, pool_type=pool_type,
+                         pooling_convention=convention, count_include_pad=True)
+    return Converted([sym])
+
+
+def convert_power(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """(shift + scale * x) ^ power."""
+    p = layer.param.power_param
+    y = inputs[0].sym
+    if p.scale != 1.0:
+        y = y * float(p.scale)
+    if p.shift != 0.0:
+        y = y + float(p.shift)
+    if p.power != 1.0:
+        y = y ** float(p.power)
+    return Converted([mx.sym.identity(y, name=layer.name)])
+
+
+def convert_prelu(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """PReLU; a channel_shared slope is stored once in Caffe and repeated per channel here (MXNet's gamma
+    is per channel), which computes the same function."""
+    p = layer.param.prelu_param
+    channels = inputs[0].shape[1]
+    (slope,) = take_blobs(layer, [("slope", (1,) if p.channel_shared else (channels,))])
+    gamma = np.repeat(slope, channels) if p.channel_shared else slope
+    sym = mx.sym.LeakyReLU(inputs[0].sym, act_type="prelu", gamma=_var(f"{layer.name}_gamma", (channels,)),
+                           name=layer.name)
+    return Converted([sym], {f"{layer.name}_gamma": np.asarray(gamma, np.float32)})
+
+
+def convert_relu(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """ReLU, or a leaky ReLU when negative_slope is set."""
+    slope = float(layer.param.relu_param.negative_slope)
+    if slope:
+        return Converted([mx.sym.LeakyReLU(inputs[0].sym, act_type="leaky", slope=slope, name=layer.name)])
+    return Converted([mx.sym.Activation(inputs[0].sym, act_type="relu", name=layer.name)])
+
+
+def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Caffe Reshape (0 copies an axis, -1 is inferred, axis/num_axes select the part replaced).
+
+    The output shape is resolved here from the known input shape; the batch axis is written as 0 (copy)
+    when Caffe keeps it, so the model still accepts any batch size.
+    """
+    p = layer.param.reshape_param
+    shape = list(inputs[0].shape)
+    ndim = len(shape)
+    start = p.axis if p.axis >= 0 else ndim + 1 + p.axis
+    if not 0 <= start <= ndim:
+        raise _fail(layer, f"axis {p.axis} is out of range for a {ndim}-D input")
+    end = ndim if p.num_axes == -1 else start + p.num_axes
+    if p.num_axes < -1 or end > ndim:
+        raise _fail(layer, f"num_axes {p.num_axes} is out of range")
+    spec = [int(d) for d in p.shape.dim]
+    middle = []
+    for i, d in enumerate(spec):
+        if d == 0:
+            if start + i >= ndim:
+                raise _fail(layer, f"dim {i} copies input axis {start + i}, which does not exist")
+            middle.append(shape[start + i])
+        else:
+            middle.append(d)
+    if middle.count(-1) > 1:
+        raise _fail(layer, "at most one -1 dimension")
+    out = shape[:start] + middle + shape[end:]
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        total = int(np.prod(shape))
+        if known == 0 or total % known:
+            raise _fail(layer, f"cannot reshape {tuple(shape)} into {tuple(out)}")
+        out[out.index(-1)] = total // known
+    if int(np.prod(out)) != int(np.prod(shape)):
+        raise _fail(layer, f"cannot reshape {tuple(shape)} into {tuple(out)}")
+    keeps_batch = start > 0 or (spec and spec[0] == 0)
+    target = ([0] + out[1:]) if keeps_batch else out
+    return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+
+
+def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """x * gamma (+ beta), gamma broadcast from `axis` over `num_axes` axes, learned or the second bottom.
+
+    A Scale that directly follows a BatchNorm is folded into it by the walker and never reaches here.
+    """
+    p = layer.param.scale_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    args = {}
+    if len(inputs) == 2:
+        sshape, gamma = inputs[1].shape, inputs[1].sym
+        blobs = take_blobs(layer, [("bias", sshape)] if p.bias_term else [])
+        beta_blob = blobs[0] if p.bias_term else None
+    else:
+        n = p.num_axes if p.num_axes >= 0 else len(x.shape) - axis
+        sshape = tuple(x.shape[axis:axis + n])
+        specs = [("scale", sshape or (1,))] + ([("bias", sshape or (1,))] if p.bias_term else [])
+        blobs = take_blobs(layer, specs)
+        gamma = _var(f"{layer.name}_gamma", blobs[0].shape)
+        args[f"{layer.name}_gamma"] = blobs[0]
+        beta_blob = blobs[1] if p.bias_term else None
+    full = (1,) * axis + tuple(sshape) + (1,) * (len(x.shape) - axis - len(sshape))
+    out = mx.sym.broadcast_mul(x.sym, mx.sym.reshape(gamma, shape=full),
+                               name=layer.name if beta_blob is None else f"{layer.name}_mul")
+    if beta_blob is not None:
+        beta = _var(f"{layer.name}_beta", beta_blob.shape)
+        args[f"{layer.name}_beta"] = beta_blob
+        out = mx.sym.broadcast_add(out, mx.sym.reshape(beta, shape=full), name=layer.name)
+    return Converted([out], args)
+
+
+def convert_sigmoid(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Logistic sigmoid."""
+    return Converted([mx.sym.Activation(inputs[0].sym, act_type="sigmoid", name=layer.name)])
+
+
+def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Split along `axis` (or legacy slice_dim) at slice_point, or into equal parts, one per top."""
+    p = layer.param.slice_param
+    x = inputs[0]
+    axis = p.axis if p.HasField("axis") or not p.HasField("slice_dim") else p.slice_dim
+    axis = _axis(layer, axis, len(x.shape))
+    size, tops = x.shape[axis], len(layer.tops)
+    if p.slice_point:
+        points = [int(v) for v in p.slice_point]
+        if len(points) != tops - 1 or points != sorted(points) or points[-1] >= size or points[0] <= 0:
+            raise _fail(layer, f"slice_point {points} does not cut axis {axis} of size {size} into {tops} parts")
+    else:
+        if size % tops:
+            raise _fail(layer, f"axis {axis} of size {size} does not split evenly into {tops} tops")
+        points = [size // tops * i for i in range(1, tops)]
+    bounds = [0] + points + [size]
+    outs = [mx.sym.slice_axis(x.sym, axis=axis, begin=b, end=e, name=f"{layer.name}_{top}")
+            for b, e, top in zip(bounds[:-1], bounds[1:], layer.tops)]
+    return Converted(outs)
+
+
+def convert_softmax(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Softmax over `axis`. The net's final Softmax becomes a SoftmaxOutput named after the Caffe layer, so
+    the model trains with Module/fit as is; a (N, C, 1, 1) input is flattened first so labels are (N,)."""
+    axis = _axis(layer, layer.param.softmax_param.axis, len(inputs[0].shape))
+    x = inputs[0]
+    if layer.is_net_output and axis == 1:
+        data = x.sym
+        multi = len(x.shape) > 2
+        if multi and all(d == 1 for d in x.shape[2:]):
+            data, multi = mx.sym.Flatten(data, name=f"{layer.name}_flatten"), False
+        return Converted([mx.sym.SoftmaxOutput(data, name=layer.name, multi_output=multi)])
+    return Converted([mx.sym.softmax(x.sym, axis=axis, name=layer.name)])
+
+
+def convert_split(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Every top is the bottom itself."""
+    return Converted([inputs[0].sym] * len(layer.tops))
+
+
+def convert_tanh(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Hyperbolic tangent."""
+    return Converted([mx.sym.Activation(inputs[0].sym, act_type="tanh", name=layer.name)])
+
+
+def convert_input(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Input layers are read by caffe_io into the net's input map; the walker creates the `data` variable."""
+    raise _fail(layer, "Input layers are handled when the net is loaded")  # pragma: no cover - never reached
+
+
+# The one table. Keys are Caffe type names (V1 enum names are translated when the net is loaded).
+LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
+    "Input": convert_input,
+    "Convolution": convert_convolution,
+    "Deconvolution": convert_deconvolution,
+    "Pooling": convert_pooling,
+    "InnerProduct": convert_innerproduct,
+    "ReLU": convert_relu,
+    "PReLU": convert_prelu,
+    "ELU": convert_elu,
+    "Sigmoid": convert_sigmoid,
+    "TanH": convert_tanh,
+    "AbsVal": convert_absval,
+    "Power": convert_power,
+    "BatchNorm": convert_batchnorm,
+    "Scale": convert_scale,
+    "Bias": convert_bias,
+    "Eltwise": convert_eltwise,
+    "Concat": convert_concat,
+    "Slice": convert_slice,
+    "Split": convert_split,
+    "Flatten": convert_flatten,
+    "Reshape": convert_reshape,
+    "Crop": convert_crop,
+    "LRN": convert_lrn,
+    "Dropout": convert_dropout,
+    "Softmax": convert_softmax,
+    "Permute": convert_permute,
+    "Normalize": convert_normalize,
+}
+
+
+# ---- BGR -> RGB: reorder the weights of the layers that read the image --------------------------------
+def _flip0(blobs: List[np.ndarray], indices: Sequence[int]) -> List[np.ndarray]:
+    return [np.ascontiguousarray(b[::-1]) if i in indices else b for i, b in enumerate(blobs)]
+
+
+def flip_convolution(layer: Layer) -> bool:
+    """Reverse the weight's input-channel axis; the output no longer depends on the channel order."""
+    if layer.param.convolution_param.group != 1:
+        raise _fail(layer, "reads the image with group > 1; cannot reorder its channels for RGB input "
+                           "(use --keep-bgr)")
+    layer.blobs = [np.ascontiguousarray(layer.blobs[0][:, ::-1])] + list(layer.blobs[1:])
+    return False
+
+
+def flip_innerproduct(layer: Layer) -> bool:
+    """Reverse the channel axis inside the flattened (C, H, W) input dimension of the weight."""
+    p = layer.param.inner_product_param
+    if p.axis != 1 or p.transpose:
+        raise _fail(layer, "reads the image with axis != 1 or transpose; use --keep-bgr")
+    w = layer.blobs[0]
+    n = w.shape[0] if w.ndim == 2 else w.shape[-2]
+    w3 = w.reshape(n, 3, -1)
+    layer.blobs = [np.ascontiguousarray(w3[:, ::-1]).reshape(w.shape)] + list(layer.blobs[1:])
+    return False
+
+
+def flip_per_channel(layer: Layer) -> bool:
+    """Per-channel parameters (mean/var, scale/bias, slopes) follow the channels; the output stays reversed."""
+    if layer.type == "BatchNorm":
+        layer.blobs = _flip0(layer.blobs, (0, 1))
+        fused = layer.fused_scale
+        if fused is not None:
+            fused.blobs = _flip0(fused.blobs, (0, 1))
+    elif layer.type in ("Scale", "Bias"):
+        p = layer.param.scale_param if layer.type == "Scale" else layer.param.bias_param
+        if p.axis != 1 or p.num_axes != 1 or len(layer.bottoms) != 1:
+            raise _fail(layer, "reads the image with a scale that is not per channel; use --keep-bgr")
+        layer.blobs = _flip0(layer.blobs, (0, 1))
+    elif layer.type == "PReLU":
+        if not layer.param.prelu_param.channel_shared:
+            layer.blobs = _flip0(layer.blobs, (0,))
+    return True
+
+
+def _passthrough(layer: Layer) -> bool:
+    """Element-wise or channel-symmetric layers: the output keeps the input's channel order."""
+    return True
+
+
+INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
+    "Convolution": flip_convolution,
+    "InnerProduct": flip_innerproduct,
+    "BatchNorm": flip_per_channel,
+    "Scale": flip_per_channel,
+    "Bias": flip_per_channel,
+    "PReLU": flip_per_channel,
+    "ReLU": _passthrough, "ELU": _passthrough, "Sigmoid": _passthrough, "TanH": _passthrough,
+    "AbsVal": _passthrough, "Power": _passthrough, "Dropout": _passthrough, "Split": _passthrough,
+    "Pooling": _passthrough, "LRN": _passthrough,
+}
