@@ -1,0 +1,273 @@
+"""Head surgery and per-layer learning-rate rules.
+
+`replace_head` cuts a pretrained network at the classifier's input, attaches a new FullyConnected(num_classes)
+(optionally behind a hidden layer with dropout) and a SoftmaxOutput, and checks that every other parameter
+of the new network is present in the pretrained weights with the right shape. Nothing is re-initialised
+behind the user's back (fine-tune.py's `allow_missing=True`): only the new head gets fresh weights, by name.
+
+`parse_lr_mult` / `resolve_lr_mults` turn `--lr-mult 'REGEX=MULT'` rules into a {param name: multiplier} map;
+a multiplier of 0 means frozen (Module's fixed_param_names, so no gradient is even computed).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from symbols import vgg
+from symbols.vgg import HeadSpec
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "data"
+
+
+class HeadError(ValueError):
+    """The network, its weights or the head description do not fit together; the message says how."""
+
+
+@dataclass
+class NewHead:
+    """Result of head surgery.
+
+    Attributes:
+        symbol: the new training symbol (ends in SoftmaxOutput `spec.output_name`).
+        arg_params: every argument parameter: pretrained ones plus freshly initialised new-head ones.
+        aux_params: pretrained auxiliary states (BatchNorm moving statistics).
+        spec: classifier / feature_output / output_name of the new network.
+        new_params: names of the freshly initialised parameters (the new head).
+        dropped: pretrained parameters left out (the old classifier, and anything the cut removed).
+    """
+
+    symbol: mx.sym.Symbol
+    arg_params: Dict[str, mx.nd.NDArray]
+    aux_params: Dict[str, mx.nd.NDArray]
+    spec: HeadSpec
+    new_params: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+
+    @property
+    def label_name(self) -> str:
+        return f"{self.spec.output_name}_label"
+
+
+def fc_layers(symbol: mx.sym.Symbol) -> List[str]:
+    """Names of the FullyConnected layers of `symbol`, in graph order (for error messages)."""
+    import json
+    nodes = json.loads(symbol.tojson())["nodes"]
+    return [n["name"] for n in nodes if n["op"] == "FullyConnected"]
+
+
+def _layer_input(symbol: mx.sym.Symbol, layer: str) -> Optional[str]:
+    """The output name feeding layer `layer` (its first input), e.g. 'drop7_output' for fc8."""
+    import json
+    graph = json.loads(symbol.tojson())
+    nodes = graph["nodes"]
+    for node in nodes:
+        if node["name"] == layer and node["op"] != "null":
+            src = nodes[node["inputs"][0][0]]
+            if src["op"] == "null":
+                return src["name"]
+            # Multi-output ops name their outputs <name>_output<i>; classifiers follow single-output ops.
+            return f"{src['name']}_output"
+    return None
+
+
+def find_head(symbol: mx.sym.Symbol, sidecar_classifier: Optional[str] = None,
+              sidecar_feature_output: Optional[str] = None, sidecar_output_name: Optional[str] = None,
+              layer_before_fullc: Optional[str] = None) -> HeadSpec:
+    """Decide which layer is the classifier and where the new head attaches.
+
+    Priority: an explicit `layer_before_fullc` (fine-tune.py's flag; the classifier is then whatever layer
+    consumed it, or `fc` when none), then the head VGG declares when the net has VGG's layer names, then the
+    sidecar's classifier / feature_output.
+
+    Raises:
+        HeadError: nothing identifies the head, or a named layer is not in the network.
+    """
+    outputs = symbol.get_internals().list_outputs()
+    output_name = sidecar_output_name or "softmax"
+    if layer_before_fullc:
+        feature = layer_before_fullc if layer_before_fullc.endswith("_output") else f"{layer_before_fullc}_output"
+        if feature not in outputs:
+            near = [o[:-7] for o in outputs if o.endswith("_output")][-8:]
+            raise HeadError(f"--layer-before-fullc {layer_before_fullc}: no such layer in the network; "
+                            f"the last layers are {near}")
+        consumers = [name for name in fc_layers(symbol) if _layer_input(symbol, name) == feature]
+        classifier = consumers[0] if consumers else (sidecar_classifier or "fc")
+        return HeadSpec(classifier=classifier, feature_output=feature, output_name=output_name)
+    if vgg.matches(symbol):
+        return vgg.HEAD
+    if sidecar_classifier:
+        feature = sidecar_feature_output or _layer_input(symbol, sidecar_classifier)
+        if feature is None or feature not in outputs:
+            raise HeadError(f"sidecar names classifier {sidecar_classifier!r} (feature_output "
+                            f"{sidecar_feature_output!r}), which is not in the network; its FullyConnected "
+                            f"layers are {fc_layers(symbol)}; pass --layer-before-fullc")
+        return HeadSpec(classifier=sidecar_classifier, feature_output=feature, output_name=output_name)
+    raise HeadError(f"cannot tell which layer is the classifier: the network is not VGG-shaped and its sidecar "
+                    f"names none; pass --layer-before-fullc (FullyConnected layers: {fc_layers(symbol)})")
+
+
+def build_head(features: mx.sym.Symbol, num_classes: int, spec: HeadSpec, hidden: int = 0,
+               hidden_dropout: float = 0.5, dtype: str = "float32") -> mx.sym.Symbol:
+    """New classifier on top of `features`: [FC(hidden) -> ReLU -> Dropout ->] FC(num_classes) -> SoftmaxOutput.
+
+    The classifier keeps the old layer's name (e.g. fc8), so code that looks it up keeps working. With
+    float16 the logits are cast back to float32 so the softmax and its gradient stay accurate.
+    """
+    x = features
+    if hidden:
+        x = mx.sym.FullyConnected(x, num_hidden=hidden, name=f"{spec.classifier}_hidden")
+        x = mx.sym.Activation(x, act_type="relu", name=f"{spec.classifier}_hidden_relu")
+        if hidden_dropout > 0:
+            x = mx.sym.Dropout(x, p=hidden_dropout, name=f"{spec.classifier}_hidden_drop")
+    x = mx.sym.FullyConnected(x, num_hidden=num_classes, name=spec.classifier)
+    if dtype != "float32":
+        x = mx.sym.Cast(x, dtype="float32", name=f"{spec.classifier}_cast")
+    return mx.sym.SoftmaxOutput(x, name=spec.output_name)
+
+
+def _init_array(name: str, shape: Tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
+    """Fresh weights for a new head parameter: Xavier-uniform (fan-avg) weights, zero biases."""
+    if name.endswith("_bias") or len(shape) < 2:
+        return np.zeros(shape, np.float32)
+    fan_in, fan_out = int(np.prod(shape[1:])), shape[0]
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], aux_params: Dict[str, mx.nd.NDArray],
+                 input_shape: Sequence[int], num_classes: int, spec: HeadSpec, hidden: int = 0,
+                 hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32") -> NewHead:
+    """Swap the classifier of a pretrained network for a new one with `num_classes` outputs.
+
+    Args:
+        symbol: the pretrained network (any output; only its internals up to `spec.feature_output` are used).
+        arg_params / aux_params: its weights, as from mx.model.load_checkpoint.
+        input_shape: (C, H, W) of the data input, used to check every weight's shape.
+        num_classes: outputs of the new classifier.
+        spec: where the head is (see find_head).
+        hidden: width of an optional hidden FC layer before the classifier (0: none).
+        hidden_dropout: dropout after the hidden layer.
+        seed: seeds the new head's initialisation, so runs are repeatable.
+        dtype: "float16" casts the input to float16 (GPU mixed precision; weights stay float32 masters
+            in the optimizer).
+
+    Returns:
+        NewHead with the new symbol and a complete set of parameters.
+
+    Raises:
+        HeadError: the feature output is missing, or a pretrained parameter the new network needs is missing
+            or has the wrong shape.
+    """
+    if num_classes < 2:
+        raise HeadError(f"num_classes must be at least 2, got {num_classes}")
+    internals = symbol.get_internals()
+    if spec.feature_output not in internals.list_outputs():
+        raise HeadError(f"feature output {spec.feature_output!r} is not in the network; "
+                        f"FullyConnected layers: {fc_layers(symbol)}")
+    features = internals[spec.feature_output]
+    if dtype == "float16":
+        features = features(**{INPUT_NAME: mx.sym.Cast(mx.sym.var(INPUT_NAME), dtype="float16",
+                                                       name=f"{INPUT_NAME}_fp16")})
+    elif dtype != "float32":
+        raise HeadError(f"dtype {dtype!r} is not supported; use float32 or float16")
+    new_sym = build_head(features, num_classes, spec, hidden, hidden_dropout, dtype)
+
+    label = f"{spec.output_name}_label"
+    arg_shapes, _, aux_shapes = new_sym.infer_shape(**{INPUT_NAME: (1,) + tuple(input_shape)})
+    if arg_shapes is None:
+        raise HeadError(f"cannot infer the new network's shapes for input {tuple(input_shape)}")
+    arg_names = [n for n in new_sym.list_arguments() if n not in (INPUT_NAME, label)]
+    shapes = dict(zip(new_sym.list_arguments(), arg_shapes))
+    aux_shape = dict(zip(new_sym.list_auxiliary_states(), aux_shapes))
+    head_layers = {spec.classifier, f"{spec.classifier}_hidden"}
+    new_names = [n for n in arg_names if n.rsplit("_", 1)[0] in head_layers]
+
+    problems = []
+    for name in arg_names:
+        if name in new_names:
+            continue
+        if name not in arg_params:
+            problems.append(f"{name} missing")
+        elif tuple(arg_params[name].shape) != tuple(shapes[name]):
+            problems.append(f"{name} has shape {tuple(arg_params[name].shape)}, the network needs {shapes[name]}")
+    for name, shape in aux_shape.items():
+        if name not in aux_params:
+            problems.append(f"{name} (auxiliary state) missing")
+        elif tuple(aux_params[name].shape) != tuple(shape):
+            problems.append(f"{name} has shape {tuple(aux_params[name].shape)}, the network needs {shape}")
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise HeadError(f"pretrained weights do not fit the network below {spec.feature_output}: "
+                        f"{'; '.join(problems[:5])}{more}; were they converted from the same prototxt?")
+
+    rng = np.random.RandomState(seed)
+    args = {n: arg_params[n] for n in arg_names if n not in new_names}
+    for name in new_names:
+        args[name] = mx.nd.array(_init_array(name, shapes[name], rng))
+    aux = {n: aux_params[n] for n in aux_shape}
+    dropped = sorted((set(arg_params) - set(args)) | (set(aux_params) - set(aux)))
+    log.info("new head %s(%d classes) on %s; fresh: %s; pretrained weights kept: %d; left out: %s",
+             spec.classifier, num_classes, spec.feature_output, new_names, len(args) - len(new_names) + len(aux),
+             dropped)
+    return NewHead(new_sym, args, aux, spec, new_names, dropped)
+
+
+# ---- lr_mult rules -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LrMultRule:
+    """`REGEX=MULT`: parameters whose name matches REGEX (re.search) train at MULT x the learning rate."""
+
+    pattern: str
+    mult: float
+
+    @property
+    def regex(self) -> "re.Pattern[str]":
+        return re.compile(self.pattern)
+
+
+def parse_lr_mult(text: str) -> LrMultRule:
+    """Parse one `--lr-mult 'REGEX=MULT'` rule (split at the last '=', so the regex may contain '=')."""
+    pattern, sep, mult = text.rpartition("=")
+    if not sep or not pattern:
+        raise ValueError(f"--lr-mult {text!r}: expected 'REGEX=MULT', e.g. 'conv[1-4]=0' or 'fc8=10'")
+    try:
+        value = float(mult)
+    except ValueError:
+        raise ValueError(f"--lr-mult {text!r}: MULT {mult!r} is not a number") from None
+    if value < 0 or not np.isfinite(value):
+        raise ValueError(f"--lr-mult {text!r}: MULT must be a finite number >= 0 (0 freezes)")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"--lr-mult {text!r}: bad regular expression ({err})") from None
+    return LrMultRule(pattern, value)
+
+
+def resolve_lr_mults(param_names: Iterable[str], rules: Sequence[LrMultRule]) -> Dict[str, float]:
+    """Map every parameter name to its multiplier; later rules override earlier ones; unmatched names get 1.
+
+    Raises:
+        ValueError: a rule matches no parameter (a typo would otherwise silently train everything).
+    """
+    names = list(param_names)
+    mults = {n: 1.0 for n in names}
+    for rule in rules:
+        hits = [n for n in names if rule.regex.search(n)]
+        if not hits:
+            raise ValueError(f"--lr-mult '{rule.pattern}={rule.mult:g}' matches no parameter; parameters look "
+                             f"like {names[:3] + names[-2:]}")
+        for name in hits:
+            mults[name] = rule.mult
+    return mults
+
+
+def frozen(mults: Dict[str, float]) -> List[str]:
+    """Parameters with multiplier 0: given to Module as fixed_param_names."""
+    return [name for name, mult in mults.items() if mult == 0]

@@ -1,0 +1,266 @@
+"""Data for training and prediction: labels scanned from .rec files, ImageRecordIter set up from the sidecar.
+
+Preprocessing comes from the checkpoint's sidecar (symbols/sidecar.py), so a BGR Caffe model gets BGR input
+with its own mean without anyone passing flags. Two things ImageRecordIter cannot do are done on the batch:
+  * it always decodes to RGB; a BGR model gets its channels reversed;
+  * a mean *image* is subtracted here, after a shape check. ImageRecordIter's own `mean_img` silently computes
+    a mean over the data (and writes it) when the file is missing, and never checks its shape.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from recbuild.classmap import find_class_map, read_class_map
+from symbols.sidecar import Preprocess
+
+log = logging.getLogger(__name__)
+
+# RecordIO framing (dmlc-core recordio.h): magic, then lrecord = cflag << 29 | length, payload padded to 4 bytes.
+_MAGIC = 0xCED7230A
+# IRHeader (mxnet.recordio): flag uint32, label float32, id uint64, id2 uint64; `flag` extra float labels follow.
+_IRHEADER = struct.Struct("<IfQQ")
+
+
+class DataError(ValueError):
+    """A data file is missing, corrupt or inconsistent with the model; the message names it."""
+
+
+def scan_labels(rec_path) -> np.ndarray:
+    """The (first) label of every record of a .rec file, read from the record headers only (no decoding).
+
+    Raises:
+        DataError: the file is missing, is not RecordIO, or is truncated.
+    """
+    path = Path(rec_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such .rec file")
+    labels: List[float] = []
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset < size:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise DataError(f"{path}: truncated record header at byte {offset}")
+            magic, lrecord = struct.unpack("<II", head)
+            if magic != _MAGIC:
+                raise DataError(f"{path}: not a RecordIO file (bad magic at byte {offset}); pack it with "
+                                f"`python -m recbuild`")
+            cflag, length = lrecord >> 29, lrecord & ((1 << 29) - 1)
+            padded = (length + 3) & ~3
+            if cflag in (0, 1):  # a whole record or the first part of a split one carries the header
+                payload = handle.read(min(length, _IRHEADER.size + 4))
+                if len(payload) < _IRHEADER.size:
+                    raise DataError(f"{path}: truncated record at byte {offset}")
+                flag, label, _, _ = _IRHEADER.unpack_from(payload)
+                if flag > 0:  # label arrays: the first float follows the header
+                    label = struct.unpack_from("<f", payload, _IRHEADER.size)[0]
+                labels.append(label)
+            offset += 8 + padded
+            handle.seek(offset)
+    return np.asarray(labels, np.float32)
+
+
+@dataclass
+class ClassInfo:
+    """Classes of a training set: count, names (from the class map) and how many records each has."""
+
+    num_classes: int
+    names: Optional[List[str]]
+    counts: np.ndarray
+    num_records: int
+    class_map: Optional[Path]
+
+
+def resolve_classes(train_rec, num_classes: Optional[int] = None, val_rec=None) -> ClassInfo:
+    """Check labels against the class map and `--num-classes`; decide the class count.
+
+    Raises:
+        DataError: labels are not whole numbers, are negative or exceed the class count, or the class map
+            and --num-classes disagree.
+    """
+    labels = scan_labels(train_rec)
+    if labels.size == 0:
+        raise DataError(f"{train_rec}: contains no records")
+    found = find_class_map(train_rec)
+    names = read_class_map(found) if found else None
+    checked = [(Path(train_rec), labels)]
+    if val_rec:
+        checked.append((Path(val_rec), scan_labels(val_rec)))
+    for path, lab in checked:
+        if not np.all(lab == np.round(lab)) or lab.min() < 0:
+            bad = lab[(lab != np.round(lab)) | (lab < 0)][0]
+            raise DataError(f"{path}: label {bad:g} is not a class index (whole numbers from 0 expected)")
+    top = int(max(lab.max() for _, lab in checked))
+    if names is not None and num_classes is not None and num_classes != len(names):
+        raise DataError(f"--num-classes {num_classes} disagrees with the class map {found} ({len(names)} classes)")
+    count = num_classes if num_classes is not None else (len(names) if names is not None else top + 1)
+    for path, lab in checked:
+        if lab.max() >= count:
+            source = f"--num-classes {num_classes}" if num_classes is not None else f"the class map {found}"
+            raise DataError(f"{path}: label {int(lab.max())} is out of range for {count} classes ({source})")
+    counts = np.bincount(labels.astype(np.int64), minlength=count)
+    if (counts == 0).any():
+        log.warning("%s: %d of %d classes have no training records: %s", train_rec, int((counts == 0).sum()),
+                    count, np.flatnonzero(counts == 0)[:10].tolist())
+    return ClassInfo(count, names, counts, int(labels.size), found)
+
+
+@dataclass
+class Augment:
+    """Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads)."""
+
+    random_crop: bool = False
+    random_resized_crop: bool = False
+    min_random_area: float = 0.08
+    max_random_area: float = 1.0
+    min_random_aspect_ratio: float = 0.75
+    max_random_aspect_ratio: float = 1.333
+    random_mirror: bool = False
+    max_random_rotate_angle: int = 0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    pca_noise: float = 0.0
+
+    def iter_kwargs(self) -> dict:
+        kw = dict(rand_crop=self.random_crop or self.random_resized_crop, rand_mirror=self.random_mirror,
+                  max_rotate_angle=self.max_random_rotate_angle, brightness=self.brightness,
+                  contrast=self.contrast, saturation=self.saturation, pca_noise=self.pca_noise)
+        if self.random_resized_crop:
+            kw.update(random_resized_crop=True, min_random_area=self.min_random_area,
+                      max_random_area=self.max_random_area, min_aspect_ratio=self.min_random_aspect_ratio,
+                      max_aspect_ratio=self.max_random_aspect_ratio)
+        return kw
+
+
+def normalisation(pre: Preprocess, sidecar_dir, image_shape: Sequence[int],
+                  rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None
+                  ) -> Tuple[dict, Optional[np.ndarray]]:
+    """ImageRecordIter's mean/std/scale arguments (RGB order) and the mean image to subtract afterwards.
+
+    ImageRecordIter computes (pixel - mean) / std * scale per RGB channel, the sidecar's formula; values
+    given in BGR order are mapped to RGB here and the batch is reversed to BGR after the iterator.
+    """
+    channels = pre.input_shape[0]
+    order = slice(None, None, -1) if pre.channel_order == "BGR" else slice(None)
+    kw: dict = {"scale": float(pre.scale)}
+    mean_image = None
+    if rgb_mean is not None:
+        mean = list(rgb_mean)
+    elif isinstance(pre.mean, str):
+        path = Path(sidecar_dir) / pre.mean
+        if not path.is_file():
+            raise DataError(f"{path}: mean image named by the sidecar is missing")
+        mean_image = np.load(path).astype(np.float32)
+        if tuple(mean_image.shape) != tuple(image_shape):
+            raise DataError(f"{path}: mean image has shape {mean_image.shape}, the input is {tuple(image_shape)}; "
+                            f"use --image-shape {','.join(map(str, mean_image.shape))} or a per-channel mean")
+        mean = None
+    elif pre.mean is not None:
+        mean = list(np.broadcast_to(np.asarray(pre.mean, np.float32), (channels,)))[order]
+    else:
+        mean = None
+    std = list(rgb_std) if rgb_std is not None else (
+        list(np.broadcast_to(np.asarray(pre.std, np.float32), (channels,)))[order] if pre.std is not None else None)
+    if mean_image is not None:
+        # The mean image is subtracted before std and scale, so the iterator must leave pixels raw; the
+        # batch is then in the model's channel order, so std goes back to that order too.
+        kw["scale"] = 1.0
+        std_model = None if std is None else list(std)[order]
+        mean_image = (mean_image, std_model, float(pre.scale))
+        std = None
+    if mean is not None:
+        kw.update(mean_r=float(mean[0]), mean_g=float(mean[1 % len(mean)]), mean_b=float(mean[2 % len(mean)]))
+    if std is not None:
+        kw.update(std_r=float(std[0]), std_g=float(std[1 % len(std)]), std_b=float(std[2 % len(std)]))
+    return kw, mean_image
+
+
+class ModelInputIter(mx.io.DataIter):
+    """Wraps an ImageRecordIter: reverses channels for BGR models and applies a mean image.
+
+    Provides `data` and `label_name` (the model's SoftmaxOutput label), whatever names the inner iterator uses.
+    """
+
+    def __init__(self, inner: mx.io.DataIter, label_name: str, bgr: bool, mean_image=None):
+        super().__init__(inner.batch_size)
+        self.inner, self.label_name, self.bgr = inner, label_name, bgr
+        self.mean_image = None
+        if mean_image is not None:
+            mean, std, scale = mean_image
+            # Mean image is in the model's channel order; batches are reversed before it is subtracted.
+            self.mean_image = mx.nd.array(mean[None])
+            self.std = mx.nd.array(np.asarray(std, np.float32).reshape(1, -1, 1, 1)) if std is not None else None
+            self.scale = scale
+
+    @property
+    def provide_data(self):
+        return [mx.io.DataDesc("data", self.inner.provide_data[0].shape)]
+
+    @property
+    def provide_label(self):
+        return [mx.io.DataDesc(self.label_name, self.inner.provide_label[0].shape)]
+
+    def reset(self):
+        self.inner.reset()
+
+    def next(self) -> mx.io.DataBatch:
+        batch = self.inner.next()
+        data = batch.data[0]
+        if self.bgr:
+            data = mx.nd.flip(data, axis=1)
+        if self.mean_image is not None:
+            data = data - self.mean_image
+            if self.std is not None:
+                data = data / self.std
+            if self.scale != 1.0:
+                data = data * self.scale
+        return mx.io.DataBatch(data=[data], label=batch.label, pad=batch.pad, index=batch.index,
+                               provide_data=self.provide_data, provide_label=self.provide_label)
+
+
+def record_iter(path, batch_size: int, pre: Preprocess, sidecar_dir, label_name: str,
+                image_shape: Optional[Sequence[int]] = None, train: bool = False, augment: Optional[Augment] = None,
+                seed: int = 0, resize: int = -1, threads: int = 2, num_parts: int = 1, part_index: int = 0,
+                rgb_mean=None, rgb_std=None, round_batch: bool = True) -> ModelInputIter:
+    """An iterator over a .rec file that yields exactly what the model expects.
+
+    Args:
+        path: the .rec file (its .idx beside it is used when present).
+        batch_size: images per batch (per worker).
+        pre: the model's sidecar; gives channel order, mean, std, scale and (by default) the input shape.
+        sidecar_dir: folder of the sidecar (a mean image is relative to it).
+        label_name: the model's label input, e.g. 'prob_label'.
+        image_shape: (C, H, W) to feed; default the sidecar's input_shape.
+        train: shuffle and augment (augmentation only with `augment`); otherwise a centre crop, in order.
+        seed: seeds shuffling and augmentation, so an epoch can be replayed exactly on resume.
+        resize: resize the shorter side to this before cropping (-1: keep the packed size).
+        threads: decode threads.
+        num_parts / part_index: each distributed worker reads its own part.
+        rgb_mean / rgb_std: override the sidecar's values (RGB order).
+        round_batch: pad the last batch by wrapping around (training); evaluation sets it False-safe via pad.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such .rec file")
+    shape = tuple(int(v) for v in (image_shape or pre.input_shape))
+    norm, mean_image = normalisation(pre, sidecar_dir, shape, rgb_mean, rgb_std)
+    kw = dict(path_imgrec=str(path), data_shape=shape, batch_size=batch_size, shuffle=train, seed=seed,
+              seed_aug=seed, preprocess_threads=max(1, threads), num_parts=num_parts, part_index=part_index,
+              round_batch=round_batch, resize=resize, verbose=False, label_width=1, **norm)
+    idx = path.with_suffix(".idx")
+    if idx.is_file():
+        kw["path_imgidx"] = str(idx)
+    if train and augment is not None:
+        kw.update(augment.iter_kwargs())
+    inner = mx.io.ImageRecordIter(**kw)
+    return ModelInputIter(inner, label_name, pre.channel_order == "BGR", mean_image)
