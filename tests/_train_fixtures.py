@@ -46,14 +46,14 @@ def tiny_vgg_checkpoint(prefix: Path, num_classes: int = 7, fc_width: int = 16, 
 
 
 def class_image(label: int, num_classes: int, size: int, rng: np.random.RandomState) -> np.ndarray:
-    """A BGR uint8 image whose colour layout encodes `label`: a class colour on the left half, another on the
-    right, plus noise (so the classes are separable but not by a single pixel)."""
+    """A BGR uint8 image whose colour layout encodes `label`: a class colour on the top half, another on the
+    bottom, plus noise (separable, but not by a single pixel; unchanged by a horizontal mirror)."""
     hue = np.array([np.cos(2 * np.pi * label / num_classes), np.sin(2 * np.pi * label / num_classes), 0.0])
     left = 128 + 100 * np.array([hue[0], hue[1], -hue[0]])
     right = 128 + 100 * np.array([-hue[1], hue[0], hue[1]])
     img = np.empty((size, size, 3), np.float32)
-    img[:, : size // 2] = left
-    img[:, size // 2:] = right
+    img[: size // 2] = left
+    img[size // 2:] = right
     img += rng.normal(0, 12, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

@@ -39,10 +39,20 @@ def scan_labels(rec_path) -> np.ndarray:
     Raises:
         DataError: the file is missing, is not RecordIO, or is truncated.
     """
+    return scan_headers(rec_path)[0]
+
+
+def scan_headers(rec_path) -> Tuple[np.ndarray, np.ndarray]:
+    """(first label, id) of every record of a .rec file, in file order, from the record headers only.
+
+    Raises:
+        DataError: the file is missing, is not RecordIO, or is truncated.
+    """
     path = Path(rec_path)
     if not path.is_file():
         raise DataError(f"{path}: no such .rec file")
     labels: List[float] = []
+    ids: List[int] = []
     size = path.stat().st_size
     with open(path, "rb") as handle:
         offset = 0
@@ -60,13 +70,14 @@ def scan_labels(rec_path) -> np.ndarray:
                 payload = handle.read(min(length, _IRHEADER.size + 4))
                 if len(payload) < _IRHEADER.size:
                     raise DataError(f"{path}: truncated record at byte {offset}")
-                flag, label, _, _ = _IRHEADER.unpack_from(payload)
+                flag, label, record_id, _ = _IRHEADER.unpack_from(payload)
+                ids.append(record_id)
                 if flag > 0:  # label arrays: the first float follows the header
                     label = struct.unpack_from("<f", payload, _IRHEADER.size)[0]
                 labels.append(label)
             offset += 8 + padded
             handle.seek(offset)
-    return np.asarray(labels, np.float32)
+    return np.asarray(labels, np.float32), np.asarray(ids, np.int64)
 
 
 @dataclass
@@ -247,7 +258,9 @@ def record_iter(path, batch_size: int, pre: Preprocess, sidecar_dir, label_name:
         threads: decode threads.
         num_parts / part_index: each distributed worker reads its own part.
         rgb_mean / rgb_std: override the sidecar's values (RGB order).
-        round_batch: pad the last batch by wrapping around (training); evaluation sets it False-safe via pad.
+        round_batch: fill the last batch by wrapping around and report the filler in `batch.pad`. With
+            False, ImageRecordIter 1.9 wraps around anyway but reports pad 0, so keep it True. Its reset() is
+            not clean either (the next epoch starts after the filler), so make a new iterator per pass.
     """
     path = Path(path)
     if not path.is_file():

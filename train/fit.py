@@ -231,7 +231,6 @@ def _check_finite(probs: np.ndarray, epoch: int, batch: int, last_good: str) -> 
 
 def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int) -> Dict[str, float]:
     tally = Tally(top_k)
-    data.reset()
     for batch in data:
         module.forward(batch, is_train=False)
         probs = module.get_outputs()[0].asnumpy()
@@ -374,7 +373,6 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None) 
     log.info("training %s: %d classes, %d records, %d params (%d frozen), on %s",
              prefix, classes.num_classes, classes.num_records, len(param_names), len(fixed), ctx)
 
-    val_iter = make_iter(cfg.data_val, False, cfg.seed) if cfg.data_val else None
     last_good = str(ckpt.params_path(begin_epoch)) if resume else f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch finished)"
     tally = Tally(cfg.top_k)
     for epoch in range(begin_epoch, cfg.num_epochs):
@@ -407,8 +405,8 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None) 
                "layout": {"contexts": len(ctx), "update_on_kvstore": bool(module._update_on_kvstore)}}
         if not np.isfinite(row["train_loss"]):
             raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
-        if val_iter is not None:
-            row.update(_evaluate(module, val_iter, cfg.top_k))
+        if cfg.data_val:  # a fresh iterator per pass: ImageRecordIter.reset() skips the wrapped filler
+            row.update(_evaluate(module, make_iter(cfg.data_val, False, cfg.seed), cfg.top_k))
         ckpt.write_epoch(epoch + 1, module, with_states=not dist_states)
         last_good = str(ckpt.params_path(epoch + 1))
         history.append(row)

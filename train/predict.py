@@ -1,0 +1,303 @@
+"""Predict with a trained checkpoint, or evaluate it on a labelled .rec.
+
+    python -m train.predict PREFIX EPOCH INPUT --out predictions.csv [--top-k 3] [--mirror]
+    python -m train.predict evaluate PREFIX EPOCH LABELLED.rec [--top-k 5] [--mirror] [--json metrics.json]
+
+INPUT is a .rec file, an im2rec .lst (paths relative to --root, default the list's folder) or an image folder
+(searched recursively). Preprocessing comes from the checkpoint's sidecar: a .rec is read with the same
+ImageRecordIter set-up as validation during training (centre crop of the packed image); loose images are
+resized (shorter side to the input size, or --resize) and centre-cropped the same way.
+
+Outputs (both atomic):
+  --out CSV            Kaggle style: `id` + one probability column per class, in class-map order
+  CSV stem + .topk.csv `id`, then label_1..label_k and prob_1..prob_k, most likely first
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from recbuild.classmap import find_class_map, read_class_map
+from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
+from tools.atomic import atomic_open, write_json
+from train.data import DataError, record_iter, scan_headers
+from train.metrics import LOG_LOSS_EPS, Tally
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_BATCH = 32
+DEFAULT_TOP_K = 3
+
+
+class PredictError(ValueError):
+    """Bad input to prediction; the message names the file and what is expected."""
+
+
+@dataclass
+class Model:
+    """A checkpoint bound for inference, with its preprocessing and class names."""
+
+    module: mx.mod.Module
+    pre: Preprocess
+    sidecar_dir: Path
+    class_names: List[str]
+    batch_size: int
+
+
+def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Optional[List[mx.Context]] = None,
+               classes_file: Optional[str] = None) -> Model:
+    """Load PREFIX-symbol.json + PREFIX-EPOCH.params with stock Module and the sidecar.
+
+    Class names: --classes, else the sidecar's class_names, else the class map beside the checkpoint, else
+    class_0..class_{n-1}.
+    """
+    for path in (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-{epoch:04d}.params")):
+        if not path.is_file():
+            raise PredictError(f"{path}: checkpoint file missing")
+    if not has_sidecar(prefix):
+        raise PredictError(f"{sidecar_path(prefix)}: missing; predict needs the preprocessing sidecar that "
+                           f"`python -m train` writes beside its checkpoints")
+    pre = load_sidecar(prefix)
+    sym, args, aux = mx.model.load_checkpoint(prefix, epoch)
+    # The training symbol ends in SoftmaxOutput: name its label so Module does not take it for a weight.
+    labels = [n for n in sym.list_arguments() if n == f"{pre.output_name}_label"]
+    module = mx.mod.Module(sym, data_names=["data"], label_names=labels or None, context=ctx or [mx.cpu()])
+    with warnings.catch_warnings():  # "label_shapes don't match": no label is needed to predict
+        warnings.simplefilter("ignore", UserWarning)
+        module.bind(data_shapes=[("data", (batch_size,) + tuple(pre.input_shape))], for_training=False)
+    module.set_params(args, aux, allow_missing=False, allow_extra=True)
+    num_outputs = module.output_shapes[0][1][1]
+    if classes_file:
+        names = read_class_map(classes_file)
+    elif pre.class_names:
+        names = list(pre.class_names)
+    elif find_class_map(f"{prefix}.rec"):
+        names = read_class_map(find_class_map(f"{prefix}.rec"))
+    else:
+        names = [f"class_{i}" for i in range(num_outputs)]
+    if len(names) != num_outputs:
+        raise PredictError(f"{prefix}: the model has {num_outputs} outputs but {len(names)} class names")
+    return Model(module, pre, Path(str(prefix)).parent, names, batch_size)
+
+
+def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
+    """Probabilities for a (N, C, H, W) batch, N <= batch size; with mirror TTA the mean of both views."""
+    n = data.shape[0]
+    if n < model.batch_size:  # pad the last batch; padded rows are dropped below
+        data = np.concatenate([data, np.zeros((model.batch_size - n,) + data.shape[1:], data.dtype)])
+    views = [data, data[:, :, :, ::-1]] if mirror else [data]
+    probs = 0
+    for view in views:
+        model.module.forward(mx.io.DataBatch([mx.nd.array(np.ascontiguousarray(view))]), is_train=False)
+        probs = probs + model.module.get_outputs()[0].asnumpy()
+    return (probs / len(views))[:n]
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+def _load_image(path: Path, pre: Preprocess, resize: int) -> np.ndarray:
+    import cv2
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise PredictError(f"{path}: cannot decode image (supported: {', '.join(IMAGE_EXTENSIONS)})")
+    _, height, width = pre.input_shape
+    short = resize if resize > 0 else max(height, width)
+    h, w = img.shape[:2]
+    factor = short / min(h, w)
+    if factor != 1:
+        img = cv2.resize(img, (max(width, round(w * factor)), max(height, round(h * factor))),
+                         interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC)
+    h, w = img.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    crop = img[top:top + height, left:left + width, ::-1]  # BGR -> RGB, the sidecar's input convention
+    return crop
+
+
+def _image_paths(source: Path, root: Optional[Path]) -> Tuple[List[Path], List[str], Optional[List[float]]]:
+    """(paths, relative names, labels or None) of an image folder or an im2rec .lst."""
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not paths:
+            raise PredictError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        return paths, [p.relative_to(source).as_posix() for p in paths], None
+    base = root or source.parent
+    paths, names, labels = [], [], []
+    with open(source, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3:
+                raise PredictError(f"{source}:{number}: expected 'index<TAB>label<TAB>path' (im2rec .lst)")
+            paths.append(base / parts[-1])
+            names.append(parts[-1])
+            labels.append(float(parts[1]))
+    return paths, names, labels
+
+
+def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, root: Optional[Path] = None
+            ) -> Iterator[Tuple[List[str], np.ndarray, Optional[np.ndarray]]]:
+    """Yield (names, probabilities, labels or None) batch by batch for a .rec, .lst or image folder."""
+    if source.suffix == ".rec":
+        it = record_iter(source, model.batch_size, model.pre, model.sidecar_dir, "label", train=False,
+                         resize=resize)
+        lst = source.with_suffix(".lst")
+        by_index = {}
+        if lst.is_file():
+            with open(lst, encoding="utf-8") as handle:
+                for line in handle:
+                    parts = line.rstrip("\n").split("\t")
+                    if len(parts) >= 3:
+                        by_index[int(float(parts[0]))] = parts[-1]
+        # Unshuffled and in one part, the iterator yields records in file order: ids come from the headers.
+        record_ids = scan_headers(source)[1]
+        seen = 0
+        for batch in it:
+            keep = model.batch_size - batch.pad
+            data = batch.data[0].asnumpy()[:keep]
+            names = [by_index.get(int(i), str(int(i))) for i in record_ids[seen:seen + keep]]
+            seen += keep
+            yield names, _forward(model, data, mirror), batch.label[0].asnumpy()[:keep]
+        if seen != len(record_ids):
+            raise PredictError(f"{source}: read {seen} of {len(record_ids)} records; is the file damaged?")
+        return
+    if not source.exists():
+        raise PredictError(f"{source}: no such file or folder (expected a .rec, an im2rec .lst or an image folder)")
+    if source.is_file() and source.suffix != ".lst":
+        raise PredictError(f"{source}: unsupported input; give a .rec, an im2rec .lst or an image folder")
+    paths, names, labels = _image_paths(source, root)
+    for start in range(0, len(paths), model.batch_size):
+        chunk = paths[start:start + model.batch_size]
+        rgb = np.stack([_load_image(p, model.pre, resize) for p in chunk])
+        data = model.pre.apply(rgb, model.sidecar_dir)
+        yield (names[start:start + len(chunk)], _forward(model, data, mirror),
+               None if labels is None else np.asarray(labels[start:start + len(chunk)], np.float32))
+
+
+def _ids(names: Sequence[str], mode: str) -> List[str]:
+    stems = [Path(n).with_suffix("").name for n in names]
+    if mode == "stem" or (mode == "auto" and len(set(stems)) == len(stems)):
+        return stems
+    if mode == "index":
+        return [str(i) for i in range(len(names))]
+    return list(names)
+
+
+def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, mirror: bool = False,
+            resize: int = -1, root: Optional[Path] = None, id_mode: str = "auto", progress: bool = True) -> dict:
+    """Write the Kaggle CSV (id + probabilities in class-map order) and the top-k CSV; return a summary."""
+    from tqdm import tqdm
+    names: List[str] = []
+    chunks: List[np.ndarray] = []
+    bar = tqdm(unit="img", desc="predict", disable=not progress)
+    for batch_names, probs, _ in iterate(model, source, mirror, resize, root):
+        names += batch_names
+        chunks.append(probs)
+        bar.update(len(batch_names))
+    bar.close()
+    probs = np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)), np.float32)
+    ids = _ids(names, id_mode)
+    with atomic_open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id"] + model.class_names)
+        for key, row in zip(ids, probs):
+            writer.writerow([key] + [f"{p:.6g}" for p in row])
+    k = min(top_k, len(model.class_names))
+    order = np.argsort(-probs, axis=1)[:, :k]
+    topk_path = out.with_name(out.stem + ".topk.csv")
+    with atomic_open(topk_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id"] + [f"label_{i + 1}" for i in range(k)] + [f"prob_{i + 1}" for i in range(k)])
+        for key, idx, row in zip(ids, order, probs):
+            writer.writerow([key] + [model.class_names[j] for j in idx] + [f"{row[j]:.6g}" for j in idx])
+    return {"images": len(ids), "csv": str(out), "topk_csv": str(topk_path)}
+
+
+def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, resize: int = -1) -> dict:
+    """Accuracy, top-k accuracy and log loss (Kaggle's, probabilities clipped to 1e-15) on labelled data."""
+    tally = Tally(top_k)
+    per_class = np.zeros((len(model.class_names), 2), np.int64)
+    for _, probs, labels in iterate(model, source, mirror, resize):
+        if labels is None:
+            raise PredictError(f"{source}: evaluate needs labels (a .rec or .lst)")
+        if labels.max(initial=0) >= len(model.class_names):
+            raise PredictError(f"{source}: label {int(labels.max())} is outside the model's "
+                               f"{len(model.class_names)} classes")
+        tally.update(probs, labels)
+        hits = probs.argmax(1) == labels.astype(np.int64)
+        np.add.at(per_class, (labels.astype(np.int64), 0), hits.astype(np.int64))
+        np.add.at(per_class, (labels.astype(np.int64), 1), 1)
+    if tally.n == 0:
+        raise PredictError(f"{source}: no records")
+    result = {"images": tally.n, "accuracy": tally.correct / tally.n, "log_loss": tally.loss / tally.n}
+    if top_k > 1:
+        result[f"top_{top_k}_accuracy"] = tally.correct_k / tally.n
+    result["per_class_accuracy"] = {name: (int(c) / int(n) if n else None)
+                                    for name, (c, n) in zip(model.class_names, per_class)}
+    return result
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params, sidecar)")
+    p.add_argument("epoch", type=int)
+    p.add_argument("--mirror", action="store_true", help="test-time augmentation: average with the mirror image")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--resize", type=int, default=-1, help="shorter side before the centre crop")
+    p.add_argument("--gpus", default=None, help="e.g. 0 (default CPU)")
+    p.add_argument("--classes", default=None, help="class map to name the columns (default: the sidecar's)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    evaluating = bool(argv) and argv[0] == "evaluate"
+    p = argparse.ArgumentParser(prog="python -m train.predict" + (" evaluate" if evaluating else ""),
+                                description=__doc__.split("\n\n")[0])
+    _common(p)
+    if evaluating:
+        argv = argv[1:]
+        p.add_argument("data", type=Path, help="labelled .rec (or .lst)")
+        p.add_argument("--top-k", type=int, default=5)
+        p.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    else:
+        p.add_argument("data", type=Path, help=".rec, im2rec .lst or image folder")
+        p.add_argument("--out", type=Path, required=True, help="Kaggle-style CSV to write")
+        p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
+        p.add_argument("--root", type=Path, default=None, help="image root of a .lst (default: its folder)")
+        p.add_argument("--id", dest="id_mode", choices=("auto", "stem", "path", "index"), default="auto",
+                       help="id column: file stem (auto: when unique), relative path, or row index")
+    args = p.parse_args(argv)
+    ctx = [mx.gpu(int(g)) for g in args.gpus.split(",")] if args.gpus else None
+    started = time.time()
+    try:
+        model = load_model(args.prefix, args.epoch, args.batch_size, ctx, args.classes)
+        if evaluating:
+            result = evaluate(model, args.data, args.top_k, args.mirror, args.resize)
+            if args.json:
+                write_json(args.json, result)
+            topk = f", top-{args.top_k} {result[f'top_{args.top_k}_accuracy']:.4f}" if args.top_k > 1 else ""
+            print(f"{args.data}: {result['images']} images, accuracy {result['accuracy']:.4f}{topk}, "
+                  f"log loss {result['log_loss']:.4f}" + (" (mirror TTA)" if args.mirror else ""))
+            return 0
+        summary = predict(model, args.data, args.out, args.top_k, args.mirror, args.resize, args.root, args.id_mode)
+    except (PredictError, DataError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Predicted {summary['images']} images in {time.time() - started:.1f} s: probabilities -> "
+          f"{summary['csv']}, top-{args.top_k} labels -> {summary['topk_csv']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
