@@ -51,6 +51,7 @@ class ConversionResult:
         preprocess: what the sidecar records (input shape, channel order, mean, scale, classifier, ...).
         input_shapes: MXNet input name -> shape with batch axis (first input is `data`).
         output_blobs: the Caffe blob (or layer) names of the symbol's outputs, in order.
+        output_layers: the Caffe layer computing each output (OpenCV names outputs by layer).
         blob_symbols: Caffe layer name -> MXNet symbol of its first top, for per-layer verification.
         skipped: (layer, type, why) for every layer left out.
     """
@@ -64,6 +65,9 @@ class ConversionResult:
     blob_symbols: Dict[str, "mx.sym.Symbol"] = field(default_factory=dict)
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)
     mean_image: Optional[np.ndarray] = None
+    output_layers: List[str] = field(default_factory=list)
+    layer_order: List[str] = field(default_factory=list)
+    caffe_input_names: Dict[str, str] = field(default_factory=dict)
 
     @property
     def arg_params(self) -> Dict[str, "mx.nd.NDArray"]:
@@ -267,7 +271,8 @@ def convert_net(net: CaffeNet, keep_bgr: bool = False, output_layer: Optional[Se
             values[(i, k)] = Tensor(sym, tuple(shape))
         if ins:
             feeds[layer.name] = ins[0].sym.list_outputs()[0]
-        layer_syms[layer.name] = outs[0]
+        if layer.fused_scale is None:  # a BatchNorm with a folded Scale computes the Scale's output, not its own
+            layer_syms[layer.name] = outs[0]
         log.debug("%s (%s) -> %s", layer.name, layer.type, [tuple(s) for s in shapes])
 
     out_syms = [values[v].sym for _, v in outputs]
@@ -405,7 +410,10 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
     pre, mean_image = build_preprocess(net, conv, mean_file, mean, std, scale)
     result = ConversionResult(conv["symbol"], conv["args"], conv["aux"], pre, conv["input_shapes"],
                               [name for name, _ in conv["outputs"]], conv["layer_syms"], list(net.skipped),
-                              mean_image)
+                              mean_image,
+                              output_layers=[net.layers[v[0]].name for _, v in conv["outputs"]],
+                              layer_order=[net.layers[i].name for i in conv["order"]],
+                              caffe_input_names={("data" if i == 0 else n): n for i, n in enumerate(net.inputs)})
     for name, type_name, why in net.skipped:
         log.info("skipped layer '%s' (%s): %s", name, type_name, why)
     if prefix is not None:

@@ -1,0 +1,158 @@
+"""Check a converted model against an independent Caffe runtime: OpenCV's dnn importer.
+
+Random input goes through `cv2.dnn.readNetFromCaffe` (BGR, as Caffe) and through the converted MXNet symbol
+(the same input with its channels reversed when the model was converted to RGB). For each output, or each
+layer, we report the max absolute difference and the relative difference max|a - b| / max|b|.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    name: str
+    shape: Tuple[int, ...]
+    max_abs: float
+    rel: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Per-output (or per-layer) differences between MXNet and OpenCV."""
+
+    rows: List[Row] = field(default_factory=list)
+    tolerance: float = 1e-4
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    @property
+    def max_rel(self) -> float:
+        return max((r.rel for r in self.rows), default=float("nan"))
+
+    def format(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':<20} {'max abs diff':>13} {'rel diff':>10}"]
+        for r in self.rows:
+            flag = "" if r.ok else "  ABOVE TOLERANCE"
+            lines.append(f"{r.name:<{width}}  {str(r.shape):<20} {r.max_abs:13.3e} {r.rel:10.3e}{flag}"
+                         + (f"  ({r.note})" if r.note else ""))
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"verify {verdict}: {len(self.rows)} compared, max relative difference {self.max_rel:.3e} "
+                     f"(tolerance {self.tolerance:g}) against OpenCV {_cv2_version()} dnn")
+        return "\n".join(lines)
+
+
+def _cv2_version() -> str:
+    import cv2
+    return cv2.__version__
+
+
+def random_inputs(input_shapes: Dict[str, Tuple[int, ...]], seed: int = 0, low: float = -128.0,
+                  high: float = 128.0) -> Dict[str, np.ndarray]:
+    """Uniform random inputs in Caffe order (BGR), by default in the range of mean-subtracted pixels."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.uniform(low, high, size=shape).astype(np.float32) for name, shape in input_shapes.items()}
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
+    """(max |a - b|, max |a - b| / max |b|) of two same-sized arrays."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    return max_abs, max_abs / max(scale, 1e-12)
+
+
+def run_mxnet(symbol, arg_arrays, aux_arrays, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    """Forward `symbol` (inference mode) on CPU with numpy inputs; labels of SoftmaxOutput are zeros."""
+    import mxnet as mx
+    shapes = {k: v.shape for k, v in inputs.items()}
+    arg_shapes, _, _ = symbol.infer_shape_partial(**shapes)
+    args = {}
+    for name, shape in zip(symbol.list_arguments(), arg_shapes):
+        if name in inputs:
+            args[name] = mx.nd.array(inputs[name])
+        elif name in arg_arrays:
+            args[name] = mx.nd.array(arg_arrays[name])
+        else:  # a SoftmaxOutput label: not used by the forward pass
+            args[name] = mx.nd.zeros(shape)
+    aux = {name: mx.nd.array(aux_arrays[name]) for name in symbol.list_auxiliary_states()}
+    # MXNet 1.9's MKLDNN subgraph pass fuses Convolution+ReLU even when the convolution's own output is also
+    # requested, and then returns the wrong values for it; per-layer comparison binds without that pass.
+    saved = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    if len(symbol.list_outputs()) > 1:
+        os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+    try:
+        exe = symbol.bind(mx.cpu(), args=args, aux_states=aux, grad_req="null")
+    finally:
+        if saved is None:
+            os.environ.pop("MXNET_SUBGRAPH_BACKEND", None)
+        else:
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = saved
+    return [out.asnumpy() for out in exe.forward(is_train=False)]
+
+
+def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str]) -> List[np.ndarray]:
+    """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept)."""
+    import cv2
+    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    net.enableFusion(False)
+    for name, value in inputs.items():
+        net.setInput(value, name)
+    outs = net.forward(list(layer_names))
+    return [np.asarray(o) for o in outs]
+
+
+def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolerance: float = 1e-4,
+                      inputs: Optional[Dict[str, np.ndarray]] = None, seed: int = 0) -> VerifyReport:
+    """Compare a ConversionResult with OpenCV on random (or given) input.
+
+    Args:
+        prototxt, caffemodel: the Caffe files the result was converted from.
+        result: tools.caffe_converter.ConversionResult.
+        layers: compare every converted layer, not only the outputs.
+        tolerance: max accepted relative difference.
+        inputs: Caffe-order (BGR) inputs keyed by MXNet input name; default: `random_inputs`.
+
+    Returns:
+        VerifyReport; `.ok` is False when any difference is above tolerance.
+    """
+    import mxnet as mx
+    inputs = inputs if inputs is not None else random_inputs(result.input_shapes, seed)
+    caffe_names = result.caffe_input_names
+    cv_inputs = {caffe_names[k]: v for k, v in inputs.items()}
+    mx_inputs = dict(inputs)
+    if result.preprocess.channel_order == "RGB":
+        mx_inputs["data"] = np.ascontiguousarray(inputs["data"][:, ::-1])
+    if layers:
+        names = [name for name in result.layer_order if name in result.blob_symbols]
+        syms = [result.blob_symbols[name] for name in names]
+    else:
+        names = list(result.output_layers)
+        syms = [result.symbol[i] for i in range(len(names))] if len(names) > 1 else [result.symbol]
+    ours = run_mxnet(mx.sym.Group(syms) if len(syms) > 1 else syms[0], result.arg_arrays, result.aux_arrays,
+                     mx_inputs)
+    theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
+    report = VerifyReport(tolerance=tolerance)
+    for name, a, b in zip(names, ours, theirs):
+        if a.size != b.size:
+            report.rows.append(Row(name, tuple(a.shape), float("inf"), float("inf"), False,
+                                   f"OpenCV shape {tuple(b.shape)}"))
+            continue
+        max_abs, rel = compare(a, b)
+        report.rows.append(Row(name, tuple(a.shape), max_abs, rel, bool(rel <= tolerance)))
+    return report
