@@ -243,13 +243,18 @@ def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int) -> Dict[s
     return tally.result("val_")
 
 
-def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None) -> FitResult:
+def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
+        restart_optimizer: bool = False, epoch_train_rec=None) -> FitResult:
     """Run (or resume) a fine-tuning run described by `cfg`.
 
     Args:
         cfg: the resolved configuration (validated here).
         ctx: devices; default from cfg.gpus / cfg.cpus.
         kvstore: an already created KVStore (e.g. a dist one); default from cfg.kv_store.
+        restart_optimizer: when resuming, start a fresh optimizer (no .states loaded): a new stage of
+            train.recipes.stages, whose optimizer may differ from the one that wrote the checkpoint.
+        epoch_train_rec: optional callable (epoch index from 0) -> .rec path read for that epoch instead
+            of cfg.data_train, with the same record count (train.recipes.sampling's class balance).
 
     Raises:
         TrainError / DataError: bad input, before training starts.
@@ -347,7 +352,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None) 
                                "MXNET_UPDATE_ON_KVSTORE=1")
         optimizer.idx2name = param_idx2name(param_names, len(ctx), module._update_on_kvstore)
     dist_states = "dist" in kv_type and module._update_on_kvstore
-    if resume:
+    if resume and not restart_optimizer:
         states = ckpt.states_path(cfg.load_epoch)
         if dist_states:
             log.warning("dist kvstore: optimizer state lives on the servers and is not checkpointed; momentum "
@@ -378,7 +383,8 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None) 
     for epoch in range(begin_epoch, cfg.num_epochs):
         # Shuffling, augmentation and dropout replay exactly from (seed, epoch): the basis of exact resume.
         mx.random.seed(cfg.seed * 1000 + epoch)
-        train_iter = make_iter(cfg.data_train, True, cfg.seed * 1000 + epoch)
+        epoch_rec = epoch_train_rec(epoch) if epoch_train_rec is not None else cfg.data_train
+        train_iter = make_iter(epoch_rec, True, cfg.seed * 1000 + epoch)
         tally.reset()
         start, images, batch_no = time.time(), 0, 0
         bar = _progress(cfg.progress and rank == 0, batches_per_epoch * cfg.batch_size, epoch + 1, cfg.num_epochs)
