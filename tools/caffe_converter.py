@@ -262,7 +262,8 @@ def convert_net(net: CaffeNet, keep_bgr: bool = False, output_layer: Optional[Se
                                           f"rename the layer")
                 store.update(new)
         try:
-            shapes = mx.sym.Group(outs).infer_shape(**input_shapes)[1]
+            group = mx.sym.Group(outs)
+            shapes = group.infer_shape(**_used(group, input_shapes))[1]
         except mx.base.MXNetError as err:
             first = next((ln for ln in str(err).splitlines() if "Error" in ln or "Check failed" in ln), str(err))
             raise ConversionError(f"layer '{layer.name}' ({layer.type}): MXNet rejects the shapes "
@@ -284,6 +285,12 @@ def convert_net(net: CaffeNet, keep_bgr: bool = False, output_layer: Optional[Se
                 swapped=swap, flipped=flipped, folded=folded)
 
 
+def _used(symbol, input_shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+    """The input shapes `symbol` actually reads (a Crop reference input only lends its shape)."""
+    names = set(symbol.list_arguments())
+    return {k: v for k, v in input_shapes.items() if k in names}
+
+
 def _final_checks(symbol, args: Dict[str, np.ndarray], aux: Dict[str, np.ndarray], input_shapes) -> None:
     """Parameter names equal the symbol's arguments / aux states, and every shape equals MXNet's inference."""
     arg_names = [n for n in symbol.list_arguments() if n not in input_shapes and not n.endswith("_label")]
@@ -297,7 +304,7 @@ def _final_checks(symbol, args: Dict[str, np.ndarray], aux: Dict[str, np.ndarray
     aux_names = symbol.list_auxiliary_states()
     if set(aux_names) - set(aux):
         raise ConversionError(f"internal: auxiliary states without values: {sorted(set(aux_names) - set(aux))[:5]}")
-    arg_shapes, _, aux_shapes = symbol.infer_shape(**input_shapes)
+    arg_shapes, _, aux_shapes = symbol.infer_shape(**_used(symbol, input_shapes))
     for names, shapes, store in ((symbol.list_arguments(), arg_shapes, args), (aux_names, aux_shapes, aux)):
         for name, shape in zip(names, shapes):
             if name in store and tuple(store[name].shape) != tuple(shape):

@@ -288,7 +288,7 @@ def convert_eltwise(layer: Layer, inputs: List[Tensor]) -> Converted:
         return Converted([out])
     if p.coeff:
         raise _fail(layer, "coeff is only allowed with operation SUM")
-    combine = mx.sym.elemwise_mul if op == caffe_pb2.EltwiseParameter.PROD else mx.sym.maximum
+    combine = mx.sym.elemwise_mul if op == caffe_pb2.EltwiseParameter.PROD else mx.sym.broadcast_maximum
     out = syms[0]
     for i, s in enumerate(syms[1:], start=1):
         out = combine(out, s, name=layer.name if i == len(syms) - 1 else f"{layer.name}_part{i}")

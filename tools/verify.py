@@ -78,7 +78,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
 def run_mxnet(symbol, arg_arrays, aux_arrays, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
     """Forward `symbol` (inference mode) on CPU with numpy inputs; labels of SoftmaxOutput are zeros."""
     import mxnet as mx
-    shapes = {k: v.shape for k, v in inputs.items()}
+    shapes = {k: v.shape for k, v in inputs.items() if k in symbol.list_arguments()}
     arg_shapes, _, _ = symbol.infer_shape_partial(**shapes)
     args = {}
     for name, shape in zip(symbol.list_arguments(), arg_shapes):
