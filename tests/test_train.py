@@ -1,0 +1,232 @@
+"""Trainer: accuracy, frozen layers, lr_mult on every update layout, exact resume, NaN stop, stock loading,
+errors. Tiny VGG-shaped nets on 16x16 images whose colours encode the class."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from symbols.sidecar import load_sidecar
+from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
+from train.config import TrainConfig
+from train.data import DataError
+from train.fit import TrainError, TrainingDiverged, fit
+
+CLASSES = ["red", "green", "blue", "grey"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    tiny_vgg_checkpoint(d / "pre", num_classes=7)
+    write_rec(d / "set_train.rec", 4, 40, class_names=CLASSES)
+    write_rec(d / "set_val.rec", 4, 10, seed=1)
+    return d
+
+
+def config(data: Path, prefix: Path, **kw) -> TrainConfig:
+    base = dict(pretrained_model=str(data / "pre"), data_train=str(data / "set_train.rec"),
+                data_val=str(data / "set_val.rec"), model_prefix=str(prefix), num_epochs=4, lr=0.05,
+                batch_size=16, top_k=2, progress=False, lr_step_epochs=(3,), lr_factor=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(path) -> dict:
+    return {k.split(":", 1)[1]: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def test_learns_and_writes_every_output(data, tmp_path):
+    prefix = tmp_path / "ft"
+    result = fit(config(data, prefix))
+    last = result.metrics[-1]
+    assert last["val_accuracy"] >= 0.9, result.metrics  # chance is 0.25
+    assert last["val_loss"] < result.metrics[0]["train_loss"]
+    for epoch in range(1, 5):
+        assert (tmp_path / f"ft-{epoch:04d}.params").is_file() and (tmp_path / f"ft-{epoch:04d}.states").is_file()
+    pre = load_sidecar(prefix)
+    assert (pre.num_classes, pre.class_names, pre.classifier, pre.output_name) == (4, CLASSES, "fc8", "prob")
+    assert pre.channel_order == "BGR" and pre.mean == [104.0, 117.0, 123.0]
+    assert json.loads((tmp_path / "ft.classes.json").read_text())["classes"] == CLASSES
+    cfg = json.loads((tmp_path / "ft-config.json").read_text())
+    assert cfg["lr"] == 0.05 and cfg["resolved"]["num_classes"] == 4 and cfg["resolved"]["head"]["classifier"] == "fc8"
+    header = (tmp_path / "ft-metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("epoch", "train_loss", "train_accuracy", "train_top_2_accuracy", "val_loss", "val_accuracy",
+                "val_top_2_accuracy", "img_per_s"):
+        assert col in header
+    assert len((tmp_path / "ft-metrics.csv").read_text().splitlines()) == 5
+    assert (tmp_path / "ft-metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.part"))
+    # every pretrained weight below the head was kept: fc6/fc7 too (fine-tune.py drops anything with 'fc')
+    sym = mx.sym.load(str(tmp_path / "ft-symbol.json"))
+    assert sym.list_outputs() == ["prob_output"]
+    shapes = dict(zip(sym.list_arguments(), sym.infer_shape(data=(1, 3, 16, 16))[0]))
+    assert shapes["fc8_weight"] == (4, 16) and shapes["fc7_weight"] == (16, 16)
+
+
+def test_checkpoint_loads_with_stock_module_and_gluon(data, tmp_path):
+    prefix = tmp_path / "ft"
+    fit(config(data, prefix, num_epochs=1, data_val=None))
+    x = np.random.RandomState(0).uniform(-2, 2, (3, 3, 16, 16)).astype(np.float32)
+    mod = mx.mod.Module.load(str(prefix), 1, label_names=["prob_label"])
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (3,))], for_training=False)
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.zeros(3)]), is_train=False)
+    from_module = mod.get_outputs()[0].asnumpy()
+    net = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data", "prob_label"], f"{prefix}-0001.params")
+    from_gluon = net(mx.nd.array(x), mx.nd.zeros(3)).asnumpy()
+    np.testing.assert_allclose(from_gluon, from_module, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(from_module.sum(axis=1), 1, rtol=1e-5)
+    sym, args, aux = mx.model.load_checkpoint(str(prefix), 1)
+    assert set(args) == set(sym.list_arguments()) - {"data", "prob_label"}
+
+
+# The three optimizer index layouts Module can use: one device; two devices updating on the kvstore
+# (index = param); two devices updating locally (index = param * devices + device).
+LAYOUTS = [pytest.param(1, "1", id="1ctx"), pytest.param(2, "1", id="2ctx-kvstore"),
+           pytest.param(2, "0", id="2ctx-local-update")]
+
+
+@pytest.mark.parametrize("cpus,on_kv", LAYOUTS)
+def test_frozen_layers_bit_identical_and_head_lr_mult(data, tmp_path, monkeypatch, cpus, on_kv):
+    monkeypatch.setenv("MXNET_UPDATE_ON_KVSTORE", on_kv)
+    pre = params(data / "pre-0000.params")
+    moved = {}
+    for mult in (1, 10):
+        prefix = tmp_path / f"m{mult}"
+        fit(config(data, prefix, num_epochs=1, data_val=None, cpus=cpus, kv_store="local", mom=0.0, wd=0.0,
+                   lr=0.0005, lr_mult=[r"^(conv|fc6)=0", f"^fc8_={mult}"]))
+        out = params(f"{prefix}-0001.params")
+        for name in ("conv1_1_weight", "conv1_1_bias", "conv2_1_weight", "fc6_weight", "fc6_bias"):
+            assert np.array_equal(out[name], pre[name]), f"{name} changed although frozen"
+        assert not np.array_equal(out["fc7_weight"], pre["fc7_weight"]), "fc7 (mult 1) did not train"
+        start = tiny_fc8_init(data, tmp_path / f"init{mult}")
+        moved[mult] = float(np.abs(out["fc8_weight"] - start).sum())
+    # Same data order and seed: the head moves ~10x as far with lr_mult 10 (not exactly: fc7 also moves).
+    assert moved[10] > 7 * moved[1], moved
+
+
+def tiny_fc8_init(data: Path, prefix: Path) -> np.ndarray:
+    """The new head's initial weights (seeded, so every run starts from these)."""
+    from train.fit import prepare_model
+    return prepare_model(str(data / "pre"), 0, 4).arg_params["fc8_weight"].asnumpy()
+
+
+def test_resume_equals_uninterrupted_run(data, tmp_path):
+    # Momentum, a warm-up, a step at epoch 3, dropout and shuffling: all must continue exactly.
+    common = dict(lr=0.02, mom=0.9, warmup_epochs=1, lr_step_epochs=(3,), lr_factor=0.3, random_mirror=True,
+                  data_val=None)
+    fit(config(data, tmp_path / "straight", **common))
+    fit(config(data, tmp_path / "split", num_epochs=2, **common))
+    fit(config(data, tmp_path / "split", load_epoch=2, **common))
+    a, b = params(tmp_path / "straight-0004.params"), params(tmp_path / "split-0004.params")
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # ... the resume needs the saved momentum: without it, it refuses rather than silently restarting it.
+    (tmp_path / "split-0002.states").unlink()
+    with pytest.raises(TrainError, match="optimizer state missing"):
+        fit(config(data, tmp_path / "split", load_epoch=2, **common))
+    rows = json.loads((tmp_path / "split-metrics.json").read_text())["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["num_update"] for r in rows] == [10, 20, 30, 40]
+
+
+def test_resume_with_cosine_schedule_and_adam(data, tmp_path):
+    # Adam's bias correction and the cosine schedule both depend on the update count, which must continue.
+    common = dict(lr=0.003, optimizer="adam", lr_scheduler="cosine", warmup_epochs=0.5, data_val=None,
+                  num_epochs=3)
+    fit(config(data, tmp_path / "straight", **common))
+    fit(config(data, tmp_path / "split", **common))
+    for f in ("split-0002.params", "split-0002.states", "split-0003.params", "split-0003.states"):
+        (tmp_path / f).unlink()
+    fit(config(data, tmp_path / "split", load_epoch=1, **common))
+    a, b = params(tmp_path / "straight-0003.params"), params(tmp_path / "split-0003.params")
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    prefix = tmp_path / "ft"
+    fit(config(data, prefix, num_epochs=3, data_val=None))
+    good = (tmp_path / "ft-0001.params").read_bytes()
+    for f in ("ft-0002.params", "ft-0002.states", "ft-0003.params", "ft-0003.states"):
+        (tmp_path / f).unlink()
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf .*ft-0001.params"):
+        fit(config(data, prefix, num_epochs=3, data_val=None, load_epoch=1, lr=1e12))
+    assert (tmp_path / "ft-0001.params").read_bytes() == good
+    assert not (tmp_path / "ft-0002.params").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_cli_diverges_with_clear_message(data, tmp_path):
+    from train.__main__ import main
+    code = main(["--pretrained-model", str(data / "pre"), "--data-train", str(data / "set_train.rec"),
+                 "--model-prefix", str(tmp_path / "x"), "--num-epochs", "2", "--lr", "1e12", "--no-progress",
+                 "--batch-size", "16"])
+    assert code == 3
+    assert not (tmp_path / "x-0001.params").exists() and not (tmp_path / "x-0002.params").exists()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(num_classes=5), DataError, "disagrees with the class map"),
+    (dict(lr_mult=["^nosuchlayer=0"]), TrainError, "matches no parameter"),
+    (dict(lr_mult=[".=0"]), TrainError, "freezes every parameter"),
+    (dict(layer_before_fullc="flatten0"), TrainError, "flatten0: no such layer"),
+    (dict(dtype="float16"), ValueError, "needs --gpus"),
+    (dict(load_epoch=3, num_epochs=3), ValueError, "must be in 1..2"),
+])
+def test_bad_input_fails_before_training(data, tmp_path, change, error, match):
+    with pytest.raises(error, match=match):
+        fit(config(data, tmp_path / "ft", **change))
+    assert not list(tmp_path.glob("ft-0001.*"))
+
+
+def test_label_out_of_range_and_existing_run(data, tmp_path):
+    write_rec(tmp_path / "odd_train.rec", 3, 4, labels=[0, 1, 2, 9])
+    with pytest.raises(DataError, match=r"odd_train.rec: label 9 is out of range for 3 classes"):
+        fit(config(data, tmp_path / "a", data_train=str(tmp_path / "odd_train.rec"), data_val=None,
+                   num_classes=3))
+    fit(config(data, tmp_path / "b", num_epochs=1, data_val=None))
+    with pytest.raises(TrainError, match="--load-epoch 1, or pass --overwrite"):
+        fit(config(data, tmp_path / "b", num_epochs=1, data_val=None))
+    fit(config(data, tmp_path / "b", num_epochs=1, data_val=None, overwrite=True))
+
+
+def test_missing_or_misshapen_pretrained_weight_is_an_error(data, tmp_path):
+    sym, args, aux = mx.model.load_checkpoint(str(data / "pre"), 0)
+    broken = dict(args)
+    del broken["fc7_weight"]
+    mx.model.save_checkpoint(str(tmp_path / "pre"), 0, sym, broken, aux)
+    (tmp_path / "pre-preprocess.json").write_text((data / "pre-preprocess.json").read_text())
+    with pytest.raises(TrainError, match="fc7_weight missing"):
+        fit(config(data, tmp_path / "ft", pretrained_model=str(tmp_path / "pre")))
+    broken = dict(args, fc6_weight=mx.nd.zeros((16, 5)))
+    mx.model.save_checkpoint(str(tmp_path / "pre"), 0, sym, broken, aux)
+    with pytest.raises(TrainError, match=r"fc6_weight has shape \(16, 5\)"):
+        fit(config(data, tmp_path / "ft", pretrained_model=str(tmp_path / "pre")))
+
+
+def test_two_cpu_contexts_learn(data, tmp_path):
+    result = fit(config(data, tmp_path / "ft", cpus=2, kv_store="device"))
+    assert result.metrics[-1]["val_accuracy"] >= 0.9
+    assert result.metrics[-1]["layout"] == {"contexts": 2, "update_on_kvstore": True}
+
+
+def test_hidden_head_layer(data, tmp_path):
+    result = fit(config(data, tmp_path / "ft", hidden=32, hidden_dropout=0.2, num_epochs=5, lr=0.01))
+    names = mx.sym.load(str(tmp_path / "ft-symbol.json")).list_arguments()
+    assert "fc8_hidden_weight" in names and "fc8_weight" in names
+    assert result.metrics[-1]["val_accuracy"] >= 0.75  # chance is 0.25
+
+
+@pytest.mark.gpu
+def test_float16_on_gpu_with_multi_precision(data, tmp_path):
+    if mx.context.num_gpus() == 0:
+        pytest.skip("no CUDA GPU (float16 training is GPU-only)")
+    result = fit(config(data, tmp_path / "ft", gpus="0", dtype="float16", kv_store="device", num_epochs=4))
+    assert result.metrics[-1]["val_accuracy"] >= 0.9
+    out = params(tmp_path / "ft-0004.params")
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
