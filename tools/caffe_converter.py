@@ -68,6 +68,7 @@ class ConversionResult:
     output_layers: List[str] = field(default_factory=list)
     layer_order: List[str] = field(default_factory=list)
     caffe_input_names: Dict[str, str] = field(default_factory=dict)
+    rgb_layers: List[str] = field(default_factory=list)
 
     @property
     def arg_params(self) -> Dict[str, "mx.nd.NDArray"]:
@@ -161,6 +162,8 @@ def _fold_scales(net: CaffeNet, reads, order: List[int], outputs) -> int:
 def _swap_to_rgb(net: CaffeNet, reads, order: List[int], outputs, data_name: str) -> List[str]:
     """Reorder the weights of the layers that read the BGR image so the model takes RGB.
 
+    Returns the layers whose outputs still carry the reversed (RGB) channel order.
+
     Follows the wiring from the input: per-channel layers (a BatchNorm/Scale on the input, as in the SSD
     face detector) get their parameters reversed and pass the reversed order on; the first Convolution or
     InnerProduct absorbs it. Any other reader is an error: its output would silently depend on the order.
@@ -172,6 +175,7 @@ def _swap_to_rgb(net: CaffeNet, reads, order: List[int], outputs, data_name: str
         if layer.folded_into:
             if any(v in reversed_values for v in reads[i]):
                 reversed_values.add((i, 0))  # the BatchNorm it was folded into already flipped its blobs
+                touched.append(layer.name)
             continue
         if not any(v in reversed_values for v in reads[i]):
             continue
@@ -180,12 +184,12 @@ def _swap_to_rgb(net: CaffeNet, reads, order: List[int], outputs, data_name: str
             raise ConversionError(
                 f"layer '{layer.name}' ({layer.type}) reads the image channels directly and cannot be reordered "
                 f"for RGB input (supported: {', '.join(sorted(INPUT_CHANNEL_FLIPS))}); convert with --keep-bgr")
-        if layer.blobs or layer.type in ("BatchNorm", "Scale", "Bias", "PReLU", "Convolution", "InnerProduct"):
-            if not layer.blobs:
-                raise CaffeFormatError(f"layer '{layer.name}' ({layer.type}): the caffemodel has no weights for it")
+        if not layer.blobs and layer.type in ("BatchNorm", "Scale", "Bias", "PReLU", "Convolution", "InnerProduct"):
+            raise CaffeFormatError(f"layer '{layer.name}' ({layer.type}): the caffemodel has 0 weight blob(s) for it; "
+                                   f"is the caffemodel missing this layer or is it named differently?")
         still_reversed = flip(layer)
-        touched.append(layer.name)
         if still_reversed:
+            touched.append(layer.name)
             reversed_values.update((i, k) for k in range(len(layer.tops)))
     leaked = [name for name, v in outputs if v in reversed_values]
     if leaked:
@@ -420,6 +424,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
                               mean_image,
                               output_layers=[net.layers[v[0]].name for _, v in conv["outputs"]],
                               layer_order=[net.layers[i].name for i in conv["order"]],
+                              rgb_layers=conv["flipped"],
                               caffe_input_names={("data" if i == 0 else n): n for i, n in enumerate(net.inputs)})
     for name, type_name, why in net.skipped:
         log.info("skipped layer '%s' (%s): %s", name, type_name, why)

@@ -405,12 +405,16 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     skipped: List[Tuple[str, str, str]] = []
     transform = None
     names = set()
+    fallback_transform = None
     for lp in net.layer:
+        if lp.HasField("transform_param"):  # the TEST data layer's preprocessing wins over the TRAIN one's
+            if in_test_phase(lp) and transform is None:
+                transform = lp.transform_param
+            elif fallback_transform is None:
+                fallback_transform = lp.transform_param
         if not in_test_phase(lp):
             skipped.append((lp.name, lp.type, "not part of the TEST phase"))
             continue
-        if lp.HasField("transform_param") and transform is None:
-            transform = lp.transform_param
         if lp.type == "Input":
             shapes = [tuple(int(d) for d in s.dim) for s in lp.input_param.shape]
             if len(shapes) == 1 and len(lp.top) > 1:
@@ -433,7 +437,7 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
         raise CaffeFormatError(f"{prototxt}: no input shape declared; add `input: \"data\"` with "
                                f"`input_shape {{ dim: 1 dim: 3 dim: 224 dim: 224 }}` or an Input layer")
     result = CaffeNet(net.name, inputs, layers, prototxt, format="v1" if _is_v1(net) else "v2",
-                      transform=transform, skipped=skipped)
+                      transform=transform or fallback_transform, skipped=skipped)
     for name, type_name, why in skipped:
         log.info("skipping layer '%s' (%s): %s", name, type_name, why)
     if caffemodel is not None:

@@ -149,6 +149,8 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
     theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
     report = VerifyReport(tolerance=tolerance)
     for name, a, b in zip(names, ours, theirs):
+        if name in result.rgb_layers:  # still in the model's RGB order (before the first convolution)
+            a = np.ascontiguousarray(a[:, ::-1])
         if a.size != b.size:
             report.rows.append(Row(name, tuple(a.shape), float("inf"), float("inf"), False,
                                    f"OpenCV shape {tuple(b.shape)}"))
