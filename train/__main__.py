@@ -129,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
            if "val_accuracy" in last else "")
     print(f"Trained {result.num_classes} classes for {cfg.num_epochs} epochs in {time.time() - started:.0f} s: "
           f"train accuracy {last.get('train_accuracy', float('nan')):.3f}{val}, "
-          f"{last.get('img_per_s', 0):.1f} img/s. Checkpoints {result.prefix}-NNNN.params/.states, "
+          f"{last.get('img_per_s', 0):.1f} img/s. Checkpoints {result.prefix}-NNNN.params"
+          f"{'' if 'dist' in cfg.kv_store else '/.states'}, "
           f"metrics {result.prefix}-metrics.csv/.png, config {cfg.model_prefix}-config.json.")
     return 0
 

@@ -384,7 +384,9 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         # Shuffling, augmentation and dropout replay exactly from (seed, epoch): the basis of exact resume.
         mx.random.seed(cfg.seed * 1000 + epoch)
         epoch_rec = epoch_train_rec(epoch) if epoch_train_rec is not None else cfg.data_train
-        train_iter = make_iter(epoch_rec, True, cfg.seed * 1000 + epoch)
+        epoch_seed = cfg.seed * 1000 + epoch
+        train_iter = _batches(lambda k: make_iter(epoch_rec, True, epoch_seed + 7919 * k),
+                              batches_per_epoch if num_workers > 1 else None)
         tally.reset()
         start, images, batch_no = time.time(), 0, 0
         bar = _progress(cfg.progress and rank == 0, batches_per_epoch * cfg.batch_size, epoch + 1, cfg.num_epochs)
@@ -419,6 +421,23 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         log.info("Epoch[%d] %s", epoch + 1, " ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                      if isinstance(v, float)))
     return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names)
+
+
+def _batches(make, count: Optional[int]):
+    """Batches of one epoch. With `count` (distributed), exactly that many: dist_sync waits for every worker at
+    every push, so a worker whose part is a batch short would hang the job; a short part wraps around."""
+    produced, refill = 0, 0
+    it = make(0)
+    while True:
+        for batch in it:
+            if count is not None and produced >= count:
+                return
+            produced += 1
+            yield batch
+        if count is None or produced >= count:
+            return
+        refill += 1
+        it = make(refill)
 
 
 def _updates_done(begin: int, epochs_run: int, batches_per_epoch: int, optimizer) -> int:

@@ -1,0 +1,276 @@
+"""Launch a distributed MXNet job (ps-lite: dist_sync, dist_device_sync, dist_async) locally or over ssh.
+
+    python -m tools.launch -n 2 -s 1 -- python -m train ... --kv-store dist_sync
+    python -m tools.launch -n 4 -s 2 --launcher ssh -H hosts.txt --sync-dst-dir /tmp/job -- python -m train ...
+
+The DMLC protocol, as MXNet reads it from the environment:
+  DMLC_ROLE            scheduler | server | worker
+  DMLC_PS_ROOT_URI     address of the scheduler, DMLC_PS_ROOT_PORT its port
+  DMLC_NUM_SERVER      number of server processes, DMLC_NUM_WORKER number of workers
+  DMLC_NODE_HOST       (optional) the address other nodes reach this process at
+A process started with DMLC_ROLE=server or scheduler runs the parameter-server loop inside `import mxnet` and
+exits when the workers finish; workers get their rank from the scheduler (kv.rank).
+
+Unlike the wheel's tools/launch.py + dmlc_tracker (which crash on Python >= 3.9 with Thread.isAlive and then leave
+a DMLC_ROLE=scheduler process behind), every child here runs in its own process group and the launcher kills all
+of them when a worker fails, when it is interrupted, or when servers outlive the workers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+# After the last worker exits, servers and the scheduler shut down on their own within a second or two.
+SHUTDOWN_GRACE_S = 30.0
+KILL_GRACE_S = 5.0
+POLL_S = 0.2
+
+
+class LaunchError(ValueError):
+    """Bad launcher input (host file, counts); the message says what is expected."""
+
+
+@dataclass
+class Node:
+    """One process of the job: its role, the command and extra environment, and where it runs."""
+
+    role: str
+    argv: List[str]
+    env: Dict[str, str]
+    host: Optional[str] = None  # None: this machine
+    proc: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def dmlc_env(role: str, root_uri: str, root_port: int, num_workers: int, num_servers: int) -> Dict[str, str]:
+    return {"DMLC_ROLE": role, "DMLC_PS_ROOT_URI": root_uri, "DMLC_PS_ROOT_PORT": str(root_port),
+            "DMLC_NUM_WORKER": str(num_workers), "DMLC_NUM_SERVER": str(num_servers)}
+
+
+def read_hosts(path) -> List[str]:
+    """Host names, one per line; '#' comments and blank lines ignored; `host slots=N` repeats a host."""
+    hosts: List[str] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise LaunchError(f"{path}: cannot read host file ({err.strerror})") from None
+    for number, line in enumerate(lines, start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = 1
+        for extra in parts[1:]:
+            if not extra.startswith("slots=") or not extra[6:].isdigit():
+                raise LaunchError(f"{path}:{number}: expected 'HOST' or 'HOST slots=N', got {line!r}")
+            slots = int(extra[6:])
+        hosts += [parts[0]] * slots
+    if not hosts:
+        raise LaunchError(f"{path}: no hosts listed")
+    return hosts
+
+
+def local_nodes(command: Sequence[str], num_workers: int, num_servers: int, env: Dict[str, str],
+                python: str = sys.executable) -> List[Node]:
+    """Scheduler, servers and workers on this machine. Servers and the scheduler only `import mxnet`."""
+    port = free_port()
+    server_argv = [python, "-c", "import mxnet"]
+    nodes = [Node("scheduler", server_argv, {**env, **dmlc_env("scheduler", "127.0.0.1", port, num_workers,
+                                                                num_servers)})]
+    nodes += [Node("server", server_argv, {**env, **dmlc_env("server", "127.0.0.1", port, num_workers,
+                                                              num_servers)}) for _ in range(num_servers)]
+    nodes += [Node("worker", list(command), {**env, **dmlc_env("worker", "127.0.0.1", port, num_workers,
+                                                                num_servers)}) for _ in range(num_workers)]
+    return nodes
+
+
+def ssh_nodes(command: Sequence[str], num_workers: int, num_servers: int, env: Dict[str, str], hosts: List[str],
+              root_uri: str, workdir: str, ssh_port: int = 22, server_command: Optional[Sequence[str]] = None
+              ) -> List[Node]:
+    """The scheduler here; servers and workers round-robin over `hosts`, each through `ssh HOST 'cd DIR; ...'`.
+
+    Servers run `server_command` (default: the worker command, which imports mxnet first and so becomes a
+    server, as with dmlc's tracker).
+    """
+    port = free_port()
+    server_command = list(server_command or command)
+    nodes = [Node("scheduler", [sys.executable, "-c", "import mxnet"],
+                  {**os.environ, **env, **dmlc_env("scheduler", root_uri, port, num_workers, num_servers)})]
+    roles = ["server"] * num_servers + ["worker"] * num_workers
+    for i, role in enumerate(roles):
+        host = hosts[i % len(hosts)]
+        remote_env = {**env, **dmlc_env(role, root_uri, port, num_workers, num_servers), "DMLC_NODE_HOST": host}
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in remote_env.items())
+        remote = f"cd {shlex.quote(workdir)} && env {exports} {shlex.join(server_command if role == 'server' else command)}"
+        argv = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes", "-p", str(ssh_port), host, remote]
+        nodes.append(Node(role, argv, dict(os.environ), host))
+    return nodes
+
+
+def _start(node: Node) -> None:
+    # Own session/process group: a kill reaches the node's children too (ssh, python's engine threads).
+    node.proc = subprocess.Popen(node.argv, env=node.env, start_new_session=True)
+
+
+def _kill(nodes: Sequence[Node]) -> None:
+    """SIGTERM every live node's process group, then SIGKILL what is left after KILL_GRACE_S."""
+    live = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for n in live:
+            try:
+                os.killpg(n.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + KILL_GRACE_S
+        while time.time() < deadline and any(n.proc.poll() is None for n in live):
+            time.sleep(POLL_S)
+        live = [n for n in live if n.proc.poll() is None]
+        if not live:
+            break
+    for n in nodes:  # reap, so nothing is left as a zombie either
+        if n.proc is not None:
+            try:
+                n.proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not exit", n.role, n.proc.pid)
+
+
+def run(nodes: List[Node], timeout: Optional[float] = None) -> int:
+    """Start every node, wait for the workers, clean up. Returns 0, or the first failing worker's exit code
+    (124 on timeout, 1 when a server or the scheduler dies first)."""
+    interrupted: List[int] = []
+
+    def on_signal(signum, _frame):
+        interrupted.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.time()
+    code = 0
+    others_done = 0.0
+    try:
+        for node in nodes:
+            _start(node)
+        workers = [n for n in nodes if n.role == "worker"]
+        others = [n for n in nodes if n.role != "worker"]
+        while True:
+            if interrupted:
+                code = 128 + interrupted[0]
+                print(f"launch: interrupted, stopping {len(nodes)} processes", file=sys.stderr)
+                break
+            failed = [n for n in workers if n.proc.poll() not in (None, 0)]
+            if failed:
+                code = failed[0].proc.returncode
+                print(f"launch: a worker exited with code {code}; stopping the others", file=sys.stderr)
+                break
+            if all(n.proc.poll() == 0 for n in workers):
+                deadline = time.time() + SHUTDOWN_GRACE_S
+                while time.time() < deadline and any(n.proc.poll() is None for n in others):
+                    time.sleep(POLL_S)
+                break
+            dead = [n for n in others if n.proc.poll() not in (None, 0)]
+            if dead:
+                code = 1
+                print(f"launch: the {dead[0].role} failed (code {dead[0].proc.returncode}) before the workers "
+                      f"finished; stopping the job", file=sys.stderr)
+                break
+            # Servers and the scheduler exit cleanly once the workers have said goodbye; workers then only
+            # tear down. If they are still running long after that, something hangs.
+            if all(n.proc.poll() == 0 for n in others):
+                others_done = others_done or time.time()
+                if time.time() - others_done > SHUTDOWN_GRACE_S:
+                    code = 1
+                    print("launch: servers finished but workers did not exit; stopping them", file=sys.stderr)
+                    break
+            if timeout is not None and time.time() - start > timeout:
+                code = 124
+                print(f"launch: timed out after {timeout:.0f} s; stopping the job", file=sys.stderr)
+                break
+            time.sleep(POLL_S)
+    finally:
+        _kill(nodes)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", "--num-workers", type=int, required=True)
+    p.add_argument("-s", "--num-servers", type=int, default=None, help="default: as many as workers")
+    p.add_argument("--launcher", choices=("local", "ssh"), default="local")
+    p.add_argument("-H", "--hostfile", default=None, help="ssh: one host per line ('HOST' or 'HOST slots=N')")
+    p.add_argument("--sync-dst-dir", default=None,
+                   help="ssh: rsync the current folder to this path on every host and run there")
+    p.add_argument("--host-ip", default=None, help="ssh: address the hosts reach this machine at (scheduler)")
+    p.add_argument("--ssh-port", type=int, default=22)
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment, repeatable")
+    p.add_argument("--timeout", type=float, default=None, help="stop the whole job after this many seconds")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command (after --)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        if not command:
+            raise LaunchError("no command given: python -m tools.launch -n 2 -- python -m train ...")
+        if args.num_workers < 1 or (args.num_servers is not None and args.num_servers < 1):
+            raise LaunchError("--num-workers and --num-servers must be at least 1")
+        env = {}
+        for item in args.env:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise LaunchError(f"--env {item!r}: expected NAME=VALUE")
+            env[name] = value
+        num_servers = args.num_servers or args.num_workers
+        if args.launcher == "local":
+            nodes = local_nodes(command, args.num_workers, num_servers, {**os.environ, **env})
+        else:
+            if not args.hostfile:
+                raise LaunchError("--launcher ssh needs -H/--hostfile")
+            hosts = read_hosts(args.hostfile)
+            workdir = args.sync_dst_dir or os.getcwd()
+            root = args.host_ip or socket.gethostbyname(socket.gethostname())
+            nodes = ssh_nodes(command, args.num_workers, num_servers, env, hosts, root, workdir, args.ssh_port)
+            if args.sync_dst_dir and not args.dry_run:
+                for host in dict.fromkeys(hosts):
+                    rsync = ["rsync", "-az", "--delete", "--exclude", ".git", "-e", f"ssh -p {args.ssh_port}",
+                             os.getcwd() + "/", f"{host}:{args.sync_dst_dir}/"]
+                    if subprocess.call(rsync) != 0:
+                        raise LaunchError(f"rsync to {host}:{args.sync_dst_dir} failed")
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for n in nodes:
+            shown = {k: v for k, v in n.env.items() if k.startswith("DMLC_")}
+            print(f"{n.role:9} {n.host or 'local':12} {shown} {shlex.join(n.argv)}")
+        return 0
+    started = time.time()
+    code = run(nodes, args.timeout)
+    print(f"launch: {args.num_workers} workers + {num_servers} servers ({args.launcher}) finished with code {code} "
+          f"in {time.time() - started:.0f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
