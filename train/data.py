@@ -66,6 +66,9 @@ def scan_headers(rec_path) -> Tuple[np.ndarray, np.ndarray]:
                                 f"`python -m recbuild`")
             cflag, length = lrecord >> 29, lrecord & ((1 << 29) - 1)
             padded = (length + 3) & ~3
+            if offset + 8 + length > size:
+                raise DataError(f"{path}: truncated record at byte {offset} (the file ends inside it); "
+                                f"re-pack it")
             if cflag in (0, 1):  # a whole record or the first part of a split one carries the header
                 payload = handle.read(min(length, _IRHEADER.size + 4))
                 if len(payload) < _IRHEADER.size:
