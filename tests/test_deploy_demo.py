@@ -104,7 +104,7 @@ def test_random_init_is_the_same_network_with_learned_batchnorm(tmp_path):
     sym, args, aux = mx.model.load_checkpoint(str(dst), 0)
     assert sym.list_arguments() == src_sym.list_arguments() and set(aux) == set(src_aux)
     bns = [n for n in json.loads(sym.tojson())["nodes"] if n["op"] == "BatchNorm"]
-    assert bns and all(n["attrs"]["use_global_stats"] == "False" for n in bns)
+    assert bns and all(n["attrs"]["use_global_stats"] == "False" and n["attrs"]["momentum"] == "0.9" for n in bns)
     for name, value in args.items():
         assert value.shape == src_args[name].shape
         if name.endswith("_weight"):
@@ -152,6 +152,10 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     sc = stages["scratch"].commands[0]
     assert sc[sc.index("--pretrained-model") + 1] == str(cfg.scratch_init_prefix) and "--lr-mult" not in sc
     assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
+    # Same recipe for both runs: only the start weights, the output prefix and the freezing differ.
+    strip = lambda cmd: [a for a in cmd if a not in (str(cfg.model_prefix), str(cfg.scratch_init_prefix),
+                                                     str(cfg.finetune_prefix), str(cfg.scratch_prefix))]
+    assert strip(ft) == strip(sc) + ["--lr-mult", f"{cfg.freeze}=0"]
     assert stages["deploy"].commands[0][3:] == [str(cfg.finetune_prefix), "3", str(cfg.deploy_dir), "--onnx",
                                                 "--force"]
 

