@@ -269,6 +269,14 @@ def record_iter(path, batch_size: int, pre: Preprocess, sidecar_dir, label_name:
     if not path.is_file():
         raise DataError(f"{path}: no such .rec file")
     shape = tuple(int(v) for v in (image_shape or pre.input_shape))
+    records = len(scan_labels(path))
+    if records == 0:
+        raise DataError(f"{path}: contains no records")
+    if batch_size > records:
+        # ImageRecordIter refuses a batch larger than the file; a small evaluation set is simply one batch.
+        if train:
+            raise DataError(f"{path}: {records} records, fewer than the batch size {batch_size}; lower --batch-size")
+        batch_size = records
     norm, mean_image = normalisation(pre, sidecar_dir, shape, rgb_mean, rgb_std)
     kw = dict(path_imgrec=str(path), data_shape=shape, batch_size=batch_size, shuffle=train, seed=seed,
               seed_aug=seed, preprocess_threads=max(1, threads), num_parts=num_parts, part_index=part_index,

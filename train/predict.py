@@ -163,7 +163,7 @@ def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, 
         record_ids = scan_headers(source)[1]
         seen = 0
         for batch in it:
-            keep = model.batch_size - batch.pad
+            keep = batch.data[0].shape[0] - batch.pad
             data = batch.data[0].asnumpy()[:keep]
             names = [by_index.get(int(i), str(int(i))) for i in record_ids[seen:seen + keep]]
             seen += keep

@@ -1,0 +1,139 @@
+"""train.predict: Kaggle CSV in class-map order, top-k, mirror TTA, .rec/.lst/folder inputs agree, evaluate;
+probabilities checked against stock Module on independently decoded and preprocessed images."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import mxnet as mx
+import numpy as np
+import pytest
+
+from symbols.sidecar import load_sidecar
+from tests._train_fixtures import class_image, tiny_vgg_checkpoint, write_rec
+from train.config import TrainConfig
+from train.fit import fit
+from train.predict import PredictError, evaluate, load_model, main, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["zebra", "apple", "mango", "kiwi"]  # not alphabetical: columns must follow the class map
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict")
+    tiny_vgg_checkpoint(d / "pre")
+    write_rec(d / "s_train.rec", 4, 40, class_names=CLASSES)
+    # the validation set, three ways: .rec (+ .lst beside it), an image folder, and the .lst alone
+    rng = np.random.RandomState(7)
+    rec = mx.recordio.MXIndexedRecordIO(str(d / "s_val.idx"), str(d / "s_val.rec"), "w")
+    lines = []
+    for i in range(14):
+        label = i % 4
+        img = class_image(label, 4, 16, rng)
+        rel = f"{CLASSES[label]}/img{i:02d}.png"
+        (d / "images" / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / "images" / rel), img)
+        rec.write_idx(i, mx.recordio.pack_img(mx.recordio.IRHeader(0, float(label), i, 0), img, img_fmt=".png"))
+        lines.append(f"{i}\t{label}.000000\t{rel}\n")
+    rec.close()
+    (d / "s_val.lst").write_text("".join(lines))
+    fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "s_train.rec"), model_prefix=str(d / "ft"),
+                    num_epochs=3, lr=0.05, batch_size=16, progress=False, lr_step_epochs=(2,), lr_factor=0.5))
+    return d
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], {r[0]: np.array([float(v) for v in r[1:]]) for r in rows[1:]}
+
+
+def stock_probs(d: Path, paths, mirror=False):
+    """Independent path: cv2 decode -> RGB -> Preprocess.apply -> stock Module."""
+    pre = load_sidecar(d / "ft")
+    x = pre.apply(np.stack([cv2.imread(str(p))[:, :, ::-1] for p in paths]))
+    mod = mx.mod.Module.load(str(d / "ft"), 3, label_names=["prob_label"])
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (len(x),))], for_training=False)
+    out = 0
+    for view in ([x, x[:, :, :, ::-1]] if mirror else [x]):
+        mod.forward(mx.io.DataBatch([mx.nd.array(view.copy())], [mx.nd.zeros(len(x))]), is_train=False)
+        out = out + mod.get_outputs()[0].asnumpy()
+    return out / (2 if mirror else 1)
+
+
+def test_rec_prediction_csv(trained, tmp_path):
+    model = load_model(str(trained / "ft"), 3, batch_size=8)  # 14 images: the last batch is padded
+    summary = predict(model, trained / "s_val.rec", tmp_path / "p.csv", top_k=2, progress=False)
+    header, rows = read_csv(tmp_path / "p.csv")
+    assert header == ["id"] + CLASSES and summary["images"] == 14
+    assert sorted(rows) == sorted(f"img{i:02d}" for i in range(14))  # ids: the .lst's file stems
+    paths = [trained / "images" / f"{CLASSES[i % 4]}/img{i:02d}.png" for i in range(14)]
+    expected = stock_probs(trained, paths)
+    got = np.stack([rows[f"img{i:02d}"] for i in range(14)])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.sum(axis=1), 1, atol=1e-4)
+    topk_header, *topk = list(csv.reader(open(tmp_path / "p.topk.csv")))
+    assert topk_header == ["id", "label_1", "label_2", "prob_1", "prob_2"]
+    for row in topk:
+        probs = rows[row[0]]
+        assert row[1] == CLASSES[int(probs.argmax())] and float(row[3]) >= float(row[4])
+
+
+def test_folder_list_and_rec_agree_and_mirror_tta(trained, tmp_path):
+    model = load_model(str(trained / "ft"), 3, batch_size=8)
+    predict(model, trained / "s_val.rec", tmp_path / "rec.csv", progress=False)
+    predict(model, trained / "images", tmp_path / "dir.csv", progress=False, id_mode="path")
+    predict(model, trained / "s_val.lst", tmp_path / "lst.csv", root=trained / "images", progress=False)
+    _, rec = read_csv(tmp_path / "rec.csv")
+    _, folder = read_csv(tmp_path / "dir.csv")
+    _, lst = read_csv(tmp_path / "lst.csv")
+    assert sorted(folder) == sorted(f"{CLASSES[i % 4]}/img{i:02d}.png" for i in range(14))
+    for key, probs in folder.items():
+        np.testing.assert_allclose(probs, rec[Path(key).stem], atol=2e-5)
+        np.testing.assert_allclose(lst[Path(key).stem], rec[Path(key).stem], atol=2e-5)
+    predict(model, trained / "s_val.rec", tmp_path / "m.csv", mirror=True, progress=False)
+    _, mirrored = read_csv(tmp_path / "m.csv")
+    paths = [trained / "images" / f"{CLASSES[i % 4]}/img{i:02d}.png" for i in range(14)]
+    expected = stock_probs(trained, paths, mirror=True)
+    np.testing.assert_allclose(np.stack([mirrored[f"img{i:02d}"] for i in range(14)]), expected, atol=2e-5)
+
+
+def test_evaluate_matches_the_csv(trained, tmp_path):
+    model = load_model(str(trained / "ft"), 3, batch_size=8)
+    result = evaluate(model, trained / "s_val.rec", top_k=2)
+    predict(model, trained / "s_val.rec", tmp_path / "p.csv", progress=False)
+    _, rows = read_csv(tmp_path / "p.csv")
+    probs = np.stack([rows[f"img{i:02d}"] for i in range(14)])
+    labels = np.arange(14) % 4
+    assert result["images"] == 14
+    assert result["accuracy"] == pytest.approx((probs.argmax(1) == labels).mean())
+    assert result["accuracy"] >= 0.75  # chance 0.25
+    expected_loss = -np.mean(np.log(np.clip(probs[np.arange(14), labels], 1e-15, 1)))
+    assert result["log_loss"] == pytest.approx(expected_loss, rel=1e-3)
+    top2 = np.argsort(-probs, axis=1)[:, :2]
+    assert result["top_2_accuracy"] == pytest.approx((top2 == labels[:, None]).any(1).mean())
+    assert set(result["per_class_accuracy"]) == set(CLASSES)
+
+
+def test_cli_and_errors(trained, tmp_path, capsys):
+    out = tmp_path / "cli.csv"
+    done = subprocess.run([sys.executable, "-m", "train.predict", str(trained / "ft"), "3", str(trained / "s_val.rec"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Predicted 14 images" in done.stdout and out.is_file() and (tmp_path / "cli.topk.csv").is_file()
+    assert main(["evaluate", str(trained / "ft"), "3", str(trained / "s_val.rec"), "--top-k", "2"]) == 0
+    assert "14 images, accuracy" in capsys.readouterr().out
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    assert main([str(trained / "ft"), "3", str(bad), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "broken.jpg: cannot decode image" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
+    with pytest.raises(PredictError, match=r"nothere-symbol.json: checkpoint file missing"):
+        load_model(str(trained / "nothere"), 3)
+    with pytest.raises(PredictError, match=r"ft-0009.params: checkpoint file missing"):
+        load_model(str(trained / "ft"), 9)
