@@ -24,7 +24,8 @@ PACK_OPTS   ?= --resize 224 --quality 95
 PROTOTXT     ?= .cache/models/nsfw/deploy.prototxt
 CAFFEMODEL   ?= .cache/models/nsfw/resnet_50_1by2_nsfw.caffemodel
 MODEL_PREFIX ?= out/model/nsfw
-CONVERT_OPTS ?= --verify
+# open_nsfw expects BGR minus (104, 117, 123); --mean records it (in Caffe order) in the sidecar
+CONVERT_OPTS ?= --verify --mean 104,117,123
 # ---- make train / predict ----------------------------------------------------------------------------
 TRAIN_REC    ?= $(REC_PREFIX)_train.rec
 VAL_REC      ?= $(REC_PREFIX)_val.rec

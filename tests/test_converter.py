@@ -321,3 +321,21 @@ def test_real_open_nsfw_matches_opencv(tmp_path):
         assert rel < 1e-4, rel
     x_rgb = np.ascontiguousarray(x["data"][:, ::-1])
     np.testing.assert_allclose(_forward_module(prefix, x_rgb), theirs[1].reshape(1, 2), rtol=0, atol=1e-4)
+
+
+def test_params_writer_without_kernel_copy_matches_mx_nd_save(tmp_path, monkeypatch):
+    """The .params writer, on both paths (kernel file copy and plain writes), against mx.nd.save/load."""
+    from tools import caffe_converter
+    prototxt, caffemodel = make_tiny_vgg(tmp_path)
+    result = convert(prototxt, caffemodel, tmp_path / "fast")
+    monkeypatch.delattr(caffe_converter.os, "copy_file_range", raising=False)
+    caffe_converter.write_checkpoint(tmp_path / "slow", result)
+    mx.nd.save(str(tmp_path / "stock.params"), {**{f"arg:{k}": mx.nd.array(v) for k, v in result.arg_arrays.items()},
+                                                 **{f"aux:{k}": mx.nd.array(v) for k, v in result.aux_arrays.items()}})
+    stock = mx.nd.load(str(tmp_path / "stock.params"))
+    for name in ("fast", "slow"):
+        loaded = mx.nd.load(str(tmp_path / f"{name}-0000.params"))
+        assert list(loaded) == list(stock)
+        for key in stock:
+            np.testing.assert_array_equal(loaded[key].asnumpy(), stock[key].asnumpy())
+    assert (tmp_path / "slow-0000.params").read_bytes() == (tmp_path / "stock.params").read_bytes()

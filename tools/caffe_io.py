@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -302,6 +303,29 @@ def _parse_blob(buf, start: int, stop: int) -> np.ndarray:
     return data.reshape(shape)
 
 
+# Memory maps of the caffemodels read so far: (start address, size, path, weak reference to the map). The
+# params writer asks `file_region` whether an array is still an untouched view of a file, and then lets the
+# kernel copy those bytes (copy_file_range) instead of paging the weights in and writing them out again.
+_MAPS: List[Tuple[int, int, str, "weakref.ref"]] = []
+
+
+def _register_map(buf: mmap.mmap, path: str) -> None:
+    start = np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+    _MAPS[:] = [m for m in _MAPS if m[3]() is not None]
+    _MAPS.append((start, len(buf), path, weakref.ref(buf)))
+
+
+def file_region(arr: np.ndarray) -> Optional[Tuple[str, int]]:
+    """(caffemodel path, byte offset) when `arr` is a contiguous little-endian float32 view of a mapped file."""
+    if arr.dtype != np.dtype("<f4") or not arr.flags.c_contiguous or arr.size == 0:
+        return None
+    address = arr.__array_interface__["data"][0]
+    for start, size, path, ref in _MAPS:
+        if ref() is not None and start <= address and address + arr.nbytes <= start + size:
+            return path, address - start
+    return None
+
+
 @dataclass
 class _ModelLayer:
     name: str
@@ -324,6 +348,7 @@ def read_caffemodel(path: PathLike) -> Dict[str, _ModelLayer]:
             buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as err:
         raise CaffeFormatError(f"{path}: cannot read caffemodel ({err.strerror})") from None
+    _register_map(buf, os.path.abspath(path))
     layers: Dict[str, _ModelLayer] = {}
     current = "<start of file>"
     try:

@@ -144,6 +144,10 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
     else:
         names = list(result.output_layers)
         syms = [result.symbol[i] for i in range(len(names))] if len(names) > 1 else [result.symbol]
+        classifier = result.preprocess.classifier
+        if classifier and classifier not in names and classifier in result.blob_symbols:
+            names.insert(0, classifier)  # the logits too: a saturated softmax would hide differences
+            syms.insert(0, result.blob_symbols[classifier])
     ours = run_mxnet(mx.sym.Group(syms) if len(syms) > 1 else syms[0], result.arg_arrays, result.aux_arrays,
                      mx_inputs)
     theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
