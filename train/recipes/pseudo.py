@@ -1,0 +1,125 @@
+"""Pseudo-labels: add confident test predictions to the training set, retrain, report the validation change.
+
+    python -m train.recipes pseudo out/train/vgg16-ft 10 --test out/rec/x_test.rec --threshold 0.95 \\
+        --out-prefix out/train/vgg16-pl [--num-epochs 10] [--mirror]
+
+1. The model PREFIX-EPOCH predicts every record of the test .rec (file order; `--mirror` averages with the
+   mirror image). Records whose top probability is >= the threshold are kept with that class as label.
+2. OUT_PREFIX_train.rec (+ .idx, + class map) is written atomically with mx.recordio: every training record
+   unchanged, then the kept test records (their encoded image bytes untouched, label replaced, new ids).
+   OUT_PREFIX_pseudo.csv lists the kept test ids, labels and confidences.
+3. The model is retrained with the configuration of the run that made it (PREFIX-config.json, written by
+   `python -m train` and by the feature cache), with only the training .rec and the prefix changed, by the
+   same route (full fine-tuning or feature cache).
+4. Both models are evaluated on the validation .rec with the same code; the report (printed and written to
+   OUT_PREFIX-pseudo.json) gives accuracy and log loss before and after, and their change.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+
+from recbuild.classmap import write_class_map
+from tools.atomic import atomic_open, atomic_path, write_json
+from train.config import TrainConfig, config_path
+from train.fit import TrainError, fit
+from train.predict import evaluate, load_model
+from train.recipes.ensemble import predict_rec
+from train.recipes.sampling import _record_payloads
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.95   # a confident minority: mislabelled pseudo-labels cost more than the extra data gains
+
+
+def load_run_config(prefix: str) -> TrainConfig:
+    """The resolved config of the run that wrote PREFIX (PREFIX-config.json), without its 'resolved' block."""
+    path = config_path(prefix)
+    if not path.is_file():
+        raise TrainError(f"{path}: missing; pseudo-labelling retrains with the config of the run that made "
+                         f"{prefix} (written by `python -m train` / `python -m train.recipes features`)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("resolved", None)
+    for key in ("image_shape", "rgb_mean", "rgb_std", "lr_step_epochs"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    return TrainConfig.from_dict(data)
+
+
+def write_pseudo_rec(train_rec, test_rec, test_probs: np.ndarray, threshold: float, out_rec,
+                     class_names=None) -> dict:
+    """Write OUT_REC = train records + test records with top probability >= threshold (label = argmax)."""
+    train_payloads = _record_payloads(Path(train_rec))
+    test_payloads = _record_payloads(Path(test_rec))
+    if len(test_payloads) != len(test_probs):
+        raise TrainError(f"{test_rec}: {len(test_payloads)} records but {len(test_probs)} predictions")
+    confidence = test_probs.max(axis=1)
+    predicted = test_probs.argmax(axis=1)
+    kept = np.flatnonzero(confidence >= threshold)
+    out_rec = Path(out_rec)
+    with atomic_path(out_rec) as tmp_rec, atomic_path(out_rec.with_suffix(".idx")) as tmp_idx:
+        writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
+        for key, payload in enumerate(train_payloads):
+            writer.write_idx(key, payload)
+        for n, i in enumerate(kept):
+            header, image = mx.recordio.unpack(test_payloads[int(i)])
+            new = mx.recordio.IRHeader(0, float(predicted[i]), len(train_payloads) + n, 0)
+            writer.write_idx(len(train_payloads) + n, mx.recordio.pack(new, image))
+        writer.close()
+    if class_names:
+        write_class_map(out_rec.with_suffix(""), class_names)
+    return {"train_records": len(train_payloads), "test_records": len(test_payloads), "added": int(len(kept)),
+            "kept_index": kept.tolist(), "kept_label": predicted[kept].tolist(),
+            "kept_confidence": confidence[kept].tolist()}
+
+
+def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: float = DEFAULT_THRESHOLD,
+                 data_val: Optional[str] = None, num_epochs: Optional[int] = None, mirror: bool = False,
+                 batch_size: int = 32, cache_dir=None) -> dict:
+    """The whole recipe (see the module docstring); returns the report."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"--threshold {threshold}: must be in (0, 1]")
+    cfg = load_run_config(prefix)
+    resolved = json.loads(config_path(prefix).read_text(encoding="utf-8")).get("resolved", {})
+    data_val = data_val or cfg.data_val
+    if not data_val:
+        raise TrainError(f"{config_path(prefix)}: the run had no --data-val; pass --data-val to measure the change")
+    model = load_model(prefix, epoch, batch_size)
+    test = predict_rec(model, test_rec, mirror)
+    before = evaluate(model, Path(data_val), top_k=0)
+    out_rec = Path(f"{out_prefix}_train.rec")
+    added = write_pseudo_rec(cfg.data_train, test_rec, test.probs, threshold, out_rec, model.class_names)
+    with atomic_open(f"{out_prefix}_pseudo.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "confidence"])
+        for i, label, conf in zip(added["kept_index"], added["kept_label"], added["kept_confidence"]):
+            writer.writerow([test.names[i], model.class_names[label], f"{conf:.6g}"])
+    log.info("pseudo-labels: %d of %d test records at confidence >= %g added to %d training records -> %s",
+             added["added"], added["test_records"], threshold, added["train_records"], out_rec)
+
+    new_cfg = replace(cfg, data_train=str(out_rec), data_val=str(data_val), model_prefix=str(out_prefix),
+                      load_epoch=None, overwrite=True, num_epochs=num_epochs or cfg.num_epochs,
+                      lr_step_epochs=tuple(e for e in cfg.lr_step_epochs if e < (num_epochs or cfg.num_epochs)))
+    if resolved.get("recipe") == "features":
+        from train.recipes.features import DEFAULT_CACHE_DIR, train_from_cache
+        train_from_cache(new_cfg, cache_dir or DEFAULT_CACHE_DIR, mirror=bool(resolved.get("mirror")),
+                         class_balance=bool(resolved.get("class_balance")))
+    else:
+        fit(new_cfg)
+    after = evaluate(load_model(out_prefix, new_cfg.num_epochs, batch_size), Path(data_val), top_k=0)
+    report = {"model": f"{prefix}:{epoch}", "retrained": f"{out_prefix}:{new_cfg.num_epochs}",
+              "threshold": threshold, "test": str(test_rec), "val": str(data_val),
+              "train_records": added["train_records"], "test_records": added["test_records"],
+              "added": added["added"], "pseudo_rec": str(out_rec),
+              "val_accuracy_before": before["accuracy"], "val_accuracy_after": after["accuracy"],
+              "val_accuracy_change": after["accuracy"] - before["accuracy"],
+              "val_log_loss_before": before["log_loss"], "val_log_loss_after": after["log_loss"]}
+    write_json(f"{out_prefix}-pseudo.json", report)
+    return report
