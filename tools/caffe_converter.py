@@ -29,8 +29,9 @@ import numpy as np
 
 from symbols.sidecar import Preprocess, save_sidecar
 from tools.atomic import atomic_path
-from tools.caffe_io import CaffeFormatError, CaffeNet, Layer, file_region, load_net, read_mean_binaryproto
-from tools.caffe_layers import (INPUT_CHANNEL_FLIPS, LAYER_CONVERTERS, Tensor, UnsupportedLayerError)
+from tools.caffe_io import CaffeFormatError, CaffeNet, file_region, load_net, read_mean_binaryproto
+from tools.caffe_layers import INPUT_CHANNEL_FLIPS, LAYER_CONVERTERS, Tensor, UnsupportedLayerError
+from tools.verify import DEFAULT_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -554,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="compare the outputs with OpenCV's Caffe importer on random input")
     parser.add_argument("--verify-layers", action="store_true", help="compare every layer with OpenCV")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max relative difference accepted by --verify (default 1e-4)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"max relative difference accepted by --verify (default {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--strict", action="store_true", help="fail instead of skipping training-only layers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     return parser
@@ -582,7 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"({pre.num_classes} classes, fed by {pre.feature_output}); {len(result.skipped)} layer(s) skipped"
           + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped))
     if args.verify or args.verify_layers:
-        from tools.verify import verify_conversion
+        from tools.verify import verify_conversion  # imports OpenCV only when asked to verify
         report = verify_conversion(args.prototxt, args.caffemodel, result, layers=args.verify_layers,
                                    tolerance=args.tolerance)
         print(report.format())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +134,6 @@ def read_prototxt(path: PathLike) -> caffe_pb2.NetParameter:
         upgraded = [v1_to_v2(v1, path) for v1 in net.layers]
         del net.layers[:]
         net.layer.extend(upgraded)
-        net.name = net.name  # keep
         _mark_v1(net)
     return net
 
