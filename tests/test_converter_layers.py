@@ -28,6 +28,7 @@ class Case:
     # Where OpenCV itself departs from Caffe, the reference is Caffe's formula in numpy:
     # expected(inputs, blobs by layer name) -> the output of the last layer.
     expected: Optional[Callable[[Dict[str, np.ndarray], Dict[str, list]], np.ndarray]] = None
+    keep_bgr: bool = True  # layer semantics are tested in Caffe's order; RGB conversion where False
 
 
 def conv(b, name, bottom, params, weight_shape, bias=True):
@@ -65,6 +66,8 @@ def _bias_reference(b):  # Bias == Scale with gamma 1 and the same bias
 CASES = [
     Case("input-layer", "Input", lambda b: conv(b, "c", "data", "num_output: 3 kernel_size: 3", (3, 4, 3, 3)),
          input_style="layer"),
+    Case("input-renamed", "Input", lambda b: conv(b, "c", "img", "num_output: 2 kernel_size: 3", (2, 4, 3, 3)),
+         inputs=(("img", (2, 4, 9, 9)),), input_style="layer"),
     Case("input-dim", "Input", lambda b: conv(b, "c", "data", "num_output: 3 kernel_size: 1", (3, 4, 1, 1)),
          input_style="input_dim"),
     Case("conv-basic", "Convolution", lambda b: conv(b, "c", "data", "num_output: 5 kernel_size: 3 pad: 1",
@@ -79,6 +82,10 @@ CASES = [
     Case("deconv", "Deconvolution",
          lambda b: b.layer("d", "Deconvolution", ["data"], params="convolution_param { num_output: 3 kernel_size: 4 "
                            "stride: 2 pad: 1 }", blobs=[b.rand(4, 3, 4, 4), b.rand(3)])),
+    Case("deconv-on-rgb-input", "Deconvolution",  # converted to RGB: the weights' input axis is reversed
+         lambda b: b.layer("d", "Deconvolution", ["data"], params="convolution_param { num_output: 2 kernel_size: 2 "
+                           "stride: 2 }", blobs=[b.rand(3, 2, 2, 2), b.rand(2)]),
+         inputs=(("data", (1, 3, 5, 5)),), keep_bgr=False),
     Case("deconv-group-nobias", "Deconvolution",
          lambda b: b.layer("d", "Deconvolution", ["data"], params="convolution_param { num_output: 4 kernel_size: 3 "
                            "stride: 2 group: 2 bias_term: false }", blobs=[b.rand(4, 2, 3, 3)])),
@@ -252,7 +259,8 @@ def _inputs(case: Case, seed=3):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_layer_matches_opencv(case, tmp_path):
     prototxt, caffemodel = _write(case, tmp_path)
-    result = convert(prototxt, caffemodel, keep_bgr=True)
+    result = convert(prototxt, caffemodel, keep_bgr=case.keep_bgr)
+    assert result.preprocess.channel_order == ("BGR" if case.keep_bgr else "RGB")
     inputs = _inputs(case)
     if case.expected is not None:
         b = NetBuilder(case.id, seed=7)

@@ -53,7 +53,8 @@ class ConversionResult:
         preprocess: what the sidecar records (input shape, channel order, mean, scale, classifier, ...).
         input_shapes: MXNet input name -> shape with batch axis (first input is `data`).
         output_blobs: the Caffe blob (or layer) names of the symbol's outputs, in order.
-        output_layers: the Caffe layer computing each output (OpenCV names outputs by layer).
+        output_layers / output_tops: the Caffe layer computing each output and which of its tops it is
+            (OpenCV names outputs by layer).
         blob_symbols: Caffe layer name -> MXNet symbol of its first top, for per-layer verification.
         skipped: (layer, type, why) for every layer left out.
     """
@@ -68,6 +69,7 @@ class ConversionResult:
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)
     mean_image: Optional[np.ndarray] = None
     output_layers: List[str] = field(default_factory=list)
+    output_tops: List[int] = field(default_factory=list)
     layer_order: List[str] = field(default_factory=list)
     caffe_input_names: Dict[str, str] = field(default_factory=dict)
     rgb_layers: List[str] = field(default_factory=list)
@@ -186,7 +188,8 @@ def _swap_to_rgb(net: CaffeNet, reads, order: List[int], outputs, data_name: str
             raise ConversionError(
                 f"layer '{layer.name}' ({layer.type}) reads the image channels directly and cannot be reordered "
                 f"for RGB input (supported: {', '.join(sorted(INPUT_CHANNEL_FLIPS))}); convert with --keep-bgr")
-        if not layer.blobs and layer.type in ("BatchNorm", "Scale", "Bias", "PReLU", "Convolution", "InnerProduct"):
+        if not layer.blobs and layer.type in ("BatchNorm", "Scale", "Bias", "PReLU", "Convolution", "Deconvolution",
+                                              "InnerProduct"):
             raise CaffeFormatError(f"layer '{layer.name}' ({layer.type}): the caffemodel has 0 weight blob(s) for it; "
                                    f"is the caffemodel missing this layer or is it named differently?")
         still_reversed = flip(layer)
@@ -336,12 +339,13 @@ def _classifier(net: CaffeNet, conv: dict) -> Tuple[Optional[str], Optional[str]
             break
         if len(reads[i]) != 1:
             break
-    cls = layers[i] if layers[i].type in ("InnerProduct", "Convolution") else None
-    if cls is None:
-        return None, None, layers[softmax].name, None
-    num = cls.param.inner_product_param.num_output if cls.type == "InnerProduct" \
-        else cls.param.convolution_param.num_output
-    return cls.name, conv["feeds"].get(cls.name), layers[softmax].name, int(num)
+    # Only a FullyConnected is recorded as the classifier: head surgery replaces it with a new FullyConnected
+    # on the same features. A convolutional classifier (SqueezeNet) still gives the class count.
+    if layers[i].type == "InnerProduct":
+        cls = layers[i]
+        return cls.name, conv["feeds"].get(cls.name), layers[softmax].name, int(cls.param.inner_product_param.num_output)
+    num = layers[i].param.convolution_param.num_output if layers[i].type == "Convolution" else None
+    return None, None, layers[softmax].name, num
 
 
 def _center_crop(mean: np.ndarray, h: int, w: int, where: str) -> np.ndarray:
@@ -425,6 +429,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
                               [name for name, _ in conv["outputs"]], conv["layer_syms"], list(net.skipped),
                               mean_image,
                               output_layers=[net.layers[v[0]].name for _, v in conv["outputs"]],
+                              output_tops=[v[1] for _, v in conv["outputs"]],
                               layer_order=[net.layers[i].name for i in conv["order"]],
                               rgb_layers=conv["flipped"],
                               caffe_input_names={("data" if i == 0 else n): n for i, n in enumerate(net.inputs)})

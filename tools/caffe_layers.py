@@ -657,6 +657,15 @@ def flip_convolution(layer: Layer) -> bool:
     return False
 
 
+def flip_deconvolution(layer: Layer) -> bool:
+    """Deconvolution weights are (C_in, C_out / group, ...): reverse the input-channel axis 0."""
+    if layer.param.convolution_param.group != 1:
+        raise _fail(layer, "reads the image with group > 1; cannot reorder its channels for RGB input "
+                           "(use --keep-bgr)")
+    layer.blobs = [np.ascontiguousarray(layer.blobs[0][::-1])] + list(layer.blobs[1:])
+    return False
+
+
 def flip_innerproduct(layer: Layer) -> bool:
     """Reverse the channel axis inside the flattened (C, H, W) input dimension of the weight."""
     p = layer.param.inner_product_param
@@ -694,6 +703,7 @@ def _passthrough(layer: Layer) -> bool:
 
 INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
     "Convolution": flip_convolution,
+    "Deconvolution": flip_deconvolution,
     "InnerProduct": flip_innerproduct,
     "BatchNorm": flip_per_channel,
     "Scale": flip_per_channel,

@@ -146,8 +146,17 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
         names = [name for name in result.layer_order if name in result.blob_symbols]
         syms = [result.blob_symbols[name] for name in names]
     else:
-        names = list(result.output_layers)
-        syms = [result.symbol[i] for i in range(len(names))] if len(names) > 1 else [result.symbol]
+        outputs = [result.symbol[i] for i in range(len(result.output_layers))] \
+            if len(result.output_layers) > 1 else [result.symbol]
+        tops = result.output_tops or [0] * len(outputs)
+        names, syms = [], []
+        for name, top, sym in zip(result.output_layers, tops, outputs):
+            if top:  # OpenCV's forward() returns a layer's first top only
+                log.warning("output %d of layer '%s' is not compared: OpenCV exposes only a layer's first output",
+                            top, name)
+                continue
+            names.append(name)
+            syms.append(sym)
         classifier = result.preprocess.classifier
         if classifier and classifier not in names and classifier in result.blob_symbols:
             names.insert(0, classifier)  # the logits too: a saturated softmax would hide differences
