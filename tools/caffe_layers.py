@@ -13,6 +13,7 @@ weights reordered so that the converted model takes RGB.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ from tools import caffe_pb2
 from tools.caffe_io import CaffeFormatError, Layer
 
 Shape = Tuple[int, ...]
+log = logging.getLogger(__name__)
 
 
 class UnsupportedLayerError(ValueError):
@@ -123,6 +125,9 @@ def convert_batchnorm(layer: Layer, inputs: List[Tensor]) -> Converted:
     prototxt says use_global_stats: true; inference uses the stored statistics in both frameworks).
     """
     p = layer.param.batch_norm_param
+    if p.HasField("use_global_stats") and not p.use_global_stats:
+        log.warning("layer '%s' (BatchNorm) says use_global_stats: false, so Caffe normalises with the statistics "
+                    "of each test batch; the converted model (like OpenCV) uses the stored statistics", layer.name)
     channels = inputs[0].shape[1]
     mean, var, factor = take_blobs(layer, [("mean", (channels,)), ("variance", (channels,)),
                                            ("scale factor", (1,))])
