@@ -332,9 +332,10 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
         y = labels_all[order]
         tally.reset()
         t0 = time.time()
+        x_nd, y_nd = mx.nd.array(x), mx.nd.array(y)  # one copy per epoch; batches are views of it
         for b in range(batches_per_epoch):
             sl = slice(b * batch, (b + 1) * batch)
-            module.forward_backward(mx.io.DataBatch([mx.nd.array(x[sl])], [mx.nd.array(y[sl])]))
+            module.forward_backward(mx.io.DataBatch([x_nd[sl]], [y_nd[sl]]))
             probs = module.get_outputs()[0].asnumpy()
             if not np.isfinite(probs).all():
                 raise TrainingDiverged(f"loss became NaN/inf at epoch {epoch + 1} batch {b + 1}; lower --lr")
@@ -361,12 +362,11 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
 def _evaluate_features(module: mx.mod.Module, feats: FeatureSet, batch: int, top_k: int) -> Dict[str, float]:
     tally = Tally(top_k)
     x, y = feats.features, feats.labels
+    padded = -len(x) % batch
+    x_nd = mx.nd.array(np.concatenate([x, np.zeros((padded,) + x.shape[1:], x.dtype)]) if padded else x)
     for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        keep = len(chunk)
-        if keep < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - keep,) + chunk.shape[1:], chunk.dtype)])
-        module.forward(mx.io.DataBatch([mx.nd.array(chunk)]), is_train=False)
+        keep = min(batch, len(x) - start)
+        module.forward(mx.io.DataBatch([x_nd[start:start + batch]]), is_train=False)
         probs = module.get_outputs()[0].asnumpy()[:keep]
         if not np.isfinite(probs).all():
             return {"val_loss": float("nan"), "val_accuracy": float("nan")}
