@@ -116,6 +116,19 @@ def fx_init(tmp, base):
     return prepare_model(str(base), 0, 3).arg_params["fc7_weight"].asnumpy()
 
 
+def test_cache_run_resumes_exactly(data):
+    base = small_net_checkpoint(data / "base")
+    cfg = _cfg(data, base, "a", num_epochs=4, random_mirror=True)  # mirror: a per-epoch random view choice
+    features.train_from_cache(cfg, cache_dir=data / "cache")
+    features.train_from_cache(replace(cfg, model_prefix=str(data / "b"), num_epochs=2), cache_dir=data / "cache")
+    assert (data / "b-0002.states").is_file()
+    features.train_from_cache(replace(cfg, model_prefix=str(data / "b"), load_epoch=2), cache_dir=data / "cache")
+    a, b = _params(data / "a", 4), _params(data / "b", 4)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert [r["epoch"] for r in json.loads((data / "b-metrics.json").read_text())["epochs"]] == [1, 2, 3, 4]
+
+
 def test_cache_refuses_augmentation_it_cannot_hold(data):
     base = small_net_checkpoint(data / "base")
     with pytest.raises(TrainError, match="--random-resized-crop"):
@@ -166,6 +179,15 @@ def test_fused_model_equals_its_branches_run_separately(data):
     inner.set_params(args, aux, allow_extra=True)
     inner.forward(mx.io.DataBatch([mx.nd.array(images.transpose(0, 3, 1, 2))]), is_train=False)
     np.testing.assert_allclose(inner.get_outputs()[0].asnumpy(), feats, rtol=1e-4, atol=1e-4)
+    # Stock consumers of the one-input contract: the C predict API and Gluon's SymbolBlock.
+    from tools.c_predict import CPredictor
+    with CPredictor.from_files(tmp / "fused-symbol.json", tmp / "fused-0000.params", {"data": (5, 3, 16, 16)}) as cp:
+        np.testing.assert_allclose(cp.forward(data=images.transpose(0, 3, 1, 2))[0], fused, rtol=1e-5, atol=1e-6)
+    # (A training symbol: Gluon takes its SoftmaxOutput label as a second, unused input; tools.deploy strips it.)
+    net = mx.gluon.SymbolBlock.imports(str(tmp / "fused-symbol.json"), ["data", "softmax_label"],
+                                       str(tmp / "fused-0000.params"))
+    out = net(mx.nd.array(images.transpose(0, 3, 1, 2)), mx.nd.zeros(5)).asnumpy()
+    np.testing.assert_allclose(out, fused, rtol=1e-5, atol=1e-6)
 
     # Works with the feature cache, and the result is a deployable full model that predict loads unchanged.
     res = features.train_from_cache(_cfg(tmp, tmp / "fused", "fused-ft", batch_size=8, num_epochs=3, lr=0.05),
@@ -176,6 +198,8 @@ def test_fused_model_equals_its_branches_run_separately(data):
     ft = _params(tmp / "fused-ft", 3)
     np.testing.assert_array_equal(ft["b_fc6_weight"], args["b_fc6_weight"].asnumpy())
     assert ft["fusion_fc_weight"].shape == (3, 12 + 7)
+    from tools.deploy import main as deploy_main  # bundle + Module/Gluon/C-API parity check
+    assert deploy_main([str(tmp / "fused-ft"), "3", str(tmp / "bundle")]) == 0
 
 
 def test_fusion_refuses_a_mean_image(data):
