@@ -111,6 +111,11 @@ def read_prototxt(path: PathLike) -> caffe_pb2.NetParameter:
     Fields this converter does not know (for example PriorBox settings of an SSD net) are ignored with a
     warning that names the first of them; a syntax error is a one-line error with the file and line.
     """
+    return _parse_prototxt(path)[0]
+
+
+def _parse_prototxt(path: PathLike) -> Tuple[caffe_pb2.NetParameter, str]:
+    """read_prototxt, plus the format the file was written in ("v1" or "v2")."""
     path = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -130,24 +135,12 @@ def read_prototxt(path: PathLike) -> caffe_pb2.NetParameter:
             raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err2}") from None
     if net.layers and net.layer:
         raise CaffeFormatError(f"{path}: mixes V1 `layers {{}}` and current `layer {{}}` entries; use one format")
-    if net.layers:
-        upgraded = [v1_to_v2(v1, path) for v1 in net.layers]
-        del net.layers[:]
-        net.layer.extend(upgraded)
-        _mark_v1(net)
-    return net
-
-
-_V1_MARK = "__mxtransfer_v1__"
-
-
-def _mark_v1(net: caffe_pb2.NetParameter) -> None:
-    # Remember the source format without a new proto field: the NetState stage list is unused at inference.
-    net.state.stage.append(_V1_MARK)
-
-
-def _is_v1(net: caffe_pb2.NetParameter) -> bool:
-    return _V1_MARK in net.state.stage
+    if not net.layers:
+        return net, "v2"
+    upgraded = [v1_to_v2(v1, path) for v1 in net.layers]
+    del net.layers[:]
+    net.layer.extend(upgraded)
+    return net, "v1"
 
 
 def v1_to_v2(v1: caffe_pb2.V1LayerParameter, where: str = "prototxt") -> caffe_pb2.LayerParameter:
@@ -421,7 +414,7 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     Raises:
         CaffeFormatError: unreadable files, no input shape, weights for a layer the prototxt lacks.
     """
-    net = read_prototxt(prototxt)
+    net, fmt = _parse_prototxt(prototxt)
     prototxt = str(prototxt)
     inputs = _net_inputs(net, prototxt)
     layers: List[Layer] = []
@@ -459,7 +452,7 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     if not inputs:
         raise CaffeFormatError(f"{prototxt}: no input shape declared; add `input: \"data\"` with "
                                f"`input_shape {{ dim: 1 dim: 3 dim: 224 dim: 224 }}` or an Input layer")
-    result = CaffeNet(net.name, inputs, layers, prototxt, format="v1" if _is_v1(net) else "v2",
+    result = CaffeNet(net.name, inputs, layers, prototxt, format=fmt,
                       transform=transform or fallback_transform, skipped=skipped)
     for name, type_name, why in skipped:
         log.info("skipping layer '%s' (%s): %s", name, type_name, why)
