@@ -1,0 +1,385 @@
+"""Image lists: a folder tree, a Kaggle `labels.csv` or an unlabelled folder -> entries -> .lst files.
+
+The .lst format (im2rec.py's): one line per image, tab separated,
+
+    <integer index> \t <label as %f> [\t <label as %f> ...] \t <path relative to ROOT> \n
+
+Given the same flags and tree, the lists written here are byte-identical to im2rec.py's. The facts that
+requires: the tree is walked with os.walk(followlinks=True) with folders and files sorted by code point; a
+file is taken when its lower-cased suffix is one of --exts; with --recursive a folder gets the next label
+when its first image is found (the root itself may be a class); without it only ROOT's own files are listed,
+all with label 0; indices are given in walk order *before* the shuffle, which is random.shuffle after
+random.seed(100); every chunk is ceil(N / chunks) long, and inside a chunk the test split comes first
+(int(chunk_size * test_ratio) images, computed from the full chunk size even for a short last chunk), then
+train (int(chunk_size * train_ratio)), then val (the rest, written only when train_ratio + test_ratio < 1).
+train_ratio == 1.0 writes one PREFIX[_i].lst and ignores test_ratio.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from recbuild.classmap import class_map_path, write_class_map
+from recbuild.config import ListConfig
+from tools.atomic import atomic_open
+
+log = logging.getLogger(__name__)
+
+# How many offending names an error message shows before "... and N more".
+_SHOW = 10
+
+
+class ListError(ValueError):
+    """A problem with the image tree, a labels CSV or a .lst file; the message names the file or line."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a .lst file.
+
+    Attributes:
+        index: the integer id written to the record header (and the .idx key).
+        labels: one float per label column (im2rec writes them with %f).
+        path: the image path relative to ROOT, as written in the list.
+    """
+    index: int
+    labels: Tuple[float, ...]
+    path: str
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = ", ".join(repr(i) for i in items[:_SHOW])
+    return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def _has_ext(name: str, exts: Sequence[str]) -> bool:
+    # im2rec's rule: the lower-cased suffix must equal one of --exts exactly ('.JPG' in --exts never matches).
+    return os.path.splitext(name)[1].lower() in exts
+
+
+# ---- sources -------------------------------------------------------------------------------------------------
+
+def scan_tree(root: str, recursive: bool, exts: Sequence[str]) -> Tuple[List[Entry], List[str]]:
+    """List the images under `root` the way im2rec.py does.
+
+    Args:
+        root: the image root.
+        recursive: one class per folder (label = order of first appearance in a sorted walk); otherwise only
+            root's own files, all label 0.
+        exts: lower-case suffixes with the dot.
+
+    Returns:
+        (entries in walk order with indices 0..N-1, class names in label order: folder paths relative to root,
+        '.' for root itself).
+    """
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise ListError(f"{root}: image root is not a folder")
+    entries: List[Entry] = []
+    if recursive:
+        labels: Dict[str, int] = {}
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs.sort()
+            files.sort()
+            for name in files:
+                full = os.path.join(folder, name)
+                if _has_ext(name, exts) and os.path.isfile(full):
+                    label = labels.setdefault(folder, len(labels))
+                    entries.append(Entry(len(entries), (float(label),), os.path.relpath(full, root)))
+        classes = [os.path.relpath(folder, root) for folder in labels]
+    else:
+        for name in sorted(os.listdir(root)):
+            full = os.path.join(root, name)
+            if _has_ext(name, exts) and os.path.isfile(full):
+                entries.append(Entry(len(entries), (0.0,), os.path.relpath(full, root)))
+        classes = ["."]
+    return entries, classes
+
+
+def _flat_images(root: str, exts: Sequence[str]) -> List[str]:
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise ListError(f"{root}: image folder is not a folder")
+    return [n for n in sorted(os.listdir(root)) if _has_ext(n, exts) and os.path.isfile(os.path.join(root, n))]
+
+
+def _label_order(names: Sequence[str]) -> List[str]:
+    """Class names in label order: numerically when every name is an integer (so '10' follows '9'), else by
+    code point. Integer class names 0..K-1 thus keep their value as the label."""
+    unique = set(names)
+    try:
+        return sorted(unique, key=int)
+    except ValueError:
+        return sorted(unique)
+
+
+def read_labels_csv(csv_path: str, root: str, exts: Sequence[str]) -> Tuple[List[Entry], List[str]]:
+    """The Kaggle layout: a flat folder of images plus a CSV `id,label` (header row required).
+
+    The id is a file name in `root`, with or without its suffix. Every image in the folder must have exactly
+    one row and every row exactly one image; anything else is an error that names the ids/files.
+
+    Returns:
+        (entries sorted by file name with indices 0..N-1, class names in label order).
+    """
+    files = _flat_images(root, exts)
+    by_name = {n: n for n in files}
+    by_stem: Dict[str, List[str]] = defaultdict(list)
+    for n in files:
+        by_stem[os.path.splitext(n)[0]].append(n)
+
+    rows: List[Tuple[int, str, str]] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            for line_no, row in enumerate(csv.reader(handle), start=1):
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) < 2:
+                    raise ListError(f"{csv_path}:{line_no}: expected 'id,label', got {','.join(row)!r}")
+                rows.append((line_no, row[0].strip(), row[1].strip()))
+    except OSError as err:
+        raise ListError(f"{csv_path}: cannot read labels CSV ({err.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ListError(f"{csv_path}: not a UTF-8 CSV file ({err})") from None
+    if not rows:
+        raise ListError(f"{csv_path}: empty; expected a header row 'id,label' and one row per image")
+    header_line, first_id, _ = rows[0]
+    if first_id in by_name or first_id in by_stem:
+        raise ListError(f"{csv_path}:{header_line}: the first row names an image ({first_id!r}); "
+                        "a header row such as 'id,label' is required")
+    rows = rows[1:]
+
+    seen: Dict[str, int] = {}
+    duplicates, missing, ambiguous, empty = [], [], [], []
+    file_label: Dict[str, str] = {}
+    for line_no, ident, label in rows:
+        if ident in seen:
+            duplicates.append(f"{ident} (lines {seen[ident]} and {line_no})")
+            continue
+        seen[ident] = line_no
+        if not label:
+            empty.append(f"{ident} (line {line_no})")
+            continue
+        if ident in by_name:
+            name = ident
+        elif len(by_stem.get(ident, ())) == 1:
+            name = by_stem[ident][0]
+        elif ident in by_stem:
+            ambiguous.append(f"{ident} ({', '.join(by_stem[ident])})")
+            continue
+        else:
+            missing.append(f"{ident} (line {line_no})")
+            continue
+        if name in file_label:
+            duplicates.append(f"{ident} (line {line_no}: {name} is already labelled)")
+            continue
+        file_label[name] = label
+    unknown = [n for n in files if n not in file_label]
+    problems = []
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicate id(s): {_names(duplicates)}")
+    if empty:
+        problems.append(f"{len(empty)} row(s) without a label: {_names(empty)}")
+    if missing:
+        problems.append(f"{len(missing)} id(s) with no image ({'/'.join(exts)}) in {root}: {_names(missing)}")
+    if ambiguous:
+        problems.append(f"{len(ambiguous)} id(s) matching several files: {_names(ambiguous)}")
+    if unknown and not (duplicates or missing or ambiguous or empty):
+        problems.append(f"{len(unknown)} image(s) in {root} without a row: {_names(unknown)}")
+    if problems:
+        raise ListError(f"{csv_path}: " + "; ".join(problems))
+    if not file_label:
+        raise ListError(f"{csv_path}: no rows after the header")
+
+    classes = _label_order(list(file_label.values()))
+    label_of = {c: i for i, c in enumerate(classes)}
+    entries = [Entry(i, (float(label_of[file_label[n]]),), n) for i, n in enumerate(files)]
+    return entries, classes
+
+
+def scan_unlabelled(root: str, exts: Sequence[str]) -> List[Entry]:
+    """A flat folder of unlabelled (test) images, label 0.
+
+    The file stem is the image's id: when every stem is a non-negative integer (Kaggle's '1.jpg' ...), it is
+    the list index, so record ids equal the competition's ids. Otherwise indices follow the sorted file names
+    and the id is the stem of the path column.
+    """
+    files = _flat_images(root, exts)
+    stems = [os.path.splitext(n)[0] for n in files]
+    if files and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        order = sorted(range(len(files)), key=lambda i: int(stems[i]))
+        return [Entry(int(stems[i]), (0.0,), files[i]) for i in order]
+    return [Entry(i, (0.0,), n) for i, n in enumerate(files)]
+
+
+# ---- splitting -----------------------------------------------------------------------------------------------
+
+def chunk_and_split(entries: List[Entry], cfg: ListConfig) -> List[Tuple[str, List[Entry]]]:
+    """Shuffle, chunk and split like im2rec (or per class with cfg.stratify).
+
+    Returns:
+        [(list name suffix such as '_0_train', entries)] in im2rec's write order.
+    """
+    entries = list(entries)
+    if cfg.shuffle:
+        # random.Random(100) is in the same state as the module generator after random.seed(100).
+        random.Random(cfg.seed).shuffle(entries)
+    n = len(entries)
+    chunk_size = (n + cfg.chunks - 1) // cfg.chunks
+    out: List[Tuple[str, List[Entry]]] = []
+    for c in range(cfg.chunks):
+        chunk = entries[c * chunk_size:(c + 1) * chunk_size]
+        tag = f"_{c}" if cfg.chunks > 1 else ""
+        if cfg.train_ratio == 1.0:
+            out.append((tag, chunk))
+            continue
+        if cfg.stratify:
+            test, train, val = _stratified(chunk, cfg.train_ratio, cfg.test_ratio)
+        else:
+            sep = int(chunk_size * cfg.train_ratio)
+            sep_test = int(chunk_size * cfg.test_ratio)
+            test, train, val = chunk[:sep_test], chunk[sep_test:sep_test + sep], chunk[sep_test + sep:]
+        if cfg.test_ratio:
+            out.append((tag + "_test", test))
+        if cfg.train_ratio + cfg.test_ratio < 1.0:
+            out.append((tag + "_val", val))
+        out.append((tag + "_train", train))
+    return out
+
+
+def _stratified(chunk: List[Entry], train_ratio: float, test_ratio: float):
+    """Split every class with the ratios (rounded per class); lists keep the chunk's (shuffled) order."""
+    by_class: Dict[float, List[int]] = defaultdict(list)
+    for pos, e in enumerate(chunk):
+        by_class[e.labels[0]].append(pos)
+    has_val = train_ratio + test_ratio < 1.0
+    split_of: Dict[int, str] = {}
+    for positions in by_class.values():
+        k = len(positions)
+        n_test = min(k, int(round(k * test_ratio)))
+        n_train = k - n_test if not has_val else min(k - n_test, int(round(k * train_ratio)))
+        for j, pos in enumerate(positions):
+            split_of[pos] = "test" if j < n_test else "train" if j < n_test + n_train else "val"
+    pick = lambda s: [e for pos, e in enumerate(chunk) if split_of[pos] == s]  # noqa: E731
+    return pick("test"), pick("train"), pick("val")
+
+
+# ---- .lst io -------------------------------------------------------------------------------------------------
+
+def format_entry(e: Entry) -> str:
+    """One .lst line, exactly as im2rec writes it."""
+    return "%d\t" % e.index + "".join("%f\t" % v for v in e.labels) + "%s\n" % e.path
+
+
+def write_list(path: str, entries: Sequence[Entry]) -> None:
+    """Write a .lst atomically (UTF-8; undecodable file names are written back as their original bytes)."""
+    with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+        for e in entries:
+            handle.write(format_entry(e))
+
+
+def read_list(path: str) -> List[Entry]:
+    """Read a .lst file. Blank lines are ignored; any other malformed line is an error naming it.
+
+    Raises:
+        ListError: a line without index/label/path, a non-numeric field, or an index used twice (the .idx is
+            keyed by index, so a duplicate would make one record unreachable).
+    """
+    entries: List[Entry] = []
+    first_line: Dict[int, int] = {}
+    dupes: List[str] = []
+    try:
+        handle = open(path, encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as err:
+        raise ListError(f"{path}: cannot read list ({err.strerror})") from None
+    with handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 3:
+                raise ListError(f"{path}:{line_no}: expected 'index<TAB>label[<TAB>label...]<TAB>path', "
+                                f"got {len(parts)} field(s): {line!r}")
+            try:
+                index = int(parts[0].strip())
+                labels = tuple(float(v) for v in parts[1:-1])
+            except ValueError:
+                raise ListError(f"{path}:{line_no}: index must be an integer and labels numbers: {line!r}") \
+                    from None
+            if index < 0:
+                raise ListError(f"{path}:{line_no}: negative index {index}; record ids are unsigned")
+            if index in first_line:
+                dupes.append(f"{index} (lines {first_line[index]} and {line_no})")
+            first_line.setdefault(index, line_no)
+            entries.append(Entry(index, labels, parts[-1]))
+    if dupes:
+        raise ListError(f"{path}: {len(dupes)} duplicate index(es): {_names(dupes)}")
+    return entries
+
+
+# ---- the --list command --------------------------------------------------------------------------------------
+
+def make_lists(prefix: str, root: str, cfg: ListConfig) -> List[Tuple[str, int]]:
+    """Build the lists of `root` under `prefix` (im2rec --list) and the class map beside them.
+
+    Returns:
+        [(list path, number of entries)] in write order.
+    """
+    prefix = os.path.abspath(prefix)
+    _check_config(cfg)
+    if cfg.unlabelled:
+        entries = scan_unlabelled(root, cfg.exts)
+        classes = None
+        parts = [("_test", entries)]
+    else:
+        if cfg.labels_csv:
+            entries, classes = read_labels_csv(cfg.labels_csv, root, cfg.exts)
+        else:
+            entries, classes = scan_tree(root, cfg.recursive, cfg.exts)
+        parts = chunk_and_split(entries, cfg)
+    bad = [e.path for e in entries if any(c in e.path for c in "\t\r\n")]
+    if bad:
+        raise ListError(f"{root}: {len(bad)} file name(s) contain a tab or line break, which a .lst cannot "
+                        f"hold; rename them: {_names(bad)}")
+    if not entries:
+        log.warning("%s: no files with suffix %s; the lists are empty", root, " ".join(cfg.exts))
+    written = []
+    for suffix, part in parts:
+        path = prefix + suffix + ".lst"
+        write_list(path, part)
+        written.append((path, len(part)))
+    cmap = class_map_path(prefix)
+    if classes is not None:
+        write_class_map(prefix, classes)
+    elif not cmap.exists():
+        # Unlabelled lists carry no class names; an empty map marks that, and an existing map (the training
+        # lists' under the same prefix) is kept.
+        write_class_map(prefix, [])
+    return written
+
+
+def _check_config(cfg: ListConfig) -> None:
+    if cfg.chunks < 1:
+        raise ListError(f"--chunks must be at least 1, got {cfg.chunks}")
+    if not 0.0 <= cfg.train_ratio <= 1.0 or not 0.0 <= cfg.test_ratio <= 1.0:
+        raise ListError(f"--train-ratio and --test-ratio must lie in [0, 1], got {cfg.train_ratio} and "
+                        f"{cfg.test_ratio}")
+    if cfg.train_ratio != 1.0 and cfg.train_ratio + cfg.test_ratio > 1.0 + 1e-9:
+        raise ListError(f"--train-ratio {cfg.train_ratio} + --test-ratio {cfg.test_ratio} exceed 1")
+    if cfg.unlabelled and (cfg.labels_csv or cfg.recursive or cfg.stratify):
+        raise ListError("--unlabelled lists a flat folder of unlabelled images; it cannot be combined with "
+                        "--labels, --recursive or --stratify")
+    if cfg.labels_csv and cfg.recursive:
+        raise ListError("--labels reads a flat folder; drop --recursive")
+    bad_exts = [e for e in cfg.exts if not e.startswith(".") or e != e.lower()]
+    if bad_exts:
+        # Not an error: im2rec accepts them too, but they never match anything.
+        log.warning("--exts %s never match: suffixes are compared lower-cased and with the dot, e.g. .jpg",
+                    " ".join(bad_exts))

@@ -1,0 +1,130 @@
+"""MXNet's indexed RecordIO format, written and read without importing mxnet.
+
+Packing must not import mxnet: its engine threads make forking workers unsafe and the import costs a second.
+The format (dmlc-core recordio, checked against mx.recordio in tests/test_recbuild_pack.py):
+
+- a record is [magic 0xced7230a][lrecord][payload][zero padding to 4 bytes], little-endian uint32s, where
+  lrecord = cflag << 29 | length (length < 2**29);
+- a payload containing the magic at a 4-byte-aligned offset is split there into parts (cflag 1 = first,
+  2 = middle, 3 = last; 0 = whole record) and the magic itself is dropped; readers re-insert it;
+- the .idx file has one line per record, "<key>\\t<byte offset of the record>\\n";
+- an image record payload starts with the IRHeader struct 'IfQQ' (flag, label, id, id2); with flag > 0 the
+  label field is 0 and `flag` float32 labels follow the header (mx.recordio.pack / --pack-label).
+"""
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO, Iterator, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_IR_FORMAT = "IfQQ"
+IR_SIZE = struct.calcsize(_IR_FORMAT)
+
+
+class RecordIOError(ValueError):
+    """A .rec/.idx that does not follow the format; the message says where."""
+
+
+class IRHeader(NamedTuple):
+    """mx.recordio.IRHeader: flag (number of packed labels, 0 for one), label, id, id2."""
+    flag: int
+    label: object
+    id: int
+    id2: int
+
+
+def pack_header(labels: Sequence[float], index: int, pack_label: bool) -> bytes:
+    """The header im2rec writes: one float label, or every label with --pack-label on a multi-label list."""
+    if pack_label and len(labels) > 1:
+        return struct.pack(_IR_FORMAT, len(labels), 0.0, index, 0) + np.asarray(labels, np.float32).tobytes()
+    return struct.pack(_IR_FORMAT, 0, labels[0], index, 0)
+
+
+def unpack_header(payload: bytes) -> Tuple[IRHeader, bytes]:
+    """Split an image record into its header (label as float or float32 array) and the image bytes."""
+    if len(payload) < IR_SIZE:
+        raise RecordIOError(f"record of {len(payload)} bytes is shorter than the {IR_SIZE}-byte image header")
+    flag, label, rid, id2 = struct.unpack(_IR_FORMAT, payload[:IR_SIZE])
+    body = payload[IR_SIZE:]
+    if flag > 0:
+        if len(body) < 4 * flag:
+            raise RecordIOError(f"record declares {flag} labels but holds {len(body)} bytes")
+        label = np.frombuffer(body[:4 * flag], np.float32)
+        body = body[4 * flag:]
+    return IRHeader(flag, label, rid, id2), body
+
+
+def encode_record(payload: bytes) -> bytes:
+    """The bytes of one record as dmlc's RecordIOWriter lays them out."""
+    n = len(payload)
+    if n >= 1 << 29:
+        raise RecordIOError(f"record of {n} bytes exceeds RecordIO's 2**29 - 1 limit")
+    out: List[bytes] = []
+    start = 0
+    # Only aligned occurrences matter (readers resynchronise on aligned magics); find() is fast and rare hits
+    # at unaligned offsets are skipped.
+    hit = payload.find(_MAGIC_BYTES)
+    while hit != -1 and hit + 4 <= n - (n % 4):
+        if hit % 4 == 0:
+            out.append(struct.pack("<II", MAGIC, (1 if start == 0 else 2) << 29 | (hit - start)))
+            out.append(payload[start:hit])
+            start = hit + 4
+        hit = payload.find(_MAGIC_BYTES, hit + 1)
+    out.append(struct.pack("<II", MAGIC, (3 if start else 0) << 29 | (n - start)))
+    out.append(payload[start:])
+    out.append(b"\0" * (-n % 4))
+    return b"".join(out)
+
+
+class RecordWriter:
+    """Append records to an open .rec handle and remember (key, offset) for the .idx."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.offset = handle.tell()
+        self.index: List[Tuple[int, int]] = []
+
+    def write(self, key: int, payload: bytes) -> None:
+        data = encode_record(payload)
+        self.index.append((key, self.offset))
+        self.handle.write(data)
+        self.offset += len(data)
+
+    def write_index(self, handle) -> None:
+        """Write the .idx lines (text handle) in record order, like MXIndexedRecordIO."""
+        handle.writelines(f"{key}\t{offset}\n" for key, offset in self.index)
+
+
+def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
+    """Read the (possibly multi-part) record starting at `offset`."""
+    handle.seek(offset)
+    parts: List[bytes] = []
+    while True:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise RecordIOError(f"offset {handle.tell() - len(head)}: file ends inside a record header")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            raise RecordIOError(f"offset {handle.tell() - 8}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})")
+        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        if handle.tell() + length > size_limit:
+            raise RecordIOError(f"offset {handle.tell() - 8}: record of {length} bytes runs past the end of "
+                                "the file (truncated)")
+        parts.append(handle.read(length))
+        handle.seek(-length % 4, 1)
+        if cflag in (0, 3):
+            return _MAGIC_BYTES.join(parts)
+        if cflag not in (1, 2):
+            raise RecordIOError(f"offset {handle.tell()}: invalid continuation flag {cflag}")
+
+
+def iter_records(handle: BinaryIO, size: int) -> Iterator[Tuple[int, bytes]]:
+    """Yield (offset, payload) for every record of a .rec, in file order."""
+    offset = 0
+    while offset < size:
+        payload = read_record_at(handle, offset, size)
+        yield offset, payload
+        offset = handle.tell()

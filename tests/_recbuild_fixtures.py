@@ -1,0 +1,88 @@
+"""Image trees and odd files for the recbuild tests, generated in code (nothing downloaded, nothing golden).
+
+Images check themselves: image `i` of class `c` is a smooth field whose mean colour encodes (c, i), so a
+decoded record can be matched to its source without a stored copy.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+
+IM2REC = Path(cv2.__file__).parents[1] / "mxnet" / "tools" / "im2rec.py"
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A photo-like BGR uint8 image: smooth gradients and blobs plus mild texture (JPEG-friendly, not flat)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for ch in range(3):
+        acc = np.full((h, w), rng.uniform(60, 190), np.float32)
+        for _ in range(4):
+            fx, fy = rng.uniform(0.5, 4) / w, rng.uniform(0.5, 4) / h
+            acc += rng.uniform(15, 35) * np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 6.28))
+        img[..., ch] = acc
+    noise = cv2.GaussianBlur(rng.normal(0, 12, (h, w, 3)).astype(np.float32), (0, 0), 1.5)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def coded(h: int, w: int, label: int, i: int) -> np.ndarray:
+    """A BGR image whose channel means encode (label, i): B = 40 + 50*label, G = 30 + 7*i, R = 128, plus a
+    gentle gradient so resizing is not trivially exact."""
+    img = np.empty((h, w, 3), np.float32)
+    ramp = np.linspace(-10, 10, w, dtype=np.float32)[None, :]
+    img[..., 0] = 40 + 50 * label + ramp
+    img[..., 1] = 30 + 7 * i + ramp * 0.5
+    img[..., 2] = 128 - ramp
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_tree(root: Path, classes=("cat", "dog", "eel"), per_class=5, ext=".jpg", sizes=None) -> Dict[str, Tuple]:
+    """Folders of coded images. Returns {relative path: (label by sorted folder, i, (h, w))}."""
+    truth = {}
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = sizes[i % len(sizes)] if sizes else (48 + 8 * i, 64)
+            rel = f"{name}/img {i}{ext}"
+            cv2.imwrite(str(root / rel), coded(h, w, label, i))
+            truth[rel] = (label, i, (h, w))
+    return truth
+
+
+def run_im2rec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The wheel's im2rec.py, as a user runs it."""
+    return subprocess.run([sys.executable, str(IM2REC), *args], cwd=cwd, capture_output=True, text=True,
+                          check=True)
+
+
+def run_recbuild(*args: str, cwd: Path = None, check=True) -> subprocess.CompletedProcess:
+    """`python -m recbuild ...` from the repository root (so the package resolves without installation)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    return subprocess.run([sys.executable, "-m", "recbuild", *args], cwd=cwd or repo, capture_output=True,
+                          text=True, check=check, env=env)
+
+
+def exif_jpeg(img: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of `img` with an APP1 EXIF segment holding only the Orientation tag (0x0112)."""
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    data = buf.tobytes()
+    # TIFF header (little endian), IFD0 at offset 8 with one SHORT entry, then next-IFD offset 0.
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + \
+        struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    return data[:2] + app1 + data[2:]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)

@@ -1,0 +1,373 @@
+"""recbuild packing: round trips through MXNet's own readers, im2rec compatibility, the bad-image corpus,
+interruption and `verify`."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import mxnet as mx
+import numpy as np
+import pytest
+
+from recbuild.config import PackConfig
+from recbuild.images import decode, load_image_bytes, reduction, sniff, transform
+from recbuild.listing import read_list
+from recbuild.recordio import encode_record
+from tests import _recbuild_fixtures as fx
+
+
+def _records(prefix: Path):
+    """{key: (header, decoded BGR image or raw bytes)} through mx.recordio, plus keys in file order."""
+    rec = mx.recordio.MXIndexedRecordIO(str(prefix) + ".idx", str(prefix) + ".rec", "r")
+    out = {}
+    for key in rec.keys:
+        header, body = mx.recordio.unpack(rec.read_idx(key))
+        out[key] = (header, body)
+    keys = list(rec.keys)
+    rec.close()
+    return out, keys
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A 3-class tree with landscape and portrait images, listed and packed by the CLI with 2 workers."""
+    tmp = tmp_path_factory.mktemp("packed")
+    truth = fx.make_tree(tmp / "img", per_class=6, sizes=[(48, 64), (70, 40), (50, 50)])
+    fx.run_recbuild("--list", "--recursive", "--train-ratio", "0.75", str(tmp / "set"), str(tmp / "img"))
+    proc = fx.run_recbuild("--resize", "32", "--center-crop", "--num-thread", "2", str(tmp / "set"),
+                           str(tmp / "img"))
+    return tmp, truth, proc
+
+
+def test_round_trip_mx_recordio(packed):
+    tmp, truth, proc = packed
+    assert "packed 13 of 13 images" in proc.stdout and "packed 5 of 5 images" in proc.stdout
+    for split in ("train", "val"):
+        entries = read_list(str(tmp / f"set_{split}.lst"))
+        records, keys = _records(tmp / f"set_{split}")
+        assert keys == [e.index for e in entries]                       # list order, every entry
+        for e in entries:
+            header, body = records[e.index]
+            label, i, _ = truth[e.path]
+            assert header.id == e.index and header.flag == 0 and header.label == label == e.labels[0]
+            img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+            assert img.shape == (32, 32, 3)
+            want = fx.coded(32, 32, label, i).reshape(-1, 3).mean(0)
+            assert np.abs(img.reshape(-1, 3).mean(0) - want).max() < 3.0   # JPEG q95 tolerance
+    assert not list(tmp.glob("*.errors.tsv"))
+
+
+def test_round_trip_image_record_iter(packed):
+    tmp, truth, _ = packed
+    entries = read_list(str(tmp / "set_train.lst"))
+    it = mx.io.ImageRecordIter(path_imgrec=str(tmp / "set_train.rec"), path_imgidx=str(tmp / "set_train.idx"),
+                               data_shape=(3, 32, 32), batch_size=len(entries), shuffle=False,
+                               preprocess_threads=1, round_batch=False)
+    batch = next(iter(it))
+    data, labels = batch.data[0].asnumpy(), batch.label[0].asnumpy()
+    assert data.shape == (len(entries), 3, 32, 32)
+    for row, e in enumerate(entries):
+        label, i, _ = truth[e.path]
+        assert labels[row] == label
+        want_bgr = fx.coded(32, 32, label, i).reshape(-1, 3).mean(0)
+        got_rgb = data[row].reshape(3, -1).mean(1)
+        assert np.abs(got_rgb[::-1] - want_bgr).max() < 3.0
+
+
+def test_pass_through_and_pack_label_are_byte_identical_to_im2rec(tmp_path):
+    """With --pass-through nothing is re-encoded, so the .rec/.idx must equal im2rec's byte for byte; a
+    multi-label list exercises --pack-label's header layout."""
+    fx.make_tree(tmp_path / "img", per_class=3)
+    lines = []
+    for n, path in enumerate(sorted(p.relative_to(tmp_path / "img") for p in (tmp_path / "img").rglob("*.jpg"))):
+        lines.append(f"{100 + 3 * n}\t{n % 3:f}\t{n * 0.5:f}\t{-1.25:f}\t{path}\n")
+    for side in ("ref", "ours"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "m.lst").write_text("".join(lines))
+    fx.run_im2rec("--pass-through", "--pack-label", "ref/m", str(tmp_path / "img"), cwd=tmp_path)
+    fx.run_recbuild("--pass-through", "--pack-label", "--num-thread", "2", str(tmp_path / "ours" / "m"),
+                    str(tmp_path / "img"))
+    for ext in (".rec", ".idx"):
+        assert (tmp_path / "ours" / f"m{ext}").read_bytes() == (tmp_path / "ref" / f"m{ext}").read_bytes()
+    records, _ = _records(tmp_path / "ours" / "m")
+    header, body = records[103]
+    np.testing.assert_array_equal(header.label, np.float32([1, 0.5, -1.25]))
+
+
+def test_resized_records_match_im2rec_headers_and_sizes(tmp_path):
+    """Same keys, headers and image sizes as im2rec's; pixels close (we shrink with INTER_AREA, it with
+    INTER_LINEAR)."""
+    fx.make_tree(tmp_path / "img", per_class=3, sizes=[(300, 200), (120, 333), (97, 97)])
+    for side in ("ref", "ours"):
+        (tmp_path / side).mkdir()
+    fx.run_recbuild("--list", "--recursive", str(tmp_path / "ours" / "s"), str(tmp_path / "img"))
+    shutil.copy(tmp_path / "ours" / "s.lst", tmp_path / "ref" / "s.lst")
+    fx.run_im2rec("--resize", "40", "--quality", "90", "ref/s", str(tmp_path / "img"), cwd=tmp_path)
+    fx.run_recbuild("--resize", "40", "--quality", "90", str(tmp_path / "ours" / "s"), str(tmp_path / "img"))
+    ref, ref_keys = _records(tmp_path / "ref" / "s")
+    ours, our_keys = _records(tmp_path / "ours" / "s")
+    assert our_keys == ref_keys and len(our_keys) == 9
+    for key in ref_keys:
+        assert ours[key][0] == ref[key][0]
+        a = cv2.imdecode(np.frombuffer(ours[key][1], np.uint8), 1)
+        b = cv2.imdecode(np.frombuffer(ref[key][1], np.uint8), 1)
+        assert a.shape == b.shape
+        assert fx.psnr(a, b) > 30
+
+
+def test_record_framing_splits_on_magic_like_dmlc(tmp_path):
+    """A payload holding RecordIO's magic at aligned offsets is split into parts exactly as dmlc does."""
+    magic = struct.pack("<I", 0xCED7230A)
+    for payload in (magic + b"abcd" + magic + magic + b"xyz", b"ab" + magic + b"cdef" + magic, b"", b"12345"):
+        path = tmp_path / "m.rec"
+        w = mx.recordio.MXRecordIO(str(path), "w")
+        w.write(payload)
+        w.close()
+        assert path.read_bytes() == encode_record(payload)
+        r = mx.recordio.MXRecordIO(str(path), "r")
+        assert r.read() == payload
+        r.close()
+
+
+# ---- decoding: speed path quality, EXIF --------------------------------------------------------------------------
+
+def test_reduced_dct_decode_psnr(tmp_path):
+    """Decoding at 1/8 scale then resizing stays within 35 dB of a full decode + resize."""
+    img = fx.photo(1800, 2400, seed=1)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    data = buf.tobytes()
+    cfg = PackConfig(resize=224, workers=1)
+    assert reduction(sniff(data), 224, 1) == 8
+    fast, full = decode(data, "x.jpg", cfg)
+    assert fast.shape[:2] == (225, 300) and full == (2400, 1800)
+    out = transform(fast, full, 224, False)
+    ref = cv2.resize(cv2.imdecode(buf, cv2.IMREAD_COLOR), (298, 224), interpolation=cv2.INTER_AREA)
+    assert out.shape == ref.shape == (224, 298, 3)                  # im2rec's size: 2400 * 224 // 1800
+    assert fx.psnr(out, ref) >= 35.0
+    # Not reduced when the source is less than twice the target.
+    assert reduction(sniff(cv2.imencode(".jpg", img[:400, :600])[1].tobytes()), 224, 1) == 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = fx.coded(60, 100, 1, 1)
+    img[:10, :10] = 255                                            # a white top-left corner to track
+    path = tmp_path / "rot.jpg"
+    path.write_bytes(fx.exif_jpeg(img, 6))                          # 6: rotate 90 degrees clockwise to view
+    want = cv2.imread(str(path))                                    # OpenCV (and so im2rec) applies EXIF
+    assert want.shape[:2] == (100, 60)
+    for resize in (0, 30):
+        out = cv2.imdecode(np.frombuffer(load_image_bytes(str(path), PackConfig(resize=resize)), np.uint8), 1)
+        expect = want if not resize else cv2.resize(want, (30, 50), interpolation=cv2.INTER_AREA)
+        assert out.shape == expect.shape and fx.psnr(out, expect) > 30
+        assert out[:2, -2:].mean() > 200 and out[:2, :2].mean() < 200       # corner now top-right
+
+
+# ---- the bad-image corpus ---------------------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Every kind of file the issue names. Returns (root, {name: expectation}) where expectation is either
+    ('ok', check(img)) or ('fail', words the reason must contain)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("corpus") / "odd images"
+    root.mkdir()
+    base = fx.photo(90, 120, seed=3)
+    rgb = base[:, :, ::-1]
+    exp = {}
+
+    def close_to(ref, tol=28.0):
+        return lambda img: img.shape == ref.shape and fx.psnr(img, ref) > tol
+
+    cv2.imwrite(str(root / "baseline.jpg"), base, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    exp["baseline.jpg"] = ("ok", close_to(base))
+    cv2.imwrite(str(root / "progressive.jpg"), base, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    exp["progressive.jpg"] = ("ok", close_to(base))
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    exp["cmyk.jpg"] = ("ok", close_to(base, 25))
+    grey = cv2.cvtColor(base, cv2.COLOR_BGR2GRAY)
+    cv2.imwrite(str(root / "grey.png"), grey)
+    exp["grey.png"] = ("ok", close_to(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)))
+    bgra = np.dstack([base, np.linspace(0, 255, 120, dtype=np.uint8)[None, :].repeat(90, 0)])
+    cv2.imwrite(str(root / "alpha.png"), bgra)
+    exp["alpha.png"] = ("ok", close_to(base))
+    cv2.imwrite(str(root / "deep16.png"), base.astype(np.uint16) * 257)
+    exp["deep16.png"] = ("ok", close_to(base))
+    frames = [Image.fromarray(rgb).quantize(64), Image.fromarray(255 - rgb).quantize(64)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    first = np.asarray(frames[0].convert("RGB"))[:, :, ::-1]
+    exp["anim.gif"] = ("ok", close_to(np.ascontiguousarray(first)))
+    cv2.imwrite(str(root / "bitmap.bmp"), base)
+    exp["bitmap.bmp"] = ("ok", close_to(base))
+    cv2.imwrite(str(root / "web.webp"), base, [cv2.IMWRITE_WEBP_QUALITY, 100])
+    exp["web.webp"] = ("ok", close_to(base))
+    cv2.imwrite(str(root / "ünïcödé name 猫.jpg"), base)
+    exp["ünïcödé name 猫.jpg"] = ("ok", close_to(base))
+    big = cv2.resize(base, (6000, 4500), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(root / "large.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    exp["large.jpg"] = ("ok", close_to(cv2.resize(big, (120, 90), interpolation=cv2.INTER_AREA), 30))
+    (root / "rotated.jpg").write_bytes(fx.exif_jpeg(base, 8))          # 8: rotate 90 counter-clockwise
+    exp["rotated.jpg"] = ("ok", close_to(cv2.rotate(base, cv2.ROTATE_90_COUNTERCLOCKWISE)))
+
+    (root / "empty.jpg").write_bytes(b"")
+    exp["empty.jpg"] = ("fail", "empty file")
+    data = (root / "baseline.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    exp["truncated.jpg"] = ("fail", "truncated JPEG")
+    png = cv2.imencode(".png", base)[1].tobytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    exp["truncated.png"] = ("fail", "PNG")
+    (root / "notes.png").write_text("this is not an image\n")
+    exp["notes.png"] = ("fail", "not an image")
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) +
+                                    _png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + _png_chunk(b"IEND", b""))
+    exp["bomb.png"] = ("fail", "decompression-bomb guard")
+    (root / "folder.jpg").mkdir()
+    exp["folder.jpg"] = ("fail", "folder")
+    lines = [f"{i}\t{i % 2:f}\t{name}\n" for i, name in enumerate(sorted(exp))]
+    lines.append(f"{len(exp)}\t0.000000\tvanished.jpg\n")
+    exp["vanished.jpg"] = ("fail", "file not found")
+    (root.parent / "c.lst").write_text("".join(lines), encoding="utf-8")
+    return root, exp
+
+
+@pytest.mark.slow
+def test_bad_image_corpus_is_reported_not_lost(corpus):
+    root, exp = corpus
+    lst = root.parent / "c.lst"
+    # --resize 90 keeps the 120x90 images as they are and shrinks large.jpg (through the reduced decode).
+    proc = fx.run_recbuild("--resize", "90", "--num-thread", "2", str(root.parent / "c"), str(root))
+    entries = {e.path: e for e in read_list(str(lst))}
+    records, keys = _records(root.parent / "c")
+    errors = (root.parent / "c.errors.tsv").read_text(encoding="utf-8").splitlines()
+    assert errors[0] == "index\tpath\treason"
+    reasons = {line.split("\t")[1]: line.split("\t")[2] for line in errors[1:]}
+    for name, (kind, check) in exp.items():
+        e = entries[name]
+        if kind == "ok":
+            assert name not in reasons, (name, reasons.get(name))
+            header, body = records[e.index]
+            img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+            assert header.label == e.labels[0] and check(img), name
+        else:
+            assert e.index not in records, name
+            assert check in reasons[name], (name, reasons[name])
+    n_ok = sum(1 for k, _ in exp.values() if k == "ok")
+    assert len(keys) == n_ok and len(reasons) == len(exp) - n_ok
+    assert f"packed {n_ok} of {len(exp)} images" in proc.stdout and "c.errors.tsv" in proc.stdout
+
+    strict = fx.run_recbuild("--strict", "--resize", "90", "--num-thread", "1", str(root.parent / "c"), str(root),
+                             check=False)
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+    assert (root.parent / "c.rec").is_file()                        # the good records are still written
+
+    ver = fx.run_recbuild("verify", "--no-progress", str(root.parent / "c.rec"), check=False)
+    assert ver.returncode == 0, ver.stderr                          # failures are reported, not corruption
+
+
+def test_color_flags(corpus):
+    root, _ = corpus
+    grey = load_image_bytes(str(root / "baseline.jpg"), PackConfig(color=0, resize=45))
+    assert cv2.imdecode(np.frombuffer(grey, np.uint8), cv2.IMREAD_UNCHANGED).shape == (45, 60)
+    alpha = load_image_bytes(str(root / "alpha.png"), PackConfig(color=-1, encoding=".png", quality=3))
+    assert cv2.imdecode(np.frombuffer(alpha, np.uint8), cv2.IMREAD_UNCHANGED).shape == (90, 120, 4)
+    deep = load_image_bytes(str(root / "deep16.png"), PackConfig(color=-1, encoding=".png", quality=3))
+    assert cv2.imdecode(np.frombuffer(deep, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    deep_jpg = load_image_bytes(str(root / "deep16.png"), PackConfig(color=-1))
+    assert cv2.imdecode(np.frombuffer(deep_jpg, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+
+
+# ---- interruption and verify -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_killed_pack_leaves_nothing_complete_and_rerun_finishes(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(160):
+        cv2.imwrite(str(root / f"{i:03d}.jpg"), fx.photo(480, 640, seed=i % 7), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    fx.run_recbuild("--list", str(tmp_path / "k"), str(root))
+    repo = Path(fx.__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "recbuild", "--num-thread", "2", "--no-progress", str(tmp_path / "k"), str(root)]
+    proc = subprocess.Popen(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    part = None
+    while time.time() < deadline and proc.poll() is None:
+        parts = list(tmp_path.glob(".k.rec.*.part"))
+        if parts and parts[0].stat().st_size > 50_000:
+            part = parts[0]
+            break
+        time.sleep(0.02)
+    assert part is not None, "the pack finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "k.rec").exists() and not (tmp_path / "k.idx").exists()
+    assert list(tmp_path.glob(".k.rec.*.part"))                     # the leftover a re-run must clean
+
+    fx.run_recbuild("--num-thread", "2", str(tmp_path / "k"), str(root))
+    assert not list(tmp_path.glob(".k.*.part"))
+    records, keys = _records(tmp_path / "k")
+    assert keys == [e.index for e in read_list(str(tmp_path / "k.lst"))] and len(keys) == 160
+    ver = fx.run_recbuild("verify", "--no-progress", str(tmp_path / "k.rec"))
+    assert "OK" in ver.stdout
+
+
+def _corrupt(kind: str, rec: Path, idx: Path):
+    data = bytearray(rec.read_bytes())
+    offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
+    if kind == "truncated":
+        rec.write_bytes(bytes(data[: len(data) - 100]))
+    elif kind == "bad magic":
+        data[offsets[2]] ^= 0xFF
+        rec.write_bytes(bytes(data))
+    elif kind == "garbage image":
+        start = offsets[1] + 8 + 24
+        data[start:start + 64] = b"\0" * 64                        # the JPEG SOI and headers
+        rec.write_bytes(bytes(data))
+    elif kind == "idx line missing":
+        idx.write_text("".join(idx.read_text().splitlines(keepends=True)[1:]))
+    elif kind == "idx wrong offset":
+        lines = idx.read_text().splitlines()
+        key, off = lines[1].split("\t")
+        lines[1] = f"{key}\t{int(off) + 4}"
+        idx.write_text("\n".join(lines) + "\n")
+    elif kind == "idx deleted":
+        idx.unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad magic", "garbage image", "idx line missing",
+                                  "idx wrong offset", "idx deleted"])
+def test_verify_detects_corruption(packed, tmp_path, kind):
+    src, _, _ = packed
+    for ext in (".rec", ".idx", ".lst"):
+        shutil.copy(src / f"set_train{ext}", tmp_path / f"t{ext}")
+    from recbuild.verify import verify_rec
+    clean = verify_rec(tmp_path / "t.rec", progress=False)
+    assert clean.ok and clean.records == 13 and sum(clean.per_class.values()) == 13
+    _corrupt(kind, tmp_path / "t.rec", tmp_path / "t.idx")
+    res = verify_rec(tmp_path / "t.rec", progress=False)
+    assert not res.ok, kind
+
+
+def test_verify_cli_exit_status_and_class_counts(packed, tmp_path):
+    src, _, _ = packed
+    ok = fx.run_recbuild("verify", "--no-progress", str(src / "set_train.rec"))
+    assert "OK" in ok.stdout and "(cat)" in ok.stdout and "(eel)" in ok.stdout
+    shutil.copy(src / "set_train.rec", tmp_path / "b.rec")
+    shutil.copy(src / "set_train.idx", tmp_path / "b.idx")
+    with open(tmp_path / "b.rec", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 10)
+    bad = fx.run_recbuild("verify", "--no-progress", str(tmp_path / "b.rec"), check=False)
+    assert bad.returncode == 1 and "CORRUPT" in bad.stderr
