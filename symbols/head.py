@@ -113,12 +113,23 @@ def find_head(symbol: mx.sym.Symbol, sidecar_classifier: Optional[str] = None,
                     f"names none; pass --layer-before-fullc (FullyConnected layers: {fc_layers(symbol)})")
 
 
+def to_float16(symbol: mx.sym.Symbol, spec: HeadSpec) -> mx.sym.Symbol:
+    """The training network in float16: the input is cast to float16 (so every weight infers as float16) and
+    the classifier's logits back to float32, so the softmax and its gradient stay accurate.
+
+    Checkpoints keep the float32 symbol (same parameter names and shapes), which runs anywhere, CPU included.
+    """
+    logits = symbol.get_internals()[f"{spec.classifier}_output"]
+    logits = logits(**{INPUT_NAME: mx.sym.Cast(mx.sym.var(INPUT_NAME), dtype="float16", name=f"{INPUT_NAME}_fp16")})
+    logits = mx.sym.Cast(logits, dtype="float32", name=f"{spec.classifier}_fp32")
+    return mx.sym.SoftmaxOutput(logits, name=spec.output_name)
+
+
 def build_head(features: mx.sym.Symbol, num_classes: int, spec: HeadSpec, hidden: int = 0,
-               hidden_dropout: float = 0.5, dtype: str = "float32") -> mx.sym.Symbol:
+               hidden_dropout: float = 0.5) -> mx.sym.Symbol:
     """New classifier on top of `features`: [FC(hidden) -> ReLU -> Dropout ->] FC(num_classes) -> SoftmaxOutput.
 
-    The classifier keeps the old layer's name (e.g. fc8), so code that looks it up keeps working. With
-    float16 the logits are cast back to float32 so the softmax and its gradient stay accurate.
+    The classifier keeps the old layer's name (e.g. fc8), so code that looks it up keeps working.
     """
     x = features
     if hidden:
@@ -127,8 +138,6 @@ def build_head(features: mx.sym.Symbol, num_classes: int, spec: HeadSpec, hidden
         if hidden_dropout > 0:
             x = mx.sym.Dropout(x, p=hidden_dropout, name=f"{spec.classifier}_hidden_drop")
     x = mx.sym.FullyConnected(x, num_hidden=num_classes, name=spec.classifier)
-    if dtype != "float32":
-        x = mx.sym.Cast(x, dtype="float32", name=f"{spec.classifier}_cast")
     return mx.sym.SoftmaxOutput(x, name=spec.output_name)
 
 
@@ -172,12 +181,11 @@ def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], au
         raise HeadError(f"feature output {spec.feature_output!r} is not in the network; "
                         f"FullyConnected layers: {fc_layers(symbol)}")
     features = internals[spec.feature_output]
-    if dtype == "float16":
-        features = features(**{INPUT_NAME: mx.sym.Cast(mx.sym.var(INPUT_NAME), dtype="float16",
-                                                       name=f"{INPUT_NAME}_fp16")})
-    elif dtype != "float32":
+    if dtype not in ("float32", "float16"):
         raise HeadError(f"dtype {dtype!r} is not supported; use float32 or float16")
-    new_sym = build_head(features, num_classes, spec, hidden, hidden_dropout, dtype)
+    new_sym = build_head(features, num_classes, spec, hidden, hidden_dropout)
+    if dtype == "float16":
+        new_sym = to_float16(new_sym, spec)
 
     label = f"{spec.output_name}_label"
     arg_shapes, _, aux_shapes = new_sym.infer_shape(**{INPUT_NAME: (1,) + tuple(input_shape)})

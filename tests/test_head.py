@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from symbols import vgg
-from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults)
+from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults,
+                          to_float16)
 from symbols.vgg import HeadSpec
 
 SHAPE = (3, 16, 16)
@@ -122,6 +123,9 @@ def test_missing_batchnorm_state_and_bad_class_count_fail():
 def test_float16_head_casts_input_and_logits():
     sym, args = tiny_vgg()
     head = replace_head(sym, args, {}, SHAPE, 3, vgg.HEAD, dtype="float16")
+    plain = replace_head(sym, args, {}, SHAPE, 3, vgg.HEAD)
+    assert head.symbol.list_arguments() == plain.symbol.list_arguments()  # float32 checkpoints load into it
+    assert to_float16(plain.symbol, vgg.HEAD).tojson() == head.symbol.tojson()
     arg_types, out_types, _ = head.symbol.infer_type(data=np.float32)
     types = dict(zip(head.symbol.list_arguments(), arg_types))
     assert types["conv1_1_weight"] == np.float16 and types["fc8_weight"] == np.float16

@@ -125,7 +125,7 @@ def test_cli_and_errors(trained, tmp_path, capsys):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Predicted 14 images" in done.stdout and out.is_file() and (tmp_path / "cli.topk.csv").is_file()
-    assert main(["evaluate", str(trained / "ft"), "3", str(trained / "s_val.rec"), "--top-k", "2"]) == 0
+    assert main(["evaluate", str(trained / "ft"), "latest", str(trained / "s_val.rec"), "--top-k", "2"]) == 0
     assert "14 images, accuracy" in capsys.readouterr().out
     bad = tmp_path / "imgs"
     bad.mkdir()

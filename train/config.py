@@ -52,15 +52,15 @@ class TrainConfig:
     pca_noise: float = 0.0
     # ---- schedule ----------------------------------------------------------------------------------------
     num_epochs: int = 30                    # fine-tune.py's default
-    lr: float = 0.1                         # fine-tune.py's default (with a frozen backbone use less)
+    lr: float = 0.01                        # fine-tune.py's default
     lr_scheduler: str = "step"              # new: step (fit.py's) or cosine
     lr_factor: float = 0.1
     lr_step_epochs: Tuple[int, ...] = (20,)  # fine-tune.py's default '20'
     warmup_epochs: float = 0.0              # linear warm-up from 0 before either schedule
     # ---- optimizer ---------------------------------------------------------------------------------------
     optimizer: str = "sgd"
-    mom: float = 0.9
-    wd: float = 0.0005                      # Caffe's VGG solver value; fit.py's 1e-4 is for from-scratch ResNets
+    mom: float = 0.9                        # fine-tune.py sets 0; Caffe's fine-tuning solvers use 0.9
+    wd: float = 0.0005                      # fine-tune.py sets 0; Caffe's VGG solver value
     lr_mult: List[str] = field(default_factory=list)  # new: 'REGEX=MULT', 0 freezes
     dtype: str = "float32"                  # float16 needs a GPU; multi-precision SGD keeps fp32 masters
     # ---- devices -----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 
 from recbuild.classmap import write_class_map
 from symbols.head import (HeadError, NewHead, find_head, frozen, parse_lr_mult, replace_head,
-                          resolve_lr_mults)
+                          resolve_lr_mults, to_float16)
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from symbols.vgg import HeadSpec
 from tools.atomic import atomic_path, write_json
@@ -289,7 +289,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         shape = tuple(cfg.image_shape or pre.input_shape)
     else:
         prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
-                                 cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed, cfg.dtype)
+                                 cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
         symbol, args, aux, spec = prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec
         shape = tuple(cfg.image_shape or prepared.pre.input_shape)
         pre = replace(prepared.pre, input_shape=shape, num_classes=classes.num_classes, classifier=spec.classifier,
@@ -331,7 +331,9 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
     prev = history.row(begin_epoch) if resume else None
     begin_num_update = int(prev["num_update"]) if prev and "num_update" in prev else begin_epoch * batches_per_epoch
 
-    module = mx.mod.Module(symbol, data_names=["data"], label_names=[label_name], context=ctx,
+    # float16 trains a cast copy; checkpoints keep the float32 symbol (same names), which runs anywhere.
+    train_symbol = to_float16(symbol, spec) if cfg.dtype == "float16" else symbol
+    module = mx.mod.Module(train_symbol, data_names=["data"], label_names=[label_name], context=ctx,
                            fixed_param_names=fixed)
     module.bind(data_shapes=[("data", (cfg.batch_size,) + shape)], label_shapes=[(label_name, (cfg.batch_size,))],
                 for_training=True)

@@ -248,9 +248,19 @@ def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, r
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
+def latest_epoch(prefix: str) -> int:
+    """The highest N of the PREFIX-NNNN.params files."""
+    folder, name = Path(str(prefix)).parent, Path(str(prefix)).name
+    epochs = [int(p.name[len(name) + 1:-7]) for p in folder.glob(f"{name}-*.params")
+              if p.name[len(name) + 1:-7].isdigit() and len(p.name) == len(name) + 12]
+    if not epochs:
+        raise PredictError(f"{prefix}-NNNN.params: no checkpoint found")
+    return max(epochs)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params, sidecar)")
-    p.add_argument("epoch", type=int)
+    p.add_argument("epoch", help="checkpoint epoch, or 'latest'")
     p.add_argument("--mirror", action="store_true", help="test-time augmentation: average with the mirror image")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--resize", type=int, default=-1, help="shorter side before the centre crop")
@@ -281,7 +291,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ctx = [mx.gpu(int(g)) for g in args.gpus.split(",")] if args.gpus else None
     started = time.time()
     try:
-        model = load_model(args.prefix, args.epoch, args.batch_size, ctx, args.classes)
+        if args.epoch == "latest":
+            epoch = latest_epoch(args.prefix)
+        elif args.epoch.isdigit():
+            epoch = int(args.epoch)
+        else:
+            raise PredictError(f"epoch {args.epoch!r}: expected a number or 'latest'")
+        model = load_model(args.prefix, epoch, args.batch_size, ctx, args.classes)
         if evaluating:
             result = evaluate(model, args.data, args.top_k, args.mirror, args.resize)
             if args.json:
