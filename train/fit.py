@@ -381,7 +381,8 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
              prefix, classes.num_classes, classes.num_records, len(param_names), len(fixed), ctx)
 
     last_good = str(ckpt.params_path(begin_epoch)) if resume else f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch finished)"
-    tally = Tally(cfg.top_k)
+    top_k = cfg.top_k if cfg.top_k < classes.num_classes else 0  # top-k of all classes is always 1
+    tally = Tally(top_k)
     for epoch in range(begin_epoch, cfg.num_epochs):
         # Shuffling, augmentation and dropout replay exactly from (seed, epoch): the basis of exact resume.
         mx.random.seed(cfg.seed * 1000 + epoch)
@@ -416,7 +417,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         if not np.isfinite(row["train_loss"]):
             raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
         if cfg.data_val:  # a fresh iterator per pass: ImageRecordIter.reset() skips the wrapped filler
-            row.update(_evaluate(module, make_iter(cfg.data_val, False, cfg.seed), cfg.top_k))
+            row.update(_evaluate(module, make_iter(cfg.data_val, False, cfg.seed), top_k))
         ckpt.write_epoch(epoch + 1, module, with_states=not dist_states)
         last_good = str(ckpt.params_path(epoch + 1))
         history.append(row)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 import time
@@ -225,6 +226,7 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
 
 def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, resize: int = -1) -> dict:
     """Accuracy, top-k accuracy and log loss (Kaggle's, probabilities clipped to 1e-15) on labelled data."""
+    top_k = top_k if top_k < len(model.class_names) else 0  # top-k of all classes is always 1
     tally = Tally(top_k)
     per_class = np.zeros((len(model.class_names), 2), np.int64)
     for _, probs, labels in iterate(model, source, mirror, resize):
@@ -258,12 +260,22 @@ def latest_epoch(prefix: str) -> int:
     return max(epochs)
 
 
+def trained_resize(prefix: str) -> int:
+    """The --resize the checkpoint was trained with (from PREFIX-config.json), so prediction crops alike."""
+    path = Path(f"{prefix}-config.json")
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8")).get("resize", -1))
+    except (OSError, ValueError, TypeError):
+        return -1
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params, sidecar)")
     p.add_argument("epoch", help="checkpoint epoch, or 'latest'")
     p.add_argument("--mirror", action="store_true", help="test-time augmentation: average with the mirror image")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--resize", type=int, default=-1, help="shorter side before the centre crop")
+    p.add_argument("--resize", type=int, default=-1,
+                   help="shorter side before the centre crop (default: the training run's --resize)")
     p.add_argument("--gpus", default=None, help="e.g. 0 (default CPU)")
     p.add_argument("--classes", default=None, help="class map to name the columns (default: the sidecar's)")
 
@@ -298,15 +310,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             raise PredictError(f"epoch {args.epoch!r}: expected a number or 'latest'")
         model = load_model(args.prefix, epoch, args.batch_size, ctx, args.classes)
+        resize = args.resize if args.resize > 0 else trained_resize(args.prefix)
         if evaluating:
-            result = evaluate(model, args.data, args.top_k, args.mirror, args.resize)
+            result = evaluate(model, args.data, args.top_k, args.mirror, resize)
             if args.json:
                 write_json(args.json, result)
-            topk = f", top-{args.top_k} {result[f'top_{args.top_k}_accuracy']:.4f}" if args.top_k > 1 else ""
+            key = f"top_{args.top_k}_accuracy"
+            topk = f", top-{args.top_k} {result[key]:.4f}" if key in result else ""
             print(f"{args.data}: {result['images']} images, accuracy {result['accuracy']:.4f}{topk}, "
                   f"log loss {result['log_loss']:.4f}" + (" (mirror TTA)" if args.mirror else ""))
             return 0
-        summary = predict(model, args.data, args.out, args.top_k, args.mirror, args.resize, args.root, args.id_mode)
+        summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root, args.id_mode)
     except (PredictError, DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
