@@ -19,7 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, List, Optional, Sequence, Tuple
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
 
 from recbuild import config as defaults
 from recbuild.config import PackConfig
@@ -137,25 +139,58 @@ def _start_method() -> str:
     return "fork" if _cv2_imported_here else "forkserver"
 
 
-def _results(entries: Sequence[Entry], root: str, cfg: PackConfig) -> "collections.abc.Iterator[Result]":
-    """Yield results in list order, computed by cfg.workers processes with a bounded number in flight."""
+def _results(entries: Sequence[Entry], root: str, cfg: PackConfig) -> Iterator[Result]:
+    """Yield results in list order, computed by cfg.workers processes with a bounded number in flight.
+
+    A worker that dies (a decoder crashing on a hostile file) breaks the pool; the unfinished images are then
+    redone one at a time in a fresh pool, so the crash is pinned on its image, reported, and the run goes on.
+    """
     items = list(enumerate(entries))
-    if cfg.workers <= 1 or len(items) <= defaults.BATCH_SIZE:
-        _init_worker(cfg)
-        for pos, entry in items:
-            yield _pack_one(pos, entry, root, cfg)
+    if not items:
         return
     batches = [items[i:i + defaults.BATCH_SIZE] for i in range(0, len(items), defaults.BATCH_SIZE)]
     ctx = multiprocessing.get_context(_start_method())
-    window = cfg.workers * defaults.IN_FLIGHT_PER_WORKER
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-        pending: Deque = collections.deque()
-        next_batch = 0
-        while next_batch < len(batches) or pending:
-            while next_batch < len(batches) and len(pending) < window:
-                pending.append(pool.apply_async(_pack_batch, (batches[next_batch], root)))
-                next_batch += 1
-            yield from pending.popleft().get()
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["recbuild.images"])
+    window = max(2, cfg.workers * defaults.IN_FLIGHT_PER_WORKER)
+    pool: Optional[ProcessPoolExecutor] = None
+
+    def fresh_pool() -> ProcessPoolExecutor:
+        nonlocal pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
+        return pool
+
+    fresh_pool()
+    todo: Deque = collections.deque(batches)
+    pending: Deque = collections.deque()
+    try:
+        while todo or pending:
+            while todo and len(pending) < window:
+                batch = todo.popleft()
+                pending.append((batch, pool.submit(_pack_batch, batch, root)))
+            batch, future = pending.popleft()
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                suspects = [item for b in [batch] + [b for b, _ in pending] for item in b]
+                pending.clear()
+                log.warning("a worker process died; re-packing %d image(s) one at a time to find the cause",
+                            len(suspects))
+                fresh_pool()
+                for item in suspects:
+                    try:
+                        results = pool.submit(_pack_batch, [item], root).result()
+                    except BrokenProcessPool:
+                        results = [(item[0], None, "the decoder crashed its worker process (corrupt or hostile "
+                                                   "file)")]
+                        fresh_pool()
+                    yield from results
+                continue
+            yield from results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def remove_stale_parts(path: Path) -> None:

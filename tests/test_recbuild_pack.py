@@ -371,3 +371,39 @@ def test_verify_cli_exit_status_and_class_counts(packed, tmp_path):
         f.truncate(f.seek(0, 2) - 10)
     bad = fx.run_recbuild("verify", "--no-progress", str(tmp_path / "b.rec"), check=False)
     assert bad.returncode == 1 and "CORRUPT" in bad.stderr
+
+
+_CRASH_SCRIPT = """
+import os, signal, sys
+import recbuild.images as images
+import recbuild.packing as packing
+real = images.load_image_bytes
+def crashing(path, cfg):
+    if "boom" in path:
+        os.kill(os.getpid(), signal.SIGSEGV)     # what a decoder bug in C does to the worker
+    return real(path, cfg)
+images.load_image_bytes = crashing
+packing._cv2_imported_here = True                # we imported cv2 without using it: forking stays safe
+from recbuild.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_worker_crash_is_pinned_on_its_image(tmp_path):
+    """A decoder that kills its worker process costs that image only: it is reported, the rest is packed."""
+    root = tmp_path / "img"
+    root.mkdir()
+    names = [f"{i:02d}{'boom' if i in (5, 17) else ''}.jpg" for i in range(30)]
+    for i, name in enumerate(names):
+        cv2.imwrite(str(root / name), fx.coded(20, 20, 0, i))
+    fx.run_recbuild("--list", "--no-shuffle", str(tmp_path / "c"), str(root))
+    repo = Path(fx.__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, "--num-thread", "2", "--no-progress",
+                           str(tmp_path / "c"), str(root)], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(repo)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    records, keys = _records(tmp_path / "c")
+    assert keys == [i for i in range(30) if i not in (5, 17)]
+    errors = (tmp_path / "c.errors.tsv").read_text().splitlines()[1:]
+    assert [line.split("\t")[:2] for line in errors] == [["5", "05boom.jpg"], ["17", "17boom.jpg"]]
+    assert all("crashed its worker" in line for line in errors)
