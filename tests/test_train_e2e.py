@@ -70,3 +70,32 @@ def test_caffe_vgg_converted_then_fine_tuned_frozen_and_resumed(tmp_path):
     done = run("-m", "train.predict", "evaluate", str(tmp_path / "ft"), "6", str(tmp_path / "set_val.rec"))
     accuracy = float(done.stdout.split("accuracy ")[1].split(",")[0])
     assert accuracy == pytest.approx(metrics[-1]["val_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL in the middle of training: only complete checkpoints remain, and resuming gives the weights of
+    an uninterrupted run."""
+    import signal
+    import time
+    from tests._train_fixtures import tiny_vgg_checkpoint
+    tiny_vgg_checkpoint(tmp_path / "pre")
+    write_rec(tmp_path / "s_train.rec", 4, 60, class_names=CLASSES)
+    args = ["-m", "train", "--pretrained-model", str(tmp_path / "pre"), "--data-train", str(tmp_path / "s_train.rec"),
+            "--num-epochs", "4", "--batch-size", "8", "--lr", "0.02", "--no-progress"]
+    run(*args, "--model-prefix", str(tmp_path / "straight"))
+    proc = subprocess.Popen([sys.executable, *args, "--model-prefix", str(tmp_path / "k")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "k-0002.params").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name[2:6]) for p in tmp_path.glob("k-*.params"))
+    assert done and done[-1] < 4, "the run finished before it could be killed"
+    for epoch in done:  # whatever exists is complete and loadable
+        mx.nd.load(str(tmp_path / f"k-{epoch:04d}.params"))
+    run(*args, "--model-prefix", str(tmp_path / "k"), "--load-epoch", str(done[-1]))
+    a, b = mx.nd.load(str(tmp_path / "straight-0004.params")), mx.nd.load(str(tmp_path / "k-0004.params"))
+    for key in a:
+        np.testing.assert_allclose(b[key].asnumpy(), a[key].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=key)

@@ -124,6 +124,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        from train.fit import Checkpointer
+        done = [e for e in Checkpointer(cfg.model_prefix).existing_epochs() if e > 0]
+        hint = (f"last complete checkpoint {cfg.model_prefix}-{done[-1]:04d}.params; resume with the same command "
+                f"plus --load-epoch {done[-1]}" if done else "no epoch finished")
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
+        return 130
     last = result.metrics[-1] if result.metrics else {}
     val = (f", val accuracy {last['val_accuracy']:.3f} (loss {last['val_loss']:.3f})"
            if "val_accuracy" in last else "")

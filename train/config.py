@@ -80,8 +80,8 @@ class TrainConfig:
         """Reject bad values with one clear message each, before any work is done."""
         def bad(msg: str):
             raise ValueError(msg)
-        if not self.pretrained_model:
-            bad("--pretrained-model PREFIX is required (a converted checkpoint)")
+        if not self.pretrained_model and self.load_epoch is None:
+            bad("--pretrained-model PREFIX is required (a converted checkpoint), unless resuming with --load-epoch")
         if not self.data_train:
             bad("--data-train FILE.rec is required")
         if not self.model_prefix:
