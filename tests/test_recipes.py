@@ -129,10 +129,29 @@ def test_cache_run_resumes_exactly(data):
     assert [r["epoch"] for r in json.loads((data / "b-metrics.json").read_text())["epochs"]] == [1, 2, 3, 4]
 
 
-def test_cache_refuses_augmentation_it_cannot_hold(data):
+def test_features_cli_trains_and_refuses_augmentation_it_cannot_hold(data, capsys):
     base = small_net_checkpoint(data / "base")
-    with pytest.raises(TrainError, match="--random-resized-crop"):
-        features.train_from_cache(_cfg(data, base, "x", random_resized_crop=True), cache_dir=data / "cache")
+    common = ["features", "--pretrained-model", str(base), "--data-train", str(data / "d_train.rec"), "--data-val",
+              str(data / "d_val.rec"), "--batch-size", "8", "--num-epochs", "2", "--no-progress",
+              "--cache-dir", str(data / "cache")]
+    assert recipes_main([*common, "--model-prefix", str(data / "ok"), "--mirror"]) == 0
+    assert "Head trained from cached features: 3 classes, 2 epochs" in capsys.readouterr().out
+    assert json.loads((data / "ok-config.json").read_text())["resolved"]["mirror"] is True
+    assert recipes_main([*common, "--model-prefix", str(data / "bad"), "--random-resized-crop", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--random-resized-crop" in err[0] and "--mirror" in err[0]
+    assert not (data / "bad-symbol.json").exists()
+    # Existing checkpoints are never overwritten silently.
+    assert recipes_main([*common, "--model-prefix", str(data / "ok")]) == 2
+    assert "--load-epoch 2, or pass --overwrite" in capsys.readouterr().err
+
+
+def test_ensemble_and_pseudo_input_errors(data):
+    with pytest.raises(ValueError, match="expected PREFIX:EPOCH"):
+        ensemble.parse_model("out/model")
+    base = small_net_checkpoint(data / "base")
+    with pytest.raises(TrainError, match="base-config.json: missing"):
+        pseudo.pseudo_label(str(base), 0, data / "d_val.rec", str(data / "pl"))
 
 
 # ---- 2. fusion ------------------------------------------------------------------------------------------------
@@ -339,7 +358,7 @@ def test_pseudo_labels_add_confident_test_records_and_report_the_change(data):
     probs = ensemble.predict_rec(load_model(str(tmp / "m"), 8, batch_size=8), tmp / "test.rec").probs
     threshold = float(np.quantile(probs.max(1), 0.4))  # keeps ~60%, whatever the model's confidence
     code = recipes_main(["pseudo", str(tmp / "m"), "8", "--test", str(tmp / "test.rec"), "--threshold",
-                         str(threshold), "--out-prefix", str(tmp / "pl"), "--batch-size", "8"])
+                         str(threshold), "--out-prefix", str(tmp / "pl"), "--batch-size", "8", "--cache-dir", str(tmp / "cache")])
     assert code == 0
     report = json.loads((tmp / "pl-pseudo.json").read_text())
     kept = np.flatnonzero(probs.max(1) >= threshold)

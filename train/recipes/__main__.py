@@ -158,9 +158,11 @@ def _pseudo(argv: List[str]) -> int:
     p.add_argument("--num-epochs", type=int, default=None, help="default: the original run's")
     p.add_argument("--mirror", action="store_true", help="TTA for the test predictions")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache-dir", default=None, help="feature cache of a retrain by the feature-cache route "
+                                                     "(default .cache/features)")
     args = p.parse_args(argv)
     r = pseudo_label(args.prefix, args.epoch, args.test, args.out_prefix, args.threshold, args.data_val,
-                     args.num_epochs, args.mirror, args.batch_size)
+                     args.num_epochs, args.mirror, args.batch_size, args.cache_dir)
     print(f"Pseudo-labels: added {r['added']} of {r['test_records']} test images (confidence >= {r['threshold']:g}) "
           f"to {r['train_records']} training images -> {r['pseudo_rec']}; retrained {r['retrained']}. Validation "
           f"accuracy {r['val_accuracy_before']:.4f} -> {r['val_accuracy_after']:.4f} "
@@ -178,6 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import mxnet as mx
+
     from train.data import DataError
     from train.fit import TrainError, TrainingDiverged
     from train.predict import PredictError
@@ -190,6 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 3
     except (TrainError, DataError, PredictError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except mx.base.MXNetError as err:  # e.g. an input size the network cannot take: MXNet's own first line
+        lines = [ln for ln in str(err).splitlines() if ln.strip() and "Traceback" not in ln and "File " not in ln]
+        print(f"error: MXNet refused the network or data: {lines[-1].strip() if lines else err}", file=sys.stderr)
         return 2
 
 
