@@ -285,6 +285,9 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         if pre.num_classes != classes.num_classes:
             raise TrainError(f"{sidecar_path(prefix)}: the checkpoint has {pre.num_classes} classes, the data "
                              f"{classes.num_classes}")
+        if pre.class_names and classes.names and pre.class_names != classes.names:
+            raise TrainError(f"{classes.class_map}: class names differ from those the checkpoint was trained with "
+                             f"({sidecar_path(prefix)}); a resume must use the same classes in the same order")
         sidecar_dir, new_params = Path(prefix).parent, []
         shape = tuple(cfg.image_shape or pre.input_shape)
     else:
