@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-val", default=D.data_val, help=".rec of the validation set")
     g.add_argument("--image-shape", type=_ints, default=D.image_shape, help="C,H,W (default: the sidecar's)")
     g.add_argument("--batch-size", type=int, default=D.batch_size, help="per worker, across all its devices")
+    g.add_argument("--num-examples", type=int, default=D.num_examples,
+                   help="fit.py's epoch size; the records are counted, this is only checked against them")
     g.add_argument("--resize", type=int, default=D.resize, help="shorter side before cropping (-1: as packed)")
     g.add_argument("--data-nthreads", type=int, default=D.data_nthreads)
     g.add_argument("--rgb-mean", type=_floats, default=D.rgb_mean, help="override the sidecar's mean (R,G,B)")

@@ -33,6 +33,7 @@ class TrainConfig:
     data_val: Optional[str] = None
     image_shape: Optional[Tuple[int, int, int]] = None  # None: the sidecar's input_shape
     batch_size: int = 32                    # fine-tune.py's default
+    num_examples: Optional[int] = None      # fit.py's; not needed (records are counted), checked when given
     resize: int = -1                        # shorter side resized to this before cropping (-1: as packed)
     data_nthreads: int = 2                  # decode threads: the CI machine has 2 cores
     rgb_mean: Optional[Tuple[float, float, float]] = None  # override the sidecar (RGB order)

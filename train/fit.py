@@ -270,6 +270,9 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
     ckpt = Checkpointer(prefix)
 
     classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
+    if cfg.num_examples is not None and cfg.num_examples != classes.num_records:
+        log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
+                    cfg.data_train, classes.num_records)
     resume = cfg.load_epoch is not None
     existing = [e for e in ckpt.existing_epochs() if e > 0]
     if not resume and existing and not cfg.overwrite:
