@@ -84,6 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each is kept")
+    p.add_argument("--no-cache", action="store_true", help="skip the feature-cache comparison (bench/train_cache.py)")
     args = p.parse_args(argv)
     ctx = contexts(args.gpus, 1)
     on_gpu = bool(args.gpus)
@@ -104,6 +105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               "frozen": f"ours, --lr-mult '{FREEZE}=0'"}
     for mode, value in results.items():
         print(f"  {labels[mode]:<44} {value:8.2f} img/s   {value / base:5.2f}x")
+    if not args.no_cache:  # issue 6: head epochs/s from the feature cache vs full forward passes, same data
+        from bench.train_cache import report
+        report()
     return 0
 
 
