@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import List, Tuple
 
 import cv2
-import numpy as np
 
 # ---- defaults, in one place ------------------------------------------------------------------------------------
 CACHE = Path(".cache/bench_pack")

@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from recbuild import config as defaults
 from recbuild.config import ListConfig, PackConfig

@@ -17,9 +17,7 @@ Choices (documented in the README):
 """
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 

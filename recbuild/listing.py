@@ -20,10 +20,9 @@ import csv
 import logging
 import os
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from recbuild.classmap import class_map_path, write_class_map
 from recbuild.config import ListConfig
@@ -353,6 +352,8 @@ def make_lists(prefix: str, root: str, cfg: ListConfig) -> List[Tuple[str, int]]
     written = []
     for suffix, part in parts:
         path = prefix + suffix + ".lst"
+        if os.path.exists(path):
+            log.info("replacing %s", path)      # atomically: readers see the old or the new list, never half
         write_list(path, part)
         written.append((path, len(part)))
     cmap = class_map_path(prefix)

@@ -17,17 +17,17 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
 
 from recbuild import config as defaults
 from recbuild.config import PackConfig
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.recordio import RecordWriter, pack_header
-from tools.atomic import atomic_open, part_path
+from tools.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,8 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     for path in (rec, idx, errors_path_for(rec)):
         remove_stale_parts(path)
 
+    if rec.exists() or idx.exists():
+        log.info("%s will replace the existing %s/%s once it is complete", lst.name, rec.name, idx.name)
     bar = _progress_bar(progress, cfg, len(entries), lst.name)
     start = time.perf_counter()
     try:

@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from recbuild.classmap import find_class_map, read_class_map
