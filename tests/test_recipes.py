@@ -13,13 +13,12 @@ import json
 import os
 import pickle
 from dataclasses import replace
-from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 import pytest
 
-from symbols.sidecar import Preprocess, load_sidecar, save_sidecar
+from symbols.sidecar import load_sidecar, save_sidecar
 from tests._recipes_fixtures import small_net_checkpoint
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig

@@ -37,7 +37,7 @@ from symbols.head import build_head, parse_lr_mult, resolve_lr_mults
 from symbols.sidecar import Preprocess, copy_mean_file, load_sidecar
 from tools.atomic import atomic_path, write_json
 from train.config import TrainConfig, config_path
-from train.data import Augment, DataError, record_iter, resolve_classes
+from train.data import DataError, record_iter, resolve_classes
 from train.fit import (Checkpointer, FitResult, TrainError, TrainingDiverged, _load_checkpoint, make_optimizer,
                        param_idx2name, prepare_model, schedule)
 from train.metrics import MetricsLog, Tally
@@ -175,13 +175,14 @@ def cached_features(backbone: Backbone, rec_path, pre: Preprocess, sidecar_dir, 
 
 
 # ---- head training --------------------------------------------------------------------------------------------
-_CACHE_AUGMENT_OK = {"random_mirror"}  # the only augmentation a cache can hold (as a second view)
+# Augmentations that change every epoch's pixels; a cache holds fixed views (random_mirror: a second view).
+# (min/max_random_area and the aspect limits only matter with random_resized_crop, so they are not listed.)
+_UNCACHEABLE = ("random_crop", "random_resized_crop", "max_random_rotate_angle", "brightness", "contrast",
+                "saturation", "pca_noise")
 
 
 def _check_cacheable(cfg: TrainConfig) -> None:
-    aug = Augment(**{k: getattr(cfg, k) for k in Augment.__dataclass_fields__})
-    active = [k for k, v in asdict(aug).items() if k not in _CACHE_AUGMENT_OK and v
-              and v != getattr(Augment(), k)]
+    active = [k for k in _UNCACHEABLE if getattr(cfg, k)]
     if active:
         raise TrainError(f"--{active[0].replace('_', '-')}: the feature cache holds one fixed view per image; "
                          f"only --random-mirror/--mirror can be cached; drop it or train with `python -m train`")

@@ -32,7 +32,7 @@ from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
 from train.recipes.ensemble import predict_rec
-from train.recipes.sampling import _record_payloads
+from train.recipes.sampling import record_payloads
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def load_run_config(prefix: str) -> TrainConfig:
 def write_pseudo_rec(train_rec, test_rec, test_probs: np.ndarray, threshold: float, out_rec,
                      class_names=None) -> dict:
     """Write OUT_REC = train records + test records with top probability >= threshold (label = argmax)."""
-    train_payloads = _record_payloads(Path(train_rec))
-    test_payloads = _record_payloads(Path(test_rec))
+    train_payloads = record_payloads(Path(train_rec))
+    test_payloads = record_payloads(Path(test_rec))
     if len(test_payloads) != len(test_probs):
         raise TrainError(f"{test_rec}: {len(test_payloads)} records but {len(test_probs)} predictions")
     confidence = test_probs.max(axis=1)

@@ -47,7 +47,7 @@ def balanced_indices(labels: np.ndarray, seed: int, size: Optional[int] = None) 
                       p=class_weights(labels))
 
 
-def _record_payloads(rec_path: Path) -> List[bytes]:
+def record_payloads(rec_path: Path) -> List[bytes]:
     """Every record payload of a .rec (each already holds its IRHeader and encoded image), in file order."""
     reader = mx.recordio.MXRecordIO(str(rec_path), "r")
     payloads = []
@@ -67,7 +67,7 @@ def write_resampled_rec(src: Path, indices: np.ndarray, dst: Path, payloads: Opt
 
     Record ids are renumbered 0..n-1 in the .idx (the IRHeader inside each record is kept as is).
     """
-    payloads = payloads if payloads is not None else _record_payloads(src)
+    payloads = payloads if payloads is not None else record_payloads(src)
     dst = Path(dst)
     with atomic_path(dst) as tmp_rec, atomic_path(dst.with_suffix(".idx")) as tmp_idx:
         writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
@@ -102,7 +102,7 @@ class BalancedEpochs:
 
     def __call__(self, epoch: int) -> str:
         if self._payloads is None:
-            self._payloads = _record_payloads(self.src)
+            self._payloads = record_payloads(self.src)
             if len(self._payloads) != self.labels.size:
                 raise DataError(f"{self.src}: {len(self._payloads)} records readable, {self.labels.size} headers")
         path = self.folder / f"epoch-{epoch:04d}.rec"
