@@ -373,10 +373,14 @@ def _check_config(cfg: ListConfig) -> None:
         raise ListError(f"--train-ratio and --test-ratio must lie in [0, 1], got {cfg.train_ratio} and "
                         f"{cfg.test_ratio}")
     if cfg.train_ratio != 1.0 and cfg.train_ratio + cfg.test_ratio > 1.0 + 1e-9:
-        raise ListError(f"--train-ratio {cfg.train_ratio} + --test-ratio {cfg.test_ratio} exceed 1")
-    if cfg.unlabelled and (cfg.labels_csv or cfg.recursive or cfg.stratify):
-        raise ListError("--unlabelled lists a flat folder of unlabelled images; it cannot be combined with "
-                        "--labels, --recursive or --stratify")
+        # im2rec accepts this and silently trains on 1 - test_ratio; we do the same (identical lists) but say so.
+        log.warning("--train-ratio %s + --test-ratio %s exceed 1: the test split is taken first and the train "
+                    "split gets what is left (%s of each chunk); there is no val split",
+                    cfg.train_ratio, cfg.test_ratio, round(1 - cfg.test_ratio, 6))
+    if cfg.unlabelled and (cfg.labels_csv or cfg.recursive or cfg.stratify or cfg.chunks != 1
+                           or cfg.train_ratio != 1.0 or cfg.test_ratio):
+        raise ListError("--unlabelled lists a flat folder of unlabelled images into PREFIX_test.lst; it cannot "
+                        "be combined with --labels, --recursive, --stratify, --chunks or the split ratios")
     if cfg.labels_csv and cfg.recursive:
         raise ListError("--labels reads a flat folder; drop --recursive")
     bad_exts = [e for e in cfg.exts if not e.startswith(".") or e != e.lower()]

@@ -43,6 +43,8 @@ FLAG_SETS = [
     ["--recursive", "--no-shuffle", "--train-ratio", "0.5", "--exts", ".jpg", ".gif"],
     ["--train-ratio", "0.8"],                                  # non-recursive: root files only, label 0
     ["--recursive", "--train-ratio", "0.7", "--test-ratio", "0.3", "--chunks", "4"],   # no val (0.7+0.3 == 1)
+    ["--recursive", "--train-ratio", "0.9", "--test-ratio", "0.2", "--no-shuffle"],    # sum > 1: warned
+    ["--recursive", "--train-ratio", "1.0", "--test-ratio", "0.2", "--chunks", "2"],   # 1.0 ignores test
 ]
 
 
@@ -216,3 +218,21 @@ def test_malformed_list_lines_are_named(tmp_path, content, expect):
     lst.write_text(content)
     with pytest.raises(ListError, match=expect):
         read_list(str(lst))
+
+
+def test_every_im2rec_option_is_accepted_with_its_default():
+    """A script switches over by changing only the program name: every im2rec.py flag exists here too."""
+    import re
+    import subprocess
+    import sys
+    from recbuild.cli import build_parser
+    help_text = subprocess.run([sys.executable, str(fx.IM2REC), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    theirs = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
+    ours = {opt for action in build_parser()._actions for opt in action.option_strings}
+    assert len(theirs) >= 15 and theirs <= ours, theirs - ours
+    defaults = vars(build_parser().parse_args(["p", "r"]))
+    assert defaults["exts"] == [".jpeg", ".jpg", ".png"] and defaults["quality"] == 95
+    assert defaults["chunks"] == 1 and defaults["train_ratio"] == 1.0 and defaults["test_ratio"] == 0
+    assert defaults["color"] == 1 and defaults["encoding"] == ".jpg" and defaults["resize"] == 0
+    assert defaults["shuffle"] is True
