@@ -421,3 +421,20 @@ def test_fit_with_class_balance_reads_the_resampled_epochs(tmp_path):
                                     class_balance=True)
     assert json.loads((tmp_path / "c-config.json").read_text())["resolved"]["class_balance"] is True
     assert res.last_epoch == 2
+
+
+@pytest.mark.slow
+def test_pseudo_labels_retrain_a_staged_model_with_its_schedule(data):
+    tmp = data
+    write_rec(tmp / "test.rec", 3, 4, seed=9)
+    base = small_net_checkpoint(tmp / "base")
+    schedule = stages.parse_schedule({"stages": [
+        {"epochs": 1, "optimizer": "adam", "lr": 0.01, "lr_mult": ["^(?!fc7_)=0"]},
+        {"epochs": 1, "optimizer": "sgd", "lr": 0.01, "lr_mult": ["^conv1_=0"]}]})
+    stages.run_stages(_cfg(tmp, base, "st"), schedule)
+    report = pseudo.pseudo_label(str(tmp / "st"), 2, tmp / "test.rec", str(tmp / "pl"), threshold=1e-6,
+                                 batch_size=4)
+    assert report["added"] == 12 and report["retrained"].endswith("pl:2")
+    record = json.loads((tmp / "pl-stages.json").read_text())
+    assert [s["frozen"][:1] for s in record["stages"]] == [["conv1_weight"], ["conv1_weight"]]
+    assert [s["optimizer"] for s in record["stages"]] == ["adam", "sgd"]

@@ -10,7 +10,8 @@
    OUT_PREFIX_pseudo.csv lists the kept test ids, labels and confidences.
 3. The model is retrained with the configuration of the run that made it (PREFIX-config.json, written by
    `python -m train` and by the feature cache), with only the training .rec and the prefix changed, by the
-   same route (full fine-tuning or feature cache).
+   same route: full fine-tuning, the feature cache, or (when PREFIX-stages.json exists) the same staged
+   schedule (`--num-epochs` does not apply to a schedule).
 4. Both models are evaluated on the validation .rec with the same code; the report (printed and written to
    OUT_PREFIX-pseudo.json) gives accuracy and log loss before and after, and their change.
 """
@@ -107,14 +108,22 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
     new_cfg = replace(cfg, data_train=str(out_rec), data_val=str(data_val), model_prefix=str(out_prefix),
                       load_epoch=None, overwrite=True, num_epochs=num_epochs or cfg.num_epochs,
                       lr_step_epochs=tuple(e for e in cfg.lr_step_epochs if e < (num_epochs or cfg.num_epochs)))
-    if resolved.get("recipe") == "features":
+    final_epoch = new_cfg.num_epochs
+    from train.recipes.stages import parse_schedule, run_stages, stages_path
+    if stages_path(prefix).is_file():  # a staged model is retrained with its own schedule
+        record = json.loads(stages_path(prefix).read_text(encoding="utf-8"))
+        schedule = parse_schedule({"stages": [{k: v for k, v in st.items() if v is not None}
+                                              for st in record["schedule"]]}, str(stages_path(prefix)))
+        final_epoch = sum(st.epochs for st in schedule)
+        run_stages(replace(new_cfg, num_epochs=final_epoch), schedule)
+    elif resolved.get("recipe") == "features":
         from train.recipes.features import DEFAULT_CACHE_DIR, train_from_cache
         train_from_cache(new_cfg, cache_dir or DEFAULT_CACHE_DIR, mirror=bool(resolved.get("mirror")),
                          class_balance=bool(resolved.get("class_balance")))
     else:
         fit(new_cfg)
-    after = evaluate(load_model(out_prefix, new_cfg.num_epochs, batch_size), Path(data_val), top_k=0)
-    report = {"model": f"{prefix}:{epoch}", "retrained": f"{out_prefix}:{new_cfg.num_epochs}",
+    after = evaluate(load_model(out_prefix, final_epoch, batch_size), Path(data_val), top_k=0)
+    report = {"model": f"{prefix}:{epoch}", "retrained": f"{out_prefix}:{final_epoch}",
               "threshold": threshold, "test": str(test_rec), "val": str(data_val),
               "train_records": added["train_records"], "test_records": added["test_records"],
               "added": added["added"], "pseudo_rec": str(out_rec),
