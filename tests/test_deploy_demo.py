@@ -150,7 +150,8 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     assert ft[ft.index("--pretrained-model") + 1] == str(cfg.model_prefix)
     assert ft[ft.index("--num-epochs") + 1] == "3"
     sc = stages["scratch"].commands[0]
-    assert sc[sc.index("--pretrained-model") + 1] == str(cfg.scratch_init_prefix) and "--lr-mult" not in sc
+    assert sc[sc.index("--pretrained-model") + 1] == str(cfg.scratch_init_prefix)
+    assert f"{cfg.freeze}=0" not in sc and "^fc_nsfw_=5" in sc and "^fc_nsfw_=5" in ft
     assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
     # Same recipe for both runs: only the start weights, the output prefix and the freezing differ.
     strip = lambda cmd: [a for a in cmd if a not in (str(cfg.model_prefix), str(cfg.scratch_init_prefix),
