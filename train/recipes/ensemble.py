@@ -48,6 +48,15 @@ def parse_model(text: str) -> Tuple[str, int]:
     return prefix, int(epoch)
 
 
+def batch_for(batch_size: int, *recs) -> int:
+    """`batch_size`, lowered to the smallest .rec's record count (ImageRecordIter refuses larger batches)."""
+    from train.data import scan_labels
+    counts = [scan_labels(r).size for r in recs if r is not None]
+    if any(c == 0 for c in counts):
+        raise PredictError(f"{[r for r, c in zip(recs, counts) if c == 0][0]}: contains no records")
+    return max(1, min([batch_size] + counts))
+
+
 def predict_rec(model: Model, rec, mirror: bool = False) -> Predictions:
     """Probabilities of every record of `rec` (with mirror TTA when asked)."""
     names, chunks, labels = [], [], []
@@ -103,6 +112,7 @@ def run_ensemble(models: Sequence[Tuple[str, int]], val_rec, test_rec=None, out_
     """
     if len(models) < 2:
         raise ValueError("an ensemble needs at least two --model PREFIX:EPOCH")
+    batch_size = batch_for(batch_size, val_rec, test_rec)
     loaded = [load_model(p, e, batch_size) for p, e in models]
     names = loaded[0].class_names
     for (p, e), m in zip(models, loaded):

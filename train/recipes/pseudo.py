@@ -32,7 +32,7 @@ from tools.atomic import atomic_open, atomic_path, write_json
 from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
-from train.recipes.ensemble import predict_rec
+from train.recipes.ensemble import batch_for, predict_rec
 from train.recipes.sampling import record_payloads
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
     data_val = data_val or cfg.data_val
     if not data_val:
         raise TrainError(f"{config_path(prefix)}: the run had no --data-val; pass --data-val to measure the change")
+    batch_size = batch_for(batch_size, test_rec, data_val)
     model = load_model(prefix, epoch, batch_size)
     test = predict_rec(model, test_rec, mirror)
     before = evaluate(model, Path(data_val), top_k=0)
