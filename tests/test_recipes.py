@@ -50,6 +50,7 @@ def _params(prefix, epoch):
 
 
 # ---- 1. feature cache -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cache_trains_the_same_head_as_full_forward_passes(data):
     tmp = data
     base = small_net_checkpoint(tmp / "base")
