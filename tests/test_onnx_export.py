@@ -142,3 +142,31 @@ def test_full_pooling_window_in_padding_is_refused_with_the_layer_named(tmp_path
     with pytest.raises(onnx_export.OnnxExportError, match=r"layer pool_bad .*starts in the padding"):
         onnx_export.export_onnx(bad, {}, {}, fx.Preprocess(input_shape=(1, 7, 7)), tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_caffe_net_to_bundle_matches_opencv(tmp_path, fmt):
+    """Caffe VGG -> our converter -> deploy bundle: every loader and onnxruntime agree with OpenCV's Caffe
+    importer, an independent runtime fed the BGR, mean-subtracted image the Caffe way."""
+    cv2 = pytest.importorskip("cv2")
+    from tests._caffe_nets import make_tiny_vgg
+    from tools.caffe_converter import convert
+
+    prototxt, caffemodel = make_tiny_vgg(tmp_path / "caffe", num_classes=4, input_size=32, fmt=fmt)
+    prefix = tmp_path / "conv" / "vgg"
+    convert(prototxt, caffemodel, prefix, mean=(104.0, 117.0, 123.0))
+    classes = tmp_path / "c.classes.json"
+    classes.write_text(json.dumps({"format": "mxtransfer.classmap/1", "classes": list("abcd")}))
+    b, _ = deploy.write_bundle(str(prefix), 0, tmp_path / "bundle", classes=str(classes), onnx=True)
+
+    rgb = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3)).astype(np.float32)
+    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    bgr = rgb[..., ::-1].transpose(0, 3, 1, 2) - np.array([104, 117, 123], np.float32).reshape(1, 3, 1, 1)
+    net.setInput(np.ascontiguousarray(bgr))
+    reference = net.forward().reshape(2, 4)
+    assert np.ptp(reference, axis=1).min() > 0.05  # not uniform: a wrong channel order or mean would show
+
+    x = load_sidecar(b.prefix).apply(rgb, b.outdir)  # the bundle's own recipe: RGB in, as documented
+    for name, got in {"module": deploy.predict_module(b, x), "gluon": deploy.predict_gluon(b, x),
+                      "c_api": deploy.predict_c_api(b, x), "onnxruntime": deploy.predict_onnx(b, x)}.items():
+        np.testing.assert_allclose(got, reference, rtol=RTOL, atol=1e-5, err_msg=name)
