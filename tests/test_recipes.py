@@ -122,7 +122,8 @@ def test_cache_run_resumes_exactly(data):
     features.train_from_cache(cfg, cache_dir=data / "cache")
     features.train_from_cache(replace(cfg, model_prefix=str(data / "b"), num_epochs=2), cache_dir=data / "cache")
     assert (data / "b-0002.states").is_file()
-    features.train_from_cache(replace(cfg, model_prefix=str(data / "b"), load_epoch=2), cache_dir=data / "cache")
+    features.train_from_cache(replace(cfg, model_prefix=str(data / "b"), load_epoch=2, pretrained_model=""),
+                              cache_dir=data / "cache")  # the run's config names the pretrained model
     a, b = _params(data / "a", 4), _params(data / "b", 4)
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-7, err_msg=name)

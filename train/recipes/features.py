@@ -213,6 +213,15 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     """
     cfg.validate()
     _check_cacheable(cfg)
+    if cfg.load_epoch is not None and not cfg.pretrained_model:
+        # Resuming without --pretrained-model (as python -m train allows): the run's own config names it.
+        saved = config_path(cfg.model_prefix)
+        base = json.loads(saved.read_text(encoding="utf-8")).get("pretrained_model") if saved.is_file() else None
+        if not base:
+            raise TrainError(f"{saved}: missing or names no pretrained model; pass --pretrained-model to resume "
+                             f"the feature-cache run")
+        cfg = replace(cfg, pretrained_model=base,
+                      pretrained_epoch=json.loads(saved.read_text(encoding="utf-8")).get("pretrained_epoch", 0))
     mirror = mirror or cfg.random_mirror
     ckpt = Checkpointer(cfg.model_prefix)
     prefix = cfg.model_prefix
