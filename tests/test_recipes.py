@@ -440,3 +440,19 @@ def test_pseudo_labels_retrain_a_staged_model_with_its_schedule(data):
     record = json.loads((tmp / "pl-stages.json").read_text())
     assert [s["frozen"][:1] for s in record["stages"]] == [["conv1_weight"], ["conv1_weight"]]
     assert [s["optimizer"] for s in record["stages"]] == ["adam", "sgd"]
+
+
+def test_record_offsets_match_the_index_mx_recordio_wrote(tmp_path):
+    rec = write_rec(tmp_path / "o_train.rec", 3, 5)
+    # A payload containing the RecordIO magic makes the writer split that record in parts (cflag 1..3).
+    writer = mx.recordio.MXIndexedRecordIO(str(tmp_path / "m.idx"), str(tmp_path / "m.rec"), "w")
+    magic = (0xCED7230A).to_bytes(4, "little")
+    payloads = [b"abc", b"x" * 7 + magic + b"yy" + magic + b"z", b"", b"tail" * 3]
+    for i, p in enumerate(payloads):
+        writer.write_idx(i, p)
+    writer.close()
+    for path, idx in ((rec, rec.with_suffix(".idx")), (tmp_path / "m.rec", tmp_path / "m.idx")):
+        expected = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
+        assert sampling.record_offsets(path) == expected
+    reader = sampling.RecordReader(tmp_path / "m.rec", tmp_path / "scratch")
+    assert [reader.read(i) for i in (3, 1, 0)] == [payloads[3], payloads[1], payloads[0]]

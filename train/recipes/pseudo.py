@@ -33,7 +33,6 @@ from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
 from train.recipes.ensemble import batch_for, predict_rec
-from train.recipes.sampling import record_payloads
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +55,44 @@ def load_run_config(prefix: str) -> TrainConfig:
 
 def write_pseudo_rec(train_rec, test_rec, test_probs: np.ndarray, threshold: float, out_rec,
                      class_names=None) -> dict:
-    """Write OUT_REC = train records + test records with top probability >= threshold (label = argmax)."""
-    train_payloads = record_payloads(Path(train_rec))
-    test_payloads = record_payloads(Path(test_rec))
-    if len(test_payloads) != len(test_probs):
-        raise TrainError(f"{test_rec}: {len(test_payloads)} records but {len(test_probs)} predictions")
+    """Write OUT_REC = train records + test records with top probability >= threshold (label = argmax).
+
+    Both inputs are streamed record by record (nothing but the predictions is held in memory).
+    """
     confidence = test_probs.max(axis=1)
     predicted = test_probs.argmax(axis=1)
     kept = np.flatnonzero(confidence >= threshold)
+    keep = set(int(i) for i in kept)
     out_rec = Path(out_rec)
+    counts = {"train": 0, "test": 0}
     with atomic_path(out_rec) as tmp_rec, atomic_path(out_rec.with_suffix(".idx")) as tmp_idx:
         writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
-        for key, payload in enumerate(train_payloads):
-            writer.write_idx(key, payload)
-        for n, i in enumerate(kept):
-            header, image = mx.recordio.unpack(test_payloads[int(i)])
-            new = mx.recordio.IRHeader(0, float(predicted[i]), len(train_payloads) + n, 0)
-            writer.write_idx(len(train_payloads) + n, mx.recordio.pack(new, image))
+        key = 0
+        for which, path in (("train", train_rec), ("test", test_rec)):
+            reader = mx.recordio.MXRecordIO(str(path), "r")
+            try:
+                while True:
+                    payload = reader.read()
+                    if payload is None:
+                        break
+                    position = counts[which]
+                    counts[which] += 1
+                    if which == "test":
+                        if position not in keep:
+                            continue
+                        _, image = mx.recordio.unpack(payload)
+                        payload = mx.recordio.pack(mx.recordio.IRHeader(0, float(predicted[position]), key, 0),
+                                                   image)
+                    writer.write_idx(key, payload)
+                    key += 1
+            finally:
+                reader.close()
         writer.close()
+        if counts["test"] != len(test_probs):
+            raise TrainError(f"{test_rec}: {counts['test']} records but {len(test_probs)} predictions")
     if class_names:
         write_class_map(out_rec.with_suffix(""), class_names)
-    return {"train_records": len(train_payloads), "test_records": len(test_payloads), "added": int(len(kept)),
+    return {"train_records": counts["train"], "test_records": counts["test"], "added": int(len(kept)),
             "kept_index": kept.tolist(), "kept_label": predicted[kept].tolist(),
             "kept_confidence": confidence[kept].tolist()}
 

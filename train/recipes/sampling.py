@@ -11,11 +11,13 @@ Two consumers:
   records are raw copies of the chosen ones (no decode, no re-encode) and reads it with the same
   ImageRecordIter, so augmentation and decoding stay MXNet's own. ImageRecordIter cannot repeat a record from
   one .rec: an .idx with two keys on one offset gives the repeat a size of 0 in dmlc's IndexedRecordIOSplitter.
+  Records are copied by offset (only the offsets are held in memory), so large sets are fine.
 """
 from __future__ import annotations
 
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -47,32 +49,69 @@ def balanced_indices(labels: np.ndarray, seed: int, size: Optional[int] = None) 
                       p=class_weights(labels))
 
 
-def record_payloads(rec_path: Path) -> List[bytes]:
-    """Every record payload of a .rec (each already holds its IRHeader and encoded image), in file order."""
-    reader = mx.recordio.MXRecordIO(str(rec_path), "r")
-    payloads = []
-    try:
-        while True:
-            item = reader.read()
-            if item is None:
-                break
-            payloads.append(item)
-    finally:
-        reader.close()
-    return payloads
+_MAGIC = 0xCED7230A  # dmlc RecordIO framing: magic, then lrecord = cflag << 29 | length, padded to 4 bytes
 
 
-def write_resampled_rec(src: Path, indices: np.ndarray, dst: Path, payloads: Optional[List[bytes]] = None) -> Path:
-    """Write DST (.rec + .idx, atomically) holding the records of SRC at `indices`, in that order.
+def record_offsets(rec_path: Path) -> List[int]:
+    """Byte offset of every record of a .rec, in file order, from the framing only (no payload is read).
 
-    Record ids are renumbered 0..n-1 in the .idx (the IRHeader inside each record is kept as is).
+    A record split by the writer (cflag 1 = first part, 2 = middle, 3 = last) counts once, at its first part.
     """
-    payloads = payloads if payloads is not None else record_payloads(src)
+    path = Path(rec_path)
+    size = path.stat().st_size
+    offsets: List[int] = []
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset < size:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise DataError(f"{path}: truncated record header at byte {offset}")
+            magic, lrecord = struct.unpack("<II", head)
+            if magic != _MAGIC:
+                raise DataError(f"{path}: not a RecordIO file (bad magic at byte {offset})")
+            if lrecord >> 29 in (0, 1):
+                offsets.append(offset)
+            offset += 8 + (((lrecord & ((1 << 29) - 1)) + 3) & ~3)
+            handle.seek(offset)
+    return offsets
+
+
+class RecordReader:
+    """Random access to the records of a .rec by file position (0..n-1), holding only their offsets."""
+
+    def __init__(self, rec_path, scratch_dir):
+        self.path = Path(rec_path)
+        self.offsets = record_offsets(self.path)
+        # MXIndexedRecordIO seeks by key through an .idx; ours maps file position -> offset, whatever keys
+        # (or none) the set's own .idx uses.
+        self.idx_path = Path(scratch_dir) / f".{self.path.stem}.positions.idx"
+        self.idx_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.idx_path) as tmp:
+            tmp.write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(self.offsets)))
+        self.reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.path), "r")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, position: int) -> bytes:
+        return self.reader.read_idx(int(position))
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.idx_path.exists():
+            os.remove(self.idx_path)
+
+
+def write_resampled_rec(reader: RecordReader, indices: np.ndarray, dst: Path) -> Path:
+    """Write DST (.rec + .idx, atomically) holding the records at file positions `indices`, in that order.
+
+    Payloads are copied as they are (IRHeader and encoded image untouched); keys are 0..n-1.
+    """
     dst = Path(dst)
     with atomic_path(dst) as tmp_rec, atomic_path(dst.with_suffix(".idx")) as tmp_idx:
         writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
         for key, i in enumerate(indices):
-            writer.write_idx(key, payloads[int(i)])
+            writer.write_idx(key, reader.read(i))
         writer.close()
     return dst
 
@@ -91,7 +130,7 @@ class BalancedEpochs:
             raise DataError(f"{self.src}: contains no records")
         self.folder = Path(folder)
         self.seed = seed
-        self._payloads: Optional[List[bytes]] = None
+        self._reader: Optional[RecordReader] = None
         self._last: Optional[Path] = None
         counts = np.bincount(self.labels.astype(np.int64))
         log.info("class-balanced sampling of %s: class counts %s -> ~%.1f records per class per epoch",
@@ -101,12 +140,12 @@ class BalancedEpochs:
         return balanced_indices(self.labels, self.seed * 1000 + epoch)
 
     def __call__(self, epoch: int) -> str:
-        if self._payloads is None:
-            self._payloads = record_payloads(self.src)
-            if len(self._payloads) != self.labels.size:
-                raise DataError(f"{self.src}: {len(self._payloads)} records readable, {self.labels.size} headers")
+        if self._reader is None:
+            self._reader = RecordReader(self.src, self.folder)
+            if len(self._reader) != self.labels.size:
+                raise DataError(f"{self.src}: {len(self._reader)} records framed, {self.labels.size} headers")
         path = self.folder / f"epoch-{epoch:04d}.rec"
-        write_resampled_rec(self.src, self.indices(epoch), path, self._payloads)
+        write_resampled_rec(self._reader, self.indices(epoch), path)
         if self._last is not None and self._last != path:
             for old in (self._last, self._last.with_suffix(".idx")):
                 if old.exists():
