@@ -45,11 +45,13 @@ class Sniffed:
         fmt: 'jpeg', 'png', 'gif', 'bmp', 'webp', 'tiff' or 'unknown'.
         width, height: the stored size (before EXIF rotation), or None if the header does not say.
         complete: False when the file visibly ends too early (JPEG without EOI after its scan data).
+        orientation: the JPEG's EXIF orientation (1-8; 1 when absent).
     """
     fmt: str
     width: Optional[int] = None
     height: Optional[int] = None
     complete: bool = True
+    orientation: int = 1
 
 
 def sniff(data: bytes) -> Sniffed:
@@ -75,6 +77,7 @@ def sniff(data: bytes) -> Sniffed:
 def _sniff_jpeg(data: bytes) -> Sniffed:
     pos, n = 2, len(data)
     width = height = None
+    orientation = 1
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return Sniffed("jpeg", width, height, complete=False)   # lost sync: corrupt header
@@ -86,14 +89,34 @@ def _sniff_jpeg(data: bytes) -> Sniffed:
             pos += 2
             continue
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            orientation = _exif_orientation(data[pos + 10:pos + 2 + length])
         if marker in _SOF and pos + 9 <= n:
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
         if marker == 0xDA:                                          # start of scan: the image data follows
             # The last EOI must come after the first scan; an EOI earlier in the file belongs to an EXIF
             # thumbnail, so a file cut inside the scan data would otherwise look complete.
-            return Sniffed("jpeg", width, height, complete=data.rfind(b"\xff\xd9") > pos)
+            return Sniffed("jpeg", width, height, complete=data.rfind(b"\xff\xd9") > pos,
+                           orientation=orientation)
         pos += 2 + length
     return Sniffed("jpeg", width, height, complete=False)
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of IFD0 in an EXIF (TIFF-structured) block; 1 when absent or unreadable."""
+    try:
+        endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        ifd = struct.unpack(endian + "I", tiff[4:8])[0]
+        count = struct.unpack(endian + "H", tiff[ifd:ifd + 2])[0]
+        for k in range(count):
+            entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+            tag, kind = struct.unpack(endian + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:
+                value = struct.unpack(endian + "H", entry[8:10])[0]
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error):
+        pass
+    return 1
 
 
 def _sniff_webp(data: bytes) -> Sniffed:
@@ -167,7 +190,28 @@ def decode(data: bytes, path: str, cfg: PackConfig) -> Tuple[np.ndarray, Tuple[i
         if (img.shape[1], img.shape[0]) != (-(-w // scale), -(-h // scale)):
             w, h = h, w
         full = (w, h)
+        img = _drop_partial_blocks(img, info, scale)
     return img, full
+
+
+# Where the stored image's last column and last row end up after EXIF orientation 1-8.
+_RIGHT_GOES = {1: "right", 2: "left", 3: "left", 4: "right", 5: "bottom", 6: "bottom", 7: "top", 8: "top"}
+_BOTTOM_GOES = {1: "bottom", 2: "bottom", 3: "top", 4: "top", 5: "right", 6: "left", 7: "left", 8: "right"}
+
+
+def _drop_partial_blocks(img: np.ndarray, info: Sniffed, scale: int) -> np.ndarray:
+    """A reduced decode of a side that is not a multiple of `scale` ends in a pixel that is partly the
+    encoder's edge padding (1337 px at 1/4 -> 335 px of which 334.25 are image). Resizing all of them to the
+    target stretches the picture by that fraction, which costs up to ~8 dB PSNR on textured photos. The last
+    line is dropped when less than half of it is image, so the geometry is off by at most half a pixel."""
+    sides = []
+    if 0 < info.width % scale < scale / 2:
+        sides.append(_RIGHT_GOES[info.orientation])
+    if 0 < info.height % scale < scale / 2:
+        sides.append(_BOTTOM_GOES[info.orientation])
+    for side in sides:
+        img = {"right": img[:, :-1], "left": img[:, 1:], "bottom": img[:-1], "top": img[1:]}[side]
+    return img
 
 
 def _decode_gif(path: str, color: int) -> np.ndarray:
@@ -209,6 +253,9 @@ def transform(img: np.ndarray, full: Tuple[int, int], resize: int, center_crop: 
     if resize:
         size = output_size(full, resize, center_crop)
         if (img.shape[1], img.shape[0]) != size:
+            # INTER_AREA averages every source pixel under an output pixel; INTER_LINEAR (im2rec's) reads 2x2
+            # of them and aliases. Measured on bench.pack's photos after a reduced decode, INTER_LINEAR would
+            # save ~1 ms an image for ~0.3 dB less PSNR against a full decode; quality wins.
             shrink = size[0] < img.shape[1]
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return img

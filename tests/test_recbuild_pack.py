@@ -139,21 +139,37 @@ def test_record_framing_splits_on_magic_like_dmlc(tmp_path):
 
 # ---- decoding: speed path quality, EXIF --------------------------------------------------------------------------
 
-def test_reduced_dct_decode_psnr(tmp_path):
-    """Decoding at 1/8 scale then resizing stays within 35 dB of a full decode + resize."""
-    img = fx.photo(1800, 2400, seed=1)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    data = buf.tobytes()
+@pytest.mark.parametrize("h,w,orientation,scale", [
+    (1800, 2400, 1, 8),      # sides divisible by 8
+    (1803, 2405, 1, 8),      # partial last DCT blocks
+    (1803, 2405, 3, 8),      # ... turned 180 degrees by EXIF: the partial blocks end up top and left
+    (1803, 2405, 6, 8),      # ... turned 90 degrees: sides swap
+    (1000, 1337, 1, 4),
+    (461, 700, 1, 2),
+])
+def test_reduced_dct_decode_psnr(h, w, orientation, scale):
+    """Decoding at a reduced DCT scale, then resizing, stays >= 35 dB PSNR from a full decode + resize (on a
+    textured photo, where the partial DCT blocks at odd sizes must be accounted for)."""
+    img = fx.textured(h, w, period=80, seed=1)
+    data = fx.exif_jpeg(img, orientation)
     cfg = PackConfig(resize=224, workers=1)
-    assert reduction(sniff(data), 224, 1) == 8
+    assert reduction(sniff(data), 224, 1) == scale
     fast, full = decode(data, "x.jpg", cfg)
-    assert fast.shape[:2] == (225, 300) and full == (2400, 1800)
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert full == (reference.shape[1], reference.shape[0])
     out = transform(fast, full, 224, False)
-    ref = cv2.resize(cv2.imdecode(buf, cv2.IMREAD_COLOR), (298, 224), interpolation=cv2.INTER_AREA)
-    assert out.shape == ref.shape == (224, 298, 3)                  # im2rec's size: 2400 * 224 // 1800
+    rh, rw = reference.shape[:2]
+    size = (rw * 224 // rh, 224) if rw >= rh else (224, rh * 224 // rw)    # im2rec's rule
+    ref = cv2.resize(reference, size, interpolation=cv2.INTER_AREA)
+    assert out.shape == ref.shape
     assert fx.psnr(out, ref) >= 35.0
-    # Not reduced when the source is less than twice the target.
-    assert reduction(sniff(cv2.imencode(".jpg", img[:400, :600])[1].tobytes()), 224, 1) == 1
+
+
+def test_reduced_decode_is_used_only_from_twice_the_target():
+    img = fx.photo(400, 600, seed=2)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    assert reduction(sniff(data), 224, 1) == 1 and reduction(sniff(data), 200, 1) == 2
+    assert reduction(sniff(data), 0, 1) == 1 and reduction(sniff(data), 100, -1) == 1
 
 
 def test_exif_orientation_is_applied(tmp_path):
