@@ -14,6 +14,11 @@ Cache files: `<cache-dir>/<rec stem>-<key>.npz` holding `features` (N, D) float3
 (backbone symbol JSON, the bytes of every backbone parameter, the preprocessing and input shape), so a changed
 file or model never reuses stale features. Files are written atomically.
 
+Equivalence: with no dropout below the head and BatchNorm on its stored statistics (use_global_stats, as in
+a deploy prototxt), the head trained here equals the one `python -m train` trains with the backbone frozen
+(tests/test_recipes.py checks it to 1e-5). VGG's drop7 output is cached without its dropout; for that
+regularisation use --hidden N --hidden-dropout P, which trains a dropout layer inside the new head.
+
 The checkpoint written is the whole network (backbone weights untouched + the trained head) with the same
 symbol, sidecar, class map, config and metrics files as `python -m train`, so predict, deploy and resume do
 not know it came from a cache.
