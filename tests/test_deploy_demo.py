@@ -180,3 +180,4 @@ def test_table_lists_accuracies_times_and_outputs():
     table = demo.format_table(summary)
     assert re.search(r"fine-tuned\s+81\.2%", table) and re.search(r"chance \(uniform\)\s+10\.0%", table)
     assert re.search(r"pack\s+3\.2\s+\(cached\)", table) and "out/demo/finetune/m.csv" in table
+    assert re.search(r"total of the stages\s+153\.2", table)
