@@ -117,10 +117,14 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
     for path, n in written:
         print(f"wrote {path} ({n} images)")
     cmap = class_map_path(os.path.abspath(prefix))
+    total = sum(n for _, n in written)
+    if cfg.unlabelled:
+        print(f"Listed {total} unlabelled images (label 0) in {written[0][0]}; class map {cmap} "
+              f"({'kept' if read_class_map(cmap) else 'empty'}).")
+        return 0
     classes = read_class_map(cmap)
     for label, name in enumerate(classes):
         print(f"{name} {label}")
-    total = sum(n for _, n in written)
     print(f"Listed {total} images in {len(written)} list(s) with {len(classes)} class(es); class map {cmap}.")
     return 0
 
