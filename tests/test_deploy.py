@@ -169,3 +169,17 @@ def test_inference_symbol_rejects_internal_softmax_output():
     y = mx.sym.FullyConnected(x, num_hidden=2, name="fc")
     with pytest.raises(deploy.DeployError, match="inside the graph"):
         deploy.inference_symbol(y)
+
+
+def test_c_predict_library_does_not_leak_its_image_codecs_into_the_process(tmp_path):
+    """libmxnet.so bundles libjpeg; loaded RTLD_GLOBAL it hijacked Pillow's JPEG encoder in the same process."""
+    script = (
+        "import numpy as np\n"
+        "from tools import c_predict\n"
+        "c_predict.load_library()\n"
+        "from PIL import Image\n"
+        f"Image.fromarray(np.zeros((9, 12, 3), np.uint8)).convert('CMYK').save(r'{tmp_path / 'c.jpg'}', quality=95)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "c.jpg").stat().st_size > 0

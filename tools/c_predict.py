@@ -52,7 +52,9 @@ def load_library(path: Union[str, Path, None] = None) -> ctypes.CDLL:
     global _LIB
     if _LIB is not None and path is None:
         return _LIB
-    lib = ctypes.CDLL(str(path or find_libmxnet()), ctypes.RTLD_GLOBAL)
+    # RTLD_LOCAL, as mxnet's own loader does: libmxnet.so carries its own libjpeg/libpng symbols, and
+    # exporting them globally makes Pillow (loaded later in the same process) bind to them and fail.
+    lib = ctypes.CDLL(str(path or find_libmxnet()), ctypes.RTLD_LOCAL)
     missing = [name for name in REQUIRED_SYMBOLS if not hasattr(lib, name)]
     if missing:
         raise OSError(f"{path or find_libmxnet()}: lacks the C predict API symbols {missing}")
