@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                      str(work / "files.txt"), "--floor-worker"]
         common = ["--resize", str(RESIZE), "--quality", str(QUALITY), "--num-thread", str(a.workers)]
         results, cpu = {}, {}
-        for _ in range(a.repeat):                          # interleaved rounds: load changes hit all alike
+        for rnd in range(a.repeat):                        # interleaved rounds: load changes hit all alike
             for name, fn in (("im2rec", lambda: time_cmd([sys.executable, str(IM2REC), *common,
                                                           str(work / "im2rec" / "set"), str(root)])),
                              ("ours", lambda: time_cmd([sys.executable, "-m", "recbuild", *common, "--no-progress",
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
                              ("floor", lambda: time_cmd(floor_cmd + ["reduced"])),
                              ("floor_full", lambda: time_cmd(floor_cmd + ["full"]))):
                 t, c = fn()
+                print(f"  round {rnd + 1}: {name:10s} {t:6.2f} s wall {c:6.2f} s CPU", flush=True)
                 results[name] = min(t, results.get(name, float("inf")))
                 cpu[name] = min(c, cpu.get(name, float("inf")))
         n_ours = count_records(work / "ours" / "set.idx")
