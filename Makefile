@@ -6,13 +6,16 @@ PYTHON  ?= python3
 VENV    ?= .venv
 GPU     ?=
 PY      := $(VENV)/bin/python
+# The CPU mxnet and mxnet-cu112 share the import name `mxnet`: never both in one venv, so switching a venv from one
+# build to the other uninstalls the other first.
 ifeq ($(GPU),cu112)
 REQS := requirements-gpu.txt
-# The CPU mxnet and mxnet-cu112 share the import name: never both in one venv.
 STAMP := $(VENV)/.installed-cu112
+OTHER_MXNET := mxnet
 else
 REQS := requirements.txt
 STAMP := $(VENV)/.installed-cpu
+OTHER_MXNET := mxnet-cu112
 endif
 
 # ---- make rec: im2rec-style lists, then packing -------------------------------------------------------
@@ -47,6 +50,7 @@ install: $(STAMP)
 $(STAMP): $(REQS) requirements-common.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -m pip show -q $(OTHER_MXNET) 2>/dev/null; then $(PY) -m pip uninstall -y -q $(OTHER_MXNET) mxnet; fi
 	$(PY) -m pip install -q -r $(REQS)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
