@@ -99,7 +99,7 @@ check-gpu-install:
 	$(MAKE) install GPU=cu112
 	@set -e; lib=$$(echo $(VENV)/lib/python3*/site-packages/mxnet/libmxnet.so); \
 	test -f "$$lib" || { echo "$$lib: not installed"; exit 1; }; \
-	source tools/gpu_env.sh; ldd "$$lib" > $(VENV)/ldd-libmxnet.txt; \
+	export VENV=$(VENV); source tools/gpu_env.sh; ldd "$$lib" > $(VENV)/ldd-libmxnet.txt; \
 	grep -E "libcu|libnvrtc|libnccl|libnvToolsExt" $(VENV)/ldd-libmxnet.txt; \
 	if grep "not found" $(VENV)/ldd-libmxnet.txt | grep -v "libcuda.so.1"; then echo "unresolved libraries above"; exit 1; fi; \
 	grep -q "libcudart.so.11.0 => .*site-packages/nvidia/" $(VENV)/ldd-libmxnet.txt || { echo "libcudart.so.11.0 not from the nvidia wheels"; exit 1; }; \

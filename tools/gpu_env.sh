@@ -2,6 +2,7 @@
 # mxnet-cu112 dlopens CUDA 11 libraries by soname; the nvidia-*-cu11 wheels keep them in
 # site-packages/nvidia/*/lib, which the loader does not search on its own.
 _venv="${VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv}"
+_venv="$(cd "$_venv" && pwd)"   # absolute, so the path stays valid whatever the working directory
 for _lib in "$_venv"/lib/python3*/site-packages/nvidia/*/lib; do
     [ -d "$_lib" ] && LD_LIBRARY_PATH="$_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
