@@ -20,6 +20,7 @@ import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
 from symbols.sidecar import Preprocess
+from train.config import TrainConfig as _DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +131,23 @@ def resolve_classes(train_rec, num_classes: Optional[int] = None, val_rec=None) 
 
 @dataclass
 class Augment:
-    """Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads)."""
+    """Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads).
 
-    random_crop: bool = False
-    random_resized_crop: bool = False
-    min_random_area: float = 0.08
-    max_random_area: float = 1.0
-    min_random_aspect_ratio: float = 0.75
-    max_random_aspect_ratio: float = 1.333
-    random_mirror: bool = False
-    max_random_rotate_angle: int = 0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    pca_noise: float = 0.0
+    The defaults (all off) are TrainConfig's: defaults live in train/config.py only.
+    """
+
+    random_crop: bool = _DEFAULTS.random_crop
+    random_resized_crop: bool = _DEFAULTS.random_resized_crop
+    min_random_area: float = _DEFAULTS.min_random_area
+    max_random_area: float = _DEFAULTS.max_random_area
+    min_random_aspect_ratio: float = _DEFAULTS.min_random_aspect_ratio
+    max_random_aspect_ratio: float = _DEFAULTS.max_random_aspect_ratio
+    random_mirror: bool = _DEFAULTS.random_mirror
+    max_random_rotate_angle: int = _DEFAULTS.max_random_rotate_angle
+    brightness: float = _DEFAULTS.brightness
+    contrast: float = _DEFAULTS.contrast
+    saturation: float = _DEFAULTS.saturation
+    pca_noise: float = _DEFAULTS.pca_noise
 
     def iter_kwargs(self) -> dict:
         kw = dict(rand_crop=self.random_crop or self.random_resized_crop, rand_mirror=self.random_mirror,
