@@ -3,11 +3,14 @@
 Choices (documented in the README):
 - EXIF orientation is applied (OpenCV's default, so im2rec.py, which uses cv2.imread, does the same): a photo
   is packed the way a viewer shows it.
-- Large JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8) whenever the reduced image is still at
-  least --resize on its short edge: the decoder then does a fraction of the work and memory.
-- Shrinking by 2x or more uses INTER_AREA; by less (what is left after a reduced decode), a light Gaussian
-  anti-alias blur plus INTER_LINEAR; enlarging INTER_LINEAR. im2rec uses INTER_LINEAR for everything, which
-  aliases when it shrinks a 3000 px photo to 224 px (it samples 2x2 of every ~13x13 source pixels).
+- Large JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8) when the reduced image keeps a short edge
+  of at least DCT_OVERSAMPLE (1.5) x --resize: the decoder then does a fraction of the IDCT and colour work.
+  Reducing all the way down to --resize itself would be faster still, but on fine texture (foliage, water,
+  grain) it falls to 27-30 dB PSNR against a full decode + INTER_AREA; the 1.5x margin keeps the worst
+  bench.pack photo above 35 dB (see the constant).
+- The resize runs on the source's exact geometry (see transform), with INTER_AREA to shrink and INTER_LINEAR
+  to enlarge. im2rec uses INTER_LINEAR for everything, which aliases when it shrinks a 3000 px photo to
+  224 px (it samples 2x2 of every ~13x13 source pixels).
 - Output sizes follow im2rec exactly (short edge = --resize, long edge = long * resize // short of the
   oriented source), computed from the full-resolution size even when the decode was reduced.
 - A JPEG whose entropy-coded data ends before its EOI marker (a truncated download) is refused: libjpeg
@@ -18,17 +21,23 @@ Choices (documented in the README):
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
 
+from recbuild import config as defaults
 from recbuild.config import PackConfig
 
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): they carry the size.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+# The next marker in entropy-coded data: 0xFF followed by anything but a stuffed zero, a restart marker or a
+# fill byte.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _REDUCED_GREY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
@@ -47,12 +56,14 @@ class Sniffed:
         width, height: the stored size (before EXIF rotation), or None if the header does not say.
         complete: False when the file visibly ends too early (JPEG without EOI after its scan data).
         orientation: the JPEG's EXIF orientation (1-8; 1 when absent).
+        progressive: a progressive JPEG (its coefficients arrive in several scans).
     """
     fmt: str
     width: Optional[int] = None
     height: Optional[int] = None
     complete: bool = True
     orientation: int = 1
+    progressive: bool = False
 
 
 def sniff(data: bytes) -> Sniffed:
@@ -79,6 +90,7 @@ def _sniff_jpeg(data: bytes) -> Sniffed:
     pos, n = 2, len(data)
     width = height = None
     orientation = 1
+    progressive = False
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return Sniffed("jpeg", width, height, complete=False)   # lost sync: corrupt header
@@ -94,11 +106,12 @@ def _sniff_jpeg(data: bytes) -> Sniffed:
             orientation = _exif_orientation(data[pos + 10:pos + 2 + length])
         if marker in _SOF and pos + 9 <= n:
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            progressive = marker in _PROGRESSIVE_SOF
         if marker == 0xDA:                                          # start of scan: the image data follows
             # The last EOI must come after the first scan; an EOI earlier in the file belongs to an EXIF
             # thumbnail, so a file cut inside the scan data would otherwise look complete.
             return Sniffed("jpeg", width, height, complete=data.rfind(b"\xff\xd9") > pos,
-                           orientation=orientation)
+                           orientation=orientation, progressive=progressive)
         pos += 2 + length
     return Sniffed("jpeg", width, height, complete=False)
 
@@ -136,24 +149,39 @@ def _sniff_webp(data: bytes) -> Sniffed:
 
 
 def reduction(sniffed: Sniffed, resize: int, color: int) -> int:
-    """The DCT scale denominator (1, 2, 4 or 8) a JPEG can be decoded at and still have a short edge of at
-    least `resize` pixels. 1 for anything else, for --resize 0 and for --color -1 (no reduced flag keeps
-    the file unchanged)."""
+    """The DCT scale denominator (1, 2, 4 or 8) to decode a JPEG at: the largest that still leaves the short
+    edge at least DCT_OVERSAMPLE x `resize` pixels. 1 for anything else, for --resize 0 and for --color -1 (no
+    reduced flag keeps the file unchanged)."""
     if sniffed.fmt != "jpeg" or resize <= 0 or color == -1 or not sniffed.width or not sniffed.height:
         return 1
     short = min(sniffed.width, sniffed.height)
     for scale in (8, 4, 2):
-        if short >= scale * resize:
+        if short >= scale * resize * defaults.DCT_OVERSAMPLE:
             return scale
     return 1
 
 
-def decode(data: bytes, path: str, cfg: PackConfig) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """Decode `data` (the bytes of `path`) under the guards.
+@dataclass
+class Decoded:
+    """A decoded image and where it lies on the source's pixel grid.
 
-    Returns:
-        (image, (full width, full height) of the oriented source) — the full size is what output sizes are
-        computed from when the decode was reduced.
+    Attributes:
+        image: the pixels; with scale > 1 each one is the mean of a scale x scale block of the source (libjpeg's
+            reduced IDCT is an exact box filter).
+        full: (width, height) of the EXIF-oriented source at full resolution: output sizes and the resize
+            geometry are computed from it, never from the reduced image.
+        scale: 1, 2, 4 or 8.
+        origin: (x, y), in image pixels, of the source's top-left corner. 0 except where EXIF orientation
+            turned a partial DCT block (a side that is not a multiple of 8) to the left or top edge.
+    """
+    image: np.ndarray
+    full: Tuple[int, int]
+    scale: int = 1
+    origin: Tuple[float, float] = (0.0, 0.0)
+
+
+def decode(data: bytes, path: str, cfg: PackConfig) -> Decoded:
+    """Decode `data` (the bytes of `path`) under the guards.
 
     Raises:
         ImageError: empty, not an image, truncated, too large, or undecodable.
@@ -177,6 +205,8 @@ def decode(data: bytes, path: str, cfg: PackConfig) -> Tuple[np.ndarray, Tuple[i
     if info.fmt == "gif":
         img = _decode_gif(path, cfg.color)
     else:
+        if scale > 1 and info.progressive:
+            data = _without_last_bit_scans(data)
         flag = cfg.color if scale == 1 else (_REDUCED_GREY if cfg.color == 0 else _REDUCED_COLOR)[scale]
         try:
             img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
@@ -184,15 +214,58 @@ def decode(data: bytes, path: str, cfg: PackConfig) -> Tuple[np.ndarray, Tuple[i
             raise ImageError(f"OpenCV cannot decode this {info.fmt.upper()}: {str(err).strip()[-200:]}") from None
     if img is None or img.size == 0:
         raise ImageError(f"OpenCV cannot decode this {info.fmt.upper()} (corrupt or unsupported variant)")
-    full = (img.shape[1], img.shape[0])
-    if scale > 1:
-        # The decoder rounds each side up; swap the header's size if EXIF orientation turned the image.
-        w, h = info.width, info.height
-        if (img.shape[1], img.shape[0]) != (-(-w // scale), -(-h // scale)):
-            w, h = h, w
-        full = (w, h)
-        img = _drop_partial_blocks(img, info, scale)
-    return img, full
+    if scale == 1:
+        return Decoded(img, (img.shape[1], img.shape[0]))
+    # The decoder rounds each side up; swap the header's size if EXIF orientation turned the image.
+    w, h = info.width, info.height
+    if (img.shape[1], img.shape[0]) != (-(-w // scale), -(-h // scale)):
+        w, h = h, w
+    return Decoded(img, (w, h), scale, _origin(info, scale))
+
+
+def _without_last_bit_scans(data: bytes) -> bytes:
+    """A progressive JPEG without its final AC refinement scans (successive approximation from bit 1 to bit
+    0), for a reduced decode.
+
+    Profiling: a progressive JPEG takes ~5x as long to decode as a baseline one of the same size, and the
+    reduced IDCT saves almost none of it - the time goes into the entropy decoding of every scan. The final
+    AC refinement scans carry only the last bit of each AC coefficient (plus the coefficients that are +-1
+    quantisation step), are ~40% of the file and the slowest scans to decode; no later scan depends on them.
+    Without them the decode takes ~30% less time. The lost bit is below what a >= 3x downscale keeps: on
+    bench.pack's progressive photos the packed image stays >= 36 dB PSNR from a full decode + INTER_AREA
+    (and the test suite holds it to 35 dB). Anything unexpected in the marker structure returns the file
+    unchanged, for libjpeg to judge."""
+    pieces: List[bytes] = []
+    kept_from, pos, n = 0, 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return data
+        marker = data[pos + 1]
+        if marker == 0xFF:                                          # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:                                          # end of image
+            break
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:        # markers without a length
+            pos += 2
+            continue
+        end = pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker != 0xDA:
+            pos = end
+            continue
+        following = _NEXT_MARKER.search(data, end)
+        if following is None or end > n:
+            return data
+        components = data[pos + 4]
+        spectral_start, _, approximation = data[pos + 5 + 2 * components:pos + 8 + 2 * components]
+        if spectral_start > 0 and approximation == 0x10:            # AC scan, bit position 1 -> 0
+            pieces.append(data[kept_from:pos])
+            kept_from = following.start()
+        pos = following.start()
+    if not pieces:
+        return data
+    pieces.append(data[kept_from:])
+    return b"".join(pieces)
 
 
 # Where the stored image's last column and last row end up after EXIF orientation 1-8.
@@ -200,19 +273,18 @@ _RIGHT_GOES = {1: "right", 2: "left", 3: "left", 4: "right", 5: "bottom", 6: "bo
 _BOTTOM_GOES = {1: "bottom", 2: "bottom", 3: "top", 4: "top", 5: "right", 6: "left", 7: "left", 8: "right"}
 
 
-def _drop_partial_blocks(img: np.ndarray, info: Sniffed, scale: int) -> np.ndarray:
+def _origin(info: Sniffed, scale: int) -> Tuple[float, float]:
     """A reduced decode of a side that is not a multiple of `scale` ends in a pixel that is partly the
-    encoder's edge padding (1337 px at 1/4 -> 335 px of which 334.25 are image). Resizing all of them to the
-    target stretches the picture by that fraction, which costs up to ~8 dB PSNR on textured photos. The last
-    line is dropped when less than half of it is image, so the geometry is off by at most half a pixel."""
-    sides = []
-    if 0 < info.width % scale < scale / 2:
-        sides.append(_RIGHT_GOES[info.orientation])
-    if 0 < info.height % scale < scale / 2:
-        sides.append(_BOTTOM_GOES[info.orientation])
-    for side in sides:
-        img = {"right": img[:, :-1], "left": img[:, 1:], "bottom": img[:-1], "top": img[1:]}[side]
-    return img
+    encoder's edge padding (1337 px at 1/4 -> 335 px of which 334.25 are image). At the right or bottom edge
+    that pixel is simply not sampled; where EXIF orientation moved it to the left or top, the source starts
+    part-way into the first pixel, and the resize must know where."""
+    x = y = 0.0
+    for remainder, goes in ((info.width % scale, _RIGHT_GOES[info.orientation]),
+                            (info.height % scale, _BOTTOM_GOES[info.orientation])):
+        if remainder and goes in ("left", "top"):
+            offset = (scale - remainder) / scale
+            x, y = (x + offset, y) if goes == "left" else (x, y + offset)
+    return x, y
 
 
 def _decode_gif(path: str, color: int) -> np.ndarray:
@@ -241,41 +313,66 @@ def output_size(full: Tuple[int, int], resize: int, center_crop: bool) -> Tuple[
     return w * resize // h, resize
 
 
-def transform(img: np.ndarray, full: Tuple[int, int], resize: int, center_crop: bool) -> np.ndarray:
-    """Center crop and resize `img` (possibly a DCT-reduced decode of a `full`-sized source)."""
-    if center_crop:
-        h, w = img.shape[:2]
-        if h > w:
-            m = (h - w) // 2
-            img = img[m:m + w]
-        else:
-            m = (w - h) // 2
-            img = img[:, m:m + h]
-    if resize:
-        size = output_size(full, resize, center_crop)
-        if (img.shape[1], img.shape[0]) != size:
-            img = _resize(img, size)
-    return img
+def transform(decoded: Decoded, resize: int, center_crop: bool) -> np.ndarray:
+    """Center crop and resize a decode, on the source's exact geometry.
+
+    Every output pixel averages the same source area as a full decode + INTER_AREA resize would (the crop and
+    the scale are computed on the full-resolution grid and mapped onto the reduced image), so a reduced
+    decode changes which pixels are averaged by nothing more than the block granularity. Shrinking averages
+    every source pixel (im2rec's INTER_LINEAR reads 2x2 of every ~13x13 source pixels when it takes a 3000 px
+    photo to 224 px, and aliases); enlarging uses INTER_LINEAR, as im2rec does.
+    """
+    w, h = decoded.full
+    x0, y0, crop_w, crop_h = 0, 0, w, h
+    if center_crop:                                   # im2rec: a centred square of the short edge
+        side = min(w, h)
+        x0, y0, crop_w, crop_h = (w - side) // 2, (h - side) // 2, side, side
+    out_w, out_h = output_size(decoded.full, resize, center_crop)
+    scale = decoded.scale
+    # Where the crop starts on the decoded grid: a whole pixel plus a fraction (non-zero only when scale > 1
+    # and a center crop or an EXIF origin falls inside a block; even an eighth of a pixel costs ~1 dB on fine
+    # texture, so the fraction is resampled, not rounded). One extra pixel keeps the resize from running short.
+    left_at, top_at = decoded.origin[0] + x0 / scale, decoded.origin[1] + y0 / scale
+    left, top = int(left_at), int(top_at)
+    shift = (left_at - left, top_at - top)
+    img = decoded.image[top:top + -(-crop_h // scale) + 2, left:left + -(-crop_w // scale) + 2]
+    if scale == 1 and (out_w, out_h) == (crop_w, crop_h):
+        return img[:out_h, :out_w]
+    # Output pixels per decoded pixel, from the full-resolution geometry.
+    fx, fy = out_w * scale / crop_w, out_h * scale / crop_h
+    if fx >= 1 or fy >= 1:
+        return _resize_on_grid(img, fx, fy, out_w, out_h, cv2.INTER_LINEAR, shift)
+    if fx > 1 / _AREA_DIRECT_FROM and fy > 1 / _AREA_DIRECT_FROM:
+        # Linear onto a grid of twice the output resolution, then an exact 2x2 box average: within 0.5 dB of
+        # INTER_AREA at these factors, and half its cost (OpenCV's INTER_AREA is vectorised only for integer
+        # factors; at 1.5-3x it was a quarter of the time spent on a bench.pack photo).
+        fine = _resize_on_grid(img, 2 * fx, 2 * fy, 2 * out_w, 2 * out_h, cv2.INTER_LINEAR, shift)
+        return cv2.resize(fine, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    return _resize_on_grid(img, fx, fy, out_w, out_h, cv2.INTER_AREA, shift)
 
 
-# Gaussian pre-blur for shrinking by less than 2x: sigma = _BLUR_K * sqrt(factor**2 - 1). Chosen on bench.pack's
-# photos after a reduced decode: PSNR against a full decode + INTER_AREA within 0.1 dB of INTER_AREA itself,
-# at a third of its cost (OpenCV's INTER_AREA is slow for non-integer factors); 0.45 already over-blurs.
-_BLUR_K = 0.3
+# Shrinking by more than this (only images that were not DCT-reduced: small JPEGs, PNG, WebP...) goes straight
+# to INTER_AREA: a linear step would skip source pixels.
+_AREA_DIRECT_FROM = 3.0
 
 
-def _resize(img: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Shrink by 2x or more with INTER_AREA (every source pixel counts; im2rec's INTER_LINEAR reads 2x2 of
-    them and aliases); by less than 2x - what is left after a reduced DCT decode - with a light anti-alias
-    blur and INTER_LINEAR; enlarge with INTER_LINEAR."""
-    factor = img.shape[1] / size[0]
-    if factor >= 2:
-        return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-    if factor > 1:
-        sigma = _BLUR_K * (factor * factor - 1) ** 0.5
-        if sigma > 0.2:                     # below that the kernel is a near no-op
-            img = cv2.GaussianBlur(img, (0, 0), sigma)
-    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+def _resize_on_grid(img: np.ndarray, fx: float, fy: float, out_w: int, out_h: int, method: int,
+                    shift: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Resize by exactly (fx, fy) output pixels per input pixel, starting `shift` input pixels into `img`, and
+    keep out_w x out_h.
+
+    Passed as fx/fy (not as a size), OpenCV maps output pixel i onto exactly [i / fx, (i + 1) / fx) of the
+    input; a size would stretch the reduced image's padded last pixel over the whole output. A fractional
+    shift (rare: see transform) needs warpAffine, which is linear only, and slower."""
+    if shift != (0.0, 0.0):
+        to_input = np.float64([[1 / fx, 0, 0.5 / fx - 0.5 + shift[0]], [0, 1 / fy, 0.5 / fy - 0.5 + shift[1]]])
+        return cv2.warpAffine(img, to_input, (out_w, out_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.resize(img, None, fx=fx, fy=fy, interpolation=method)
+    short_h, short_w = max(0, out_h - out.shape[0]), max(0, out_w - out.shape[1])
+    if short_h or short_w:                            # a rounded-off last line (never more than one)
+        out = cv2.copyMakeBorder(out, 0, short_h, 0, short_w, cv2.BORDER_REPLICATE)
+    return out[:out_h, :out_w]
 
 
 def encode(img: np.ndarray, encoding: str, quality: int) -> bytes:
@@ -323,6 +420,5 @@ def load_image_bytes(path: str, cfg: PackConfig) -> bytes:
     if cfg.pass_through:
         check_pass_through(data)
         return data
-    img, full = decode(data, path, cfg)
-    img = transform(img, full, cfg.resize, cfg.center_crop)
+    img = transform(decode(data, path, cfg), cfg.resize, cfg.center_crop)
     return encode(img, cfg.encoding, cfg.quality)

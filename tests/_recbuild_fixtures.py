@@ -79,9 +79,9 @@ def run_recbuild(*args: str, cwd: Path = None, check=True) -> subprocess.Complet
                           text=True, check=check, env=env)
 
 
-def exif_jpeg(img: np.ndarray, orientation: int) -> bytes:
+def exif_jpeg(img: np.ndarray, orientation: int, progressive: bool = False) -> bytes:
     """A JPEG of `img` with an APP1 EXIF segment holding only the Orientation tag (0x0112)."""
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)])
     data = buf.tobytes()
     # TIFF header (little endian), IFD0 at offset 8 with one SHORT entry, then next-IFD offset 0.
     tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + \

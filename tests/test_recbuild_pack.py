@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from recbuild.config import PackConfig
-from recbuild.images import decode, load_image_bytes, reduction, sniff, transform
+from recbuild.images import _without_last_bit_scans, decode, load_image_bytes, reduction, sniff, transform
 from recbuild.listing import read_list
 from recbuild.recordio import encode_record
 from tests import _recbuild_fixtures as fx
@@ -139,25 +139,29 @@ def test_record_framing_splits_on_magic_like_dmlc(tmp_path):
 
 # ---- decoding: speed path quality, EXIF --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("h,w,orientation,scale", [
-    (1800, 2400, 1, 8),      # sides divisible by 8
-    (1803, 2405, 1, 8),      # partial last DCT blocks
-    (1803, 2405, 3, 8),      # ... turned 180 degrees by EXIF: the partial blocks end up top and left
-    (1803, 2405, 6, 8),      # ... turned 90 degrees: sides swap
-    (1000, 1337, 1, 4),
-    (461, 700, 1, 2),
+@pytest.mark.parametrize("h,w,orientation,scale,period,progressive", [
+    (2704, 3000, 1, 8, 80, False),     # sides divisible by 8
+    (2703, 3005, 1, 8, 80, False),     # partial last DCT blocks
+    (2703, 3005, 3, 8, 80, False),     # ... turned 180 degrees by EXIF: the partial blocks end up top and left
+    (2703, 3005, 6, 8, 80, True),      # ... turned 90 degrees (sides swap), progressive
+    (1400, 1347, 1, 4, 80, False),
+    (1400, 1347, 1, 4, 15, False),     # fine texture: 2.5 output pixels per period
+    (1400, 1347, 8, 4, 15, True),      # ... progressive (final refinement scans skipped), turned by EXIF
+    (700, 900, 1, 2, 80, False),
+    (500, 650, 1, 1, 15, False),       # short edge < 1.5 x 2 x 224: a full decode
 ])
-def test_reduced_dct_decode_psnr(h, w, orientation, scale):
-    """Decoding at a reduced DCT scale, then resizing, stays >= 35 dB PSNR from a full decode + resize (on a
-    textured photo, where the partial DCT blocks at odd sizes must be accounted for)."""
-    img = fx.textured(h, w, period=80, seed=1)
-    data = fx.exif_jpeg(img, orientation)
+def test_reduced_dct_decode_psnr(h, w, orientation, scale, period, progressive):
+    """Decoding at a reduced DCT scale, then resizing, stays >= 35 dB PSNR from a full decode + INTER_AREA (on
+    textured photos, where a resize off by a fraction of a pixel, or a reduced image too close to the target,
+    shows)."""
+    img = fx.textured(h, w, period=period, seed=1)
+    data = fx.exif_jpeg(img, orientation, progressive)
     cfg = PackConfig(resize=224, workers=1)
     assert reduction(sniff(data), 224, 1) == scale
-    fast, full = decode(data, "x.jpg", cfg)
+    decoded = decode(data, "x.jpg", cfg)
     reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    assert full == (reference.shape[1], reference.shape[0])
-    out = transform(fast, full, 224, False)
+    assert decoded.full == (reference.shape[1], reference.shape[0]) and decoded.scale == scale
+    out = transform(decoded, 224, False)
     rh, rw = reference.shape[:2]
     size = (rw * 224 // rh, 224) if rw >= rh else (224, rh * 224 // rw)    # im2rec's rule
     ref = cv2.resize(reference, size, interpolation=cv2.INTER_AREA)
@@ -165,11 +169,44 @@ def test_reduced_dct_decode_psnr(h, w, orientation, scale):
     assert fx.psnr(out, ref) >= 35.0
 
 
-def test_reduced_decode_is_used_only_from_twice_the_target():
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_center_crop_on_a_reduced_decode_matches_full_decode(orientation):
+    img = fx.textured(1500, 2300, period=40, seed=3)
+    data = fx.exif_jpeg(img, orientation)
+    decoded = decode(data, "x.jpg", PackConfig(resize=224, center_crop=True, workers=1))
+    assert decoded.scale == 4
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    rh, rw = reference.shape[:2]
+    side = min(rh, rw)
+    square = reference[(rh - side) // 2:(rh - side) // 2 + side, (rw - side) // 2:(rw - side) // 2 + side]
+    want = cv2.resize(square, (224, 224), interpolation=cv2.INTER_AREA)
+    out = transform(decoded, 224, True)
+    assert out.shape == want.shape and fx.psnr(out, want) >= 35.0
+
+
+def test_reduced_decode_keeps_a_margin_over_the_target():
+    """1/2 scale only from 2 x 1.5 x the target short edge (DCT_OVERSAMPLE), never below it."""
     img = fx.photo(400, 600, seed=2)
     data = cv2.imencode(".jpg", img)[1].tobytes()
-    assert reduction(sniff(data), 224, 1) == 1 and reduction(sniff(data), 200, 1) == 2
+    assert reduction(sniff(data), 224, 1) == 1 and reduction(sniff(data), 134, 1) == 1
+    assert reduction(sniff(data), 133, 1) == 2 and reduction(sniff(data), 66, 1) == 4
     assert reduction(sniff(data), 0, 1) == 1 and reduction(sniff(data), 100, -1) == 1
+
+
+def test_final_refinement_scans_are_skipped_only_in_progressive_jpegs():
+    img = fx.textured(300, 400, period=15, seed=4)
+    progressive = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+    progressive = progressive.tobytes()
+    assert sniff(progressive).progressive
+    lean = _without_last_bit_scans(progressive)
+    assert len(lean) < 0.8 * len(progressive) and lean.endswith(b"\xff\xd9")
+    full = cv2.imdecode(np.frombuffer(progressive, np.uint8), cv2.IMREAD_COLOR)
+    approx = cv2.imdecode(np.frombuffer(lean, np.uint8), cv2.IMREAD_COLOR)
+    assert approx.shape == full.shape and 30 < fx.psnr(approx, full) < 60     # lossy, but only by the last bit
+    baseline = cv2.imencode(".jpg", img)[1].tobytes()
+    assert not sniff(baseline).progressive and _without_last_bit_scans(baseline) is baseline
+    cut = progressive[:len(progressive) // 2]                   # a scan without an end: left to libjpeg to judge
+    assert _without_last_bit_scans(cut) is cut
 
 
 def test_exif_orientation_is_applied(tmp_path):
