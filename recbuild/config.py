@@ -28,11 +28,11 @@ ENCODING = ".jpg"
 # --resize 224 (decoded at 1/8 scale) passes.
 MAX_PIXELS = 100_000_000
 # A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's reduced IDCT: an exact box filter, at a fraction
-# of the cost) only while the reduced short edge stays >= this many times --resize, so the final INTER_AREA
-# still averages 1.5+ decoded pixels per output pixel. Measured on bench.pack's 520 photos against a full
-# decode + INTER_AREA: reducing down to 1.0x the target leaves the worst textured photos at 30-31 dB PSNR (the
-# block grid no longer lines up with the output grid); 1.4x and above keeps every photo above 36 dB, for +4%
-# decode time. 1.5 leaves a margin over 1.4.
+# of the cost) only while the reduced short edge stays >= this many times --resize, so the final resize still
+# averages 1.5+ decoded pixels per output pixel. Measured on bench.pack's 520 photos against a full decode +
+# INTER_AREA (recbuild/images.py's exact-geometry resize): reducing down to 1.0x the target leaves the worst
+# textured photos at 30-31 dB PSNR (the block grid no longer lines up with the output grid); 1.5x keeps all 520
+# at >= 35.1 dB, 2.0x at >= 39.1 dB for ~25% more time per image.
 DCT_OVERSAMPLE = 1.5
 # Work is handed to the worker processes in batches of this many images: large enough that the per-task IPC
 # cost (~100 us) is negligible, small enough that the in-order writer never waits long for a slow batch.
