@@ -197,6 +197,22 @@ def _conv_settings(layer: Layer, x: Tensor):
     return p, kernel, stride, pad, dilate
 
 
+def _conv_weights(layer: Layer, channels: int, weight_shape: tuple) -> dict:
+    """The arguments of a (de)convolution: its weight blob (checked against `weight_shape`) and, with
+    bias_term, its bias; after checking that `group` divides both channel counts."""
+    p = layer.param.convolution_param
+    if channels % p.group or p.num_output % p.group:
+        raise _fail(layer, f"group {p.group} does not divide {channels} input / {p.num_output} output channels")
+    specs = [("weight", weight_shape)]
+    if p.bias_term:
+        specs.append(("bias", (p.num_output,)))
+    blobs = take_blobs(layer, specs)
+    args = {f"{layer.name}_weight": blobs[0]}
+    if p.bias_term:
+        args[f"{layer.name}_bias"] = blobs[1]
+    return args
+
+
 def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
     """Convolution with group, dilation, rectangular kernel/stride/pad and optional bias.
 
@@ -205,15 +221,7 @@ def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
     x = inputs[0]
     p, kernel, stride, pad, dilate = _conv_settings(layer, x)
     channels, group = x.shape[1], p.group
-    if channels % group or p.num_output % group:
-        raise _fail(layer, f"group {group} does not divide {channels} input / {p.num_output} output channels")
-    specs = [("weight", (p.num_output, channels // group) + kernel)]
-    if p.bias_term:
-        specs.append(("bias", (p.num_output,)))
-    blobs = take_blobs(layer, specs)
-    args = {f"{layer.name}_weight": blobs[0]}
-    if p.bias_term:
-        args[f"{layer.name}_bias"] = blobs[1]
+    args = _conv_weights(layer, channels, (p.num_output, channels // group) + kernel)
     sym = mx.sym.Convolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
                              pad=pad, dilate=dilate, num_group=group, no_bias=not p.bias_term)
     return Converted([sym], args)
@@ -252,15 +260,7 @@ def convert_deconvolution(layer: Layer, inputs: List[Tensor]) -> Converted:
     x = inputs[0]
     p, kernel, stride, pad, dilate = _conv_settings(layer, x)
     channels, group = x.shape[1], p.group
-    if channels % group or p.num_output % group:
-        raise _fail(layer, f"group {group} does not divide {channels} input / {p.num_output} output channels")
-    specs = [("weight", (channels, p.num_output // group) + kernel)]
-    if p.bias_term:
-        specs.append(("bias", (p.num_output,)))
-    blobs = take_blobs(layer, specs)
-    args = {f"{layer.name}_weight": blobs[0]}
-    if p.bias_term:
-        args[f"{layer.name}_bias"] = blobs[1]
+    args = _conv_weights(layer, channels, (channels, p.num_output // group) + kernel)
     sym = mx.sym.Deconvolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
                                pad=pad, dilate=dilate, num_group=group, no_bias=not p.bias_term)
     return Converted([sym], args)
