@@ -11,8 +11,8 @@ Choices (documented in the README):
 - A progressive JPEG decoded at a reduced scale skips its final AC refinement scans (see
   _without_last_bit_scans): a third less decode time for a bit a >= 3x downscale does not keep.
 - The resize runs on the source's exact geometry (see transform), averaging every source pixel to shrink and
-  with INTER_LINEAR to enlarge. im2rec uses INTER_LINEAR for everything, which aliases when it shrinks a 3000 px photo to
-  224 px (it samples 2x2 of every ~13x13 source pixels).
+  with INTER_LINEAR to enlarge. im2rec uses INTER_LINEAR for everything, which aliases when it shrinks a
+  3000 px photo to 224 px (it samples 2x2 of every ~13x13 source pixels).
 - Output sizes follow im2rec exactly (short edge = --resize, long edge = long * resize // short of the
   oriented source), computed from the full-resolution size even when the decode was reduced.
 - A JPEG whose entropy-coded data ends before its EOI marker (a truncated download) is refused: libjpeg
