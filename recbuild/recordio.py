@@ -14,7 +14,7 @@ The format (dmlc-core recordio, checked against mx.recordio in tests/test_recbui
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,7 +25,26 @@ IR_SIZE = struct.calcsize(_IR_FORMAT)
 
 
 class RecordIOError(ValueError):
-    """A .rec/.idx that does not follow the format; the message says where."""
+    """A .rec/.idx that does not follow the format; the message says where.
+
+    Attributes:
+        offset: the byte offset of the frame at fault, or None.
+        kind: 'header' (the file ends inside a frame header), 'magic' (not a frame header), 'overrun' (a frame
+            runs past the end of the file), 'cflag' (an invalid continuation flag), 'split' (the file ends inside
+            a split record), or '' for payload-level errors; callers word their own messages from it.
+    """
+
+    def __init__(self, message: str, offset: Optional[int] = None, kind: str = ""):
+        super().__init__(message)
+        self.offset = offset
+        self.kind = kind
+
+
+class Frame(NamedTuple):
+    """One frame of a .rec: a whole record (cflag 0) or a part of a split one (1 first, 2 middle, 3 last)."""
+    offset: int
+    cflag: int
+    length: int
 
 
 class IRHeader(NamedTuple):
@@ -98,33 +117,58 @@ class RecordWriter:
         handle.writelines(f"{key}\t{offset}\n" for key, offset in self.index)
 
 
-def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
-    """Read the (possibly multi-part) record starting at `offset`."""
-    handle.seek(offset)
-    parts: List[bytes] = []
-    while True:
+def iter_frames(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Frame]:
+    """Walk the frames of a .rec of `size` bytes from byte `start`, reading only their 8-byte headers.
+
+    When a frame is yielded the handle is at its payload, so a caller may read (part of) it; the walk seeks to
+    the next frame itself.
+
+    Raises:
+        RecordIOError: with the offset and kind (see RecordIOError) of the first frame that breaks the format.
+    """
+    offset = start
+    while offset < size:
+        handle.seek(offset)
         head = handle.read(8)
         if len(head) < 8:
-            raise RecordIOError(f"offset {handle.tell() - len(head)}: file ends inside a record header")
+            raise RecordIOError(f"offset {offset}: file ends inside a record header", offset, "header")
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
-            raise RecordIOError(f"offset {handle.tell() - 8}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})")
+            raise RecordIOError(f"offset {offset}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})", offset,
+                                "magic")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
-        if handle.tell() + length > size_limit:
-            raise RecordIOError(f"offset {handle.tell() - 8}: record of {length} bytes runs past the end of "
-                                "the file (truncated)")
-        parts.append(handle.read(length))
-        handle.seek(-length % 4, 1)
-        if cflag in (0, 3):
-            return _MAGIC_BYTES.join(parts)
-        if cflag not in (1, 2):
-            raise RecordIOError(f"offset {handle.tell()}: invalid continuation flag {cflag}")
+        if offset + 8 + length > size:
+            raise RecordIOError(f"offset {offset}: record of {length} bytes runs past the end of the file "
+                                "(truncated)", offset, "overrun")
+        if cflag > 3:
+            raise RecordIOError(f"offset {offset}: invalid continuation flag {cflag}", offset, "cflag")
+        yield Frame(offset, cflag, length)
+        offset += 8 + length + (-length % 4)
+
+
+def _records(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Tuple[int, bytes]]:
+    """(offset, payload) of every record from `start`, joining split records (the writer dropped the magic
+    at each split point; it is put back)."""
+    parts: List[bytes] = []
+    first = start
+    for frame in iter_frames(handle, size, start):
+        if not parts:
+            first = frame.offset
+        parts.append(handle.read(frame.length))
+        if frame.cflag in (0, 3):
+            yield first, _MAGIC_BYTES.join(parts)
+            parts = []
+    if parts:
+        raise RecordIOError(f"offset {first}: the file ends inside a split record", first, "split")
+
+
+def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
+    """Read the (possibly multi-part) record starting at `offset`."""
+    for _, payload in _records(handle, size_limit, offset):
+        return payload
+    raise RecordIOError(f"offset {offset}: no record there (the file has {size_limit} bytes)", offset, "header")
 
 
 def iter_records(handle: BinaryIO, size: int) -> Iterator[Tuple[int, bytes]]:
     """Yield (offset, payload) for every record of a .rec, in file order."""
-    offset = 0
-    while offset < size:
-        payload = read_record_at(handle, offset, size)
-        yield offset, payload
-        offset = handle.tell()
+    return _records(handle, size)

@@ -137,6 +137,33 @@ def test_record_framing_splits_on_magic_like_dmlc(tmp_path):
         r.close()
 
 
+def test_framing_errors_name_offset_and_kind(tmp_path):
+    """Our reader against files mx.recordio wrote, then broke: each error names the frame's offset and kind."""
+    from recbuild.recordio import RecordIOError, iter_records
+    magic = struct.pack("<I", 0xCED7230A)
+    payloads = [b"head", b"abcd" + magic + b"efgh", b"tail"]      # the middle one is split in two frames
+    path = tmp_path / "s.rec"
+    w = mx.recordio.MXRecordIO(str(path), "w")
+    for payload in payloads:
+        w.write(payload)
+    w.close()
+    data = path.read_bytes()
+    with open(path, "rb") as handle:
+        assert [p for _, p in iter_records(handle, len(data))] == payloads
+    second = 8 + 4                                                 # after the first record (4 bytes, padded)
+    cases = {"split": data[:second + 8 + 4],                        # ends after the first part of the split
+             "magic": data[:second] + b"\0" * 8 + data[second + 8:],
+             "cflag": data[:second + 4] + struct.pack("<I", 5 << 29 | 4) + data[second + 8:],
+             "overrun": data[:-2],
+             "header": data + b"\x0a\x23"}
+    for kind, broken in cases.items():
+        with open(path, "wb") as f:
+            f.write(broken)
+        with open(path, "rb") as handle, pytest.raises(RecordIOError) as err:
+            list(iter_records(handle, len(broken)))
+        assert err.value.kind == kind and f"offset {err.value.offset}" in str(err.value), kind
+
+
 # ---- decoding: speed path quality, EXIF --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("h,w,orientation,scale,period,progressive", [

@@ -456,3 +456,6 @@ def test_record_offsets_match_the_index_mx_recordio_wrote(tmp_path):
         assert sampling.record_offsets(path) == expected
     reader = sampling.RecordReader(tmp_path / "m.rec", tmp_path / "scratch")
     assert [reader.read(i) for i in (3, 1, 0)] == [payloads[3], payloads[1], payloads[0]]
+    (tmp_path / "cut.rec").write_bytes(rec.read_bytes()[:-30])
+    with pytest.raises(DataError, match="cut.rec: truncated record at byte"):
+        sampling.record_offsets(tmp_path / "cut.rec")

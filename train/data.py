@@ -19,13 +19,12 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
+from recbuild.recordio import RecordIOError, iter_frames
 from symbols.sidecar import Preprocess
 from train.config import TrainConfig as _DEFAULTS
 
 log = logging.getLogger(__name__)
 
-# RecordIO framing (dmlc-core recordio.h): magic, then lrecord = cflag << 29 | length, payload padded to 4 bytes.
-_MAGIC = 0xCED7230A
 # IRHeader (mxnet.recordio): flag uint32, label float32, id uint64, id2 uint64; `flag` extra float labels follow.
 _IRHEADER = struct.Struct("<IfQQ")
 
@@ -54,34 +53,32 @@ def scan_headers(rec_path) -> Tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: no such .rec file")
     labels: List[float] = []
     ids: List[int] = []
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        offset = 0
-        while offset < size:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise DataError(f"{path}: truncated record header at byte {offset}")
-            magic, lrecord = struct.unpack("<II", head)
-            if magic != _MAGIC:
-                raise DataError(f"{path}: not a RecordIO file (bad magic at byte {offset}); pack it with "
-                                f"`python -m recbuild`")
-            cflag, length = lrecord >> 29, lrecord & ((1 << 29) - 1)
-            padded = (length + 3) & ~3
-            if offset + 8 + length > size:
-                raise DataError(f"{path}: truncated record at byte {offset} (the file ends inside it); "
-                                f"re-pack it")
-            if cflag in (0, 1):  # a whole record or the first part of a split one carries the header
-                payload = handle.read(min(length, _IRHEADER.size + 4))
+    try:
+        with open(path, "rb") as handle:
+            for frame in iter_frames(handle, path.stat().st_size):
+                if frame.cflag not in (0, 1):     # only a whole record or a first part carries the header
+                    continue
+                payload = handle.read(min(frame.length, _IRHEADER.size + 4))
                 if len(payload) < _IRHEADER.size:
-                    raise DataError(f"{path}: truncated record at byte {offset}")
+                    raise DataError(f"{path}: truncated record at byte {frame.offset}")
                 flag, label, record_id, _ = _IRHEADER.unpack_from(payload)
                 ids.append(record_id)
                 if flag > 0:  # label arrays: the first float follows the header
                     label = struct.unpack_from("<f", payload, _IRHEADER.size)[0]
                 labels.append(label)
-            offset += 8 + padded
-            handle.seek(offset)
+    except RecordIOError as err:
+        raise framing_error(path, err) from None
     return np.asarray(labels, np.float32), np.asarray(ids, np.int64)
+
+
+def framing_error(path: Path, err: RecordIOError) -> DataError:
+    """The trainer's wording of a broken .rec (recbuild's reader found it)."""
+    if err.kind == "magic":
+        return DataError(f"{path}: not a RecordIO file (bad magic at byte {err.offset}); pack it with "
+                         "`python -m recbuild`")
+    if err.kind == "cflag":
+        return DataError(f"{path}: corrupt record at byte {err.offset} ({err}); re-pack it")
+    return DataError(f"{path}: truncated record at byte {err.offset} (the file ends inside it); re-pack it")
 
 
 @dataclass

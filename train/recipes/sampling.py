@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -25,7 +24,8 @@ import mxnet as mx
 import numpy as np
 
 from tools.atomic import atomic_path
-from train.data import DataError, scan_labels
+from recbuild.recordio import RecordIOError, iter_frames
+from train.data import DataError, framing_error, scan_labels
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ def balanced_indices(labels: np.ndarray, seed: int, size: Optional[int] = None) 
                       p=class_weights(labels))
 
 
-_MAGIC = 0xCED7230A  # dmlc RecordIO framing: magic, then lrecord = cflag << 29 | length, padded to 4 bytes
-
 
 def record_offsets(rec_path: Path) -> List[int]:
     """Byte offset of every record of a .rec, in file order, from the framing only (no payload is read).
@@ -58,22 +56,11 @@ def record_offsets(rec_path: Path) -> List[int]:
     A record split by the writer (cflag 1 = first part, 2 = middle, 3 = last) counts once, at its first part.
     """
     path = Path(rec_path)
-    size = path.stat().st_size
-    offsets: List[int] = []
-    with open(path, "rb") as handle:
-        offset = 0
-        while offset < size:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise DataError(f"{path}: truncated record header at byte {offset}")
-            magic, lrecord = struct.unpack("<II", head)
-            if magic != _MAGIC:
-                raise DataError(f"{path}: not a RecordIO file (bad magic at byte {offset})")
-            if lrecord >> 29 in (0, 1):
-                offsets.append(offset)
-            offset += 8 + (((lrecord & ((1 << 29) - 1)) + 3) & ~3)
-            handle.seek(offset)
-    return offsets
+    try:
+        with open(path, "rb") as handle:
+            return [frame.offset for frame in iter_frames(handle, path.stat().st_size) if frame.cflag in (0, 1)]
+    except RecordIOError as err:
+        raise framing_error(path, err) from None
 
 
 class RecordReader:
