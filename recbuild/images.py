@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -88,25 +88,57 @@ def sniff(data: bytes) -> Sniffed:
     return Sniffed("unknown")
 
 
-def _sniff_jpeg(data: bytes) -> Sniffed:
+class _Segment(NamedTuple):
+    """A JPEG marker segment: `marker` (-1 where the structure breaks) at byte `start`, its length field's
+    value `length` (0 for markers without one)."""
+    marker: int
+    start: int
+    length: int = 0
+
+
+def _jpeg_segments(data: bytes) -> Iterator[_Segment]:
+    """The marker segments after SOI, in order, through EOI; a scan (SOS) is followed by its entropy-coded
+    data, which is skipped. Ends with a -1 segment where a marker was due and something else is there, or a
+    scan's data never ends."""
     pos, n = 2, len(data)
-    width = height = None
-    orientation = 1
-    progressive = False
-    while pos + 4 <= n:
+    while pos + 2 <= n:
         if data[pos] != 0xFF:
-            return Sniffed("jpeg", width, height, complete=False)   # lost sync: corrupt header
+            yield _Segment(-1, pos)
+            return
         marker = data[pos + 1]
         if marker == 0xFF:                                          # fill byte
             pos += 1
             continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:        # markers without a length
+        if marker in (0x01, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            yield _Segment(marker, pos)
+            if marker == 0xD9:
+                return
             pos += 2
             continue
+        if pos + 4 > n:
+            yield _Segment(-1, pos)
+            return
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        yield _Segment(marker, pos, length)
+        pos += 2 + length
+        if marker == 0xDA:                                          # entropy-coded data up to the next marker
+            following = _NEXT_MARKER.search(data, pos)
+            if following is None:
+                yield _Segment(-1, n)
+                return
+            pos = following.start()
+
+
+def _sniff_jpeg(data: bytes) -> Sniffed:
+    width = height = None
+    orientation = 1
+    progressive = False
+    for marker, pos, length in _jpeg_segments(data):
+        if marker == -1:
+            break                                                   # lost sync: corrupt header
         if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
             orientation = _exif_orientation(data[pos + 10:pos + 2 + length])
-        if marker in _SOF and pos + 9 <= n:
+        if marker in _SOF and pos + 9 <= len(data):
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             progressive = marker in _PROGRESSIVE_SOF
         if marker == 0xDA:                                          # start of scan: the image data follows
@@ -114,7 +146,6 @@ def _sniff_jpeg(data: bytes) -> Sniffed:
             # thumbnail, so a file cut inside the scan data would otherwise look complete.
             return Sniffed("jpeg", width, height, complete=data.rfind(b"\xff\xd9") > pos,
                            orientation=orientation, progressive=progressive)
-        pos += 2 + length
     return Sniffed("jpeg", width, height, complete=False)
 
 
@@ -238,33 +269,19 @@ def _without_last_bit_scans(data: bytes) -> bytes:
     (and the test suite holds it to 35 dB). Anything unexpected in the marker structure returns the file
     unchanged, for libjpeg to judge."""
     pieces: List[bytes] = []
-    kept_from, pos, n = 0, 2, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
+    kept_from, dropping = 0, False
+    for marker, pos, _ in _jpeg_segments(data):
+        if marker == -1:
             return data
-        marker = data[pos + 1]
-        if marker == 0xFF:                                          # fill byte
-            pos += 1
-            continue
-        if marker == 0xD9:                                          # end of image
-            break
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:        # markers without a length
-            pos += 2
-            continue
-        end = pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        if marker != 0xDA:
-            pos = end
-            continue
-        following = _NEXT_MARKER.search(data, end)
-        if following is None or end > n:
-            return data
-        components = data[pos + 4]
-        spectral_start, _, approximation = data[pos + 5 + 2 * components:pos + 8 + 2 * components]
-        if spectral_start > 0 and approximation == 0x10:            # AC scan, bit position 1 -> 0
-            pieces.append(data[kept_from:pos])
-            kept_from = following.start()
-        pos = following.start()
-    if not pieces:
+        if dropping:                                                # the dropped scan ended where this begins
+            kept_from, dropping = pos, False
+        if marker == 0xDA:
+            components = data[pos + 4]
+            spectral_start, _, approximation = data[pos + 5 + 2 * components:pos + 8 + 2 * components]
+            if spectral_start > 0 and approximation == 0x10:        # AC scan, bit position 1 -> 0
+                pieces.append(data[kept_from:pos])
+                dropping = True
+    if not pieces or dropping:
         return data
     pieces.append(data[kept_from:])
     return b"".join(pieces)
