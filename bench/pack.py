@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=N_IMAGES, help="number of generated photos (>= 500)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes for all three")
-    p.add_argument("--repeat", type=int, default=1, help="time each contender this often, keep the best")
+    p.add_argument("--repeat", type=int, default=3, help="time each contender this often (interleaved), keep the best")
     p.add_argument("--floor-worker", choices=("reduced", "full"), help=argparse.SUPPRESS)
     p.add_argument("--file-list", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
