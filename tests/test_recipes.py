@@ -22,6 +22,7 @@ from symbols.sidecar import load_sidecar, save_sidecar
 from tests._recipes_fixtures import small_net_checkpoint
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
+from train.data import DataError
 from train.fit import TrainError, fit
 from train.recipes import ensemble, features, fusion, pseudo, sampling, stages
 from train.recipes.__main__ import main as recipes_main
