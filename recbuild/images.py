@@ -350,11 +350,13 @@ def transform(decoded: Decoded, resize: int, center_crop: bool) -> np.ndarray:
     scale = decoded.scale
     # Where the crop starts on the decoded grid: a whole pixel plus a fraction (non-zero only when scale > 1
     # and a center crop or an EXIF origin falls inside a block; even an eighth of a pixel costs ~1 dB on fine
-    # texture, so the fraction is resampled, not rounded). One extra pixel keeps the resize from running short.
+    # texture, so the fraction is resampled, not rounded). On a reduced grid, two more pixels keep the resize
+    # from running short; at full scale the crop is exact, so nothing outside it is sampled (as im2rec).
     left_at, top_at = decoded.origin[0] + x0 / scale, decoded.origin[1] + y0 / scale
     left, top = int(left_at), int(top_at)
     shift = (left_at - left, top_at - top)
-    img = decoded.image[top:top + -(-crop_h // scale) + 2, left:left + -(-crop_w // scale) + 2]
+    margin = 0 if scale == 1 else 2
+    img = decoded.image[top:top + -(-crop_h // scale) + margin, left:left + -(-crop_w // scale) + margin]
     if scale == 1 and (out_w, out_h) == (crop_w, crop_h):
         return img[:out_h, :out_w]
     # Output pixels per decoded pixel, from the full-resolution geometry.

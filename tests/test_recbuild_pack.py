@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from recbuild.config import PackConfig
-from recbuild.images import _without_last_bit_scans, decode, load_image_bytes, reduction, sniff, transform
+from recbuild.images import Decoded, _without_last_bit_scans, decode, load_image_bytes, reduction, sniff, transform
 from recbuild.listing import read_list
 from recbuild.recordio import encode_record
 from tests import _recbuild_fixtures as fx
@@ -209,6 +209,19 @@ def test_center_crop_on_a_reduced_decode_matches_full_decode(orientation):
     want = cv2.resize(square, (224, 224), interpolation=cv2.INTER_AREA)
     out = transform(decoded, 224, True)
     assert out.shape == want.shape and fx.psnr(out, want) >= 35.0
+
+
+@pytest.mark.parametrize("h,w,resize", [(90, 150, 120), (150, 90, 120), (90, 150, 25)])
+def test_full_scale_center_crop_is_crop_then_resize(h, w, resize):
+    """At full scale nothing outside the crop is sampled: enlarging equals im2rec's crop + cv2.resize exactly,
+    shrinking by more than 3x equals crop + INTER_AREA exactly."""
+    img = fx.textured(h, w, period=7, seed=5)
+    decoded = Decoded(img, (w, h))
+    side = min(h, w)
+    square = img[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    method = cv2.INTER_LINEAR if resize > side else cv2.INTER_AREA
+    want = cv2.resize(square, (resize, resize), interpolation=method)
+    np.testing.assert_array_equal(transform(decoded, resize, True), want)
 
 
 def test_reduced_decode_keeps_a_margin_over_the_target():
