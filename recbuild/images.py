@@ -205,7 +205,7 @@ class Decoded:
             geometry are computed from it, never from the reduced image.
         scale: 1, 2, 4 or 8.
         origin: (x, y), in image pixels, of the source's top-left corner. 0 except where EXIF orientation
-            turned a partial DCT block (a side that is not a multiple of 8) to the left or top edge.
+            turned a partial block (a side that is not a multiple of the scale) to the left or top edge.
     """
     image: np.ndarray
     full: Tuple[int, int]
@@ -277,8 +277,10 @@ def _without_last_bit_scans(data: bytes) -> bytes:
             kept_from, dropping = pos, False
         if marker == 0xDA:
             components = data[pos + 4]
-            spectral_start, _, approximation = data[pos + 5 + 2 * components:pos + 8 + 2 * components]
-            if spectral_start > 0 and approximation == 0x10:        # AC scan, bit position 1 -> 0
+            settings = data[pos + 5 + 2 * components:pos + 8 + 2 * components]    # Ss, Se, Ah/Al
+            if len(settings) < 3:
+                return data
+            if settings[0] > 0 and settings[2] == 0x10:             # AC scan, bit position 1 -> 0
                 pieces.append(data[kept_from:pos])
                 dropping = True
     if not pieces or dropping:

@@ -247,6 +247,9 @@ def test_final_refinement_scans_are_skipped_only_in_progressive_jpegs():
     assert not sniff(baseline).progressive and _without_last_bit_scans(baseline) is baseline
     cut = progressive[:len(progressive) // 2]                   # a scan without an end: left to libjpeg to judge
     assert _without_last_bit_scans(cut) is cut
+    first_scan = progressive.index(b"\xff\xda")
+    short_header = progressive[:first_scan + 4] + b"\x09"        # an SOS that claims 9 components, then ends
+    assert _without_last_bit_scans(short_header) is short_header
 
 
 def test_exif_orientation_is_applied(tmp_path):
