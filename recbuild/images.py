@@ -360,7 +360,7 @@ def transform(decoded: Decoded, resize: int, center_crop: bool) -> np.ndarray:
     margin = 0 if scale == 1 else 2
     img = decoded.image[top:top + -(-crop_h // scale) + margin, left:left + -(-crop_w // scale) + margin]
     if scale == 1 and (out_w, out_h) == (crop_w, crop_h):
-        return img[:out_h, :out_w]
+        return img
     # Output pixels per decoded pixel, from the full-resolution geometry.
     fx, fy = out_w * scale / crop_w, out_h * scale / crop_h
     if fx >= 1 or fy >= 1:

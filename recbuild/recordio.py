@@ -146,9 +146,9 @@ def iter_frames(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Frame]:
         offset += 8 + length + (-length % 4)
 
 
-def _records(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Tuple[int, bytes]]:
-    """(offset, payload) of every record from `start`, joining split records (the writer dropped the magic
-    at each split point; it is put back)."""
+def iter_records(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Tuple[int, bytes]]:
+    """Yield (offset, payload) for every record of a .rec from byte `start`, in file order, joining split
+    records (the writer dropped the magic at each split point; it is put back)."""
     parts: List[bytes] = []
     first = start
     for frame in iter_frames(handle, size, start):
@@ -164,11 +164,7 @@ def _records(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Tuple[int,
 
 def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
     """Read the (possibly multi-part) record starting at `offset`."""
-    for _, payload in _records(handle, size_limit, offset):
+    for _, payload in iter_records(handle, size_limit, offset):
         return payload
     raise RecordIOError(f"offset {offset}: no record there (the file has {size_limit} bytes)", offset, "header")
 
-
-def iter_records(handle: BinaryIO, size: int) -> Iterator[Tuple[int, bytes]]:
-    """Yield (offset, payload) for every record of a .rec, in file order."""
-    return _records(handle, size)

@@ -23,8 +23,8 @@ from typing import Callable, List, Optional
 import mxnet as mx
 import numpy as np
 
-from tools.atomic import atomic_path
 from recbuild.recordio import RecordIOError, iter_frames
+from tools.atomic import atomic_path
 from train.data import DataError, framing_error, scan_labels
 
 log = logging.getLogger(__name__)
