@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from recbuild.config import PackConfig
-from recbuild.images import Decoded, _without_last_bit_scans, decode, load_image_bytes, reduction, sniff, transform
+from recbuild.images import (Decoded, _jpeg_segments, _without_low_bit_scans, decode, load_image_bytes, reduction,
+                             sniff, transform)
 from recbuild.listing import read_list
 from recbuild.recordio import encode_record
 from tests import _recbuild_fixtures as fx
@@ -173,7 +174,7 @@ def test_framing_errors_name_offset_and_kind(tmp_path):
     (2703, 3005, 6, 8, 80, True),      # ... turned 90 degrees (sides swap), progressive
     (1400, 1347, 1, 4, 80, False),
     (1400, 1347, 1, 4, 15, False),     # fine texture: 2.5 output pixels per period
-    (1400, 1347, 8, 4, 15, True),      # ... progressive (final refinement scans skipped), turned by EXIF
+    (1400, 1347, 8, 4, 15, True),      # ... progressive (low-bit scans dropped), turned by EXIF
     (700, 900, 1, 2, 80, False),
     (500, 650, 1, 1, 15, False),       # short edge < 1.5 x 2 x 224: a full decode
 ])
@@ -233,23 +234,66 @@ def test_reduced_decode_keeps_a_margin_over_the_target():
     assert reduction(sniff(data), 0, 1) == 1 and reduction(sniff(data), 100, -1) == 1
 
 
-def test_final_refinement_scans_are_skipped_only_in_progressive_jpegs():
-    img = fx.textured(300, 400, period=15, seed=4)
-    progressive = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
-    progressive = progressive.tobytes()
+def _jpeg(img, quality, progressive=True) -> bytes:
+    flags = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    return cv2.imencode(".jpg", img, flags)[1].tobytes()
+
+
+def _imdecode(data, flag=cv2.IMREAD_COLOR):
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+
+
+def _sof_and_dqts(data):
+    segments = list(_jpeg_segments(data))
+    return ([s for s in segments if s.marker == 0xC2][0], [s for s in segments if s.marker == 0xDB])
+
+
+def test_low_bit_scans_are_dropped_only_where_the_bits_are_worth_little():
+    img = fx.textured(600, 800, period=15, seed=4)
+    progressive = _jpeg(img, 95)
     assert sniff(progressive).progressive
-    lean = _without_last_bit_scans(progressive)
-    assert len(lean) < 0.8 * len(progressive) and lean.endswith(b"\xff\xd9")
-    full = cv2.imdecode(np.frombuffer(progressive, np.uint8), cv2.IMREAD_COLOR)
-    approx = cv2.imdecode(np.frombuffer(lean, np.uint8), cv2.IMREAD_COLOR)
-    assert approx.shape == full.shape and 30 < fx.psnr(approx, full) < 60     # lossy, but only by the last bit
-    baseline = cv2.imencode(".jpg", img)[1].tobytes()
-    assert not sniff(baseline).progressive and _without_last_bit_scans(baseline) is baseline
+    lean = _without_low_bit_scans(progressive)
+    assert len(lean) < 0.6 * len(progressive) and lean.endswith(b"\xff\xd9")
+    # What is kept is exact. At 1/8 scale the luma is the DC coefficient alone, which is never touched:
+    grey8 = cv2.IMREAD_REDUCED_GRAYSCALE_8
+    np.testing.assert_array_equal(_imdecode(lean, grey8), _imdecode(progressive, grey8))
+    # ... and the AC coefficients keep their scale (the renumbered scans and the multiplied steps cancel; with
+    # the scans renumbered alone this falls to 27 dB). Lossy, but only by the dropped bits.
+    assert 38 < fx.psnr(_imdecode(lean), _imdecode(progressive)) < 60
+    coarse = _jpeg(img, 40)                                        # steps of 10+: no bit is cheap enough to drop
+    assert _without_low_bit_scans(coarse) is coarse
+    baseline = _jpeg(img, 95, progressive=False)
+    assert _without_low_bit_scans(baseline) is baseline
     cut = progressive[:len(progressive) // 2]                   # a scan without an end: left to libjpeg to judge
-    assert _without_last_bit_scans(cut) is cut
+    assert _without_low_bit_scans(cut) is cut
     first_scan = progressive.index(b"\xff\xda")
     short_header = progressive[:first_scan + 4] + b"\x09"        # an SOS that claims 9 components, then ends
-    assert _without_last_bit_scans(short_header) is short_header
+    assert _without_low_bit_scans(short_header) is short_header
+
+
+def test_low_bit_scans_with_wide_steps_or_a_shared_table():
+    img = fx.textured(600, 800, period=15, seed=4)
+    progressive = _jpeg(img, 95)
+    _, dqts = _sof_and_dqts(progressive)
+    # A luma table whose fine steps, multiplied by 4, outgrow 8 bits: it is rewritten with 16-bit steps.
+    luma = dqts[0]
+    steps = list(progressive[luma.start + 5:luma.start + 69])
+    steps[1] = steps[2] = 2
+    steps[62], steps[63] = 150, 200
+    custom = (progressive[:luma.start] + b"\xff\xdb\x00\x43\x00" + bytes(steps)
+              + progressive[luma.start + 2 + luma.length:])
+    lean = _without_low_bit_scans(custom)
+    assert [lean[s.start + 4] >> 4 for s in _sof_and_dqts(lean)[1]] == [1, 0]
+    grey8 = cv2.IMREAD_REDUCED_GRAYSCALE_8
+    np.testing.assert_array_equal(_imdecode(lean, grey8), _imdecode(custom, grey8))
+    assert 38 < fx.psnr(_imdecode(lean), _imdecode(custom)) < 60
+    # Luma moved onto the chroma table: luma would drop 2 bits, chroma 1, and one table cannot be multiplied
+    # both ways, so the file is left exact.
+    fine = _jpeg(img, 97)
+    sof, _ = _sof_and_dqts(fine)
+    assert fine[sof.start + 10:sof.start + 13] == b"\x01\x22\x00"          # component 1, 2x2 sampling, table 0
+    shared = fine[:sof.start + 12] + b"\x01" + fine[sof.start + 13:]
+    assert _without_low_bit_scans(fine) is not fine and _without_low_bit_scans(shared) is shared
 
 
 def test_exif_orientation_is_applied(tmp_path):
