@@ -303,6 +303,8 @@ def _without_low_bit_scans(data: bytes) -> bytes:
                 return data
             if scan.ss > 0 and len(scan.components) != 1:
                 return data                         # an AC scan holds one component (T.81 G.1.1.1.1)
+            if scan.al > 13 or (scan.ah and scan.ah != scan.al + 1):
+                return data                         # not a successive-approximation step T.81 allows
             scans.append((seg, scan))
     if not table_of or not set(table_of.values()) <= tables.keys():
         return data

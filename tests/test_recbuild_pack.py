@@ -3,6 +3,7 @@ interruption and `verify`."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import struct
@@ -269,6 +270,30 @@ def test_low_bit_scans_are_dropped_only_where_the_bits_are_worth_little():
     first_scan = progressive.index(b"\xff\xda")
     short_header = progressive[:first_scan + 4] + b"\x09"        # an SOS that claims 9 components, then ends
     assert _without_low_bit_scans(short_header) is short_header
+
+
+def test_low_bit_scans_survive_mangled_headers():
+    """Random bytes in the marker segments, with or without a cut: the file comes back rewritten or unchanged,
+    never as an exception (which the packer would report as an unexpected error instead of libjpeg's verdict)."""
+    progressive = _jpeg(fx.textured(120, 160, period=15, seed=4), 95)
+    headers = [i for s in _jpeg_segments(progressive) for i in range(s.start, min(s.start + 140, len(progressive)))]
+    rng = random.Random(0)
+    rewritten = 0
+    for _ in range(3000):
+        mangled = bytearray(progressive)
+        for _ in range(rng.randint(1, 4)):
+            mangled[rng.choice(headers)] = rng.randrange(256)
+        if rng.random() < 0.2:
+            mangled = mangled[:rng.randrange(len(mangled))]
+        mangled = bytes(mangled)
+        rewritten += _without_low_bit_scans(mangled) is not mangled
+    assert 1000 < rewritten < 3000                                   # both paths were taken
+    # A one-component scan refining bit 2 -> 1 (SOS: marker, length, Ns, Cs/Td-Ta, Ss, Se, Ah/Al at +9) made to
+    # jump from bit 2 straight to bit 0, which T.81 does not allow.
+    step = [s.start + 9 for s in _jpeg_segments(progressive)
+            if s.marker == 0xDA and progressive[s.start + 4] == 1 and progressive[s.start + 9] == 0x21][0]
+    bad_step = progressive[:step] + b"\x20" + progressive[step + 1:]
+    assert _without_low_bit_scans(bad_step) is bad_step
 
 
 def test_low_bit_scans_with_wide_steps_or_a_shared_table():
