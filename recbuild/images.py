@@ -9,7 +9,7 @@ Choices (documented in the README):
   grain) it falls to 27-30 dB PSNR against a full decode + INTER_AREA; the 1.5x margin keeps the worst
   bench.pack photo above 35 dB (see the constant).
 - A progressive JPEG decoded at a reduced scale skips the refinement scans for the lowest bits of its AC
-  coefficients (see _without_low_bit_scans): 35-40% less decode time for bits a >= 3x downscale does not keep.
+  coefficients (see _without_low_bit_scans): half the decode time, for bits a >= 3x downscale does not keep.
 - The resize runs on the source's exact geometry (see transform), averaging every source pixel to shrink and
   with INTER_LINEAR to enlarge. im2rec uses INTER_LINEAR for everything, which aliases when it shrinks a
   3000 px photo to 224 px (it samples 2x2 of every ~13x13 source pixels).
