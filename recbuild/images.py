@@ -281,8 +281,9 @@ def _without_low_bit_scans(data: bytes) -> bytes:
     quantisation tables are rewritten; anything else, including structure this does not understand, is
     returned unchanged for libjpeg to judge."""
     tables: Dict[int, List[int]] = {}               # quantisation table id -> its 64 steps, zigzag order
+    dqts: Dict[int, Dict[int, List[int]]] = {}      # DQT segment start -> the tables it defines
     table_of: Dict[int, int] = {}                   # component id -> quantisation table id
-    scans: List[Tuple[_Segment, _Scan]] = []
+    scans: Dict[int, _Scan] = {}                    # SOS segment start -> the scan, in file order
     segments = list(_jpeg_segments(data))
     for seg in segments:
         body = data[seg.start + 4:seg.start + 2 + seg.length]
@@ -293,6 +294,7 @@ def _without_low_bit_scans(data: bytes) -> bytes:
             if read is None or scans or read.keys() & tables.keys():
                 return data                         # malformed, or tables redefined: not worth the bookkeeping
             tables.update(read)
+            dqts[seg.start] = read
         elif seg.marker == 0xC2:
             if len(body) < 6 or body[0] != 8 or len(body) < 6 + 3 * body[5]:
                 return data
@@ -305,47 +307,48 @@ def _without_low_bit_scans(data: bytes) -> bytes:
                 return data                         # an AC scan holds one component (T.81 G.1.1.1.1)
             if scan.al > 13 or (scan.ah and scan.ah != scan.al + 1):
                 return data                         # not a successive-approximation step T.81 allows
-            scans.append((seg, scan))
+            scans[seg.start] = scan
     if not table_of or not set(table_of.values()) <= tables.keys():
         return data
     droppable = {c: _droppable_bits(tables[t]) for c, t in table_of.items()}
+    ac_scans = {start: scan for start, scan in scans.items() if scan.ss > 0}
+    kept = {start: scan for start, scan in ac_scans.items()
+            if not (scan.ah > 0 and scan.al < droppable[scan.components[0]])}
+    if len(kept) == len(ac_scans):
+        return data
 
-    def dropped(scan: _Scan) -> bool:
-        return scan.ss > 0 and scan.ah > 0 and scan.al < droppable[scan.components[0]]
-
-    # The bit each (component, AC coefficient) ends at, and so the shift for each (table, coefficient).
+    # The bit each (component, AC coefficient) ends at, and so the shift for each (table, coefficient) and for
+    # each kept AC scan.
     last_bit: Dict[Tuple[int, int], int] = {}
-    for _, scan in scans:
-        if scan.ss > 0 and not dropped(scan):
-            for k in range(scan.ss, scan.se + 1):
-                key = (scan.components[0], k)
-                last_bit[key] = min(last_bit.get(key, scan.al), scan.al)
+    for scan in kept.values():
+        for k in range(scan.ss, scan.se + 1):
+            key = (scan.components[0], k)
+            last_bit[key] = min(last_bit.get(key, scan.al), scan.al)
     shift: Dict[Tuple[int, int], int] = {}
     for c, t in table_of.items():
         for k in range(1, 64):
             if (c, k) not in last_bit or shift.setdefault((t, k), last_bit[c, k]) != last_bit[c, k]:
                 return data                         # a coefficient never sent, or a shared table shifted twice
-    if not any(dropped(scan) for _, scan in scans):
+    scan_shift: Dict[int, int] = {}
+    for start, scan in kept.items():
+        bits = {last_bit[scan.components[0], k] for k in range(scan.ss, scan.se + 1)}
+        if len(bits) != 1:
+            return data                             # one scan would need two shifts
+        scan_shift[start] = bits.pop()
+    new_dqts = {start: _write_dqt(read, shift) for start, read in dqts.items()}
+    if None in new_dqts.values():
         return data
 
     ends = [seg.start for seg in segments[1:]] + [len(data)]
     out = [data[:segments[0].start]]
-    scan_of = {seg.start: scan for seg, scan in scans}
     for seg, end in zip(segments, ends):
         piece = data[seg.start:end]
-        if seg.marker == 0xDB:
-            rewritten = _write_dqt(_read_dqt(data[seg.start + 4:seg.start + 2 + seg.length]), shift)
-            if rewritten is None:
-                return data
-            piece = rewritten + data[seg.start + 2 + seg.length:end]
-        elif seg.marker == 0xDA and scan_of[seg.start].ss > 0:
-            scan = scan_of[seg.start]
-            if dropped(scan):
+        if seg.start in new_dqts:
+            piece = new_dqts[seg.start] + data[seg.start + 2 + seg.length:end]
+        elif seg.start in ac_scans:
+            if seg.start not in kept:
                 continue
-            bits = {last_bit[scan.components[0], k] for k in range(scan.ss, scan.se + 1)}
-            if len(bits) != 1:
-                return data                         # one scan would need two shifts
-            s = bits.pop()
+            scan, s = kept[seg.start], scan_shift[seg.start]
             piece = bytearray(piece)                # marker, length, Ns, 2 bytes per component, Ss, Se, Ah/Al
             piece[7 + 2 * len(scan.components)] = ((scan.ah - s if scan.ah else 0) << 4) | (scan.al - s)
             piece = bytes(piece)
