@@ -226,20 +226,20 @@ def main(argv=None) -> int:
         floor_cmd = [sys.executable, "-m", "bench.pack", "--workers", str(a.workers), "--file-list",
                      str(work / "files.txt"), "--floor-worker"]
         common = ["--resize", str(RESIZE), "--quality", str(QUALITY), "--num-thread", str(a.workers)]
+
+        def im2rec_cmd(list_name: str) -> List[str]:
+            return [sys.executable, str(IM2REC), *common, str(work / "im2rec" / list_name), str(root)]
+
+        def ours_cmd(list_name: str) -> List[str]:
+            return [sys.executable, "-m", "recbuild", *common, "--no-progress", str(work / "ours" / list_name),
+                    str(root)]
+
         results, cpu = {}, {}
         for rnd in range(a.repeat):                        # interleaved rounds: load changes hit all alike
-            for name, fn in (("im2rec", lambda: time_cmd([sys.executable, str(IM2REC), *common,
-                                                          str(work / "im2rec" / "set"), str(root)])),
-                             ("ours", lambda: time_cmd([sys.executable, "-m", "recbuild", *common, "--no-progress",
-                                                        str(work / "ours" / "set"), str(root)])),
-                             ("floor", lambda: time_cmd(floor_cmd + ["reduced"])),
-                             ("floor_full", lambda: time_cmd(floor_cmd + ["full"])),
-                             ("im2rec_startup", lambda: time_cmd([sys.executable, str(IM2REC), *common,
-                                                                  str(work / "im2rec" / "one"), str(root)])),
-                             ("ours_startup", lambda: time_cmd([sys.executable, "-m", "recbuild", *common,
-                                                                "--no-progress", str(work / "ours" / "one"),
-                                                                str(root)]))):
-                t, c = fn()
+            for name, cmd in (("im2rec", im2rec_cmd("set")), ("ours", ours_cmd("set")),
+                              ("floor", floor_cmd + ["reduced"]), ("floor_full", floor_cmd + ["full"]),
+                              ("im2rec_startup", im2rec_cmd("one")), ("ours_startup", ours_cmd("one"))):
+                t, c = time_cmd(cmd)
                 print(f"  round {rnd + 1}: {name:14s} {t:6.2f} s wall {c:6.2f} s CPU", flush=True)
                 results[name] = min(t, results.get(name, float("inf")))
                 cpu[name] = min(c, cpu.get(name, float("inf")))
