@@ -5,9 +5,10 @@ worker processes:
 
 - im2rec: `python .../site-packages/mxnet/tools/im2rec.py --resize 224 --quality 95 --num-thread W` (subprocess);
 - ours:   `python -m recbuild --resize 224 --quality 95 --num-thread W` (subprocess, same list file);
-- floor:  `python -m bench.pack --floor-worker ...` (subprocess): a multiprocessing.Pool(W) over the same files doing only read -> decode -> resize -> imencode with
-          the decode strategy we use (reduced DCT scale), no list parsing, no record writing; and, for
-          reference, the same loop with im2rec's full decode + INTER_LINEAR resize.
+- floor:  `python -m bench.pack --floor-worker ...` (subprocess): a multiprocessing.Pool(W) over the same files
+          doing only read -> decode -> resize -> imencode with the decode strategy we use (reduced DCT scale),
+          no list parsing, no record writing; and, for reference, the same loop with im2rec's full decode +
+          INTER_LINEAR resize.
 
 The images: >= 500 photo-sized JPEGs (each side 500-3000 px, a quarter progressive) cut from real photos that
 ship in package-registry packages (Debian lomiri-wallpapers-16.04, CC-BY-SA; the scikit-image and

@@ -277,9 +277,9 @@ def _without_low_bit_scans(data: bytes) -> bytes:
 
     Measured on bench.pack's 110 progressive photos that decode at a reduced scale: 37 ms per decode for the
     whole file, 26.5 ms with the last-bit scans merely left out (libjpeg then smooths), 16.8 ms with this; the
-    worst PSNR against a full decode + INTER_AREA stays at 36.0 dB. Only 8-bit Huffman progressive files (SOF2) with one set of
-    quantisation tables are rewritten; anything else, including structure this does not understand, is
-    returned unchanged for libjpeg to judge."""
+    worst PSNR against a full decode + INTER_AREA stays at 36.0 dB. Only 8-bit Huffman progressive files
+    (SOF2) with one set of quantisation tables are rewritten; anything else, including structure this does not
+    understand, is returned unchanged for libjpeg to judge."""
     tables: Dict[int, List[int]] = {}               # quantisation table id -> its 64 steps, zigzag order
     dqts: Dict[int, Dict[int, List[int]]] = {}      # DQT segment start -> the tables it defines
     table_of: Dict[int, int] = {}                   # component id -> quantisation table id

@@ -167,4 +167,3 @@ def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
     for _, payload in iter_records(handle, size_limit, offset):
         return payload
     raise RecordIOError(f"offset {offset}: no record there (the file has {size_limit} bytes)", offset, "header")
-

@@ -49,7 +49,6 @@ def balanced_indices(labels: np.ndarray, seed: int, size: Optional[int] = None) 
                       p=class_weights(labels))
 
 
-
 def record_offsets(rec_path: Path) -> List[int]:
     """Byte offset of every record of a .rec, in file order, from the framing only (no payload is read).
 
