@@ -168,6 +168,15 @@ def test_framing_errors_name_offset_and_kind(tmp_path):
 
 # ---- decoding: speed path quality, EXIF --------------------------------------------------------------------------
 
+def _jpeg(img, quality, progressive=True) -> bytes:
+    flags = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    return cv2.imencode(".jpg", img, flags)[1].tobytes()
+
+
+def _imdecode(data, flag=cv2.IMREAD_COLOR):
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+
+
 @pytest.mark.parametrize("h,w,orientation,scale,period,progressive", [
     (2704, 3000, 1, 8, 80, False),     # sides divisible by 8
     (2703, 3005, 1, 8, 80, False),     # partial last DCT blocks
@@ -188,7 +197,7 @@ def test_reduced_dct_decode_psnr(h, w, orientation, scale, period, progressive):
     cfg = PackConfig(resize=224, workers=1)
     assert reduction(sniff(data), 224, 1) == scale
     decoded = decode(data, "x.jpg", cfg)
-    reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    reference = _imdecode(data)
     assert decoded.full == (reference.shape[1], reference.shape[0]) and decoded.scale == scale
     out = transform(decoded, 224, False)
     rh, rw = reference.shape[:2]
@@ -204,7 +213,7 @@ def test_center_crop_on_a_reduced_decode_matches_full_decode(orientation):
     data = fx.exif_jpeg(img, orientation)
     decoded = decode(data, "x.jpg", PackConfig(resize=224, center_crop=True, workers=1))
     assert decoded.scale == 4
-    reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    reference = _imdecode(data)
     rh, rw = reference.shape[:2]
     side = min(rh, rw)
     square = reference[(rh - side) // 2:(rh - side) // 2 + side, (rw - side) // 2:(rw - side) // 2 + side]
@@ -233,15 +242,6 @@ def test_reduced_decode_keeps_a_margin_over_the_target():
     assert reduction(sniff(data), 224, 1) == 1 and reduction(sniff(data), 134, 1) == 1
     assert reduction(sniff(data), 133, 1) == 2 and reduction(sniff(data), 66, 1) == 4
     assert reduction(sniff(data), 0, 1) == 1 and reduction(sniff(data), 100, -1) == 1
-
-
-def _jpeg(img, quality, progressive=True) -> bytes:
-    flags = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
-    return cv2.imencode(".jpg", img, flags)[1].tobytes()
-
-
-def _imdecode(data, flag=cv2.IMREAD_COLOR):
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
 
 
 def _sof_and_dqts(data):
