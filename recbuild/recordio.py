@@ -20,8 +20,10 @@ import numpy as np
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
-_IR_FORMAT = "IfQQ"
-IR_SIZE = struct.calcsize(_IR_FORMAT)
+# The image header mxnet.recordio puts before each image: flag (count of float labels that follow; 0: one label
+# in `label`), label float32, id uint64, id2 uint64. Little-endian, as dmlc writes everything.
+IR_HEADER = struct.Struct("<IfQQ")
+IR_SIZE = IR_HEADER.size
 
 
 class RecordIOError(ValueError):
@@ -58,15 +60,15 @@ class IRHeader(NamedTuple):
 def pack_header(labels: Sequence[float], index: int, pack_label: bool) -> bytes:
     """The header im2rec writes: one float label, or every label with --pack-label on a multi-label list."""
     if pack_label and len(labels) > 1:
-        return struct.pack(_IR_FORMAT, len(labels), 0.0, index, 0) + np.asarray(labels, np.float32).tobytes()
-    return struct.pack(_IR_FORMAT, 0, labels[0], index, 0)
+        return IR_HEADER.pack(len(labels), 0.0, index, 0) + np.asarray(labels, np.float32).tobytes()
+    return IR_HEADER.pack(0, labels[0], index, 0)
 
 
 def unpack_header(payload: bytes) -> Tuple[IRHeader, bytes]:
     """Split an image record into its header (label as float or float32 array) and the image bytes."""
     if len(payload) < IR_SIZE:
         raise RecordIOError(f"record of {len(payload)} bytes is shorter than the {IR_SIZE}-byte image header")
-    flag, label, rid, id2 = struct.unpack(_IR_FORMAT, payload[:IR_SIZE])
+    flag, label, rid, id2 = IR_HEADER.unpack_from(payload)
     body = payload[IR_SIZE:]
     if flag > 0:
         if len(body) < 4 * flag:

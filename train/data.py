@@ -19,14 +19,11 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
-from recbuild.recordio import RecordIOError, iter_frames
+from recbuild.recordio import IR_HEADER, RecordIOError, iter_frames
 from symbols.sidecar import Preprocess
 from train.config import TrainConfig as _DEFAULTS
 
 log = logging.getLogger(__name__)
-
-# IRHeader (mxnet.recordio): flag uint32, label float32, id uint64, id2 uint64; `flag` extra float labels follow.
-_IRHEADER = struct.Struct("<IfQQ")
 
 
 class DataError(ValueError):
@@ -58,13 +55,13 @@ def scan_headers(rec_path) -> Tuple[np.ndarray, np.ndarray]:
             for frame in iter_frames(handle, path.stat().st_size):
                 if frame.cflag not in (0, 1):     # only a whole record or a first part carries the header
                     continue
-                payload = handle.read(min(frame.length, _IRHEADER.size + 4))
-                if len(payload) < _IRHEADER.size:
+                payload = handle.read(min(frame.length, IR_HEADER.size + 4))
+                if len(payload) < IR_HEADER.size:
                     raise DataError(f"{path}: truncated record at byte {frame.offset}")
-                flag, label, record_id, _ = _IRHEADER.unpack_from(payload)
+                flag, label, record_id, _ = IR_HEADER.unpack_from(payload)
                 ids.append(record_id)
                 if flag > 0:  # label arrays: the first float follows the header
-                    label = struct.unpack_from("<f", payload, _IRHEADER.size)[0]
+                    label = struct.unpack_from("<f", payload, IR_HEADER.size)[0]
                 labels.append(label)
     except RecordIOError as err:
         raise framing_error(path, err) from None
