@@ -8,7 +8,7 @@ The format (dmlc-core recordio, checked against mx.recordio in tests/test_recbui
 - a payload containing the magic at a 4-byte-aligned offset is split there into parts (cflag 1 = first,
   2 = middle, 3 = last; 0 = whole record) and the magic itself is dropped; readers re-insert it;
 - the .idx file has one line per record, "<key>\\t<byte offset of the record>\\n";
-- an image record payload starts with the IRHeader struct 'IfQQ' (flag, label, id, id2); with flag > 0 the
+- an image record payload starts with the IRHeader struct '<IfQQ' (flag, label, id, id2); with flag > 0 the
   label field is 0 and `flag` float32 labels follow the header (mx.recordio.pack / --pack-label).
 """
 from __future__ import annotations
