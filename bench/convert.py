@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from tools import caffe_pb2
-from tools.atomic import atomic_path, write_json
+from recbuild.atomic import atomic_path, write_json
 from tools.caffe_io import write_caffemodel, write_prototxt
 
 CACHE = Path(".cache/bench")

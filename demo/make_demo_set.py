@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
-from tools.atomic import atomic_open
+from recbuild.atomic import atomic_open
 
 # Defaults live here, in one place.
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from tools.atomic import write_json
+from recbuild.atomic import write_json
 
 FORMAT = "mxtransfer.classmap/1"
 SUFFIX = ".classes.json"

@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from recbuild.classmap import class_map_path, write_class_map
 from recbuild.config import ListConfig
-from tools.atomic import atomic_open
+from recbuild.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from recbuild import config as defaults
 from recbuild.config import PackConfig
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.recordio import RecordWriter, pack_header
-from tools.atomic import atomic_open
+from recbuild.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tools.atomic import atomic_path, write_json
+from recbuild.atomic import atomic_path, write_json
 
 FORMAT = "mxtransfer.preprocess/1"
 SUFFIX = "-preprocess.json"

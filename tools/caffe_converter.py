@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from symbols.sidecar import Preprocess, save_sidecar
-from tools.atomic import atomic_path
+from recbuild.atomic import atomic_path
 from tools.caffe_io import CaffeFormatError, CaffeNet, file_region, load_net, read_mean_binaryproto
 from tools.caffe_layers import INPUT_CHANNEL_FLIPS, LAYER_CONVERTERS, Tensor, UnsupportedLayerError
 from tools.verify import DEFAULT_TOLERANCE

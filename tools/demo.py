@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from tools.atomic import write_json
+from recbuild.atomic import write_json
 
 # ---- defaults, in one place ----------------------------------------------------------------------------------
 MODEL_CACHE = Path(".cache/models/nsfw")

@@ -39,7 +39,7 @@ import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map, write_class_map
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar
-from tools.atomic import atomic_open
+from recbuild.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from tools.atomic import atomic_path
+from recbuild.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

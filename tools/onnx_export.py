@@ -40,7 +40,7 @@ from typing import Dict, Iterator, Optional, Sequence
 import numpy as np
 
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar
-from tools.atomic import atomic_path
+from recbuild.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

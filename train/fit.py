@@ -25,7 +25,7 @@ from symbols.head import (HeadError, NewHead, find_head, frozen, parse_lr_mult, 
                           resolve_lr_mults, to_float16)
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from symbols.vgg import HeadSpec
-from tools.atomic import atomic_path, write_json
+from recbuild.atomic import atomic_path, write_json
 from train.config import TrainConfig, config_path
 from train.data import Augment, ClassInfo, DataError, record_iter, resolve_classes
 from train.metrics import MetricsLog, Tally

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from tools.atomic import atomic_open, atomic_path, write_json
+from recbuild.atomic import atomic_open, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
-from tools.atomic import atomic_open, write_json
+from recbuild.atomic import atomic_open, write_json
 from train.data import DataError, record_iter, scan_headers
 from train.metrics import LOG_LOSS_EPS, Tally
 

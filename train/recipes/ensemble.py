@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tools.atomic import atomic_open, write_json
+from recbuild.atomic import atomic_open, write_json
 from train.metrics import LOG_LOSS_EPS
 from train.predict import Model, PredictError, iterate, load_model
 

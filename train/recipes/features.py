@@ -40,7 +40,7 @@ import numpy as np
 
 from symbols.head import build_head, parse_lr_mult, resolve_lr_mults
 from symbols.sidecar import Preprocess, copy_mean_file, load_sidecar
-from tools.atomic import atomic_path, write_json
+from recbuild.atomic import atomic_path, write_json
 from train.config import TrainConfig, config_path
 from train.data import DataError, record_iter, resolve_classes
 from train.fit import (Checkpointer, FitResult, TrainError, TrainingDiverged, _load_checkpoint, make_optimizer,

@@ -35,7 +35,7 @@ import numpy as np
 
 from symbols.head import HeadError, find_head
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, save_sidecar, sidecar_path
-from tools.atomic import atomic_path
+from recbuild.atomic import atomic_path
 from train.fit import TrainError, _load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.classmap import write_class_map
-from tools.atomic import atomic_open, atomic_path, write_json
+from recbuild.atomic import atomic_open, atomic_path, write_json
 from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model

@@ -24,7 +24,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.recordio import RecordIOError, iter_frames
-from tools.atomic import atomic_path
+from recbuild.atomic import atomic_path
 from train.data import DataError, framing_error, scan_labels
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tools.atomic import write_json
+from recbuild.atomic import write_json
 from train.config import OPTIMIZERS, SCHEDULERS, TrainConfig, config_path
 from train.data import Augment
 from train.fit import Checkpointer, FitResult, TrainError, fit
