@@ -213,7 +213,7 @@ def test_cli_errors_and_dry_run(capsys, tmp_path):
     assert "ssh -tt -o StrictHostKeyChecking=yes" in shown.out and "warning" not in shown.err
     assert main(["--strict-host-key-checking", "no"] + ssh) == 0
     shown = capsys.readouterr()
-    assert "StrictHostKeyChecking=no" in shown.out and "host keys are not verified" in shown.err
+    assert "StrictHostKeyChecking=no" in shown.out and "any host key is accepted" in shown.err
 
 
 def test_failing_worker_stops_scheduler_and_servers():

@@ -299,11 +299,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             nodes = ssh_nodes(command, args.num_workers, num_servers, env, hosts, root, workdir, args.ssh_port,
                               host_key_check=args.strict_host_key_checking)
             if args.strict_host_key_checking != "yes":
-                print(f"warning: --strict-host-key-checking {args.strict_host_key_checking}: host keys are not "
-                      f"verified; a machine between here and the hosts could impersonate them", file=sys.stderr)
+                what = ("the first key a new host presents is trusted unverified"
+                        if args.strict_host_key_checking == "accept-new" else "any host key is accepted")
+                print(f"warning: --strict-host-key-checking {args.strict_host_key_checking}: {what}; a machine "
+                      f"between here and the hosts could impersonate them (unsafe)", file=sys.stderr)
             if args.sync_dst_dir and not args.dry_run:
                 for host in dict.fromkeys(hosts):
-                    ssh = f"ssh -p {args.ssh_port} -o BatchMode=yes -o StrictHostKeyChecking={args.strict_host_key_checking}"
+                    ssh = (f"ssh -p {args.ssh_port} -o BatchMode=yes "
+                           f"-o StrictHostKeyChecking={args.strict_host_key_checking}")
                     rsync = ["rsync", "-az", "--delete", "--exclude", ".git", "-e", ssh,
                              os.getcwd() + "/", f"{host}:{args.sync_dst_dir}/"]
                     if subprocess.call(rsync) != 0:
