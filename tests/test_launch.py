@@ -98,9 +98,12 @@ def job_processes(marker: str, role: str) -> list:
 
 
 SLEEPER = "import time; time.sleep(600)"
-WORKER_0_FAILS = ("import os, sys, time\n"
-                  "if os.environ['DMLC_ROLE'] == 'worker': time.sleep(2); sys.exit(3)\n"
-                  "time.sleep(600)")
+
+
+def workers_fail_on(go_file: Path) -> str:
+    """Workers exit 3 once `go_file` exists (servers, which run the same command over ssh, keep sleeping)."""
+    return (f"import os, sys, time\nwhile not os.path.exists({str(go_file)!r}): time.sleep(0.1)\n"
+            f"if os.environ['DMLC_ROLE'] == 'worker': sys.exit(3)\ntime.sleep(600)")
 
 
 @pytest.mark.parametrize("launcher", ["local", "ssh"])
@@ -114,7 +117,8 @@ def test_stopping_a_job_stops_every_process_with_a_conventional_status(tmp_path,
     launcher stops the ssh clients, as sshd does. A SIGKILLed worker gives 137, not 247."""
     marker = f"MXT_LAUNCH_TEST={uuid.uuid4().hex}"
     env, ssh_log = fake_ssh
-    job = start_launcher(tmp_path, launcher, marker, WORKER_0_FAILS if stop == "worker exits 3" else SLEEPER,
+    go = tmp_path / "go"
+    job = start_launcher(tmp_path, launcher, marker, workers_fail_on(go) if stop == "worker exits 3" else SLEEPER,
                          env)
     try:
         wait_until(lambda: len(job_processes(marker, "worker")) == 2 and len(job_processes(marker, "server")) == 1,
@@ -125,6 +129,8 @@ def test_stopping_a_job_stops_every_process_with_a_conventional_status(tmp_path,
             job.send_signal(signal.SIGINT)
         elif stop == "sigkill worker":
             os.kill(job_processes(marker, "worker")[0], signal.SIGKILL)
+        else:
+            go.touch()
         assert job.wait(timeout=60) == expected, (tmp_path / "launch.log").read_text()[-2000:]
     finally:
         if job.poll() is None:
