@@ -109,6 +109,7 @@ def workers_fail_on(go_file: Path) -> str:
 @pytest.mark.parametrize("launcher", ["local", "ssh"])
 @pytest.mark.parametrize("stop, expected", [("sigterm launcher", 128 + signal.SIGTERM),
                                             ("sigint launcher", 128 + signal.SIGINT),
+                                            ("sighup launcher", 128 + signal.SIGHUP),
                                             ("worker exits 3", 3),
                                             ("sigkill worker", 128 + signal.SIGKILL)])
 def test_stopping_a_job_stops_every_process_with_a_conventional_status(tmp_path, fake_ssh, launcher, stop,
@@ -127,6 +128,8 @@ def test_stopping_a_job_stops_every_process_with_a_conventional_status(tmp_path,
             job.send_signal(signal.SIGTERM)
         elif stop == "sigint launcher":
             job.send_signal(signal.SIGINT)
+        elif stop == "sighup launcher":
+            job.send_signal(signal.SIGHUP)
         elif stop == "sigkill worker":
             os.kill(job_processes(marker, "worker")[0], signal.SIGKILL)
         else:

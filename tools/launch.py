@@ -13,7 +13,7 @@ exits when the workers finish; workers get their rank from the scheduler (kv.ran
 
 Unlike the wheel's tools/launch.py + dmlc_tracker (which crash on Python >= 3.9 with Thread.isAlive and then leave
 a DMLC_ROLE=scheduler process behind), every child here runs in its own process group and the launcher kills all
-of them when a worker fails, when it is interrupted, or when servers outlive the workers.
+of them when a worker fails, when it is interrupted (SIGINT, SIGTERM, SIGHUP), or when servers outlive the workers.
 
 Over ssh the same holds on the remote machines: each remote command runs under `ssh -tt`, on a terminal of its
 own whose controlling process is the remote shell. When the launcher stops an ssh client (or the client dies any
@@ -200,7 +200,8 @@ def run(nodes: List[Node], timeout: Optional[float] = None) -> int:
     def on_signal(signum, _frame):
         interrupted.append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: a closed terminal (a dropped ssh session to this machine) must not orphan the job.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     start = time.time()
     code = 0
     others_done = 0.0
