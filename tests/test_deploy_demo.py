@@ -1,5 +1,6 @@
 """tools/demo.py orchestration: cached/invalidated stages, failure reports, accuracy, the from-scratch init."""
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -56,6 +57,85 @@ def test_a_changed_command_reruns_the_stage(tmp_path):
     assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
     stage.commands[0] = stage.commands[0] + ["--epochs", "5"]
     assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+
+
+def test_changed_input_contents_rerun_the_stage(tmp_path, capsys):
+    """Same name, size and modification time, different bytes: the stage is not up to date."""
+    cfg = demo.DemoConfig(out=tmp_path / "out")
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    image = images / "cat" / "1.png"
+    image.write_bytes(b"\x89PNG first")
+    model = tmp_path / "model.caffemodel"
+    model.write_bytes(b"weights-a")
+    out = tmp_path / "out" / "a" / "a.txt"
+    stage = demo.Stage("a", "a", commands=[_writer(out, tmp_path / "n")], outputs=[out], inputs=[images, model])
+    assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+    assert demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+    for path, new in ((image, b"\x89PNG other"), (model, b"weights-b")):
+        stat = path.stat()
+        path.write_bytes(new)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        capsys.readouterr()
+        assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"], path
+        assert f"changed: input {images if path == image else model}" in capsys.readouterr().out
+        assert demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+    (images / "dog").mkdir()
+    (images / "dog" / "2.png").write_bytes(b"new image")  # a new file in an input folder counts too
+    assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+
+
+def test_changed_code_reruns_the_stage_and_unrelated_code_does_not(tmp_path, monkeypatch, capsys):
+    """The code a stage runs is its module's import closure, lazy imports included."""
+    root = tmp_path / "src"
+    package = root / "stagepkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import sys\n\ndef main():\n    from stagepkg import helper  # a lazy import is followed too\n"
+        "    helper.write(sys.argv[1])\n\nmain()\n")
+    (package / "helper.py").write_text("import pathlib\nfrom .fmt import TEXT\n\ndef write(path):\n"
+                                       "    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)\n"
+                                       "    pathlib.Path(path).write_text(TEXT)\n")
+    (package / "fmt.py").write_text("TEXT = 'one'\n")
+    (package / "unused.py").write_text("X = 1\n")
+    monkeypatch.setattr(demo, "PROJECT_ROOT", root)
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    assert [p.name for p in demo.code_files(["stagepkg"], root)] == ["__init__.py", "__main__.py", "fmt.py",
+                                                                     "helper.py"]
+    cfg = demo.DemoConfig(out=tmp_path / "out")
+    out = tmp_path / "out" / "s" / "made.txt"
+    stage = demo.Stage("s", "s", commands=[[sys.executable, "-m", "stagepkg", str(out)]], outputs=[out])
+    assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"] and out.read_text() == "one"
+    (package / "unused.py").write_text("X = 2\n")
+    assert demo.run_stage(cfg, stage, 1, 1, "start")["cached"]
+    (package / "fmt.py").write_text("TEXT = 'two'\n")  # two imports away from the entry point
+    capsys.readouterr()
+    assert not demo.run_stage(cfg, stage, 1, 1, "start")["cached"] and out.read_text() == "two"
+    assert "changed: code" in capsys.readouterr().out
+
+
+def test_every_stage_hashes_the_code_it_runs(tmp_path):
+    stages = {s.name: s for s in demo.build_stages(demo.DemoConfig(out=tmp_path / "o"))}
+    root = demo.PROJECT_ROOT
+    code = {name: {p.relative_to(root).as_posix() for p in demo.code_files(demo._stage_modules(s), root)}
+            for name, s in stages.items()}
+    assert {"recbuild/__main__.py", "recbuild/cli.py", "recbuild/packing.py", "recbuild/images.py"} <= code["pack"]
+    assert "symbols/sidecar.py" in code["convert"]
+    # --verify's lazy import of the OpenCV check is followed (wherever the converter keeps it)
+    assert any("readNetFromCaffe" in (root / p).read_text() for p in code["convert"])
+    assert {"train/__main__.py", "train/fit.py", "train/data.py", "symbols/head.py"} <= code["finetune"]
+    assert {"tools/demo.py", "symbols/checkpoint.py", "train/fit.py"} <= code["scratch"]  # write_random_init
+    assert {"train/predict.py", "train/data.py"} <= code["predict"] and "train/fit.py" not in code["predict"]
+    assert {"tools/deploy.py", "tools/onnx_export.py", "tools/inference_graph.py", "tools/c_predict.py"} <= \
+        code["deploy"]
+    assert not any(p.startswith("train/") for p in code["deploy"] | code["pack"])
+    # ... and reads the files it consumes: the images, the Caffe files, the checkpoints of earlier stages.
+    cfg = demo.DemoConfig(out=tmp_path / "o")
+    assert stages["pack"].inputs == [cfg.images]
+    assert {p.name for p in stages["convert"].inputs} == {demo.PROTOTXT, demo.CAFFEMODEL}
+    assert Path(f"{cfg.model_prefix}-0000.params") in stages["finetune"].inputs
+    assert Path(f"{cfg.finetune_prefix}-{cfg.epochs:04d}.params") in stages["deploy"].inputs
 
 
 def test_failed_stage_names_itself_its_log_and_the_error(tmp_path):
@@ -138,27 +218,67 @@ def test_random_init_refuses_unknown_parameter_roles(tmp_path):
         demo.write_random_init(prefix, tmp_path / "r")
 
 
+def _converter_parser():
+    """The converter's own parser: in tools/caffe_converter.py, or tools/caffe_converter/cli.py in the package."""
+    try:
+        from tools.caffe_converter.cli import build_parser
+    except ModuleNotFoundError:  # "'tools.caffe_converter' is not a package"
+        from tools.caffe_converter import build_parser
+    return build_parser()
+
+
+def _parsed(parser, command):
+    """The namespace the stage's CLI itself makes of `command` (python -m MODULE ARGS...)."""
+    assert command[1] == "-m"
+    return parser.parse_args(command[3:])
+
+
 def test_stage_commands_follow_the_cli_contracts(tmp_path):
+    """Each stage's argv means what the demo intends, read by the real parsers of the CLIs it runs."""
+    from recbuild.cli import build_parser as recbuild_parser
+    from tools.deploy import build_parser as deploy_parser
+    from train.__main__ import build_parser as train_parser
+
     cfg = demo.DemoConfig(out=tmp_path / "o", epochs=3)
     stages = {s.name: s for s in demo.build_stages(cfg)}
     assert list(stages) == ["fetch", "pack", "convert", "finetune", "scratch", "predict", "deploy"]
-    listing, packing = stages["pack"].commands
-    assert listing[3:] == ["--list", "--recursive", "--train-ratio", "0.8", str(cfg.rec_prefix), "demo/images"]
-    assert packing[3:9] == ["--resize", "224", "--quality", "95", "--color", "1"]
-    assert "--verify" in stages["convert"].commands[0]
-    ft = stages["finetune"].commands[0]
-    assert ft[ft.index("--pretrained-model") + 1] == str(cfg.model_prefix)
-    assert ft[ft.index("--num-epochs") + 1] == "3"
-    sc = stages["scratch"].commands[0]
-    assert sc[sc.index("--pretrained-model") + 1] == str(cfg.scratch_init_prefix)
-    assert f"{cfg.freeze}=0" not in sc and "^fc_nsfw_=5" in sc and "^fc_nsfw_=5" in ft
-    assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
+    assert [c[1:3] for s in stages.values() for c in s.commands] == [
+        ["-m", "tools.fetch_models"], ["-m", "recbuild"], ["-m", "recbuild"], ["-m", "tools.caffe_converter"],
+        ["-m", "train"], ["-m", "train"], ["-m", "train.predict"], ["-m", "train.predict"], ["-m", "tools.deploy"]]
+
+    listing, packing = (_parsed(recbuild_parser(), c) for c in stages["pack"].commands)
+    assert listing.list and listing.recursive and listing.train_ratio == cfg.train_ratio
+    assert (listing.prefix, listing.root) == (packing.prefix, packing.root) == (str(cfg.rec_prefix), str(cfg.images))
+    assert not packing.list and (packing.resize, packing.quality, packing.color) == (cfg.resize, cfg.quality, 1)
+
+    conv = _parsed(_converter_parser(), stages["convert"].commands[0])
+    assert conv.verify and conv.mean == [104.0, 117.0, 123.0] and not conv.keep_bgr
+    assert (conv.prototxt, conv.caffemodel) == (str(cfg.model_cache / demo.PROTOTXT),
+                                                str(cfg.model_cache / demo.CAFFEMODEL))
+    assert conv.prefix == str(cfg.model_prefix)
+
+    ft, sc = (_parsed(train_parser(), stages[n].commands[0]) for n in ("finetune", "scratch"))
+    assert (ft.pretrained_model, ft.pretrained_epoch, ft.model_prefix) == (str(cfg.model_prefix), 0,
+                                                                          str(cfg.finetune_prefix))
+    assert (sc.pretrained_model, sc.pretrained_epoch, sc.model_prefix) == (str(cfg.scratch_init_prefix), 0,
+                                                                          str(cfg.scratch_prefix))
+    assert ft.lr_mult == ["^fc_nsfw_=5", f"{cfg.freeze}=0"] and sc.lr_mult == ["^fc_nsfw_=5"]
     # Same recipe for both runs: only the start weights, the output prefix and the freezing differ.
-    strip = lambda cmd: [a for a in cmd if a not in (str(cfg.model_prefix), str(cfg.scratch_init_prefix),
-                                                     str(cfg.finetune_prefix), str(cfg.scratch_prefix))]
-    assert strip(ft) == strip(sc) + ["--lr-mult", f"{cfg.freeze}=0"]
-    assert stages["deploy"].commands[0][3:] == [str(cfg.finetune_prefix), "3", str(cfg.deploy_dir), "--onnx",
-                                                "--force"]
+    differ = {"pretrained_model", "model_prefix", "lr_mult"}
+    assert {k: v for k, v in vars(ft).items() if k not in differ} == \
+        {k: v for k, v in vars(sc).items() if k not in differ}
+    assert (ft.num_epochs, ft.batch_size, ft.lr, ft.lr_scheduler, ft.warmup_epochs) == (
+        3, cfg.batch_size, cfg.lr, cfg.lr_scheduler, cfg.warmup_epochs)
+    assert (ft.data_train, ft.data_val) == (f"{cfg.rec_prefix}_train.rec", f"{cfg.rec_prefix}_val.rec")
+    assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
+
+    # train.predict has no build_parser of its own: its positional contract is PREFIX EPOCH DATA --out CSV.
+    for command, prefix in zip(stages["predict"].commands, (cfg.finetune_prefix, cfg.scratch_prefix)):
+        assert command[3:6] == [str(prefix), "3", f"{cfg.rec_prefix}_val.rec"] and command[6] == "--out"
+
+    bundle = _parsed(deploy_parser(), stages["deploy"].commands[0])
+    assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), 3, cfg.deploy_dir)
+    assert bundle.onnx and bundle.force and bundle.check
 
 
 def test_freeze_regex_keeps_only_the_last_stage_and_head_trainable():

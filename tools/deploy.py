@@ -37,9 +37,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from recbuild.classmap import find_class_map, read_class_map, write_class_map
-from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar
 from recbuild.atomic import atomic_open
+from recbuild.classmap import find_class_map, read_class_map, write_class_map
+from symbols.checkpoint import load_checkpoint, save_checkpoint
+from symbols.sidecar import Preprocess, copy_mean_file, save_sidecar
+from tools.inference_graph import DeployError, inference_symbol, load_for_inference, used_params
+from tools.onnx_export import ONNX_ATOL, ONNX_RTOL, export_onnx, run_onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,6 @@ DEFAULT_NAME = "model"
 DEFAULT_EPOCH_OUT = 0  # serving code usually hard-codes epoch 0; the source epoch is recorded in README/sidecar
 # Loaders must agree to float32 round-off: the same kernels run underneath, only the entry point differs.
 PARITY_RTOL, PARITY_ATOL = 1e-5, 1e-6
-
-
-class DeployError(ValueError):
-    """Bad input to the bundler; the message names the file and what is expected instead."""
 
 
 @dataclass
@@ -76,94 +75,6 @@ class Bundle:
     @property
     def onnx_file(self) -> Path:
         return self.outdir / f"{self.name}.onnx"
-
-
-# ---- the inference symbol ------------------------------------------------------------------------------------
-def _head_op(sym) -> Tuple[str, dict]:
-    graph = json.loads(sym.tojson())
-    if len(graph["heads"]) != 1:
-        return "", {}
-    node = graph["nodes"][graph["heads"][0][0]]
-    return node["op"], node.get("attrs", node.get("param", {})) or {}
-
-
-def inference_symbol(sym):
-    """The symbol with a final SoftmaxOutput replaced by `softmax` of the same name (forward-identical).
-
-    Args:
-        sym: an mx.sym.Symbol, typically from mx.model.load_checkpoint.
-
-    Returns:
-        The inference symbol; unchanged when it does not end in SoftmaxOutput.
-
-    Raises:
-        DeployError: SoftmaxOutput is used elsewhere or with options whose forward pass is not a plain
-            softmax over the class axis.
-    """
-    import mxnet as mx
-
-    op, attrs = _head_op(sym)
-    graph_ops = [n["op"] for n in json.loads(sym.tojson())["nodes"]]
-    if op != "SoftmaxOutput":
-        if "SoftmaxOutput" in graph_ops:
-            raise DeployError("SoftmaxOutput is used inside the graph, not as its single output; "
-                              "only a final SoftmaxOutput can be turned into an inference softmax")
-        return sym
-    if graph_ops.count("SoftmaxOutput") > 1:
-        raise DeployError("more than one SoftmaxOutput in the graph; only a final one is supported")
-    name = sym.name
-    data = sym.get_children()[0]
-    truthy = {"true", "1"}
-    if str(attrs.get("multi_output", "False")).lower() in truthy:
-        return mx.sym.softmax(data, axis=1, name=name)  # multi_output: softmax over channels at each position
-    _, out_shapes, _ = data.infer_shape_partial()
-    # SoftmaxOutput flattens (N, ...) to (N, -1) unless preserve_shape; for the usual (N, K) logits both are
-    # a softmax over the last axis.
-    if str(attrs.get("preserve_shape", "False")).lower() in truthy or (out_shapes and out_shapes[0]
-                                                                       and len(out_shapes[0]) == 2):
-        return mx.sym.softmax(data, axis=-1, name=name)
-    return mx.sym.softmax(mx.sym.flatten(data), axis=-1, name=name)
-
-
-# ---- loading and checking the source checkpoint --------------------------------------------------------------
-def load_checkpoint_files(prefix: str, epoch: int):
-    """mx.model.load_checkpoint with one-line errors naming the missing file."""
-    import mxnet as mx
-
-    symbol_file = Path(f"{prefix}-symbol.json")
-    params_file = Path(f"{prefix}-{epoch:04d}.params")
-    for path in (symbol_file, params_file):
-        if not path.is_file():
-            others = sorted(p.name for p in Path(prefix).parent.glob(f"{Path(prefix).name}-*.params"))
-            hint = f"; params beside it: {', '.join(others)}" if others and path == params_file else ""
-            raise DeployError(f"{path}: no such checkpoint file{hint}")
-    try:
-        return mx.model.load_checkpoint(str(prefix), epoch)
-    except mx.base.MXNetError as err:
-        raise DeployError(f"{prefix}: cannot load checkpoint epoch {epoch}: "
-                          f"{str(err).strip().splitlines()[0]}") from None
-
-
-def used_params(sym, arg_params: dict, aux_params: dict, pre: Preprocess, where: str) -> Tuple[dict, dict, List[str]]:
-    """Keep the parameters `sym` uses, check their shapes against infer_shape; report the others by name."""
-    input_names = {pre.input_name}
-    args = [a for a in sym.list_arguments() if a not in input_names]
-    auxs = sym.list_auxiliary_states()
-    missing = [a for a in args if a not in arg_params] + [a for a in auxs if a not in aux_params]
-    if missing:
-        raise DeployError(f"{where}: the params lack {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                          f"used by the symbol")
-    shape = (1,) + tuple(pre.input_shape)
-    arg_shapes, out_shapes, aux_shapes = sym.infer_shape(**{pre.input_name: shape})
-    for name, expected in list(zip(sym.list_arguments(), arg_shapes)) + list(zip(auxs, aux_shapes)):
-        if name in input_names:
-            continue
-        got = (arg_params.get(name) if name in arg_params else aux_params[name]).shape
-        if tuple(got) != tuple(expected):
-            raise DeployError(f"{where}: parameter {name} has shape {tuple(got)}, the symbol needs "
-                              f"{tuple(expected)} for input {shape}")
-    unused = sorted(set(arg_params) - set(args)) + sorted(set(aux_params) - set(auxs))
-    return ({a: arg_params[a] for a in args}, {a: aux_params[a] for a in auxs}, unused)
 
 
 def resolve_classes(pre: Preprocess, classes_arg: Optional[str], num_outputs: int, where: str) -> List[str]:
@@ -194,7 +105,7 @@ def predict_module(bundle: Bundle, x: np.ndarray, input_name: str = "data") -> n
     """Predictions through stock mx.model.load_checkpoint + mx.mod.Module, as legacy serving code does."""
     import mxnet as mx
 
-    sym, arg, aux = mx.model.load_checkpoint(str(bundle.prefix), DEFAULT_EPOCH_OUT)
+    sym, arg, aux = load_checkpoint(bundle.prefix, DEFAULT_EPOCH_OUT, "bundle")
     mod = mx.mod.Module(sym, data_names=[input_name], label_names=None, context=mx.cpu())
     mod.bind(data_shapes=[(input_name, x.shape)], for_training=False)
     mod.set_params(arg, aux)
@@ -221,8 +132,6 @@ def predict_c_api(bundle: Bundle, x: np.ndarray, input_name: str = "data") -> np
 
 def predict_onnx(bundle: Bundle, x: np.ndarray) -> np.ndarray:
     """Predictions through onnxruntime on the bundle's ONNX file."""
-    from tools.onnx_export import run_onnxruntime
-
     return run_onnxruntime(bundle.onnx_file, x)
 
 
@@ -249,7 +158,6 @@ def check_parity(bundle: Bundle, pre: Preprocess, batch: int = 2, seed: int = 0,
     loaders = {"gluon.SymbolBlock": lambda: predict_gluon(bundle, x, pre.input_name),
                "C predict API": lambda: predict_c_api(bundle, x, pre.input_name)}
     if with_onnx:
-        from tools.onnx_export import ONNX_ATOL, ONNX_RTOL
         loaders["onnxruntime"] = lambda: predict_onnx(bundle, x)
     diffs = {}
     for name, run in loaders.items():
@@ -309,18 +217,12 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
     Returns:
         The bundle and a summary dict (classes, dropped params, parity figures).
     """
-    import mxnet as mx
-
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise DeployError(f"{outdir}: exists and is not a folder")
     if outdir.is_dir() and any(outdir.iterdir()) and not force:
         raise DeployError(f"{outdir}: folder is not empty; pass --force to replace it")
-    if not has_sidecar(prefix):
-        raise DeployError(f"{prefix}-preprocess.json: no preprocessing sidecar beside the checkpoint; the "
-                          f"converter and trainer write it (python -m tools.caffe_converter / python -m train)")
-    pre = load_sidecar(prefix)
-    sym, arg_params, aux_params = load_checkpoint_files(prefix, epoch)
+    pre, sym, arg_params, aux_params = load_for_inference(prefix, epoch)
     sym = inference_symbol(sym)
     arg_params, aux_params, unused = used_params(sym, arg_params, aux_params, pre, f"{prefix}-{epoch:04d}.params")
     _, out_shapes, _ = sym.infer_shape(**{pre.input_name: (1,) + tuple(pre.input_shape)})
@@ -331,14 +233,14 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".part", dir=outdir.parent))
     try:
         bundle = Bundle(tmp, name)
-        mx.model.save_checkpoint(str(bundle.prefix), DEFAULT_EPOCH_OUT, sym, arg_params, aux_params)
+        # dtype=None: the parameters keep the checkpoint's dtype, as mx.model.save_checkpoint keeps them.
+        save_checkpoint(bundle.prefix, DEFAULT_EPOCH_OUT, sym, arg_params, aux_params, dtype=None)
         bundle_pre = copy_mean_file(pre, prefix, bundle.prefix)
         bundle_pre = replace(bundle_pre, num_classes=len(names), class_names=names,
                              source={**(pre.source or {}), "deployed_from": {"prefix": str(prefix), "epoch": epoch}})
         save_sidecar(bundle.prefix, bundle_pre)
         write_class_map(bundle.prefix, names)
         if onnx:
-            from tools.onnx_export import export_onnx
             export_onnx(sym, arg_params, aux_params, bundle_pre, bundle.onnx_file,
                         metadata={"class_names": json.dumps(names), "preprocess": json.dumps(bundle_pre.to_dict())},
                         verify=False)
@@ -375,7 +277,8 @@ def _write_readme(bundle: Bundle, pre: Preprocess, prefix: str, epoch: int, name
         handle.write(text)
 
 
-def main(argv: Sequence[str] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m tools.deploy` command line."""
     parser = argparse.ArgumentParser(prog="python -m tools.deploy",
                                      description="Write a deployment bundle of an MXNet checkpoint.")
     parser.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params)")
@@ -388,7 +291,11 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the Module / Gluon / C API (/ onnxruntime) parity check")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     try:

@@ -13,7 +13,19 @@ exits when the workers finish; workers get their rank from the scheduler (kv.ran
 
 Unlike the wheel's tools/launch.py + dmlc_tracker (which crash on Python >= 3.9 with Thread.isAlive and then leave
 a DMLC_ROLE=scheduler process behind), every child here runs in its own process group and the launcher kills all
-of them when a worker fails, when it is interrupted, or when servers outlive the workers.
+of them when a worker fails, when it is interrupted (SIGINT, SIGTERM, SIGHUP), or when servers outlive the workers.
+
+Over ssh the same holds on the remote machines: each remote command runs under `ssh -tt`, on a terminal of its
+own whose controlling process is the remote shell. When the launcher stops an ssh client (or the client dies any
+other way), sshd sees the connection close and hangs up that terminal, and the kernel sends SIGHUP to the remote
+shell and its foreground processes: the remote server or worker. Host keys are checked
+(`StrictHostKeyChecking=yes`: the hosts must be in known_hosts); `--strict-host-key-checking accept-new|no`
+relaxes that and is unsafe (accept-new trusts whatever key answers first, no accepts any key, so anyone between
+the machines can impersonate a host and read the job's traffic and environment).
+
+The exit status is 0, the first failing worker's exit code, 128+N when that worker (or the launcher) was
+killed by signal N (a remote worker's status comes back through its shell, which reports a signal the same
+way), 124 on --timeout, and 1 when a server or the scheduler dies first.
 """
 from __future__ import annotations
 
@@ -36,6 +48,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
 KILL_GRACE_S = 5.0
 POLL_S = 0.2
+# ssh's own StrictHostKeyChecking values; "yes" (the default here) refuses hosts missing from known_hosts.
+HOST_KEY_CHECKS = ("yes", "accept-new", "no")
 
 
 class LaunchError(ValueError):
@@ -101,13 +115,33 @@ def local_nodes(command: Sequence[str], num_workers: int, num_servers: int, env:
     return nodes
 
 
+def remote_command(workdir: str, env: Dict[str, str], command: Sequence[str]) -> str:
+    """The shell line run on the remote host: `cd DIR && env NAME=VALUE... COMMAND; exit $?`.
+
+    The trailing `exit $?` keeps the shell from exec-ing the command, so the shell stays the terminal's
+    controlling process and turns a remote death by signal N into status 128+N (an exec'd command killed by
+    a signal makes the ssh client exit 255 instead).
+    """
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"cd {shlex.quote(workdir)} && env {exports} {shlex.join(command)}; exit $?"
+
+
+def ssh_argv(host: str, remote: str, ssh_port: int = 22, host_key_check: str = "yes") -> List[str]:
+    """`ssh -tt ... HOST REMOTE`: -tt gives the remote command a terminal, so closing the connection hangs it up
+    (SIGHUP); BatchMode fails instead of prompting for a password or an unknown host key."""
+    if host_key_check not in HOST_KEY_CHECKS:
+        raise LaunchError(f"host key checking {host_key_check!r}: expected one of {', '.join(HOST_KEY_CHECKS)}")
+    return ["ssh", "-tt", "-o", f"StrictHostKeyChecking={host_key_check}", "-o", "BatchMode=yes",
+            "-p", str(ssh_port), host, remote]
+
+
 def ssh_nodes(command: Sequence[str], num_workers: int, num_servers: int, env: Dict[str, str], hosts: List[str],
-              root_uri: str, workdir: str, ssh_port: int = 22, server_command: Optional[Sequence[str]] = None
-              ) -> List[Node]:
-    """The scheduler here; servers and workers round-robin over `hosts`, each through `ssh HOST 'cd DIR; ...'`.
+              root_uri: str, workdir: str, ssh_port: int = 22, server_command: Optional[Sequence[str]] = None,
+              host_key_check: str = "yes") -> List[Node]:
+    """The scheduler here; servers and workers round-robin over `hosts`, each through `ssh -tt HOST 'cd DIR; ...'`.
 
     Servers run `server_command` (default: the worker command, which imports mxnet first and so becomes a
-    server, as with dmlc's tracker).
+    server, as with dmlc's tracker). `host_key_check` is ssh's StrictHostKeyChecking (see HOST_KEY_CHECKS).
     """
     port = free_port()
     server_command = list(server_command or command)
@@ -117,16 +151,21 @@ def ssh_nodes(command: Sequence[str], num_workers: int, num_servers: int, env: D
     for i, role in enumerate(roles):
         host = hosts[i % len(hosts)]
         remote_env = {**env, **dmlc_env(role, root_uri, port, num_workers, num_servers), "DMLC_NODE_HOST": host}
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in remote_env.items())
-        remote = f"cd {shlex.quote(workdir)} && env {exports} {shlex.join(server_command if role == 'server' else command)}"
-        argv = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes", "-p", str(ssh_port), host, remote]
-        nodes.append(Node(role, argv, dict(os.environ), host))
+        remote = remote_command(workdir, remote_env, server_command if role == "server" else command)
+        nodes.append(Node(role, ssh_argv(host, remote, ssh_port, host_key_check), dict(os.environ), host))
     return nodes
 
 
 def _start(node: Node) -> None:
     # Own session/process group: a kill reaches the node's children too (ssh, python's engine threads).
-    node.proc = subprocess.Popen(node.argv, env=node.env, start_new_session=True)
+    # An ssh client reads nothing: with -tt and the terminal as stdin it would put that terminal in raw mode.
+    stdin = subprocess.DEVNULL if node.host is not None else None
+    node.proc = subprocess.Popen(node.argv, env=node.env, stdin=stdin, start_new_session=True)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: its exit code, or 128+N when signal N killed it (Popen: -N)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _kill(nodes: Sequence[Node]) -> None:
@@ -153,14 +192,16 @@ def _kill(nodes: Sequence[Node]) -> None:
 
 
 def run(nodes: List[Node], timeout: Optional[float] = None) -> int:
-    """Start every node, wait for the workers, clean up. Returns 0, or the first failing worker's exit code
-    (124 on timeout, 1 when a server or the scheduler dies first)."""
+    """Start every node, wait for the workers, clean up. Returns 0, or the first failing worker's exit status
+    (128+N when signal N killed it; 128+N when the launcher got signal N; 124 on timeout, 1 when a server or
+    the scheduler dies first)."""
     interrupted: List[int] = []
 
     def on_signal(signum, _frame):
         interrupted.append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: a closed terminal (a dropped ssh session to this machine) must not orphan the job.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     start = time.time()
     code = 0
     others_done = 0.0
@@ -176,8 +217,10 @@ def run(nodes: List[Node], timeout: Optional[float] = None) -> int:
                 break
             failed = [n for n in workers if n.proc.poll() not in (None, 0)]
             if failed:
-                code = failed[0].proc.returncode
-                print(f"launch: a worker exited with code {code}; stopping the others", file=sys.stderr)
+                code = exit_status(failed[0].proc.returncode)
+                how = (f"was killed by signal {-failed[0].proc.returncode}" if failed[0].proc.returncode < 0
+                       else f"exited with code {code}")
+                print(f"launch: a worker {how}; stopping the others (exit status {code})", file=sys.stderr)
                 break
             if all(n.proc.poll() == 0 for n in workers):
                 deadline = time.time() + SHUTDOWN_GRACE_S
@@ -220,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ssh: rsync the current folder to this path on every host and run there")
     p.add_argument("--host-ip", default=None, help="ssh: address the hosts reach this machine at (scheduler)")
     p.add_argument("--ssh-port", type=int, default=22)
+    p.add_argument("--strict-host-key-checking", choices=HOST_KEY_CHECKS, default="yes",
+                   help="ssh: host key checking. 'yes' (default): every host must already be in known_hosts "
+                        "(ssh-keyscan, then check the fingerprints). UNSAFE: 'accept-new' trusts the first key a "
+                        "host presents, 'no' accepts any key; both let a machine in between impersonate a host")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment, repeatable")
     p.add_argument("--timeout", type=float, default=None, help="stop the whole job after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
@@ -250,10 +297,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             hosts = read_hosts(args.hostfile)
             workdir = args.sync_dst_dir or os.getcwd()
             root = args.host_ip or socket.gethostbyname(socket.gethostname())
-            nodes = ssh_nodes(command, args.num_workers, num_servers, env, hosts, root, workdir, args.ssh_port)
+            nodes = ssh_nodes(command, args.num_workers, num_servers, env, hosts, root, workdir, args.ssh_port,
+                              host_key_check=args.strict_host_key_checking)
+            if args.strict_host_key_checking != "yes":
+                what = ("the first key a new host presents is trusted unverified"
+                        if args.strict_host_key_checking == "accept-new" else "any host key is accepted")
+                print(f"warning: --strict-host-key-checking {args.strict_host_key_checking}: {what}; a machine "
+                      f"between here and the hosts could impersonate them (unsafe)", file=sys.stderr)
             if args.sync_dst_dir and not args.dry_run:
                 for host in dict.fromkeys(hosts):
-                    rsync = ["rsync", "-az", "--delete", "--exclude", ".git", "-e", f"ssh -p {args.ssh_port}",
+                    ssh = (f"ssh -p {args.ssh_port} -o BatchMode=yes "
+                           f"-o StrictHostKeyChecking={args.strict_host_key_checking}")
+                    rsync = ["rsync", "-az", "--delete", "--exclude", ".git", "-e", ssh,
                              os.getcwd() + "/", f"{host}:{args.sync_dst_dir}/"]
                     if subprocess.call(rsync) != 0:
                         raise LaunchError(f"rsync to {host}:{args.sync_dst_dir} failed")

@@ -14,7 +14,8 @@ around each one explicitly and then checks the result against MXNet with onnxrun
   True), which breaks Gemm after a conv/pool: `flatten` is written explicitly before export.
 - BatchNorm's `fix_gamma` (MXNet default True: gamma is treated as 1) is ignored by the exporter: gamma is
   set to ones in the exported copy of the params wherever MXNet would ignore it.
-- SoftmaxOutput needs its label as an input: the inference symbol (tools/deploy.py) uses `softmax` instead.
+- SoftmaxOutput needs its label as an input: the inference symbol (tools/inference_graph.py) uses `softmax`
+  instead.
 - Weights are exported as graph inputs too; they are removed from the inputs so onnxruntime can fold them.
 
 Limits: only operators the wheel's exporter knows (get_operator_support(13)); the list of unsupported ones is
@@ -39,8 +40,10 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
-from symbols.sidecar import Preprocess, has_sidecar, load_sidecar
 from recbuild.atomic import atomic_path
+from symbols.sidecar import Preprocess
+from tools.caffe_layers import caffe_pool_size
+from tools.inference_graph import DeployError, inference_symbol, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ OPSET = 13  # the newest opset mxnet 1.9.1's exporter implements
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-6
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(DeployError):
     """The symbol cannot be exported; the message names the layer."""
 
 
@@ -88,8 +91,9 @@ def _exporter_compat() -> Iterator[None]:
 def _check_pooling_windows(sym, graph: dict, input_shape: Sequence[int]) -> None:
     """Refuse a 'full'-convention pooling whose last window starts in the padding.
 
-    MXNet's 'full' convention keeps such a window; ONNX's ceil_mode (like Caffe) drops it, so the output
-    would be one row/column smaller.
+    MXNet's 'full' convention keeps such a window; ONNX's ceil_mode drops it, as Caffe does, so the output
+    would be one row/column smaller. Caffe's rule is the converter's (`caffe_pool_size`): where it differs
+    from the rounded-up size, ONNX differs from MXNet.
     """
     internals = sym.get_internals()
     _, shapes, _ = internals.infer_shape_partial(data=tuple(input_shape))
@@ -106,8 +110,8 @@ def _check_pooling_windows(sym, graph: dict, input_shape: Sequence[int]) -> None
         kernel, stride = _pair(attrs.get("kernel")), _pair(attrs.get("stride"), 1)
         pad = _pair(attrs.get("pad"), 0)
         for size, k, s, p in zip(in_shape[2:], kernel, stride, pad):
-            outputs = -(-(size + 2 * p - k) // s) + 1
-            if p and (outputs - 1) * s >= size + p:
+            full = -(-(size + 2 * p - k) // s) + 1  # MXNet's 'full': rounded up, every window kept
+            if caffe_pool_size(size, k, s, p, ceil=True) != full:
                 raise OnnxExportError(
                     f"layer {node['name']} (Pooling, 'full' convention): its last window starts in the padding "
                     f"for input size {size}; MXNet keeps it, ONNX drops it. Export at an input size where "
@@ -155,7 +159,7 @@ def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_pa
     """Export the inference symbol to `out_path` (atomically) with a dynamic batch axis.
 
     Args:
-        sym: inference symbol (tools.deploy.inference_symbol applied).
+        sym: the symbol to export (tools.inference_graph.inference_symbol is applied to it).
         arg_params, aux_params: its parameters.
         pre: the preprocessing sidecar (input name and shape).
         out_path: the .onnx file to write.
@@ -167,8 +171,6 @@ def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_pa
     """
     import mxnet as mx
     import onnx
-
-    from tools.deploy import inference_symbol
 
     sym = inference_symbol(sym)
     shape = (1,) + tuple(pre.input_shape)
@@ -251,15 +253,9 @@ def main(argv: Sequence[str] = None) -> int:
                         help="skip the onnxruntime-vs-MXNet check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from tools.deploy import DeployError, load_checkpoint_files
-
     start = time.time()
     try:
-        if not has_sidecar(args.prefix):
-            raise DeployError(f"{args.prefix}-preprocess.json: no preprocessing sidecar beside the checkpoint "
-                              f"(it gives the input shape)")
-        pre = load_sidecar(args.prefix)
-        sym, arg_params, aux_params = load_checkpoint_files(args.prefix, args.epoch)
+        pre, sym, arg_params, aux_params = load_for_inference(args.prefix, args.epoch, "it gives the input shape")
         meta = {"preprocess": json.dumps(pre.to_dict())}
         if pre.class_names:
             meta["class_names"] = json.dumps(pre.class_names)
