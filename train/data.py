@@ -123,6 +123,23 @@ def resolve_classes(train_rec, num_classes: Optional[int] = None, val_rec=None) 
     return ClassInfo(count, names, counts, int(labels.size), found)
 
 
+def check_same_classes(names: Sequence[str], where: str, other: Sequence[str], other_where: str) -> None:
+    """Two class lists must be identical (same names, same order): labels mean the same class on both sides.
+
+    Raises:
+        DataError: naming both files, the sizes and the first label whose name differs.
+    """
+    names, other = list(names), list(other)
+    if names == other:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
+    left = repr(names[first]) if first < len(names) else "nothing"
+    right = repr(other[first]) if first < len(other) else "nothing"
+    raise DataError(f"class maps differ: {where} ({len(names)} classes) and {other_where} ({len(other)} classes) "
+                    f"first differ at label {first}: {left} vs {right}; both must list the same classes in the "
+                    f"same order (pack every split from one `python -m recbuild --list` run)")
+
+
 @dataclass
 class Augment:
     """Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads).
@@ -156,45 +173,13 @@ class Augment:
 
 def normalisation(pre: Preprocess, sidecar_dir, image_shape: Sequence[int],
                   rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None
-                  ) -> Tuple[dict, Optional[np.ndarray]]:
-    """ImageRecordIter's mean/std/scale arguments (RGB order) and the mean image to subtract afterwards.
-
-    ImageRecordIter computes (pixel - mean) / std * scale per RGB channel, the sidecar's formula; values
-    given in BGR order are mapped to RGB here and the batch is reversed to BGR after the iterator.
-    """
-    channels = pre.input_shape[0]
-    order = slice(None, None, -1) if pre.channel_order == "BGR" else slice(None)
-    kw: dict = {"scale": float(pre.scale)}
-    mean_image = None
-    if rgb_mean is not None:
-        mean = list(rgb_mean)
-    elif isinstance(pre.mean, str):
-        path = Path(sidecar_dir) / pre.mean
-        if not path.is_file():
-            raise DataError(f"{path}: mean image named by the sidecar is missing")
-        mean_image = np.load(path).astype(np.float32)
-        if tuple(mean_image.shape) != tuple(image_shape):
-            raise DataError(f"{path}: mean image has shape {mean_image.shape}, the input is {tuple(image_shape)}; "
-                            f"use --image-shape {','.join(map(str, mean_image.shape))} or a per-channel mean")
-        mean = None
-    elif pre.mean is not None:
-        mean = list(np.broadcast_to(np.asarray(pre.mean, np.float32), (channels,)))[order]
-    else:
-        mean = None
-    std = list(rgb_std) if rgb_std is not None else (
-        list(np.broadcast_to(np.asarray(pre.std, np.float32), (channels,)))[order] if pre.std is not None else None)
-    if mean_image is not None:
-        # The mean image is subtracted before std and scale, so the iterator must leave pixels raw; the
-        # batch is then in the model's channel order, so std goes back to that order too.
-        kw["scale"] = 1.0
-        std_model = None if std is None else list(std)[order]
-        mean_image = (mean_image, std_model, float(pre.scale))
-        std = None
-    if mean is not None:
-        kw.update(mean_r=float(mean[0]), mean_g=float(mean[1 % len(mean)]), mean_b=float(mean[2 % len(mean)]))
-    if std is not None:
-        kw.update(std_r=float(std[0]), std_g=float(std[1 % len(std)]), std_b=float(std[2 % len(std)]))
-    return kw, mean_image
+                  ) -> Tuple[dict, Optional[tuple]]:
+    """ImageRecordIter's mean/std/scale arguments and the mean-image step: `Preprocess.iterator_args`, the one
+    home of the formula, with its errors as DataError."""
+    try:
+        return pre.iterator_args(sidecar_dir, image_shape, rgb_mean, rgb_std)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 class ModelInputIter(mx.io.DataIter):
