@@ -28,11 +28,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from recbuild.classmap import find_class_map, read_class_map
-from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from recbuild.atomic import atomic_open, write_json
-from train.data import DataError, record_iter, scan_headers
-from train.metrics import LOG_LOSS_EPS, Tally
+from recbuild.classmap import find_class_map, read_class_map
+from recbuild.listing import Entry, ListError, read_list
+from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
+from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
+from train.data import DataError, check_same_classes, record_iter, scan_headers
+from train.metrics import Tally
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +62,18 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
                classes_file: Optional[str] = None) -> Model:
     """Load PREFIX-symbol.json + PREFIX-EPOCH.params with stock Module and the sidecar.
 
-    Class names: --classes, else the sidecar's class_names, else the class map beside the checkpoint, else
-    class_0..class_{n-1}.
+    Class names have one source of truth per thing named: the sidecar's `class_names` for a model (the trainer
+    writes them), the class map `PREFIX.classes.json` for a data set. `classes_file` names the columns of a
+    model whose sidecar has none (a converted model); given for a model that has names, it must agree.
     """
-    for path in (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-{epoch:04d}.params")):
-        if not path.is_file():
-            raise PredictError(f"{path}: checkpoint file missing")
+    try:
+        sym, args, aux = load_checkpoint(prefix, epoch, "checkpoint")
+    except CheckpointError as err:
+        raise PredictError(str(err)) from None
     if not has_sidecar(prefix):
         raise PredictError(f"{sidecar_path(prefix)}: missing; predict needs the preprocessing sidecar that "
                            f"`python -m train` writes beside its checkpoints")
     pre = load_sidecar(prefix)
-    sym, args, aux = mx.model.load_checkpoint(prefix, epoch)
     # The training symbol ends in SoftmaxOutput: name its label so Module does not take it for a weight.
     labels = [n for n in sym.list_arguments() if n == f"{pre.output_name}_label"]
     module = mx.mod.Module(sym, data_names=["data"], label_names=labels or None, context=ctx or [mx.cpu()])
@@ -79,17 +82,23 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
         module.bind(data_shapes=[("data", (batch_size,) + tuple(pre.input_shape))], for_training=False)
     module.set_params(args, aux, allow_missing=False, allow_extra=True)
     num_outputs = module.output_shapes[0][1][1]
-    if classes_file:
-        names = read_class_map(classes_file)
-    elif pre.class_names:
+    names = model_class_names(pre, sidecar_path(prefix), classes_file, num_outputs)
+    return Model(module, pre, Path(str(prefix)).parent, names, batch_size)
+
+
+def model_class_names(pre: Preprocess, sidecar: Path, classes_file: Optional[str], num_outputs: int) -> List[str]:
+    """The model's class names: the sidecar's; else `classes_file`'s; else class_0..class_{n-1}."""
+    if pre.class_names:
         names = list(pre.class_names)
-    elif find_class_map(f"{prefix}.rec"):
-        names = read_class_map(find_class_map(f"{prefix}.rec"))
+        if classes_file:
+            check_same_classes(names, str(sidecar), read_class_map(classes_file), str(classes_file))
+    elif classes_file:
+        names = read_class_map(classes_file)
     else:
         names = [f"class_{i}" for i in range(num_outputs)]
     if len(names) != num_outputs:
-        raise PredictError(f"{prefix}: the model has {num_outputs} outputs but {len(names)} class names")
-    return Model(module, pre, Path(str(prefix)).parent, names, batch_size)
+        raise PredictError(f"{sidecar}: the model has {num_outputs} outputs but {len(names)} class names")
+    return names
 
 
 def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
@@ -132,18 +141,16 @@ def _image_paths(source: Path, root: Optional[Path]) -> Tuple[List[Path], List[s
             raise PredictError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         return paths, [p.relative_to(source).as_posix() for p in paths], None
     base = root or source.parent
-    paths, names, labels = [], [], []
-    with open(source, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                raise PredictError(f"{source}:{number}: expected 'index<TAB>label<TAB>path' (im2rec .lst)")
-            paths.append(base / parts[-1])
-            names.append(parts[-1])
-            labels.append(float(parts[1]))
-    return paths, names, labels
+    entries = _read_list(source)
+    return [base / e.path for e in entries], [e.path for e in entries], [e.labels[0] for e in entries]
+
+
+def _read_list(path: Path) -> List[Entry]:
+    """recbuild's .lst reader (the one home of the format), its errors as PredictError."""
+    try:
+        return read_list(str(path))
+    except ListError as err:
+        raise PredictError(str(err)) from None
 
 
 def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, root: Optional[Path] = None
@@ -153,13 +160,7 @@ def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, 
         it = record_iter(source, model.batch_size, model.pre, model.sidecar_dir, "label", train=False,
                          resize=resize)
         lst = source.with_suffix(".lst")
-        by_index = {}
-        if lst.is_file():
-            with open(lst, encoding="utf-8") as handle:
-                for line in handle:
-                    parts = line.rstrip("\n").split("\t")
-                    if len(parts) >= 3:
-                        by_index[int(float(parts[0]))] = parts[-1]
+        by_index = {e.index: e.path for e in _read_list(lst)} if lst.is_file() else {}
         # Unshuffled and in one part, the iterator yields records in file order: ids come from the headers.
         record_ids = scan_headers(source)[1]
         seen = 0
@@ -241,25 +242,16 @@ def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, r
         np.add.at(per_class, (labels.astype(np.int64), 1), 1)
     if tally.n == 0:
         raise PredictError(f"{source}: no records")
-    result = {"images": tally.n, "accuracy": tally.correct / tally.n, "log_loss": tally.loss / tally.n}
+    figures = tally.result()
+    result = {"images": tally.n, "accuracy": figures["accuracy"], "log_loss": figures["loss"]}
     if top_k > 1:
-        result[f"top_{top_k}_accuracy"] = tally.correct_k / tally.n
+        result[f"top_{top_k}_accuracy"] = figures[f"top_{top_k}_accuracy"]
     result["per_class_accuracy"] = {name: (int(c) / int(n) if n else None)
                                     for name, (c, n) in zip(model.class_names, per_class)}
     return result
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
-def latest_epoch(prefix: str) -> int:
-    """The highest N of the PREFIX-NNNN.params files."""
-    folder, name = Path(str(prefix)).parent, Path(str(prefix)).name
-    epochs = [int(p.name[len(name) + 1:-7]) for p in folder.glob(f"{name}-*.params")
-              if p.name[len(name) + 1:-7].isdigit() and len(p.name) == len(name) + 12]
-    if not epochs:
-        raise PredictError(f"{prefix}-NNNN.params: no checkpoint found")
-    return max(epochs)
-
-
 def trained_resize(prefix: str) -> int:
     """The --resize the checkpoint was trained with (from PREFIX-config.json), so prediction crops alike."""
     path = Path(f"{prefix}-config.json")

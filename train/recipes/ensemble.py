@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from recbuild.atomic import atomic_open, write_json
-from train.metrics import LOG_LOSS_EPS
+from train.metrics import LOG_LOSS_EPS, Tally
 from train.predict import Model, PredictError, iterate, load_model
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,19 @@ def predict_rec(model: Model, rec, mirror: bool = False) -> Predictions:
     return Predictions(np.concatenate(chunks), np.concatenate(labels) if labels else None, names)
 
 
+def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy and log loss of `probs`, tallied by train.metrics.Tally like every other evaluation."""
+    tally = Tally()
+    tally.update(probs, labels)
+    return tally.result()
+
+
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    picked = probs[np.arange(len(labels)), labels.astype(np.int64)]
-    return float(-np.log(np.clip(picked, LOG_LOSS_EPS, 1.0)).mean())
+    return scores(probs, labels)["loss"]
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(1) == labels.astype(np.int64)).mean())
+    return scores(probs, labels)["accuracy"]
 
 
 def search_weights(val_probs: Sequence[np.ndarray], val_labels: np.ndarray, steps: int = SEARCH_STEPS,
