@@ -49,6 +49,10 @@ class Preprocess:
         input_name: name of the data input; always "data" for our outputs.
         class_names: class names in label order, once a model has been fine-tuned on a class map.
         source: free-form provenance (converter inputs, training run).
+        packing: how a raw image became the picture the model was trained on, before the crop: the training
+            .rec's pack transform (`resize`, `center_crop`, `color`, `encoding`, `quality`, `pass_through`,
+            from its `NAME.pack.json`) and `iterator_resize` (the trainer's --resize, -1 for none). Written by
+            the trainer; None when unknown (a converted model, or a .rec without a pack sidecar).
     """
 
     input_shape: Tuple[int, int, int]
@@ -63,6 +67,7 @@ class Preprocess:
     input_name: str = "data"
     class_names: Optional[List[str]] = None
     source: dict = field(default_factory=dict)
+    packing: Optional[dict] = None
 
     def __post_init__(self):
         self.input_shape = tuple(int(v) for v in self.input_shape)
