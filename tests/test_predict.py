@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -12,9 +13,13 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from symbols.sidecar import load_sidecar
+from recbuild.classmap import write_class_map
+from recbuild.config import PackConfig
+from symbols.sidecar import load_sidecar, save_sidecar
+from tests._pack_fixtures import pack_tree
 from tests._train_fixtures import class_image, tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
+from train.data import DataError
 from train.fit import fit
 from train.predict import PredictError, evaluate, load_model, main, predict
 
@@ -137,3 +142,93 @@ def test_cli_and_errors(trained, tmp_path, capsys):
         load_model(str(trained / "nothere"), 3)
     with pytest.raises(PredictError, match=r"ft-0009.params: checkpoint file missing"):
         load_model(str(trained / "ft"), 9)
+
+
+# ---- one preprocessing truth: a .rec packed larger than the input, its .lst and its raw folder ------------------
+@pytest.fixture(scope="module")
+def packed_larger(tmp_path_factory):
+    """Raw images of assorted sizes packed by recbuild at short edge 24 (.png) for a 16x16 model input."""
+    d = tmp_path_factory.mktemp("packed")
+    tiny_vgg_checkpoint(d / "pre")
+    cfg = PackConfig(resize=24, encoding=".png", quality=3, workers=1, progress=False)
+    pack_tree(d, "q_train", CLASSES, 8, cfg)
+    pack_tree(d, "q_val", CLASSES, 3, cfg, seed=5)
+    fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "q_train.rec"),
+                    data_val=str(d / "q_val.rec"), model_prefix=str(d / "ft"), num_epochs=2, lr=0.05, batch_size=8,
+                    progress=False))
+    return d
+
+
+def test_rec_lst_and_folder_give_the_same_probabilities_when_packed_larger(packed_larger, tmp_path):
+    d = packed_larger
+    pre = load_sidecar(d / "ft")
+    assert pre.packing["pack"]["resize"] == 24  # the trainer recorded how its data was packed
+    model = load_model(str(d / "ft"), 2, batch_size=5)
+    predict(model, d / "q_val.rec", tmp_path / "rec.csv", progress=False)
+    predict(model, d / "q_val.lst", tmp_path / "lst.csv", root=d / "images", progress=False)
+    predict(model, d / "images", tmp_path / "dir.csv", progress=False)
+    _, rec = read_csv(tmp_path / "rec.csv")
+    _, lst = read_csv(tmp_path / "lst.csv")
+    _, folder = read_csv(tmp_path / "dir.csv")
+    val = {k: v for k, v in folder.items() if k.startswith("q_val")}
+    assert sorted(rec) == sorted(lst) == sorted(val) and len(rec) == 12
+    # 1e-4: the records are lossless PNG, so the only possible difference is the packer's re-encoding; with
+    # .jpg records JPEG loss would add its own error on top (the only allowed source of difference).
+    for key in rec:
+        np.testing.assert_allclose(lst[key], rec[key], atol=1e-4)
+        np.testing.assert_allclose(val[key], rec[key], atol=1e-4)
+    # The independent path: cv2 decode -> recbuild's documented geometry (short edge 24, long * 24 // short,
+    # INTER_AREA to shrink) -> centre crop 16 -> Preprocess.apply -> stock Module.
+    images = []
+    for key in sorted(rec):
+        raw = cv2.imread(str(next((d / "images").rglob(f"{key}.png"))))
+        h, w = raw.shape[:2]
+        size = (24, h * 24 // w) if h > w else (w * 24 // h, 24)
+        small = cv2.resize(raw, size, interpolation=cv2.INTER_AREA)
+        top, left = (small.shape[0] - 16) // 2, (small.shape[1] - 16) // 2
+        images.append(small[top:top + 16, left:left + 16, ::-1])
+    x = pre.apply(np.stack(images))
+    mod = mx.mod.Module.load(str(d / "ft"), 2, label_names=["prob_label"])
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (len(x),))], for_training=False)
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.zeros(len(x))]), is_train=False)
+    # recbuild averages on the exact source grid (its own INTER_AREA variant): a few grey levels of difference.
+    np.testing.assert_allclose(np.stack([rec[k] for k in sorted(rec)]), mod.get_outputs()[0].asnumpy(), atol=0.02)
+
+
+def test_mirror_tta_with_a_mean_image_equals_predicting_the_mirrored_raw_images(trained, tmp_path):
+    d = tmp_path
+    tiny_vgg_checkpoint(d / "m", num_classes=4)
+    pre = load_sidecar(d / "m")
+    np.save(d / "m-mean.npy", np.random.RandomState(1).uniform(60, 180, pre.input_shape).astype(np.float32))
+    save_sidecar(d / "m", replace(pre, mean="m-mean.npy"))
+    flipped = d / "flipped"
+    for path in (trained / "images").rglob("*.png"):
+        (flipped / path.parent.name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(flipped / path.parent.name / path.name), cv2.imread(str(path))[:, ::-1])
+    model = load_model(str(d / "m"), 0, batch_size=8)
+    predict(model, trained / "images", d / "tta.csv", mirror=True, progress=False, id_mode="path")
+    predict(model, trained / "images", d / "plain.csv", progress=False, id_mode="path")
+    predict(model, flipped, d / "flip.csv", progress=False, id_mode="path")
+    _, tta = read_csv(d / "tta.csv")
+    _, plain = read_csv(d / "plain.csv")
+    _, flip = read_csv(d / "flip.csv")
+    for key in tta:
+        np.testing.assert_allclose(tta[key], (plain[key] + flip[key]) / 2, atol=1e-5)
+    # the same through a .rec (ImageRecordIter + the mean-image step)
+    predict(model, trained / "s_val.rec", d / "rec_tta.csv", mirror=True, progress=False)
+    _, rec_tta = read_csv(d / "rec_tta.csv")
+    for key in tta:
+        np.testing.assert_allclose(rec_tta[Path(key).stem], tta[key], atol=1e-5)
+
+
+def test_test_data_with_another_class_map_is_refused(trained, tmp_path):
+    lst = tmp_path / "other_test.lst"
+    lst.write_text((trained / "s_val.lst").read_text())
+    write_class_map(tmp_path / "other", list(reversed(CLASSES)))
+    model = load_model(str(trained / "ft"), 3, batch_size=8)
+    with pytest.raises(DataError) as err:
+        predict(model, lst, tmp_path / "x.csv", root=trained / "images", progress=False)
+    assert "other.classes.json" in str(err.value) and "label 0: 'zebra' vs 'kiwi'" in str(err.value)
+    assert not (tmp_path / "x.csv").exists()
+    with pytest.raises(DataError, match="label 0: 'zebra' vs 'kiwi'"):
+        load_model(str(trained / "ft"), 3, classes_file=str(tmp_path / "other.classes.json"))

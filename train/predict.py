@@ -33,7 +33,7 @@ from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
-from train.data import DataError, check_same_classes, record_iter, scan_headers
+from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
 from train.metrics import Tally
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,12 @@ def model_class_names(pre: Preprocess, sidecar: Path, classes_file: Optional[str
 
 
 def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
-    """Probabilities for a (N, C, H, W) batch, N <= batch size; with mirror TTA the mean of both views."""
+    """Probabilities for a (N, C, H, W) model-input batch, N <= batch size; with mirror TTA the mean of the
+    image's and its mirror image's (the raw pixels mirrored, then mean/std: Preprocess.mirror_input)."""
     n = data.shape[0]
     if n < model.batch_size:  # pad the last batch; padded rows are dropped below
         data = np.concatenate([data, np.zeros((model.batch_size - n,) + data.shape[1:], data.dtype)])
-    views = [data, data[:, :, :, ::-1]] if mirror else [data]
+    views = [data, model.pre.mirror_input(data, model.sidecar_dir)] if mirror else [data]
     probs = 0
     for view in views:
         model.module.forward(mx.io.DataBatch([mx.nd.array(np.ascontiguousarray(view))]), is_train=False)
@@ -116,21 +117,23 @@ def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
 def _load_image(path: Path, pre: Preprocess, resize: int) -> np.ndarray:
-    import cv2
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise PredictError(f"{path}: cannot decode image (supported: {', '.join(IMAGE_EXTENSIONS)})")
-    _, height, width = pre.input_shape
-    short = resize if resize > 0 else max(height, width)
-    h, w = img.shape[:2]
-    factor = short / min(h, w)
-    if factor != 1:
-        img = cv2.resize(img, (max(width, round(w * factor)), max(height, round(h * factor))),
-                         interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC)
-    h, w = img.shape[:2]
-    top, left = (h - height) // 2, (w - width) // 2
-    crop = img[top:top + height, left:left + width, ::-1]  # BGR -> RGB, the sidecar's input convention
-    return crop
+    """One raw image prepared exactly as the training .rec was packed, then centre-cropped (train.data)."""
+    try:
+        return load_raw_image(path, pre, resize)
+    except DataError as err:
+        raise PredictError(f"{err} (supported: {', '.join(IMAGE_EXTENSIONS)})") from None
+
+
+def check_data_classes(model: Model, source: Path) -> None:
+    """The class map of the input data (beside a .rec/.lst) must be the model's class names, in order.
+
+    Raises:
+        DataError: naming the model's sidecar, the data's class map and the first difference.
+    """
+    found = find_class_map(source) if source.is_file() else None
+    if found is not None and model.pre.class_names:
+        check_same_classes(model.pre.class_names, f"the model's sidecar ({model.sidecar_dir})",
+                           read_class_map(found), str(found))
 
 
 def _image_paths(source: Path, root: Optional[Path]) -> Tuple[List[Path], List[str], Optional[List[float]]]:
@@ -155,7 +158,13 @@ def _read_list(path: Path) -> List[Entry]:
 
 def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, root: Optional[Path] = None
             ) -> Iterator[Tuple[List[str], np.ndarray, Optional[np.ndarray]]]:
-    """Yield (names, probabilities, labels or None) batch by batch for a .rec, .lst or image folder."""
+    """Yield (names, probabilities, labels or None) batch by batch for a .rec, .lst or image folder.
+
+    `resize` > 0 overrides the iterator resize the model was trained with (its sidecar's `packing`).
+    """
+    check_data_classes(model, source)
+    if resize <= 0 and model.pre.packing:
+        resize = int(model.pre.packing.get("iterator_resize", -1))
     if source.suffix == ".rec":
         it = record_iter(source, model.batch_size, model.pre, model.sidecar_dir, "label", train=False,
                          resize=resize)
@@ -253,7 +262,8 @@ def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, r
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
 def trained_resize(prefix: str) -> int:
-    """The --resize the checkpoint was trained with (from PREFIX-config.json), so prediction crops alike."""
+    """The --resize the checkpoint was trained with, for models whose sidecar does not record it (from
+    PREFIX-config.json), so prediction crops alike."""
     path = Path(f"{prefix}-config.json")
     try:
         return int(json.loads(path.read_text(encoding="utf-8")).get("resize", -1))
