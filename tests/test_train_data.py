@@ -182,7 +182,7 @@ def test_record_facts_come_from_the_sidecar_or_one_scan_per_file(tmp_path, monke
     assert (info.num_records, info.counts.tolist()) == (12, [4, 4, 4]) and len(scans) == 3
 
 
-def test_train_and_val_class_maps_must_agree(tmp_path):
+def test_train_and_val_class_maps_must_agree(tmp_path, capsys):
     train = write_rec(tmp_path / "x_train.rec", 3, 2, class_names=["cat", "dog", "eel"])
     val = write_rec(tmp_path / "y_val.rec", 3, 2, class_names=["eel", "dog", "cat"])
     with pytest.raises(DataError) as err:
@@ -192,6 +192,14 @@ def test_train_and_val_class_maps_must_agree(tmp_path):
     assert "label 0: 'cat' vs 'eel'" in message
     same = write_rec(tmp_path / "z_val.rec", 3, 2, class_names=["cat", "dog", "eel"])
     assert resolve_classes(train, val_rec=same).names == ["cat", "dog", "eel"]
+    # The command stops before any work, with that one line.
+    from train.__main__ import main
+    base = tiny_vgg_checkpoint(tmp_path / "base", num_classes=3)
+    assert main(["--pretrained-model", str(base), "--data-train", str(train), "--data-val", str(val),
+                 "--model-prefix", str(tmp_path / "ft"), "--num-epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x.classes.json" in err[0] and "y.classes.json" in err[0]
+    assert not list(tmp_path.glob("ft*"))
 
 
 @pytest.mark.parametrize("values, ok", [((10.0,), True), ((10.0, 20.0, 30.0), True), ((10.0, 20.0), False),

@@ -6,7 +6,7 @@ Two sources, cheapest first:
   the record count, the class histogram and how the images were transformed (resize, centre crop, colour,
   encoding). It is trusted only while its `rec_bytes` equals the file's size; old im2rec files have none.
 * **the header scan**: the first label and the id of every record, read from the record headers only (no
-  image is decoded). It is computed once per file and kept, keyed by the absolute path, size and mtime_ns:
+  image is decoded). It is computed once per file and kept, keyed by the absolute path, size, mtime_ns and inode:
   in memory for the process (so a run never rescans per epoch: every ImageRecordIter pass asks for the
   record count), and on disk for files of DISK_CACHE_MIN_RECORDS records or more, so the next run on an
   ImageNet-sized file (1.28M records, ~140 GB) starts without minutes of header reads.
@@ -152,14 +152,15 @@ class RecScan:
         return int(self.labels.size)
 
 
-_memory: "OrderedDict[Tuple[str, int, int], RecScan]" = OrderedDict()
+_memory: "OrderedDict[Tuple[str, int, int, int], RecScan]" = OrderedDict()
 
 
-def fingerprint(rec_path) -> Tuple[str, int, int]:
-    """(absolute path, size, mtime_ns): what identifies a .rec's content cheaply."""
+def fingerprint(rec_path) -> Tuple[str, int, int, int]:
+    """(absolute path, size, mtime_ns, inode): what identifies a .rec's content cheaply. The inode catches a
+    same-size file renamed into place within one tick of the file-system clock (atomic writes do that)."""
     path = Path(rec_path)
     st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def scan(rec_path) -> RecScan:
@@ -204,7 +205,14 @@ def _scan_file(path: Path) -> RecScan:
                 labels.append(label)
     except RecordIOError as err:
         raise framing_error(path, err) from None
-    return RecScan(np.asarray(labels, np.float32), np.asarray(ids, np.int64))
+    return _frozen(np.asarray(labels, np.float32), np.asarray(ids, np.int64))
+
+
+def _frozen(labels: np.ndarray, ids: np.ndarray) -> RecScan:
+    """A scan with read-only arrays: every caller shares the cached copy, so none may change it."""
+    labels.setflags(write=False)
+    ids.setflags(write=False)
+    return RecScan(labels, ids)
 
 
 def framing_error(path: Path, err: RecordIOError) -> DataError:
@@ -217,28 +225,32 @@ def framing_error(path: Path, err: RecordIOError) -> DataError:
     return DataError(f"{path}: truncated record at byte {err.offset} (the file ends inside it); re-pack it")
 
 
-def _cache_file(key: Tuple[str, int, int]) -> Path:
+def _cache_file(key: Tuple[str, int, int, int]) -> Path:
     digest = hashlib.sha256(key[0].encode("utf-8")).hexdigest()[:16]
     return REC_CACHE_DIR / f"{Path(key[0]).stem}-{digest}.npz"
 
 
-def _read_disk(key: Tuple[str, int, int]) -> Optional[RecScan]:
+def _meta(key: Tuple[str, int, int, int]) -> dict:
+    return {"format": _SCAN_FORMAT, "path": key[0], "size": key[1], "mtime_ns": key[2], "inode": key[3]}
+
+
+def _read_disk(key: Tuple[str, int, int, int]) -> Optional[RecScan]:
     path = _cache_file(key)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            if meta != {"format": _SCAN_FORMAT, "path": key[0], "size": key[1], "mtime_ns": key[2]}:
+            if meta != _meta(key):
                 return None
-            return RecScan(z["labels"], z["ids"])
+            return _frozen(z["labels"], z["ids"])
     except (OSError, ValueError, KeyError) as err:  # a damaged cache file is rescanned, never trusted
         log.debug("%s: unreadable header cache (%s); rescanning", path, err)
         return None
 
 
-def _write_disk(key: Tuple[str, int, int], found: RecScan) -> None:
-    meta = {"format": _SCAN_FORMAT, "path": key[0], "size": key[1], "mtime_ns": key[2]}
+def _write_disk(key: Tuple[str, int, int, int], found: RecScan) -> None:
+    meta = _meta(key)
     buffer = io.BytesIO()
     np.savez(buffer, labels=found.labels, ids=found.ids, meta=np.array(json.dumps(meta)))
     path = _cache_file(key)
