@@ -145,24 +145,29 @@ def test_cli_and_errors(trained, tmp_path, capsys):
 
 
 # ---- one preprocessing truth: a .rec packed larger than the input, its .lst and its raw folder ------------------
-@pytest.fixture(scope="module")
-def packed_larger(tmp_path_factory):
-    """Raw images of assorted sizes packed by recbuild at short edge 24 (.png) for a 16x16 model input."""
+@pytest.fixture(scope="module", params=[(24, False, -1), (20, True, -1), (0, False, 18)],
+                ids=["short-edge-24", "centre-cropped-20", "kept-size+iterator-resize-18"])
+def packed_larger(request, tmp_path_factory):
+    """Raw images of assorted sizes packed by recbuild (.png) larger than the 16x16 model input: (pack --resize,
+    --center-crop, the trainer's --resize)."""
+    resize, center_crop, iterator_resize = request.param
     d = tmp_path_factory.mktemp("packed")
     tiny_vgg_checkpoint(d / "pre")
-    cfg = PackConfig(resize=24, encoding=".png", quality=3, workers=1, progress=False)
+    cfg = PackConfig(resize=resize, center_crop=center_crop, encoding=".png", quality=3, workers=1, progress=False)
     pack_tree(d, "q_train", CLASSES, 8, cfg)
     pack_tree(d, "q_val", CLASSES, 3, cfg, seed=5)
     fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "q_train.rec"),
                     data_val=str(d / "q_val.rec"), model_prefix=str(d / "ft"), num_epochs=2, lr=0.05, batch_size=8,
-                    progress=False))
-    return d
+                    progress=False, resize=iterator_resize, random_crop=True))
+    return d, cfg, iterator_resize
 
 
 def test_rec_lst_and_folder_give_the_same_probabilities_when_packed_larger(packed_larger, tmp_path):
-    d = packed_larger
+    d, cfg, iterator_resize = packed_larger
     pre = load_sidecar(d / "ft")
-    assert pre.packing["pack"]["resize"] == 24  # the trainer recorded how its data was packed
+    # the trainer recorded how its data was packed and resized
+    assert (pre.packing["pack"]["resize"], pre.packing["pack"]["center_crop"]) == (cfg.resize, cfg.center_crop)
+    assert pre.packing["iterator_resize"] == iterator_resize
     model = load_model(str(d / "ft"), 2, batch_size=5)
     predict(model, d / "q_val.rec", tmp_path / "rec.csv", progress=False)
     predict(model, d / "q_val.lst", tmp_path / "lst.csv", root=d / "images", progress=False)
@@ -177,14 +182,19 @@ def test_rec_lst_and_folder_give_the_same_probabilities_when_packed_larger(packe
     for key in rec:
         np.testing.assert_allclose(lst[key], rec[key], atol=1e-4)
         np.testing.assert_allclose(val[key], rec[key], atol=1e-4)
-    # The independent path: cv2 decode -> recbuild's documented geometry (short edge 24, long * 24 // short,
-    # INTER_AREA to shrink) -> centre crop 16 -> Preprocess.apply -> stock Module.
+    # The independent path: cv2 decode -> im2rec's documented geometry (centre square, short edge R, long edge
+    # long * R // short, INTER_AREA to shrink) -> centre crop 16 -> Preprocess.apply -> stock Module.
     images = []
     for key in sorted(rec):
         raw = cv2.imread(str(next((d / "images").rglob(f"{key}.png"))))
         h, w = raw.shape[:2]
-        size = (24, h * 24 // w) if h > w else (w * 24 // h, 24)
-        small = cv2.resize(raw, size, interpolation=cv2.INTER_AREA)
+        if cfg.center_crop:
+            side = min(h, w)
+            raw = raw[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+            h = w = side
+        short = iterator_resize if iterator_resize > 0 else cfg.resize
+        size = (short, h * short // w) if h > w else (w * short // h, short)
+        small = cv2.resize(raw, size, interpolation=cv2.INTER_AREA if cfg.resize else cv2.INTER_LINEAR)
         top, left = (small.shape[0] - 16) // 2, (small.shape[1] - 16) // 2
         images.append(small[top:top + 16, left:left + 16, ::-1])
     x = pre.apply(np.stack(images))
