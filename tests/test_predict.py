@@ -145,15 +145,16 @@ def test_cli_and_errors(trained, tmp_path, capsys):
 
 
 # ---- one preprocessing truth: a .rec packed larger than the input, its .lst and its raw folder ------------------
-@pytest.fixture(scope="module", params=[(24, False, -1), (20, True, -1), (0, False, 18)],
-                ids=["short-edge-24", "centre-cropped-20", "kept-size+iterator-resize-18"])
+@pytest.fixture(scope="module", params=[(24, False, -1, 1), (20, True, -1, 1), (0, False, 18, 1), (24, False, -1, 0)],
+                ids=["short-edge-24", "centre-cropped-20", "kept-size+iterator-resize-18", "greyscale-24"])
 def packed_larger(request, tmp_path_factory):
     """Raw images of assorted sizes packed by recbuild (.png) larger than the 16x16 model input: (pack --resize,
-    --center-crop, the trainer's --resize)."""
-    resize, center_crop, iterator_resize = request.param
+    --center-crop, the trainer's --resize, pack --color)."""
+    resize, center_crop, iterator_resize, color = request.param
     d = tmp_path_factory.mktemp("packed")
     tiny_vgg_checkpoint(d / "pre")
-    cfg = PackConfig(resize=resize, center_crop=center_crop, encoding=".png", quality=3, workers=1, progress=False)
+    cfg = PackConfig(resize=resize, center_crop=center_crop, color=color, encoding=".png", quality=3, workers=1,
+                     progress=False)
     pack_tree(d, "q_train", CLASSES, 8, cfg)
     pack_tree(d, "q_val", CLASSES, 3, cfg, seed=5)
     fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "q_train.rec"),
@@ -187,6 +188,8 @@ def test_rec_lst_and_folder_give_the_same_probabilities_when_packed_larger(packe
     images = []
     for key in sorted(rec):
         raw = cv2.imread(str(next((d / "images").rglob(f"{key}.png"))))
+        if cfg.color == 0:  # packed grey; ImageRecordIter decodes it to three equal channels
+            raw = cv2.cvtColor(cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
         h, w = raw.shape[:2]
         if cfg.center_crop:
             side = min(h, w)

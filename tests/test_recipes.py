@@ -360,7 +360,8 @@ def test_pseudo_labels_add_confident_test_records_and_report_the_change(data):
     probs = ensemble.predict_rec(load_model(str(tmp / "m"), 8, batch_size=8), tmp / "test.rec").probs
     threshold = float(np.quantile(probs.max(1), 0.4))  # keeps ~60%, whatever the model's confidence
     code = recipes_main(["pseudo", str(tmp / "m"), "8", "--test", str(tmp / "test.rec"), "--threshold",
-                         str(threshold), "--out-prefix", str(tmp / "pl"), "--batch-size", "8", "--cache-dir", str(tmp / "cache")])
+                         str(threshold), "--out-prefix", str(tmp / "pl"), "--batch-size", "8",
+                         "--cache-dir", str(tmp / "cache")])
     assert code == 0
     report = json.loads((tmp / "pl-pseudo.json").read_text())
     kept = np.flatnonzero(probs.max(1) >= threshold)
