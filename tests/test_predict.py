@@ -15,11 +15,12 @@ import pytest
 
 from recbuild.classmap import write_class_map
 from recbuild.config import PackConfig
+from recbuild.images import decode, encode, transform
 from symbols.sidecar import load_sidecar, save_sidecar
 from tests._pack_fixtures import pack_tree
 from tests._train_fixtures import class_image, tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
-from train.data import DataError
+from train.data import DataError, iterator_view
 from train.fit import fit
 from train.predict import PredictError, evaluate, load_model, main, predict
 
@@ -245,3 +246,32 @@ def test_test_data_with_another_class_map_is_refused(trained, tmp_path):
     assert not (tmp_path / "x.csv").exists()
     with pytest.raises(DataError, match="label 0: 'zebra' vs 'kiwi'"):
         load_model(str(trained / "ft"), 3, classes_file=str(tmp_path / "other.classes.json"))
+
+
+def test_with_jpeg_records_the_only_difference_is_the_re_encoding(tmp_path):
+    """A .jpg pack: raw files differ from their records by the JPEG loss alone. Re-encoding the transformed raw
+    image with the pack's own encoder and quality (recbuild.images.encode) and decoding it gives the record's
+    probabilities to 1e-4, while skipping the re-encode, as predict does, leaves the loss visible."""
+    d = tmp_path
+    tiny_vgg_checkpoint(d / "pre")
+    cfg = PackConfig(resize=24, encoding=".jpg", quality=90, workers=1, progress=False)
+    pack_tree(d, "j_train", CLASSES, 8, cfg)
+    pack_tree(d, "j_val", CLASSES, 3, cfg, seed=5)
+    fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "j_train.rec"), model_prefix=str(d / "ft"),
+                    num_epochs=2, lr=0.05, batch_size=8, progress=False))
+    model = load_model(str(d / "ft"), 2, batch_size=12)
+    predict(model, d / "j_val.rec", d / "rec.csv", progress=False)
+    predict(model, d / "j_val.lst", d / "lst.csv", root=d / "images", progress=False)
+    _, rec = read_csv(d / "rec.csv")
+    _, lst = read_csv(d / "lst.csv")
+    keys = sorted(rec)
+    images = []
+    for key in keys:
+        path = next((d / "images").rglob(f"{key}.png"))
+        packed = transform(decode(path.read_bytes(), str(path), cfg), cfg.resize, cfg.center_crop)
+        again = cv2.imdecode(np.frombuffer(encode(packed, cfg.encoding, cfg.quality), np.uint8), cv2.IMREAD_COLOR)
+        images.append(iterator_view(again, model.pre.input_shape)[:, :, ::-1])
+    model.module.forward(mx.io.DataBatch([mx.nd.array(model.pre.apply(np.stack(images)))]), is_train=False)
+    re_encoded = model.module.get_outputs()[0].asnumpy()
+    np.testing.assert_allclose(re_encoded, np.stack([rec[k] for k in keys]), atol=1e-4)
+    assert max(np.abs(lst[k] - rec[k]).max() for k in keys) > 1e-3  # the JPEG loss itself, not re-applied
