@@ -257,6 +257,20 @@ def test_start_up_says_what_happens_and_warns_about_a_crop_with_nothing_to_crop(
     with caplog.at_level("INFO", logger="train.data"):
         planned = plan_input(pre, tmp_path, (3, 16, 16), replace(cfg, random_crop=False, rgb_mean=None))
     assert "s_train.rec: no pack sidecar s_train.pack.json" in caplog.text and planned.packing["pack"] is None
+    # Without a sidecar (an im2rec file), or packed without --center-crop from square sources, the records' own
+    # headers tell: 16x16 records for a 16x16 input leave a random crop nothing to do.
+    for sidecar in (None, PackConfig(resize=16, center_crop=False)):
+        if sidecar is not None:
+            write_pack_sidecar(path, sidecar, [4, 4, 4], 12)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="train.data"):
+            plan_input(pre, tmp_path, (3, 16, 16), replace(cfg, rgb_mean=None))
+        assert "--random-crop 1 does nothing here" in caplog.text
+    bigger = write_rec(tmp_path / "b_train.rec", 3, 4, size=20)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train.data"):
+        plan_input(pre, tmp_path, (3, 16, 16), replace(cfg, data_train=str(bigger), rgb_mean=None))
+    assert "does nothing" not in caplog.text  # 20 px records: room to crop
     with pytest.raises(DataError, match="--rgb-std 1,2: give 1 value"):
         plan_input(pre, tmp_path, (3, 16, 16), replace(cfg, rgb_std=(1.0, 2.0)))
 

@@ -342,20 +342,30 @@ def describe_input(rec_path, pack: Optional[PackTransform], shape: Sequence[int]
     via = f", resized by the iterator to short edge {resize}" if resize > 0 else ""
     lines = [(logging.INFO, f"{rec_path}: images {packed}{via}; training takes a {crop}, validation and "
                             f"prediction a centre crop {target}")]
-    if not short:
-        return lines
-    if short < max(height, width):
-        lines.append((logging.WARNING, f"{rec_path}: images have a short edge of {short}, smaller than the "
-                                       f"{target} input: ImageRecordIter enlarges every one (blurred); re-pack with "
-                                       f"`python -m recbuild --resize {max(height, width)}` or larger"))
-    square = pack is not None and pack.center_crop
-    if augment.random_crop and not augment.random_resized_crop and short == height == width and square:
-        lines.append((logging.WARNING, f"--random-crop 1 does nothing here: {rec_path} holds {short}x{short} "
+    if augment.random_crop and not augment.random_resized_crop and _nothing_to_crop(rec_path, pack, resize, shape):
+        lines.append((logging.WARNING, f"--random-crop 1 does nothing here: {rec_path} holds {width}x{height} "
                                        f"images and the input is {target}, so every crop is the whole image; "
                                        f"re-pack larger (`python -m recbuild --resize "
                                        f"{int(round(max(height, width) * CROP_MARGIN))}`), or use "
                                        f"--random-resized-crop 1"))
+    if short and short < max(height, width):
+        lines.append((logging.WARNING, f"{rec_path}: images have a short edge of {short}, smaller than the "
+                                       f"{target} input: ImageRecordIter enlarges every one (blurred); re-pack with "
+                                       f"`python -m recbuild --resize {max(height, width)}` or larger"))
     return lines
+
+
+def _nothing_to_crop(rec_path, pack: Optional[PackTransform], resize: int, shape: Sequence[int]) -> bool:
+    """Whether the records are exactly the input size: the pack sidecar says so (a centre-cropped square of
+    the input size), or, without an iterator resize, the first records' own headers do (square sources packed
+    at the input size, or an im2rec file)."""
+    height, width = int(shape[1]), int(shape[2])
+    if resize > 0:
+        return resize == height == width and pack is not None and pack.center_crop
+    if pack is not None and pack.center_crop and pack.resize:
+        return pack.resize == height == width
+    sizes = recfile.sample_sizes(rec_path)
+    return bool(sizes) and all(size == (width, height) for size in sizes)
 
 
 def _fold_overrides(pre: Preprocess, rgb_mean, rgb_std) -> Preprocess:

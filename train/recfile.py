@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from recbuild.atomic import atomic_path
-from recbuild.recordio import IR_HEADER, RecordIOError, iter_frames
+from recbuild.recordio import IR_HEADER, RecordIOError, iter_frames, iter_records, unpack_header
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,29 @@ def _write_disk(key: Tuple[str, int, int, int], found: RecScan) -> None:
             tmp.write_bytes(buffer.getvalue())
     except OSError as err:
         log.debug("%s: header cache not written (%s)", path, err)
+
+
+def sample_sizes(rec_path, count: int = 8) -> List[Tuple[int, int]]:
+    """(width, height) of the first `count` records' images, from their encoded headers (nothing decoded).
+
+    Records whose format does not state a size (or a .rec that cannot be read) are left out; this is a hint
+    for start-up messages, never a check.
+    """
+    from recbuild.images import sniff
+    path = Path(rec_path)
+    sizes: List[Tuple[int, int]] = []
+    try:
+        with open(path, "rb") as handle:
+            for _, payload in iter_records(handle, path.stat().st_size):
+                info = sniff(unpack_header(payload)[1])
+                if info.width and info.height:
+                    sizes.append((info.width, info.height))
+                count -= 1
+                if count <= 0:
+                    break
+    except (OSError, RecordIOError):
+        return sizes
+    return sizes
 
 
 def summary(rec_path) -> Tuple[int, Optional[np.ndarray]]:
