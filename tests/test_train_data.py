@@ -285,3 +285,23 @@ def test_each_crop_and_mirror_flag_trains_and_checkpoints(tmp_path, flag):
     assert result.last_epoch == 1 and (tmp_path / "ft-0001.params").is_file()
     _, args, _ = mx.model.load_checkpoint(str(tmp_path / "ft"), 1)  # the stock loader reads it
     assert args["fc8_weight"].shape == (3, 16)
+
+
+def test_a_training_run_scans_each_rec_once(tmp_path, monkeypatch):
+    scans = []
+    real = recfile._scan_file
+    monkeypatch.setattr(recfile, "_scan_file", lambda path: scans.append(path.name) or real(path))
+    recfile.forget()
+    base = tiny_vgg_checkpoint(tmp_path / "base")
+    train = write_rec(tmp_path / "r_train.rec", 3, 4)
+    val = write_rec(tmp_path / "r_val.rec", 3, 2, seed=1)
+    fit(TrainConfig(pretrained_model=str(base), data_train=str(train), data_val=str(val), num_epochs=3,
+                    batch_size=4, model_prefix=str(tmp_path / "ft"), progress=False))
+    assert sorted(scans) == ["r_train.rec", "r_val.rec"]  # 3 epochs, 6 iterator passes: one scan per file
+    recfile.forget()
+    scans.clear()
+    for rec, n in ((train, 12), (val, 6)):
+        write_pack_sidecar(rec, PackConfig(resize=16), [n // 3] * 3, n)
+    fit(TrainConfig(pretrained_model=str(base), data_train=str(train), data_val=str(val), num_epochs=2,
+                    batch_size=4, model_prefix=str(tmp_path / "ft2"), progress=False))
+    assert scans == []  # counts and histograms from the pack sidecars
