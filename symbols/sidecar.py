@@ -49,6 +49,10 @@ class Preprocess:
         input_name: name of the data input; always "data" for our outputs.
         class_names: class names in label order, once a model has been fine-tuned on a class map.
         source: free-form provenance (converter inputs, training run).
+        packing: how a raw image became the picture the model was trained on, before the crop: the training
+            .rec's pack transform (`resize`, `center_crop`, `color`, `encoding`, `quality`, `pass_through`,
+            from its `NAME.pack.json`) and `iterator_resize` (the trainer's --resize, -1 for none). Written by
+            the trainer; None when unknown (a converted model, or a .rec without a pack sidecar).
     """
 
     input_shape: Tuple[int, int, int]
@@ -63,6 +67,7 @@ class Preprocess:
     input_name: str = "data"
     class_names: Optional[List[str]] = None
     source: dict = field(default_factory=dict)
+    packing: Optional[dict] = None
 
     def __post_init__(self):
         self.input_shape = tuple(int(v) for v in self.input_shape)
@@ -80,25 +85,55 @@ class Preprocess:
             if len(self.std) not in (1, channels):
                 raise ValueError(f"std has {len(self.std)} values for {channels} channels")
 
-    # ---- derived values -------------------------------------------------------------------------------
-    def mean_array(self, sidecar_dir: Union[str, Path] = ".") -> Optional[np.ndarray]:
-        """The mean as a float32 array broadcastable to (C, H, W), or None."""
+    # ---- the formula: one home for every consumer ----------------------------------------------------
+    # x = (pixels in channel_order - mean) / std * scale. `apply` computes it on numpy images,
+    # `iterator_args` hands it to ImageRecordIter (plus the mean-image step it cannot do), `graph` builds it
+    # as scalar symbol ops (fusion), `mirror_input` gives the model input of the mirrored image.
+    def per_channel(self, values: Optional[Sequence[float]], what: str) -> Optional[List[float]]:
+        """1 value (all channels) or one per channel -> one per channel; None stays None.
+
+        Raises:
+            ValueError: any other count, naming `what` (e.g. "--rgb-mean") and the values.
+        """
+        if values is None:
+            return None
+        values = [float(v) for v in values]
+        channels = self.input_shape[0]
+        if len(values) not in (1, channels):
+            given = ",".join(f"{v:g}" for v in values)
+            raise ValueError(f"{what} {given}: give 1 value (all channels) or {channels} (one per channel), "
+                             f"not {len(values)}")
+        return values * channels if len(values) == 1 else values
+
+    def mean_array(self, sidecar_dir: Union[str, Path] = ".", shape: Optional[Sequence[int]] = None
+                   ) -> Optional[np.ndarray]:
+        """The mean as a float32 array broadcastable to (C, H, W), or None.
+
+        Args:
+            sidecar_dir: folder of the sidecar (a mean image is relative to it).
+            shape: the (C, H, W) a mean image must have; default `input_shape`.
+
+        Raises:
+            ValueError: the mean image is missing or has another shape.
+        """
         if self.mean is None:
             return None
-        if isinstance(self.mean, str):
-            path = Path(sidecar_dir) / self.mean
-            mean = np.load(path).astype(np.float32)
-            if mean.shape != self.input_shape:
-                raise ValueError(f"{path}: mean image has shape {mean.shape}, the model input is {self.input_shape}")
-            return mean
-        values = np.asarray(self.mean, np.float32)
-        return np.broadcast_to(values.reshape(-1, 1, 1), (self.input_shape[0], 1, 1)).copy()
+        if not isinstance(self.mean, str):
+            return np.asarray(self.per_channel(self.mean, "mean"), np.float32).reshape(-1, 1, 1)
+        path = Path(sidecar_dir) / self.mean
+        if not path.is_file():
+            raise ValueError(f"{path}: mean image named by the sidecar is missing")
+        mean = np.load(path).astype(np.float32)
+        wanted = tuple(int(v) for v in (shape or self.input_shape))
+        if mean.shape != wanted:
+            raise ValueError(f"{path}: mean image has shape {mean.shape}, the input is {wanted}; "
+                             f"use --image-shape {','.join(map(str, mean.shape))} or a per-channel mean")
+        return mean
 
     def std_array(self) -> np.ndarray:
-        if self.std is None:
-            return np.ones((self.input_shape[0], 1, 1), np.float32)
-        values = np.asarray(self.std, np.float32)
-        return np.broadcast_to(values.reshape(-1, 1, 1), (self.input_shape[0], 1, 1)).copy()
+        """The std as a float32 (C, 1, 1) array (ones when the sidecar has none)."""
+        values = self.per_channel(self.std, "std") or [1.0] * self.input_shape[0]
+        return np.asarray(values, np.float32).reshape(-1, 1, 1)
 
     def apply(self, images_rgb: np.ndarray, sidecar_dir: Union[str, Path] = ".") -> np.ndarray:
         """Turn RGB uint8/float images (N, H, W, C) or (N, C, H, W) in [0, 255] into model input (N, C, H, W).
@@ -118,6 +153,94 @@ class Preprocess:
         if mean is not None:
             x = x - mean
         return np.ascontiguousarray((x / self.std_array()) * self.scale, dtype=np.float32)
+
+    def mirror_input(self, x, sidecar_dir: Union[str, Path] = "."):
+        """The model input of the horizontally mirrored image, from the model input `x` (N, C, H, W).
+
+        Mirroring acts on the raw pixels: the result is (flip(pixels) - mean) / std * scale. With a per-channel
+        mean that is flip(x); with a mean image M it is flip(x) + (flip(M) - M) / std * scale, because
+        flipping x would also flip M. `x` may be a numpy array or an mx.nd.NDArray (returned alike).
+        """
+        mean = self.mean_array(sidecar_dir, tuple(x.shape[1:])) if isinstance(self.mean, str) else None
+        correction = None
+        if mean is not None:
+            correction = ((mean[:, :, ::-1] - mean) / self.std_array() * self.scale).astype(np.float32)
+        if isinstance(x, np.ndarray):
+            flipped = x[:, :, :, ::-1]
+            return np.ascontiguousarray(flipped if correction is None else flipped + correction, dtype=np.float32)
+        import mxnet as mx  # NDArray inputs only: the numpy path stays importable without MXNet
+        flipped = mx.nd.flip(x, axis=3)
+        return flipped if correction is None else flipped + mx.nd.array(correction[None], ctx=x.context)
+
+    def iterator_args(self, sidecar_dir: Union[str, Path], image_shape: Sequence[int],
+                      rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None
+                      ) -> Tuple[dict, Optional[Tuple[np.ndarray, Optional[List[float]], float]]]:
+        """ImageRecordIter's mean/std/scale arguments (RGB order) and the mean-image step to run afterwards.
+
+        ImageRecordIter computes (pixel - mean) / std * scale per RGB channel, this formula; values kept in
+        BGR order are mapped to RGB here and the batch is reversed to BGR after the iterator. A mean image is
+        subtracted after the iterator (ImageRecordIter's `mean_img` silently computes one over the data when
+        the file is missing and never checks its shape), so then the iterator leaves pixels raw.
+
+        Args:
+            sidecar_dir: folder of the sidecar (a mean image is relative to it).
+            image_shape: (C, H, W) fed to the model; a mean image must have exactly this shape.
+            rgb_mean / rgb_std: overrides in RGB order (1 or C values).
+
+        Returns:
+            (kwargs, mean_step): mean_step is None, or (mean image in channel_order, std in channel_order or
+            None, scale) to apply to the channel-ordered batch.
+
+        Raises:
+            ValueError: wrong value counts, a missing or mis-shaped mean image; the message names it.
+        """
+        order = slice(None, None, -1) if self.channel_order == "BGR" else slice(None)
+        kw: dict = {"scale": float(self.scale)}
+        mean_image = None
+        mean = self.per_channel(rgb_mean, "--rgb-mean")
+        if mean is None and isinstance(self.mean, str):
+            mean_image = self.mean_array(sidecar_dir, image_shape)
+        elif mean is None and self.mean is not None:
+            mean = self.per_channel(self.mean, "mean")[order]
+        std = self.per_channel(rgb_std, "--rgb-std")
+        if std is None and self.std is not None:
+            std = self.per_channel(self.std, "std")[order]
+        if mean_image is not None:
+            kw["scale"] = 1.0
+            step = (mean_image, None if std is None else list(std)[order], float(self.scale))
+            return kw, step
+        if mean is not None:
+            kw.update(mean_r=mean[0], mean_g=mean[1 % len(mean)], mean_b=mean[2 % len(mean)])
+        if std is not None:
+            kw.update(std_r=std[0], std_g=std[1 % len(std)], std_b=std[2 % len(std)])
+        return kw, None
+
+    def graph(self, x, name: str):
+        """The formula as symbol ops on an RGB [0, 255] (N, 3, H, W) symbol: channel order, then per channel
+        (c - mean) * (scale / std) as scalar ops (no extra weights to freeze). Nodes are named `<name>_split`
+        and `<name>_preprocessed`. Per-channel means only.
+
+        Raises:
+            ValueError: a mean image, or not 3 channels.
+        """
+        import mxnet as mx
+        if isinstance(self.mean, str) or self.input_shape[0] != 3:
+            raise ValueError(f"the in-graph formula needs a per-channel mean and 3 channels, not {self.mean!r} "
+                             f"with {self.input_shape[0]}")
+        channels = mx.sym.split(x, num_outputs=3, axis=1, name=f"{name}_split")
+        order = (2, 1, 0) if self.channel_order == "BGR" else (0, 1, 2)
+        mean = self.per_channel(self.mean, "mean") or [0.0] * 3
+        std = self.per_channel(self.std, "std") or [1.0] * 3
+        out = []
+        for i, source in enumerate(order):  # i: position in the model's channel order
+            c = channels[source]
+            if mean[i] != 0:
+                c = c - float(mean[i])
+            factor = float(self.scale) / float(std[i])
+            if factor != 1.0:
+                c = c * factor
+            out.append(c)
+        return mx.sym.Concat(*out, dim=1, name=f"{name}_preprocessed")
 
     # ---- io ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

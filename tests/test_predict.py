@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -12,9 +13,14 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from symbols.sidecar import load_sidecar
+from recbuild.classmap import write_class_map
+from recbuild.config import PackConfig
+from recbuild.images import decode, encode, transform
+from symbols.sidecar import load_sidecar, save_sidecar
+from tests._pack_fixtures import pack_tree
 from tests._train_fixtures import class_image, tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
+from train.data import DataError, iterator_view
 from train.fit import fit
 from train.predict import PredictError, evaluate, load_model, main, predict
 
@@ -137,3 +143,135 @@ def test_cli_and_errors(trained, tmp_path, capsys):
         load_model(str(trained / "nothere"), 3)
     with pytest.raises(PredictError, match=r"ft-0009.params: checkpoint file missing"):
         load_model(str(trained / "ft"), 9)
+
+
+# ---- one preprocessing truth: a .rec packed larger than the input, its .lst and its raw folder ------------------
+@pytest.fixture(scope="module", params=[(24, False, -1, 1), (20, True, -1, 1), (0, False, 18, 1), (24, False, -1, 0)],
+                ids=["short-edge-24", "centre-cropped-20", "kept-size+iterator-resize-18", "greyscale-24"])
+def packed_larger(request, tmp_path_factory):
+    """Raw images of assorted sizes packed by recbuild (.png) larger than the 16x16 model input: (pack --resize,
+    --center-crop, the trainer's --resize, pack --color)."""
+    resize, center_crop, iterator_resize, color = request.param
+    d = tmp_path_factory.mktemp("packed")
+    tiny_vgg_checkpoint(d / "pre")
+    cfg = PackConfig(resize=resize, center_crop=center_crop, color=color, encoding=".png", quality=3, workers=1,
+                     progress=False)
+    pack_tree(d, "q_train", CLASSES, 8, cfg)
+    pack_tree(d, "q_val", CLASSES, 3, cfg, seed=5)
+    fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "q_train.rec"),
+                    data_val=str(d / "q_val.rec"), model_prefix=str(d / "ft"), num_epochs=2, lr=0.05, batch_size=8,
+                    progress=False, resize=iterator_resize, random_crop=True))
+    return d, cfg, iterator_resize
+
+
+def test_rec_lst_and_folder_give_the_same_probabilities_when_packed_larger(packed_larger, tmp_path):
+    d, cfg, iterator_resize = packed_larger
+    pre = load_sidecar(d / "ft")
+    # the trainer recorded how its data was packed and resized
+    assert (pre.packing["pack"]["resize"], pre.packing["pack"]["center_crop"]) == (cfg.resize, cfg.center_crop)
+    assert pre.packing["iterator_resize"] == iterator_resize
+    model = load_model(str(d / "ft"), 2, batch_size=5)
+    predict(model, d / "q_val.rec", tmp_path / "rec.csv", progress=False)
+    predict(model, d / "q_val.lst", tmp_path / "lst.csv", root=d / "images", progress=False)
+    predict(model, d / "images", tmp_path / "dir.csv", progress=False)
+    _, rec = read_csv(tmp_path / "rec.csv")
+    _, lst = read_csv(tmp_path / "lst.csv")
+    _, folder = read_csv(tmp_path / "dir.csv")
+    val = {k: v for k, v in folder.items() if k.startswith("q_val")}
+    assert sorted(rec) == sorted(lst) == sorted(val) and len(rec) == 12
+    # 1e-4: the records are lossless PNG, so the only possible difference is the packer's re-encoding; with
+    # .jpg records JPEG loss would add its own error on top (the only allowed source of difference).
+    for key in rec:
+        np.testing.assert_allclose(lst[key], rec[key], atol=1e-4)
+        np.testing.assert_allclose(val[key], rec[key], atol=1e-4)
+    # The independent path: cv2 decode -> im2rec's documented geometry (centre square, short edge R, long edge
+    # long * R // short, INTER_AREA to shrink) -> centre crop 16 -> Preprocess.apply -> stock Module.
+    images = []
+    for key in sorted(rec):
+        raw = cv2.imread(str(next((d / "images").rglob(f"{key}.png"))))
+        if cfg.color == 0:  # packed grey; ImageRecordIter decodes it to three equal channels
+            raw = cv2.cvtColor(cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+        h, w = raw.shape[:2]
+        if cfg.center_crop:
+            side = min(h, w)
+            raw = raw[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+            h = w = side
+        short = iterator_resize if iterator_resize > 0 else cfg.resize
+        size = (short, h * short // w) if h > w else (w * short // h, short)
+        small = cv2.resize(raw, size, interpolation=cv2.INTER_AREA if cfg.resize else cv2.INTER_LINEAR)
+        top, left = (small.shape[0] - 16) // 2, (small.shape[1] - 16) // 2
+        images.append(small[top:top + 16, left:left + 16, ::-1])
+    x = pre.apply(np.stack(images))
+    mod = mx.mod.Module.load(str(d / "ft"), 2, label_names=["prob_label"])
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (len(x),))], for_training=False)
+    mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.zeros(len(x))]), is_train=False)
+    # recbuild averages on the exact source grid (its own INTER_AREA variant): a few grey levels of difference.
+    np.testing.assert_allclose(np.stack([rec[k] for k in sorted(rec)]), mod.get_outputs()[0].asnumpy(), atol=0.02)
+
+
+def test_mirror_tta_with_a_mean_image_equals_predicting_the_mirrored_raw_images(trained, tmp_path):
+    d = tmp_path
+    tiny_vgg_checkpoint(d / "m", num_classes=4)
+    pre = load_sidecar(d / "m")
+    np.save(d / "m-mean.npy", np.random.RandomState(1).uniform(60, 180, pre.input_shape).astype(np.float32))
+    save_sidecar(d / "m", replace(pre, mean="m-mean.npy"))
+    flipped = d / "flipped"
+    for path in (trained / "images").rglob("*.png"):
+        (flipped / path.parent.name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(flipped / path.parent.name / path.name), cv2.imread(str(path))[:, ::-1])
+    model = load_model(str(d / "m"), 0, batch_size=8)
+    predict(model, trained / "images", d / "tta.csv", mirror=True, progress=False, id_mode="path")
+    predict(model, trained / "images", d / "plain.csv", progress=False, id_mode="path")
+    predict(model, flipped, d / "flip.csv", progress=False, id_mode="path")
+    _, tta = read_csv(d / "tta.csv")
+    _, plain = read_csv(d / "plain.csv")
+    _, flip = read_csv(d / "flip.csv")
+    for key in tta:
+        np.testing.assert_allclose(tta[key], (plain[key] + flip[key]) / 2, atol=1e-5)
+    # the same through a .rec (ImageRecordIter + the mean-image step)
+    predict(model, trained / "s_val.rec", d / "rec_tta.csv", mirror=True, progress=False)
+    _, rec_tta = read_csv(d / "rec_tta.csv")
+    for key in tta:
+        np.testing.assert_allclose(rec_tta[Path(key).stem], tta[key], atol=1e-5)
+
+
+def test_test_data_with_another_class_map_is_refused(trained, tmp_path):
+    lst = tmp_path / "other_test.lst"
+    lst.write_text((trained / "s_val.lst").read_text())
+    write_class_map(tmp_path / "other", list(reversed(CLASSES)))
+    model = load_model(str(trained / "ft"), 3, batch_size=8)
+    with pytest.raises(DataError) as err:
+        predict(model, lst, tmp_path / "x.csv", root=trained / "images", progress=False)
+    assert "other.classes.json" in str(err.value) and "label 0: 'zebra' vs 'kiwi'" in str(err.value)
+    assert not (tmp_path / "x.csv").exists()
+    with pytest.raises(DataError, match="label 0: 'zebra' vs 'kiwi'"):
+        load_model(str(trained / "ft"), 3, classes_file=str(tmp_path / "other.classes.json"))
+
+
+def test_with_jpeg_records_the_only_difference_is_the_re_encoding(tmp_path):
+    """A .jpg pack: raw files differ from their records by the JPEG loss alone. Re-encoding the transformed raw
+    image with the pack's own encoder and quality (recbuild.images.encode) and decoding it gives the record's
+    probabilities to 1e-4, while skipping the re-encode, as predict does, leaves the loss visible."""
+    d = tmp_path
+    tiny_vgg_checkpoint(d / "pre")
+    cfg = PackConfig(resize=24, encoding=".jpg", quality=90, workers=1, progress=False)
+    pack_tree(d, "j_train", CLASSES, 8, cfg)
+    pack_tree(d, "j_val", CLASSES, 3, cfg, seed=5)
+    fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "j_train.rec"), model_prefix=str(d / "ft"),
+                    num_epochs=2, lr=0.05, batch_size=8, progress=False))
+    model = load_model(str(d / "ft"), 2, batch_size=12)
+    predict(model, d / "j_val.rec", d / "rec.csv", progress=False)
+    predict(model, d / "j_val.lst", d / "lst.csv", root=d / "images", progress=False)
+    _, rec = read_csv(d / "rec.csv")
+    _, lst = read_csv(d / "lst.csv")
+    keys = sorted(rec)
+    images = []
+    for key in keys:
+        path = next((d / "images").rglob(f"{key}.png"))
+        packed = transform(decode(path.read_bytes(), str(path), cfg), cfg.resize, cfg.center_crop)
+        again = cv2.imdecode(np.frombuffer(encode(packed, cfg.encoding, cfg.quality), np.uint8), cv2.IMREAD_COLOR)
+        images.append(iterator_view(again, model.pre.input_shape)[:, :, ::-1])
+    model.module.forward(mx.io.DataBatch([mx.nd.array(model.pre.apply(np.stack(images)))]), is_train=False)
+    re_encoded = model.module.get_outputs()[0].asnumpy()
+    np.testing.assert_allclose(re_encoded, np.stack([rec[k] for k in keys]), atol=1e-4)
+    assert max(np.abs(lst[k] - rec[k]).max() for k in keys) > 1e-3  # the JPEG loss itself, not re-applied

@@ -360,7 +360,8 @@ def test_pseudo_labels_add_confident_test_records_and_report_the_change(data):
     probs = ensemble.predict_rec(load_model(str(tmp / "m"), 8, batch_size=8), tmp / "test.rec").probs
     threshold = float(np.quantile(probs.max(1), 0.4))  # keeps ~60%, whatever the model's confidence
     code = recipes_main(["pseudo", str(tmp / "m"), "8", "--test", str(tmp / "test.rec"), "--threshold",
-                         str(threshold), "--out-prefix", str(tmp / "pl"), "--batch-size", "8", "--cache-dir", str(tmp / "cache")])
+                         str(threshold), "--out-prefix", str(tmp / "pl"), "--batch-size", "8",
+                         "--cache-dir", str(tmp / "cache")])
     assert code == 0
     report = json.loads((tmp / "pl-pseudo.json").read_text())
     kept = np.flatnonzero(probs.max(1) >= threshold)
@@ -460,3 +461,15 @@ def test_record_offsets_match_the_index_mx_recordio_wrote(tmp_path):
     (tmp_path / "cut.rec").write_bytes(rec.read_bytes()[:-30])
     with pytest.raises(DataError, match="cut.rec: truncated record at byte"):
         sampling.record_offsets(tmp_path / "cut.rec")
+
+
+def test_ensemble_refuses_models_with_other_class_names(data):
+    a = small_net_checkpoint(data / "ca", num_classes=3)
+    b = small_net_checkpoint(data / "cb", num_classes=3, seed=4)
+    for prefix, names in ((a, CLASSES), (b, ["red", "blue", "green"])):
+        save_sidecar(prefix, replace(load_sidecar(prefix), class_names=names))
+    with pytest.raises(DataError) as err:
+        ensemble.run_ensemble([(str(a), 0), (str(b), 0)], data / "d_val.rec", batch_size=4)
+    message = str(err.value)
+    assert "ca-preprocess.json" in message and "cb-preprocess.json" in message
+    assert "label 1: 'green' vs 'blue'" in message

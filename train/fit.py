@@ -27,7 +27,7 @@ from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sideca
 from symbols.vgg import HeadSpec
 from recbuild.atomic import atomic_path, write_json
 from train.config import TrainConfig, config_path
-from train.data import Augment, ClassInfo, DataError, record_iter, resolve_classes
+from train.data import Augment, ClassInfo, DataError, plan_input, record_iter, resolve_classes
 from train.metrics import MetricsLog, Tally
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         if isinstance(prepared.pre.mean, str):
             sidecar_dir = Path(prefix).parent
     label_name = f"{spec.output_name}_label"
+    pre = plan_input(pre, sidecar_dir, shape, cfg)  # train/data.py: pack sidecars vs the input, at start-up
 
     param_names = [n for n in symbol.list_arguments() if n not in ("data", label_name)]
     missing = [n for n in param_names if n not in args]

@@ -28,11 +28,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from recbuild.classmap import find_class_map, read_class_map
-from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from recbuild.atomic import atomic_open, write_json
-from train.data import DataError, record_iter, scan_headers
-from train.metrics import LOG_LOSS_EPS, Tally
+from recbuild.classmap import find_class_map, read_class_map
+from recbuild.listing import Entry, ListError, read_list
+from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
+from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
+from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
+from train.metrics import Tally
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +62,18 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
                classes_file: Optional[str] = None) -> Model:
     """Load PREFIX-symbol.json + PREFIX-EPOCH.params with stock Module and the sidecar.
 
-    Class names: --classes, else the sidecar's class_names, else the class map beside the checkpoint, else
-    class_0..class_{n-1}.
+    Class names have one source of truth per thing named: the sidecar's `class_names` for a model (the trainer
+    writes them), the class map `PREFIX.classes.json` for a data set. `classes_file` names the columns of a
+    model whose sidecar has none (a converted model); given for a model that has names, it must agree.
     """
-    for path in (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-{epoch:04d}.params")):
-        if not path.is_file():
-            raise PredictError(f"{path}: checkpoint file missing")
+    try:
+        sym, args, aux = load_checkpoint(prefix, epoch, "checkpoint")
+    except CheckpointError as err:
+        raise PredictError(str(err)) from None
     if not has_sidecar(prefix):
         raise PredictError(f"{sidecar_path(prefix)}: missing; predict needs the preprocessing sidecar that "
                            f"`python -m train` writes beside its checkpoints")
     pre = load_sidecar(prefix)
-    sym, args, aux = mx.model.load_checkpoint(prefix, epoch)
     # The training symbol ends in SoftmaxOutput: name its label so Module does not take it for a weight.
     labels = [n for n in sym.list_arguments() if n == f"{pre.output_name}_label"]
     module = mx.mod.Module(sym, data_names=["data"], label_names=labels or None, context=ctx or [mx.cpu()])
@@ -79,25 +82,32 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
         module.bind(data_shapes=[("data", (batch_size,) + tuple(pre.input_shape))], for_training=False)
     module.set_params(args, aux, allow_missing=False, allow_extra=True)
     num_outputs = module.output_shapes[0][1][1]
-    if classes_file:
-        names = read_class_map(classes_file)
-    elif pre.class_names:
-        names = list(pre.class_names)
-    elif find_class_map(f"{prefix}.rec"):
-        names = read_class_map(find_class_map(f"{prefix}.rec"))
-    else:
-        names = [f"class_{i}" for i in range(num_outputs)]
-    if len(names) != num_outputs:
-        raise PredictError(f"{prefix}: the model has {num_outputs} outputs but {len(names)} class names")
+    names = model_class_names(pre, sidecar_path(prefix), classes_file, num_outputs)
     return Model(module, pre, Path(str(prefix)).parent, names, batch_size)
 
 
+def model_class_names(pre: Preprocess, sidecar: Path, classes_file: Optional[str], num_outputs: int) -> List[str]:
+    """The model's class names: the sidecar's; else `classes_file`'s; else class_0..class_{n-1}."""
+    if pre.class_names:
+        names = list(pre.class_names)
+        if classes_file:
+            check_same_classes(names, str(sidecar), read_class_map(classes_file), str(classes_file))
+    elif classes_file:
+        names = read_class_map(classes_file)
+    else:
+        names = [f"class_{i}" for i in range(num_outputs)]
+    if len(names) != num_outputs:
+        raise PredictError(f"{sidecar}: the model has {num_outputs} outputs but {len(names)} class names")
+    return names
+
+
 def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
-    """Probabilities for a (N, C, H, W) batch, N <= batch size; with mirror TTA the mean of both views."""
+    """Probabilities for a (N, C, H, W) model-input batch, N <= batch size; with mirror TTA the mean of the
+    image's and its mirror image's (the raw pixels mirrored, then mean/std: Preprocess.mirror_input)."""
     n = data.shape[0]
     if n < model.batch_size:  # pad the last batch; padded rows are dropped below
         data = np.concatenate([data, np.zeros((model.batch_size - n,) + data.shape[1:], data.dtype)])
-    views = [data, data[:, :, :, ::-1]] if mirror else [data]
+    views = [data, model.pre.mirror_input(data, model.sidecar_dir)] if mirror else [data]
     probs = 0
     for view in views:
         model.module.forward(mx.io.DataBatch([mx.nd.array(np.ascontiguousarray(view))]), is_train=False)
@@ -107,21 +117,23 @@ def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
 def _load_image(path: Path, pre: Preprocess, resize: int) -> np.ndarray:
-    import cv2
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise PredictError(f"{path}: cannot decode image (supported: {', '.join(IMAGE_EXTENSIONS)})")
-    _, height, width = pre.input_shape
-    short = resize if resize > 0 else max(height, width)
-    h, w = img.shape[:2]
-    factor = short / min(h, w)
-    if factor != 1:
-        img = cv2.resize(img, (max(width, round(w * factor)), max(height, round(h * factor))),
-                         interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC)
-    h, w = img.shape[:2]
-    top, left = (h - height) // 2, (w - width) // 2
-    crop = img[top:top + height, left:left + width, ::-1]  # BGR -> RGB, the sidecar's input convention
-    return crop
+    """One raw image prepared exactly as the training .rec was packed, then centre-cropped (train.data)."""
+    try:
+        return load_raw_image(path, pre, resize)
+    except DataError as err:
+        raise PredictError(f"{err} (supported: {', '.join(IMAGE_EXTENSIONS)})") from None
+
+
+def check_data_classes(model: Model, source: Path) -> None:
+    """The class map of the input data (beside a .rec/.lst) must be the model's class names, in order.
+
+    Raises:
+        DataError: naming the model's sidecar, the data's class map and the first difference.
+    """
+    found = find_class_map(source) if source.is_file() else None
+    if found is not None and model.pre.class_names:
+        check_same_classes(model.pre.class_names, f"the model's sidecar ({model.sidecar_dir})",
+                           read_class_map(found), str(found))
 
 
 def _image_paths(source: Path, root: Optional[Path]) -> Tuple[List[Path], List[str], Optional[List[float]]]:
@@ -132,34 +144,32 @@ def _image_paths(source: Path, root: Optional[Path]) -> Tuple[List[Path], List[s
             raise PredictError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         return paths, [p.relative_to(source).as_posix() for p in paths], None
     base = root or source.parent
-    paths, names, labels = [], [], []
-    with open(source, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                raise PredictError(f"{source}:{number}: expected 'index<TAB>label<TAB>path' (im2rec .lst)")
-            paths.append(base / parts[-1])
-            names.append(parts[-1])
-            labels.append(float(parts[1]))
-    return paths, names, labels
+    entries = _read_list(source)
+    return [base / e.path for e in entries], [e.path for e in entries], [e.labels[0] for e in entries]
+
+
+def _read_list(path: Path) -> List[Entry]:
+    """recbuild's .lst reader (the one home of the format), its errors as PredictError."""
+    try:
+        return read_list(str(path))
+    except ListError as err:
+        raise PredictError(str(err)) from None
 
 
 def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, root: Optional[Path] = None
             ) -> Iterator[Tuple[List[str], np.ndarray, Optional[np.ndarray]]]:
-    """Yield (names, probabilities, labels or None) batch by batch for a .rec, .lst or image folder."""
+    """Yield (names, probabilities, labels or None) batch by batch for a .rec, .lst or image folder.
+
+    `resize` > 0 overrides the iterator resize the model was trained with (its sidecar's `packing`).
+    """
+    check_data_classes(model, source)
+    if resize <= 0 and model.pre.packing:
+        resize = int(model.pre.packing.get("iterator_resize", -1))
     if source.suffix == ".rec":
         it = record_iter(source, model.batch_size, model.pre, model.sidecar_dir, "label", train=False,
                          resize=resize)
         lst = source.with_suffix(".lst")
-        by_index = {}
-        if lst.is_file():
-            with open(lst, encoding="utf-8") as handle:
-                for line in handle:
-                    parts = line.rstrip("\n").split("\t")
-                    if len(parts) >= 3:
-                        by_index[int(float(parts[0]))] = parts[-1]
+        by_index = {e.index: e.path for e in _read_list(lst)} if lst.is_file() else {}
         # Unshuffled and in one part, the iterator yields records in file order: ids come from the headers.
         record_ids = scan_headers(source)[1]
         seen = 0
@@ -241,27 +251,19 @@ def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, r
         np.add.at(per_class, (labels.astype(np.int64), 1), 1)
     if tally.n == 0:
         raise PredictError(f"{source}: no records")
-    result = {"images": tally.n, "accuracy": tally.correct / tally.n, "log_loss": tally.loss / tally.n}
+    figures = tally.result()
+    result = {"images": tally.n, "accuracy": figures["accuracy"], "log_loss": figures["loss"]}
     if top_k > 1:
-        result[f"top_{top_k}_accuracy"] = tally.correct_k / tally.n
+        result[f"top_{top_k}_accuracy"] = figures[f"top_{top_k}_accuracy"]
     result["per_class_accuracy"] = {name: (int(c) / int(n) if n else None)
                                     for name, (c, n) in zip(model.class_names, per_class)}
     return result
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
-def latest_epoch(prefix: str) -> int:
-    """The highest N of the PREFIX-NNNN.params files."""
-    folder, name = Path(str(prefix)).parent, Path(str(prefix)).name
-    epochs = [int(p.name[len(name) + 1:-7]) for p in folder.glob(f"{name}-*.params")
-              if p.name[len(name) + 1:-7].isdigit() and len(p.name) == len(name) + 12]
-    if not epochs:
-        raise PredictError(f"{prefix}-NNNN.params: no checkpoint found")
-    return max(epochs)
-
-
 def trained_resize(prefix: str) -> int:
-    """The --resize the checkpoint was trained with (from PREFIX-config.json), so prediction crops alike."""
+    """The --resize the checkpoint was trained with, for models whose sidecar does not record it (from
+    PREFIX-config.json), so prediction crops alike."""
     path = Path(f"{prefix}-config.json")
     try:
         return int(json.loads(path.read_text(encoding="utf-8")).get("resize", -1))

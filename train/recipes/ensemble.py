@@ -22,7 +22,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from recbuild.atomic import atomic_open, write_json
-from train.metrics import LOG_LOSS_EPS
+from symbols.sidecar import sidecar_path
+from train.data import check_same_classes
+from train.metrics import LOG_LOSS_EPS, Tally
 from train.predict import Model, PredictError, iterate, load_model
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,11 @@ def parse_model(text: str) -> Tuple[str, int]:
 
 
 def batch_for(batch_size: int, *recs) -> int:
-    """`batch_size`, lowered to the smallest .rec's record count (ImageRecordIter refuses larger batches)."""
-    from train.data import scan_labels
-    counts = [scan_labels(r).size for r in recs if r is not None]
+    """`batch_size`, lowered to the smallest .rec's record count (ImageRecordIter refuses larger batches).
+
+    Counts come from the pack sidecars, or one cached header scan per file."""
+    from train.data import record_count
+    counts = [record_count(r) for r in recs if r is not None]
     if any(c == 0 for c in counts):
         raise PredictError(f"{[r for r, c in zip(recs, counts) if c == 0][0]}: contains no records")
     return max(1, min([batch_size] + counts))
@@ -70,13 +74,19 @@ def predict_rec(model: Model, rec, mirror: bool = False) -> Predictions:
     return Predictions(np.concatenate(chunks), np.concatenate(labels) if labels else None, names)
 
 
+def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy and log loss of `probs`, tallied by train.metrics.Tally like every other evaluation."""
+    tally = Tally()
+    tally.update(probs, labels)
+    return tally.result()
+
+
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    picked = probs[np.arange(len(labels)), labels.astype(np.int64)]
-    return float(-np.log(np.clip(picked, LOG_LOSS_EPS, 1.0)).mean())
+    return scores(probs, labels)["loss"]
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(1) == labels.astype(np.int64)).mean())
+    return scores(probs, labels)["accuracy"]
 
 
 def search_weights(val_probs: Sequence[np.ndarray], val_labels: np.ndarray, steps: int = SEARCH_STEPS,
@@ -115,10 +125,8 @@ def run_ensemble(models: Sequence[Tuple[str, int]], val_rec, test_rec=None, out_
     batch_size = batch_for(batch_size, val_rec, test_rec)
     loaded = [load_model(p, e, batch_size) for p, e in models]
     names = loaded[0].class_names
-    for (p, e), m in zip(models, loaded):
-        if m.class_names != names:
-            raise PredictError(f"{p}-{e:04d}: class names {m.class_names[:4]}... differ from {models[0][0]}'s "
-                               f"{names[:4]}...; ensemble models must share one class map")
+    for (p, _), m in zip(models[1:], loaded[1:]):  # one class map for all: the models' sidecars must agree
+        check_same_classes(names, str(sidecar_path(models[0][0])), m.class_names, str(sidecar_path(p)))
     val = [predict_rec(m, val_rec, mirror) for m in loaded]
     if val[0].labels is None:
         raise PredictError(f"{val_rec}: the validation split must be labelled (.rec)")

@@ -33,10 +33,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
+from symbols.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from symbols.head import HeadError, find_head
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, save_sidecar, sidecar_path
-from recbuild.atomic import atomic_path
-from train.fit import TrainError, _load_checkpoint
+from train.fit import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,10 @@ def load_branch(tag: str, prefix: str, epoch: int, layer_before_fullc: Optional[
     if pre.input_shape[0] != 3:
         raise FusionError(f"{sidecar_path(prefix)}: input has {pre.input_shape[0]} channels; fusion supports "
                           f"3-channel (RGB/BGR) models")
-    sym, args, aux = _load_checkpoint(prefix, epoch, "fusion")
+    try:
+        sym, args, aux = load_checkpoint(prefix, epoch, "fusion")
+    except CheckpointError as err:
+        raise FusionError(str(err)) from None
     try:
         spec = find_head(sym, pre.classifier, pre.feature_output, pre.output_name, layer_before_fullc)
     except HeadError as err:
@@ -107,20 +110,7 @@ def preprocess_graph(x: mx.sym.Symbol, pre: Preprocess, fused_hw: Tuple[int, int
     if (height, width) != tuple(fused_hw):
         x = mx.sym.contrib.BilinearResize2D(x, height=height, width=width, align_corners=False,
                                             name=f"{tag}_resize")
-    channels = mx.sym.split(x, num_outputs=3, axis=1, name=f"{tag}_split")
-    order = (2, 1, 0) if pre.channel_order == "BGR" else (0, 1, 2)
-    mean = np.broadcast_to(np.asarray(pre.mean if pre.mean is not None else [0.0], np.float64), (3,))
-    std = np.broadcast_to(np.asarray(pre.std if pre.std is not None else [1.0], np.float64), (3,))
-    out = []
-    for i, source in enumerate(order):  # i: position in the model's channel order
-        c = channels[source]
-        if mean[i] != 0:
-            c = c - float(mean[i])
-        factor = float(pre.scale) / float(std[i])
-        if factor != 1.0:
-            c = c * factor
-        out.append(c)
-    return mx.sym.Concat(*out, dim=1, name=f"{tag}_preprocessed")
+    return pre.graph(x, tag)  # channel order, mean, std, scale: the sidecar's one formula
 
 
 def fuse(models: Sequence[Tuple[str, int]], out_prefix: str, num_classes: int = 2,
@@ -171,12 +161,7 @@ def fuse(models: Sequence[Tuple[str, int]], out_prefix: str, num_classes: int = 
 
     out_prefix = str(out_prefix)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(f"{out_prefix}-symbol.json") as tmp:
-        symbol.save(str(tmp))
-    blob = {f"arg:{k}": v for k, v in args.items()}
-    blob.update({f"aux:{k}": v for k, v in aux.items()})
-    with atomic_path(f"{out_prefix}-0000.params") as tmp:
-        mx.nd.save(str(tmp), blob)
+    save_checkpoint(out_prefix, 0, symbol, args, aux, dtype=None)  # the branches' weights, as loaded
     source = {"fusion": [{"tag": b.tag, "prefix": b.prefix, "epoch": b.epoch, "feature_output": b.feature_output,
                           "input_shape": list(b.pre.input_shape), "channel_order": b.pre.channel_order,
                           "mean": b.pre.mean, "std": b.pre.std, "scale": b.pre.scale,

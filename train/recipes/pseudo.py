@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from recbuild.classmap import write_class_map
 from recbuild.atomic import atomic_open, atomic_path, write_json
+from train import config as train_config
 from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
@@ -40,16 +41,25 @@ DEFAULT_THRESHOLD = 0.95   # a confident minority: mislabelled pseudo-labels cos
 
 
 def load_run_config(prefix: str) -> TrainConfig:
-    """The resolved config of the run that wrote PREFIX (PREFIX-config.json), without its 'resolved' block."""
+    """The resolved config of the run that wrote PREFIX (PREFIX-config.json), without its 'resolved' block.
+
+    Uses train.config's own reader of run configs where it has one (`load_run_config`); until then the
+    fields are restored here from the dataclass's own declaration: JSON turns tuples into lists, and every
+    field whose default is a tuple (or declared Tuple) gets one back, so nothing is listed by hand.
+    """
     path = config_path(prefix)
     if not path.is_file():
         raise TrainError(f"{path}: missing; pseudo-labelling retrains with the config of the run that made "
                          f"{prefix} (written by `python -m train` / `python -m train.recipes features`)")
+    shared = getattr(train_config, "load_run_config", None)
+    if shared is not None:
+        return shared(prefix)
     data = json.loads(path.read_text(encoding="utf-8"))
     data.pop("resolved", None)
-    for key in ("image_shape", "rgb_mean", "rgb_std", "lr_step_epochs"):
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
+    for spec in fields(TrainConfig):
+        declared_tuple = "Tuple" in str(spec.type) or isinstance(spec.default, tuple)
+        if declared_tuple and isinstance(data.get(spec.name), list):
+            data[spec.name] = tuple(data[spec.name])
     return TrainConfig.from_dict(data)
 
 

@@ -1,0 +1,305 @@
+"""What the trainer knows about a packed `.rec`: its pack sidecar and its record headers, each read once.
+
+Two sources, cheapest first:
+
+* **the pack sidecar** `NAME.pack.json` that recbuild writes beside `NAME.rec` (format `mxtransfer.pack/1`):
+  the record count, the class histogram and how the images were transformed (resize, centre crop, colour,
+  encoding). It is trusted only while its `rec_bytes` equals the file's size; old im2rec files have none.
+* **the header scan**: the first label and the id of every record, read from the record headers only (no
+  image is decoded). It is computed once per file and kept, keyed by the absolute path, size, mtime_ns and inode:
+  in memory for the process (so a run never rescans per epoch: every ImageRecordIter pass asks for the
+  record count), and on disk for files of DISK_CACHE_MIN_RECORDS records or more, so the next run on an
+  ImageNet-sized file (1.28M records, ~140 GB) starts without minutes of header reads.
+
+The disk cache lives in `REC_CACHE_DIR` (default `.cache/recinfo`, beside the feature cache, git-ignored;
+`MXTRANSFER_REC_CACHE` moves it): not beside the data, which is often on a read-only or shared volume. One
+small `.npz` per .rec path (labels float32 + ids int64: 12 bytes a record); a changed file overwrites it.
+Nothing is lost when it cannot be written: the scan result is still used, with a debug note.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from recbuild.atomic import atomic_path
+from recbuild.recordio import IR_HEADER, RecordIOError, iter_frames, iter_records, unpack_header
+
+log = logging.getLogger(__name__)
+
+PACK_FORMAT = "mxtransfer.pack/1"
+PACK_SUFFIX = ".pack.json"
+# Below this many records a header scan takes milliseconds: not worth a file on disk (and resampled epoch
+# copies, rewritten every epoch under new names, would otherwise leave one cache file each).
+DISK_CACHE_MIN_RECORDS = 10_000
+REC_CACHE_DIR = Path(os.environ.get("MXTRANSFER_REC_CACHE", ".cache/recinfo"))
+_MEMORY_ENTRIES = 16          # files remembered per process: train, val, test, a few epochs' copies
+_SCAN_FORMAT = "mxtransfer.recscan/1"
+
+
+class DataError(ValueError):
+    """A data file is missing, corrupt or inconsistent with the model; the message names it.
+
+    (Defined here, the lowest module of train/, and re-exported as train.data.DataError.)"""
+
+
+# ---- the pack sidecar -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackTransform:
+    """How recbuild turned each source image into a record (its PackConfig, as recorded in the sidecar).
+
+    Attributes:
+        resize: short edge in pixels after the optional centre crop (0: kept at the decoded size).
+        center_crop: a centred square of the short edge was cut first.
+        color: the decode flag, 1 colour, 0 greyscale, -1 unchanged.
+        encoding: '.jpg' or '.png'.
+        quality: JPEG quality or PNG compression level.
+        pass_through: the file bytes were stored undecoded (no transform at all).
+    """
+    resize: int = 0
+    center_crop: bool = False
+    color: int = 1
+    encoding: str = ".jpg"
+    quality: int = 95
+    pass_through: bool = False
+
+    def describe(self) -> str:
+        if self.pass_through:
+            return "stored as the original files (--pass-through)"
+        size = "kept at their own size" if not self.resize else (
+            f"{self.resize}x{self.resize}" if self.center_crop else f"short edge {self.resize}")
+        crop = "centre-cropped square, " if self.center_crop and not self.resize else ""
+        return f"{crop}{size}, {self.encoding} q{self.quality}"
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """The pack sidecar of one .rec, read defensively (unknown keys ignored)."""
+    path: Path
+    records: Optional[int]
+    label_width: int
+    class_counts: Optional[List[int]]
+    transform: PackTransform
+
+
+def pack_sidecar_path(rec_path) -> Path:
+    """`NAME.pack.json` beside `NAME.rec`."""
+    path = Path(rec_path)
+    return path.with_name(path.name[: -len(".rec")] + PACK_SUFFIX if path.name.endswith(".rec")
+                          else path.name + PACK_SUFFIX)
+
+
+def read_pack_info(rec_path) -> Optional[PackInfo]:
+    """The pack sidecar of `rec_path`, or None when there is none or it describes another file.
+
+    A sidecar whose `rec_bytes` differs from the .rec's size belongs to an earlier pack (the .rec was rewritten,
+    e.g. by im2rec): it is ignored with a warning, since nothing in it can be trusted for this file.
+
+    Raises:
+        DataError: the sidecar exists but is not valid JSON of format mxtransfer.pack/1, or its fields have the
+            wrong types; the message names the file and the field.
+    """
+    path = pack_sidecar_path(rec_path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable pack sidecar ({err}); re-pack with `python -m recbuild`") from None
+    if not isinstance(data, dict) or data.get("format") != PACK_FORMAT:
+        raise DataError(f"{path}: not a pack sidecar (format {PACK_FORMAT!r} expected)")
+    size = Path(rec_path).stat().st_size if Path(rec_path).is_file() else None
+    if data.get("rec_bytes") is not None and size is not None and data.get("rec_bytes") != size:
+        log.warning("%s: describes a .rec of %s bytes, %s has %d; ignored (re-pack to refresh it)", path,
+                    data.get("rec_bytes"), rec_path, size)
+        return None
+    raw = data.get("transform") or {}
+    fields = {"resize": int, "center_crop": bool, "color": int, "encoding": str, "quality": int,
+              "pass_through": bool}
+    values = {}
+    for name, kind in fields.items():
+        if name in raw:
+            if not isinstance(raw[name], kind) or (kind is int and isinstance(raw[name], bool)):
+                raise DataError(f"{path}: transform.{name} is {raw[name]!r}, expected {kind.__name__}")
+            values[name] = raw[name]
+    counts = data.get("class_counts")
+    if counts is not None and not (isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise DataError(f"{path}: class_counts must be a list of non-negative integers or null")
+    records = data.get("records")
+    if records is not None and (not isinstance(records, int) or records < 0):
+        raise DataError(f"{path}: records is {records!r}, expected a count")
+    return PackInfo(path, records, int(data.get("label_width") or 1), counts, PackTransform(**values))
+
+
+# ---- the header scan, cached ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecScan:
+    """First label and id of every record, in file order."""
+    labels: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def records(self) -> int:
+        return int(self.labels.size)
+
+
+_memory: "OrderedDict[Tuple[str, int, int, int], RecScan]" = OrderedDict()
+
+
+def fingerprint(rec_path) -> Tuple[str, int, int, int]:
+    """(absolute path, size, mtime_ns, inode): what identifies a .rec's content cheaply. The inode catches a
+    same-size file renamed into place within one tick of the file-system clock (atomic writes do that)."""
+    path = Path(rec_path)
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def scan(rec_path) -> RecScan:
+    """The header scan of `rec_path`, from memory, the disk cache, or the file (then remembered).
+
+    Raises:
+        DataError: the file is missing, is not RecordIO, or is truncated.
+    """
+    path = Path(rec_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such .rec file")
+    key = fingerprint(path)
+    if key in _memory:
+        _memory.move_to_end(key)
+        return _memory[key]
+    found = _read_disk(key)
+    if found is None:
+        found = _scan_file(path)
+        if found.records >= DISK_CACHE_MIN_RECORDS:
+            _write_disk(key, found)
+    _memory[key] = found
+    while len(_memory) > _MEMORY_ENTRIES:
+        _memory.popitem(last=False)
+    return found
+
+
+def _scan_file(path: Path) -> RecScan:
+    labels: List[float] = []
+    ids: List[int] = []
+    try:
+        with open(path, "rb") as handle:
+            for frame in iter_frames(handle, path.stat().st_size):
+                if frame.cflag not in (0, 1):     # only a whole record or a first part carries the header
+                    continue
+                payload = handle.read(min(frame.length, IR_HEADER.size + 4))
+                if len(payload) < IR_HEADER.size:
+                    raise DataError(f"{path}: truncated record at byte {frame.offset}")
+                flag, label, record_id, _ = IR_HEADER.unpack_from(payload)
+                ids.append(record_id)
+                if flag > 0:  # label arrays: the first float follows the header
+                    label = struct.unpack_from("<f", payload, IR_HEADER.size)[0]
+                labels.append(label)
+    except RecordIOError as err:
+        raise framing_error(path, err) from None
+    return _frozen(np.asarray(labels, np.float32), np.asarray(ids, np.int64))
+
+
+def _frozen(labels: np.ndarray, ids: np.ndarray) -> RecScan:
+    """A scan with read-only arrays: every caller shares the cached copy, so none may change it."""
+    labels.setflags(write=False)
+    ids.setflags(write=False)
+    return RecScan(labels, ids)
+
+
+def framing_error(path: Path, err: RecordIOError) -> DataError:
+    """The trainer's wording of a broken .rec (recbuild's reader found it)."""
+    if err.kind == "magic":
+        return DataError(f"{path}: not a RecordIO file (bad magic at byte {err.offset}); pack it with "
+                        "`python -m recbuild`")
+    if err.kind == "cflag":
+        return DataError(f"{path}: corrupt record at byte {err.offset} ({err}); re-pack it")
+    return DataError(f"{path}: truncated record at byte {err.offset} (the file ends inside it); re-pack it")
+
+
+def _cache_file(key: Tuple[str, int, int, int]) -> Path:
+    digest = hashlib.sha256(key[0].encode("utf-8")).hexdigest()[:16]
+    return REC_CACHE_DIR / f"{Path(key[0]).stem}-{digest}.npz"
+
+
+def _meta(key: Tuple[str, int, int, int]) -> dict:
+    return {"format": _SCAN_FORMAT, "path": key[0], "size": key[1], "mtime_ns": key[2], "inode": key[3]}
+
+
+def _read_disk(key: Tuple[str, int, int, int]) -> Optional[RecScan]:
+    path = _cache_file(key)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta != _meta(key):
+                return None
+            return _frozen(z["labels"], z["ids"])
+    except (OSError, ValueError, KeyError) as err:  # a damaged cache file is rescanned, never trusted
+        log.debug("%s: unreadable header cache (%s); rescanning", path, err)
+        return None
+
+
+def _write_disk(key: Tuple[str, int, int, int], found: RecScan) -> None:
+    meta = _meta(key)
+    buffer = io.BytesIO()
+    np.savez(buffer, labels=found.labels, ids=found.ids, meta=np.array(json.dumps(meta)))
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    except OSError as err:
+        log.debug("%s: header cache not written (%s)", path, err)
+
+
+def sample_sizes(rec_path, count: int = 8) -> List[Tuple[int, int]]:
+    """(width, height) of the first `count` records' images, from their encoded headers (nothing decoded).
+
+    Records whose format does not state a size (or a .rec that cannot be read) are left out; this is a hint
+    for start-up messages, never a check.
+    """
+    from recbuild.images import sniff
+    path = Path(rec_path)
+    sizes: List[Tuple[int, int]] = []
+    try:
+        with open(path, "rb") as handle:
+            for _, payload in iter_records(handle, path.stat().st_size):
+                info = sniff(unpack_header(payload)[1])
+                if info.width and info.height:
+                    sizes.append((info.width, info.height))
+                count -= 1
+                if count <= 0:
+                    break
+    except (OSError, RecordIOError):
+        return sizes
+    return sizes
+
+
+def summary(rec_path) -> Tuple[int, Optional[np.ndarray]]:
+    """(record count, class histogram or None), from the pack sidecar where it has them, else the scan."""
+    info = read_pack_info(rec_path)
+    if info is not None and info.records is not None:
+        counts = np.asarray(info.class_counts, np.int64) if info.class_counts is not None else None
+        if counts is None or int(counts.sum()) == info.records:
+            return info.records, counts
+        log.warning("%s: class_counts add up to %d, records says %d; scanning the headers instead", info.path,
+                    int(counts.sum()), info.records)
+    found = scan(rec_path)
+    return found.records, None
+
+
+def forget() -> Dict[str, int]:
+    """Empty the in-memory cache (tests use it to see what a fresh process would do)."""
+    size = len(_memory)
+    _memory.clear()
+    return {"forgotten": size}
