@@ -2,6 +2,8 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -9,11 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from symbols.sidecar import load_sidecar
+from symbols.sidecar import load_sidecar, save_sidecar
 from tests import _deploy_fixtures as fx
 from tools import deploy, onnx_export
 
 RTOL, ATOL = 1e-4, 1e-6  # the issue's bar; atol only matters for probabilities near zero
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _session(path):
@@ -170,3 +173,34 @@ def test_caffe_net_to_bundle_matches_opencv(tmp_path, fmt):
     for name, got in {"module": deploy.predict_module(b, x), "gluon": deploy.predict_gluon(b, x),
                       "c_api": deploy.predict_c_api(b, x), "onnxruntime": deploy.predict_onnx(b, x)}.items():
         np.testing.assert_allclose(got, reference, rtol=RTOL, atol=1e-5, err_msg=name)
+
+
+def test_a_mean_image_model_is_checked_through_its_real_preprocessing(tmp_path, monkeypatch):
+    """The check feeds seeded images through Preprocess.apply with the checkpoint's folder (wherever the CLI
+    runs): what onnxruntime gets, times std/scale plus the mean image, is whole pixel values in [0, 255]."""
+    prefix = fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)
+    pre = load_sidecar(prefix)
+    mean = np.random.default_rng(4).uniform(60, 180, pre.input_shape).astype(np.float32)
+    np.save(tmp_path / "ckpt" / "vgg_like-mean.npy", mean)
+    save_sidecar(prefix, replace(pre, mean="vgg_like-mean.npy"))
+    fed = []
+    real = onnx_export.run_onnxruntime
+    monkeypatch.setattr(onnx_export, "run_onnxruntime", lambda path, x: fed.append(x) or real(path, x))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the mean image is found beside the checkpoint, not in the working folder
+    out = tmp_path / "m.onnx"
+    assert onnx_export.main([prefix, "1", str(out)]) == 0 and out.is_file()
+    (x,) = fed
+    assert pre.std is None and pre.channel_order == "BGR"  # the fixture's recipe, inverted by hand below
+    pixels = x / pre.scale + mean  # channel order is BGR on both sides; the mean image is in channel order
+    assert np.abs(pixels - np.round(pixels)).max() < 1e-3
+    assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3 and len(np.unique(np.round(pixels))) > 200
+
+    # Without its mean image the model cannot be checked: one line naming the file, nothing written.
+    (tmp_path / "ckpt" / "vgg_like-mean.npy").unlink()
+    out.unlink()
+    res = subprocess.run([sys.executable, "-m", "tools.onnx_export", prefix, "1", str(out)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "vgg_like-mean.npy: mean image named by the sidecar is missing" in res.stderr and not out.exists()

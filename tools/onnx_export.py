@@ -36,7 +36,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def prepare_for_exporter(sym, arg_params: dict, aux_params: dict, input_shape: S
 
 
 def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_path, metadata: Optional[Dict] = None,
-                verify: bool = True) -> Dict[str, float]:
+                verify: bool = True, sidecar_dir: Union[str, Path] = ".") -> Dict[str, float]:
     """Export the inference symbol to `out_path` (atomically) with a dynamic batch axis.
 
     Args:
@@ -165,6 +165,7 @@ def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_pa
         out_path: the .onnx file to write.
         metadata: string key/values stored in the model's metadata_props (class names, preprocessing).
         verify: compare onnxruntime with MXNet on a seeded batch and raise if beyond ONNX_RTOL/ONNX_ATOL.
+        sidecar_dir: the folder of the sidecar `pre` was read from (a mean image is relative to it), for the check.
 
     Returns:
         {"max_abs_diff": ..., "max_rel_diff": ...} when verified, else {}.
@@ -173,6 +174,8 @@ def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_pa
     import onnx
 
     sym = inference_symbol(sym)
+    if verify:  # a missing or mis-shaped mean image fails the check: say so before anything is written
+        pre.mean_array(sidecar_dir)
     shape = (1,) + tuple(pre.input_shape)
     export_sym, params = prepare_for_exporter(sym, arg_params, aux_params, shape)
     out_path = Path(out_path)
@@ -192,7 +195,7 @@ def export_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, out_pa
         onnx.save(model, str(tmp))
     if not verify:
         return {}
-    return verify_onnx(sym, arg_params, aux_params, pre, out_path)
+    return verify_onnx(sym, arg_params, aux_params, pre, out_path, sidecar_dir)
 
 
 @contextlib.contextmanager
@@ -217,19 +220,22 @@ def run_onnxruntime(onnx_file, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
 
 
-def verify_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, onnx_file, batch: int = 2,
-                seed: int = 0) -> Dict[str, float]:
-    """Compare onnxruntime with mx.mod.Module on a seeded batch; raise if they differ beyond the tolerance."""
+def verify_onnx(sym, arg_params: dict, aux_params: dict, pre: Preprocess, onnx_file,
+                sidecar_dir: Union[str, Path] = ".", batch: int = 2, seed: int = 0) -> Dict[str, float]:
+    """Compare onnxruntime with mx.mod.Module on a seeded batch; raise if they differ beyond the tolerance.
+
+    The batch is seeded random RGB images in [0, 255] turned into model input by the one preprocessing formula,
+    `Preprocess.apply`, with `sidecar_dir` (the checkpoint's folder, where a mean image lives).
+
+    Raises:
+        ValueError: the sidecar's mean image is missing beside it or has another shape (named).
+        RuntimeError: onnxruntime and MXNet differ beyond ONNX_RTOL / ONNX_ATOL.
+    """
     import mxnet as mx
 
-    rng = np.random.default_rng(seed)
-    if isinstance(pre.mean, str):
-        # A mean image lives beside the checkpoint, not the .onnx: mean-subtracted pixels span roughly +-128,
-        # so a seeded normal input of that scale exercises the same range.
-        x = (rng.standard_normal((batch,) + tuple(pre.input_shape)) * 64).astype(np.float32)
-    else:  # random images through the model's own preprocessing: the range it was trained on
-        c, h, w = pre.input_shape
-        x = pre.apply(rng.integers(0, 256, size=(batch, h, w, c)).astype(np.float32))
+    c, h, w = pre.input_shape
+    images = np.random.default_rng(seed).integers(0, 256, size=(batch, h, w, c)).astype(np.float32)
+    x = pre.apply(images, sidecar_dir)  # the model's own preprocessing: the input range it was trained on
     mod = mx.mod.Module(sym, data_names=[pre.input_name], label_names=None, context=mx.cpu())
     mod.bind(data_shapes=[(pre.input_name, x.shape)], for_training=False)
     mod.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
@@ -259,7 +265,8 @@ def main(argv: Sequence[str] = None) -> int:
         meta = {"preprocess": json.dumps(pre.to_dict())}
         if pre.class_names:
             meta["class_names"] = json.dumps(pre.class_names)
-        figures = export_onnx(sym, arg_params, aux_params, pre, args.out, metadata=meta, verify=args.verify)
+        figures = export_onnx(sym, arg_params, aux_params, pre, args.out, metadata=meta, verify=args.verify,
+                              sidecar_dir=Path(args.prefix).parent)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
