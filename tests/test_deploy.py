@@ -141,6 +141,25 @@ def test_class_names_from_class_map_and_count_mismatch(tmp_path):
         deploy.write_bundle(prefix, 1, tmp_path / "b2", classes=str(bad), check=False)
 
 
+def test_classes_never_relabel_a_model_that_has_names(tmp_path):
+    """The sidecar's class names are the model's truth (symbols.classes, the rule train.predict follows too):
+    --classes may only agree with them, and a disagreeing map is one line naming both files."""
+    prefix = fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)  # sidecar names fx.CLASSES
+    other = tmp_path / "other.classes.json"
+    other.write_text(json.dumps({"format": "mxtransfer.classmap/1", "classes": list(reversed(fx.CLASSES))}))
+    with pytest.raises(deploy.DeployError) as err:
+        deploy.write_bundle(prefix, 1, tmp_path / "b1", classes=str(other), check=False)
+    message = str(err.value)
+    assert "\n" not in message and "vgg_like-preprocess.json" in message and "other.classes.json" in message
+    assert "label 0: 'class_0' vs 'class_4'" in message and not (tmp_path / "b1").exists()
+    same = tmp_path / "ckpt" / "lists_val.lst"  # finds lists.classes.json, which agrees
+    same.write_text("")
+    b, _ = deploy.write_bundle(prefix, 1, tmp_path / "b2", classes=str(same), check=False)
+    assert read_class_map(b.outdir / "model.classes.json") == load_sidecar(b.prefix).class_names == fx.CLASSES
+    res = subprocess.run([sys.executable, "-m", "tools.deploy", prefix, "1", str(tmp_path / "b3"), "--no-check",
+                          "--classes", str(other)], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "other.classes.json" in res.stderr
+
 def test_bad_shapes_are_named(tmp_path):
     prefix = fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)
     sym, args, auxs = mx.model.load_checkpoint(prefix, 1)

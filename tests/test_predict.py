@@ -145,6 +145,33 @@ def test_cli_and_errors(trained, tmp_path, capsys):
         load_model(str(trained / "ft"), 9)
 
 
+
+def test_cli_classes_names_a_model_without_names_and_never_relabels_one(trained, tmp_path, capsys):
+    """One class-name rule (symbols.classes.model_class_names, as tools.deploy): --classes, a class map or a
+    .lst beside one, names the columns of a model whose sidecar has none; for a model with names it must agree."""
+    tiny_vgg_checkpoint(tmp_path / "conv", num_classes=4)  # a converted model: its sidecar names no classes
+    out = tmp_path / "p.csv"
+    assert main([str(tmp_path / "conv"), "0", str(trained / "s_val.rec"), "--out", str(out),
+                 "--classes", str(trained / "s_val.lst")]) == 0  # finds s.classes.json beside the list
+    assert read_csv(out)[0] == ["id"] + CLASSES
+    assert main([str(tmp_path / "conv"), "0", str(trained / "s_val.rec"), "--out", str(out)]) == 0
+    assert read_csv(out)[0] == ["id"] + [f"class_{i}" for i in range(4)]
+    capsys.readouterr()
+    write_class_map(tmp_path / "other", list(reversed(CLASSES)))
+    relabelled = tmp_path / "r.csv"
+    assert main([str(trained / "ft"), "3", str(trained / "s_val.rec"), "--out", str(relabelled),
+                 "--classes", str(tmp_path / "other.classes.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ft-preprocess.json" in err and "other.classes.json" in err
+    assert not relabelled.exists()
+    capsys.readouterr()
+    write_class_map(tmp_path / "three", CLASSES[:3])
+    assert main([str(tmp_path / "conv"), "0", str(trained / "s_val.rec"), "--out", str(relabelled),
+                 "--classes", str(tmp_path / "three.classes.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "three.classes.json" in err and "conv-preprocess.json" in err
+    assert "4 outputs but the class map has 3 classes" in err
+
 # ---- one preprocessing truth: a .rec packed larger than the input, its .lst and its raw folder ------------------
 @pytest.fixture(scope="module", params=[(24, False, -1, 1), (20, True, -1, 1), (0, False, 18, 1), (24, False, -1, 0)],
                 ids=["short-edge-24", "centre-cropped-20", "kept-size+iterator-resize-18", "greyscale-24"])

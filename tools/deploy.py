@@ -38,9 +38,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from recbuild.atomic import atomic_open
-from recbuild.classmap import find_class_map, read_class_map, write_class_map
+from recbuild.classmap import write_class_map
 from symbols.checkpoint import load_checkpoint, save_checkpoint
-from symbols.sidecar import Preprocess, copy_mean_file, save_sidecar
+from symbols.classes import ClassNamesError, model_class_names
+from symbols.sidecar import Preprocess, copy_mean_file, save_sidecar, sidecar_path
 from tools.inference_graph import DeployError, inference_symbol, load_for_inference, used_params
 from tools.onnx_export import ONNX_ATOL, ONNX_RTOL, export_onnx, run_onnxruntime
 
@@ -75,29 +76,6 @@ class Bundle:
     @property
     def onnx_file(self) -> Path:
         return self.outdir / f"{self.name}.onnx"
-
-
-def resolve_classes(pre: Preprocess, classes_arg: Optional[str], num_outputs: int, where: str) -> List[str]:
-    """Class names from --classes (class map, or a .lst/.rec/.idx whose class map is found) or the sidecar."""
-    names = None
-    if classes_arg:
-        path = Path(classes_arg)
-        if not path.name.endswith(".classes.json"):
-            found = find_class_map(path)
-            if found is None:
-                raise DeployError(f"{path}: no class map (*.classes.json) found beside it; pass the class map "
-                                  f"written by `python -m recbuild --list`")
-            path = found
-        names = read_class_map(path)
-    elif pre.class_names:
-        names = list(pre.class_names)
-    if names is None:
-        raise DeployError(f"{where}: the sidecar has no class names; pass --classes PREFIX.classes.json "
-                          f"(written by `python -m recbuild --list`)")
-    if len(names) != num_outputs:
-        raise DeployError(f"{where}: the model has {num_outputs} outputs but the class map has {len(names)} "
-                          f"classes")
-    return names
 
 
 # ---- the three (four) loaders ---------------------------------------------------------------------------------
@@ -209,7 +187,8 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
         epoch: checkpoint epoch.
         outdir: bundle folder; must not exist or be empty unless `force`.
         name: file name prefix inside the bundle.
-        classes: a class map or a .lst/.rec/.idx whose class map to use; default: the sidecar's class names.
+        classes: a class map, or a .lst/.rec/.idx beside one: names the outputs of a model whose sidecar has
+            no class names; for a model that has them it must list the same classes in the same order.
         onnx: also export `NAME.onnx`.
         force: replace a non-empty `outdir`.
         check: run the parity check on the written bundle before it is moved into place.
@@ -227,7 +206,10 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
     arg_params, aux_params, unused = used_params(sym, arg_params, aux_params, pre, f"{prefix}-{epoch:04d}.params")
     _, out_shapes, _ = sym.infer_shape(**{pre.input_name: (1,) + tuple(pre.input_shape)})
     num_outputs = int(np.prod(out_shapes[0][1:]))
-    names = resolve_classes(pre, classes, num_outputs, f"{prefix}-preprocess.json")
+    try:  # the one class-name rule (symbols/classes.py), shared with train.predict; a bundle needs real names
+        names = model_class_names(pre.class_names, sidecar_path(prefix), classes, num_outputs, required=True)
+    except ClassNamesError as err:
+        raise DeployError(str(err)) from None
 
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".part", dir=outdir.parent))
@@ -285,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("epoch", type=int, help="checkpoint epoch")
     parser.add_argument("outdir", type=Path, help="bundle folder (created; must be empty unless --force)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"file prefix inside the bundle (default {DEFAULT_NAME})")
-    parser.add_argument("--classes", help="class map (*.classes.json) or a .lst/.rec beside one; "
-                                          "default: the class names in the checkpoint's sidecar")
+    parser.add_argument("--classes", help="class map (*.classes.json) or a .lst/.rec beside one, for a model "
+                                          "whose sidecar has no class names (a converted one); for a model "
+                                          "that has them it must agree")
     parser.add_argument("--onnx", action="store_true", help="also export NAME.onnx (tools/onnx_export.py)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     parser.add_argument("--no-check", dest="check", action="store_false",

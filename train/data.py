@@ -24,6 +24,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
+from symbols import classes
 from symbols.sidecar import Preprocess
 from train import recfile
 from train.recfile import DataError, PackTransform, framing_error  # noqa: F401  (re-exported)
@@ -124,20 +125,15 @@ def _histogram(rec_path) -> np.ndarray:
 
 
 def check_same_classes(names: Sequence[str], where: str, other: Sequence[str], other_where: str) -> None:
-    """Two class lists must be identical (same names, same order): labels mean the same class on both sides.
+    """symbols.classes.check_same_classes (the one comparison of class lists), its error as DataError.
 
     Raises:
         DataError: naming both files, the sizes and the first label whose name differs.
     """
-    names, other = list(names), list(other)
-    if names == other:
-        return
-    first = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
-    left = repr(names[first]) if first < len(names) else "nothing"
-    right = repr(other[first]) if first < len(other) else "nothing"
-    raise DataError(f"class maps differ: {where} ({len(names)} classes) and {other_where} ({len(other)} classes) "
-                    f"first differ at label {first}: {left} vs {right}; both must list the same classes in the "
-                    f"same order (pack every split from one `python -m recbuild --list` run)")
+    try:
+        classes.check_same_classes(names, where, other, other_where)
+    except classes.ClassNamesError as err:
+        raise DataError(str(err)) from None
 
 
 @dataclass

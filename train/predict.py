@@ -32,6 +32,7 @@ from recbuild.atomic import atomic_open, write_json
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
+from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
 from train.metrics import Tally
@@ -63,8 +64,9 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
     """Load PREFIX-symbol.json + PREFIX-EPOCH.params with stock Module and the sidecar.
 
     Class names have one source of truth per thing named: the sidecar's `class_names` for a model (the trainer
-    writes them), the class map `PREFIX.classes.json` for a data set. `classes_file` names the columns of a
-    model whose sidecar has none (a converted model); given for a model that has names, it must agree.
+    writes them), the class map `PREFIX.classes.json` for a data set. `classes_file` (a class map, or a
+    .lst/.rec beside one) names the columns of a model whose sidecar has none (a converted model); given for a
+    model that has names, it must agree (symbols.classes.model_class_names, shared with tools/deploy.py).
     """
     try:
         sym, args, aux = load_checkpoint(prefix, epoch, "checkpoint")
@@ -82,23 +84,11 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
         module.bind(data_shapes=[("data", (batch_size,) + tuple(pre.input_shape))], for_training=False)
     module.set_params(args, aux, allow_missing=False, allow_extra=True)
     num_outputs = module.output_shapes[0][1][1]
-    names = model_class_names(pre, sidecar_path(prefix), classes_file, num_outputs)
+    try:
+        names = model_class_names(pre.class_names, sidecar_path(prefix), classes_file, num_outputs)
+    except ClassNamesError as err:  # a class-map problem, reported like the data's (check_data_classes)
+        raise DataError(str(err)) from None
     return Model(module, pre, Path(str(prefix)).parent, names, batch_size)
-
-
-def model_class_names(pre: Preprocess, sidecar: Path, classes_file: Optional[str], num_outputs: int) -> List[str]:
-    """The model's class names: the sidecar's; else `classes_file`'s; else class_0..class_{n-1}."""
-    if pre.class_names:
-        names = list(pre.class_names)
-        if classes_file:
-            check_same_classes(names, str(sidecar), read_class_map(classes_file), str(classes_file))
-    elif classes_file:
-        names = read_class_map(classes_file)
-    else:
-        names = [f"class_{i}" for i in range(num_outputs)]
-    if len(names) != num_outputs:
-        raise PredictError(f"{sidecar}: the model has {num_outputs} outputs but {len(names)} class names")
-    return names
 
 
 def _forward(model: Model, data: np.ndarray, mirror: bool) -> np.ndarray:
@@ -279,7 +269,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=-1,
                    help="shorter side before the centre crop (default: the training run's --resize)")
     p.add_argument("--gpus", default=None, help="e.g. 0 (default CPU)")
-    p.add_argument("--classes", default=None, help="class map to name the columns (default: the sidecar's)")
+    p.add_argument("--classes", default=None,
+                   help="class map (or a .lst/.rec beside one) naming the columns of a model whose sidecar has "
+                        "no class names; for a model that has them it must agree")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
