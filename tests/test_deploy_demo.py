@@ -238,6 +238,7 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     from recbuild.cli import build_parser as recbuild_parser
     from tools.deploy import build_parser as deploy_parser
     from train.__main__ import build_parser as train_parser
+    from train.predict import build_parser as predict_parser
 
     cfg = demo.DemoConfig(out=tmp_path / "o", epochs=3)
     stages = {s.name: s for s in demo.build_stages(cfg)}
@@ -272,9 +273,15 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     assert (ft.data_train, ft.data_val) == (f"{cfg.rec_prefix}_train.rec", f"{cfg.rec_prefix}_val.rec")
     assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
 
-    # train.predict has no build_parser of its own: its positional contract is PREFIX EPOCH DATA --out CSV.
-    for command, prefix in zip(stages["predict"].commands, (cfg.finetune_prefix, cfg.scratch_prefix)):
-        assert command[3:6] == [str(prefix), "3", f"{cfg.rec_prefix}_val.rec"] and command[6] == "--out"
+    # Both models predict the held-out .rec alike (same options), each into the CSV the stage promises.
+    pred_ft, pred_sc = (_parsed(predict_parser(), c) for c in stages["predict"].commands)
+    for pred, prefix in ((pred_ft, cfg.finetune_prefix), (pred_sc, cfg.scratch_prefix)):
+        assert (pred.prefix, pred.epoch, pred.data) == (str(prefix), "3", Path(f"{cfg.rec_prefix}_val.rec"))
+        assert pred.classes is None  # the trained models' sidecars name their classes
+    assert [pred_ft.out, pred_sc.out] == stages["predict"].outputs
+    assert {k: v for k, v in vars(pred_ft).items() if k not in ("prefix", "out")} == \
+        {k: v for k, v in vars(pred_sc).items() if k not in ("prefix", "out")}
+    assert not pred_ft.mirror and pred_ft.resize == -1  # the training run's --resize, from its sidecar/config
 
     bundle = _parsed(deploy_parser(), stages["deploy"].commands[0])
     assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), 3, cfg.deploy_dir)

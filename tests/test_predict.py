@@ -22,7 +22,7 @@ from tests._train_fixtures import class_image, tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
 from train.data import DataError, iterator_view
 from train.fit import fit
-from train.predict import PredictError, evaluate, load_model, main, predict
+from train.predict import PredictError, build_parser, evaluate, load_model, main, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["zebra", "apple", "mango", "kiwi"]  # not alphabetical: columns must follow the class map
@@ -144,6 +144,21 @@ def test_cli_and_errors(trained, tmp_path, capsys):
     with pytest.raises(PredictError, match=r"ft-0009.params: checkpoint file missing"):
         load_model(str(trained / "ft"), 9)
 
+
+
+def test_cli_parser_forms(capsys):
+    """build_parser: the predict form needs --out; the evaluate form (after the word `evaluate`) does not and
+    has its own --top-k default; both keep the epoch as given ('latest' is resolved by main)."""
+    pred = build_parser().parse_args(["m", "latest", "v.rec", "--out", "p.csv", "--mirror"])
+    assert (pred.prefix, pred.epoch, pred.data, pred.out, pred.top_k, pred.mirror, pred.id_mode) == (
+        "m", "latest", Path("v.rec"), Path("p.csv"), 3, True, "auto")
+    ev = build_parser(evaluating=True).parse_args(["m", "2", "v.rec", "--json", "m.json"])
+    assert (ev.epoch, ev.top_k, ev.json, ev.classes) == ("2", 5, Path("m.json"), None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m", "2", "v.rec"])
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser(evaluating=True).parse_args(["m", "2", "v.rec", "--out", "p.csv"])
 
 
 def test_cli_classes_names_a_model_without_names_and_never_relabels_one(trained, tmp_path, capsys):

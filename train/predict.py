@@ -261,7 +261,11 @@ def trained_resize(prefix: str) -> int:
         return -1
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
+    """The `python -m train.predict` command line, or with `evaluating` its `evaluate` form (the arguments after
+    the word `evaluate`)."""
+    p = argparse.ArgumentParser(prog="python -m train.predict" + (" evaluate" if evaluating else ""),
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params, sidecar)")
     p.add_argument("epoch", help="checkpoint epoch, or 'latest'")
     p.add_argument("--mirror", action="store_true", help="test-time augmentation: average with the mirror image")
@@ -272,17 +276,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None,
                    help="class map (or a .lst/.rec beside one) naming the columns of a model whose sidecar has "
                         "no class names; for a model that has them it must agree")
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    evaluating = bool(argv) and argv[0] == "evaluate"
-    p = argparse.ArgumentParser(prog="python -m train.predict" + (" evaluate" if evaluating else ""),
-                                description=__doc__.split("\n\n")[0])
-    _common(p)
     if evaluating:
-        argv = argv[1:]
         p.add_argument("data", type=Path, help="labelled .rec (or .lst)")
         p.add_argument("--top-k", type=int, default=5)
         p.add_argument("--json", type=Path, default=None, help="also write the metrics here")
@@ -293,7 +287,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--root", type=Path, default=None, help="image root of a .lst (default: its folder)")
         p.add_argument("--id", dest="id_mode", choices=("auto", "stem", "path", "index"), default="auto",
                        help="id column: file stem (auto: when unique), relative path, or row index")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    evaluating = bool(argv) and argv[0] == "evaluate"
+    args = build_parser(evaluating).parse_args(argv[1:] if evaluating else argv)
     ctx = [mx.gpu(int(g)) for g in args.gpus.split(",")] if args.gpus else None
     started = time.time()
     try:
