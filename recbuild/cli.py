@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if argv[:1] == ["verify"]:
-        from recbuild.verify import main as verify_main
+        from recbuild.integrity import main as verify_main
         return verify_main(argv[1:])
     from recbuild.listing import ListError
     from recbuild.recordio import RecordIOError

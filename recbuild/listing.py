@@ -21,14 +21,16 @@ import logging
 import os
 import random
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple, Union
 
 from recbuild.classmap import class_map_path, write_class_map
 from recbuild.config import ListConfig
 from recbuild.atomic import atomic_open
 
 log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 # How many offending names an error message shows before "... and N more".
 _SHOW = 10
@@ -46,10 +48,13 @@ class Entry:
         index: the integer id written to the record header (and the .idx key).
         labels: one float per label column (im2rec writes them with %f).
         path: the image path relative to ROOT, as written in the list.
+        line: the entry's line number in the .lst it was read from (0 when it was not read from a file); not
+            part of equality.
     """
     index: int
     labels: Tuple[float, ...]
     path: str
+    line: int = field(default=0, compare=False)
 
 
 def _names(items: Sequence[str]) -> str:
@@ -269,22 +274,31 @@ def _stratified(chunk: List[Entry], train_ratio: float, test_ratio: float):
     return pick("test"), pick("train"), pick("val")
 
 
-# ---- .lst io -------------------------------------------------------------------------------------------------
+# ---- .lst io: the one reader and writer of .lst files (the packer, the predictor and the demo use these) -------
 
 def format_entry(e: Entry) -> str:
-    """One .lst line, exactly as im2rec writes it."""
+    """One .lst line, exactly as im2rec writes it: index, every label as %f, the path, all tab separated, with
+    the newline."""
     return "%d\t" % e.index + "".join("%f\t" % v for v in e.labels) + "%s\n" % e.path
 
 
-def write_list(path: str, entries: Sequence[Entry]) -> None:
-    """Write a .lst atomically (UTF-8; undecodable file names are written back as their original bytes)."""
+def write_list(path: PathLike, entries: Sequence[Entry]) -> None:
+    """Write a .lst atomically (UTF-8; undecodable file names are written back as their original bytes).
+
+    Args:
+        path: the .lst to (re)place; readers see the old or the new list, never half of one.
+        entries: the lines, in order (format_entry of each).
+    """
     with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
         for e in entries:
             handle.write(format_entry(e))
 
 
-def read_list(path: str) -> List[Entry]:
+def read_list(path: PathLike) -> List[Entry]:
     """Read a .lst file. Blank lines are ignored; any other malformed line is an error naming it.
+
+    Returns:
+        The entries in file order (Entry.index, Entry.labels as floats, Entry.path relative to the image root).
 
     Raises:
         ListError: a line without index/label/path, a non-numeric field, or an index used twice (the .idx is
@@ -317,7 +331,7 @@ def read_list(path: str) -> List[Entry]:
             if index in first_line:
                 dupes.append(f"{index} (lines {first_line[index]} and {line_no})")
             first_line.setdefault(index, line_no)
-            entries.append(Entry(index, labels, parts[-1]))
+            entries.append(Entry(index, labels, parts[-1], line_no))
     if dupes:
         raise ListError(f"{path}: {len(dupes)} duplicate index(es): {_names(dupes)}")
     return entries

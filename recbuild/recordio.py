@@ -163,9 +163,3 @@ def iter_records(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Tuple[
     if parts:
         raise RecordIOError(f"offset {first}: the file ends inside a split record", first, "split")
 
-
-def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
-    """Read the (possibly multi-part) record starting at `offset`."""
-    for _, payload in iter_records(handle, size_limit, offset):
-        return payload
-    raise RecordIOError(f"offset {offset}: no record there (the file has {size_limit} bytes)", offset, "header")

@@ -518,7 +518,7 @@ def test_verify_detects_corruption(packed, tmp_path, kind):
     src, _, _ = packed
     for ext in (".rec", ".idx", ".lst"):
         shutil.copy(src / f"set_train{ext}", tmp_path / f"t{ext}")
-    from recbuild.verify import verify_rec
+    from recbuild.integrity import verify_rec
     clean = verify_rec(tmp_path / "t.rec", progress=False)
     assert clean.ok and clean.records == 13 and sum(clean.per_class.values()) == 13
     _corrupt(kind, tmp_path / "t.rec", tmp_path / "t.idx")
