@@ -455,7 +455,7 @@ def test_record_offsets_match_the_index_mx_recordio_wrote(tmp_path):
     for path, idx in ((rec, rec.with_suffix(".idx")), (tmp_path / "m.rec", tmp_path / "m.idx")):
         expected = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
         assert sampling.record_offsets(path) == expected
-    reader = sampling.RecordReader(tmp_path / "m.rec", tmp_path / "scratch")
+    reader = sampling.RecordReader(tmp_path / "m.rec")
     assert [reader.read(i) for i in (3, 1, 0)] == [payloads[3], payloads[1], payloads[0]]
     (tmp_path / "cut.rec").write_bytes(rec.read_bytes()[:-30])
     with pytest.raises(DataError, match="cut.rec: truncated record at byte"):

@@ -11,20 +11,22 @@ Two consumers:
   records are raw copies of the chosen ones (no decode, no re-encode) and reads it with the same
   ImageRecordIter, so augmentation and decoding stay MXNet's own. ImageRecordIter cannot repeat a record from
   one .rec: an .idx with two keys on one offset gives the repeat a size of 0 in dmlc's IndexedRecordIOSplitter.
-  Records are copied by offset (only the offsets are held in memory), so large sets are fine.
+  Records are copied by offset (only the offsets are held in memory), so large sets are fine. Reading and
+  writing go through recbuild.recordio, the project's one RecordIO implementation (checked against mx.recordio
+  in the tests).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import mxnet as mx
 import numpy as np
 
-from recbuild.recordio import RecordIOError, iter_frames
-from recbuild.atomic import atomic_path
+from recbuild.atomic import atomic_open
+from recbuild.recordio import RecordIOError, RecordWriter, iter_frames, iter_records
 from train.data import DataError, framing_error, scan_labels
 
 log = logging.getLogger(__name__)
@@ -63,29 +65,31 @@ def record_offsets(rec_path: Path) -> List[int]:
 
 
 class RecordReader:
-    """Random access to the records of a .rec by file position (0..n-1), holding only their offsets."""
+    """Random access to the records of a .rec by file position (0..n-1), holding only their offsets.
 
-    def __init__(self, rec_path, scratch_dir):
+    The set's own .idx is not needed (its keys may be anything, or missing): positions come from the framing.
+    """
+
+    def __init__(self, rec_path):
         self.path = Path(rec_path)
         self.offsets = record_offsets(self.path)
-        # MXIndexedRecordIO seeks by key through an .idx; ours maps file position -> offset, whatever keys
-        # (or none) the set's own .idx uses.
-        self.idx_path = Path(scratch_dir) / f".{self.path.stem}.positions.idx"
-        self.idx_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.idx_path) as tmp:
-            tmp.write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(self.offsets)))
-        self.reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.path), "r")
+        self.size = self.path.stat().st_size
+        self.handle = open(self.path, "rb")
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def read(self, position: int) -> bytes:
-        return self.reader.read_idx(int(position))
+        """The payload of the record at file position `position` (split records joined)."""
+        try:
+            for _, payload in iter_records(self.handle, self.size, self.offsets[int(position)]):
+                return payload
+        except RecordIOError as err:
+            raise framing_error(self.path, err) from None
+        raise DataError(f"{self.path}: no record at position {position}")
 
     def close(self) -> None:
-        self.reader.close()
-        if self.idx_path.exists():
-            os.remove(self.idx_path)
+        self.handle.close()
 
 
 def write_resampled_rec(reader: RecordReader, indices: np.ndarray, dst: Path) -> Path:
@@ -94,11 +98,15 @@ def write_resampled_rec(reader: RecordReader, indices: np.ndarray, dst: Path) ->
     Payloads are copied as they are (IRHeader and encoded image untouched); keys are 0..n-1.
     """
     dst = Path(dst)
-    with atomic_path(dst) as tmp_rec, atomic_path(dst.with_suffix(".idx")) as tmp_idx:
-        writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
+    with atomic_open(dst, "wb") as rec_handle:
+        writer = RecordWriter(rec_handle)
         for key, i in enumerate(indices):
-            writer.write_idx(key, reader.read(i))
-        writer.close()
+            writer.write(key, reader.read(i))
+        # An .idx left by an earlier write of the same file goes before the new .rec lands (as the packer does).
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dst.with_suffix(".idx"))
+    with atomic_open(dst.with_suffix(".idx"), "w", encoding="ascii", newline="\n") as idx_handle:
+        writer.write_index(idx_handle)
     return dst
 
 
@@ -127,7 +135,7 @@ class BalancedEpochs:
 
     def __call__(self, epoch: int) -> str:
         if self._reader is None:
-            self._reader = RecordReader(self.src, self.folder)
+            self._reader = RecordReader(self.src)
             if len(self._reader) != self.labels.size:
                 raise DataError(f"{self.src}: {len(self._reader)} records framed, {self.labels.size} headers")
         path = self.folder / f"epoch-{epoch:04d}.rec"
