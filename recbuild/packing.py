@@ -17,17 +17,16 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from recbuild import config as defaults
 from recbuild.config import PackConfig
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.recordio import RecordWriter, pack_header
 from recbuild.atomic import atomic_open
+from recbuild.workers import pid_alive, run_alone, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,8 @@ def _pack_one(pos: int, entry: Entry, root: str, cfg: PackConfig) -> Result:
         return pos, None, f"unexpected {type(err).__name__}: {err}"
 
 
-def _pack_batch(batch: Sequence[Tuple[int, Entry]], root: str) -> List[Result]:
+def _pack_batch(task: Tuple[Sequence[Tuple[int, Entry]], str]) -> List[Result]:
+    batch, root = task
     return [_pack_one(pos, entry, root, _worker_cfg) for pos, entry in batch]
 
 
@@ -142,55 +142,30 @@ def _start_method() -> str:
 def _results(entries: Sequence[Entry], root: str, cfg: PackConfig) -> Iterator[Result]:
     """Yield results in list order, computed by cfg.workers processes with a bounded number in flight.
 
-    A worker that dies (a decoder crashing on a hostile file) breaks the pool; the unfinished images are then
-    redone one at a time in a fresh pool, so the crash is pinned on its image, reported, and the run goes on.
+    A worker that dies (a decoder crashing on a hostile file) costs only the batch it held: those images are
+    redone one at a time, each in a fresh process, so the crash is pinned on its image, reported, and the run
+    goes on (recbuild/workers.py).
     """
     items = list(enumerate(entries))
     if not items:
         return
-    batches = [items[i:i + defaults.BATCH_SIZE] for i in range(0, len(items), defaults.BATCH_SIZE)]
+    tasks = [(items[i:i + defaults.BATCH_SIZE], root) for i in range(0, len(items), defaults.BATCH_SIZE)]
     ctx = multiprocessing.get_context(_start_method())
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["recbuild.images"])
-    window = max(2, cfg.workers * defaults.IN_FLIGHT_PER_WORKER)
-    pool: Optional[ProcessPoolExecutor] = None
 
-    def fresh_pool() -> ProcessPoolExecutor:
-        nonlocal pool
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
-        return pool
+    def one_at_a_time(task) -> List[Result]:
+        batch, _ = task
+        out: List[Result] = []
+        for item in batch:
+            result = run_alone(([item], root), _pack_batch, ctx, _init_worker, (cfg,))
+            out.extend(result if result is not None else
+                       [(item[0], None, "the decoder crashed its worker process (corrupt or hostile file)")])
+        return out
 
-    fresh_pool()
-    todo: Deque = collections.deque(batches)
-    pending: Deque = collections.deque()
-    try:
-        while todo or pending:
-            while todo and len(pending) < window:
-                batch = todo.popleft()
-                pending.append((batch, pool.submit(_pack_batch, batch, root)))
-            batch, future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool:
-                suspects = [item for b in [batch] + [b for b, _ in pending] for item in b]
-                pending.clear()
-                log.warning("a worker process died; re-packing %d image(s) one at a time to find the cause",
-                            len(suspects))
-                fresh_pool()
-                for item in suspects:
-                    try:
-                        results = pool.submit(_pack_batch, [item], root).result()
-                    except BrokenProcessPool:
-                        results = [(item[0], None, "the decoder crashed its worker process (corrupt or hostile "
-                                                   "file)")]
-                        fresh_pool()
-                    yield from results
-                continue
-            yield from results
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    for results in run_tasks(tasks, _pack_batch, cfg.workers, ctx, _init_worker, (cfg,),
+                             defaults.IN_FLIGHT_PER_WORKER, one_at_a_time):
+        yield from results
 
 
 def remove_stale_parts(path: Path) -> None:
@@ -203,21 +178,11 @@ def remove_stale_parts(path: Path) -> None:
         if not m:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
             log.info("removed %s left by an interrupted run", leftover)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = None,
