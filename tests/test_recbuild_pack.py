@@ -702,3 +702,53 @@ def test_worker_crash_is_pinned_on_its_image(tmp_path, method):
     errors = (tmp_path / "c.errors.tsv").read_text().splitlines()[1:]
     assert [line.split("\t")[:2] for line in errors] == [["5", "05boom.jpg"], ["17", "17boom.jpg"]]
     assert all("crashed its worker" in line for line in errors)
+
+
+# ---- corrupt source data, EXIF under --color -1 -------------------------------------------------------------------
+
+def _scan_with_marker(img: np.ndarray) -> bytes:
+    """A JPEG with an end-of-image marker half-way through its scan: libjpeg returns pixels (the rest grey) and
+    only prints 'Corrupt JPEG data: premature end of data segment'."""
+    data = bytearray(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    data[middle:middle + 2] = b"\xff\xd9"
+    return bytes(data)
+
+
+@pytest.mark.parametrize("pass_through", [False, True])
+def test_corrupt_source_data_is_a_reported_failure(tmp_path, pass_through):
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(root / f"ok{i}.jpg"), fx.photo(60, 80, seed=i))
+    (root / "scan.jpg").write_bytes(_scan_with_marker(fx.photo(60, 80, seed=9)))
+    assert cv2.imread(str(root / "scan.jpg")) is not None          # OpenCV alone accepts it
+    fx.run_recbuild("--list", "--no-shuffle", str(tmp_path / "s"), str(root))
+    flags = ["--pass-through"] if pass_through else ["--resize", "40"]
+    proc = fx.run_recbuild(*flags, "--num-thread", "2", "--no-progress", str(tmp_path / "s"), str(root))
+    rows = [line.split("\t") for line in (tmp_path / "s.errors.tsv").read_text().splitlines()[1:]]
+    assert [r[1] for r in rows] == ["scan.jpg"] and "Corrupt JPEG data" in rows[0][2], rows
+    assert "packed 6 of 7 images" in proc.stdout and "1 image(s) could not be packed" in proc.stdout
+    records, keys = _records(tmp_path / "s")
+    assert len(keys) == 6                                           # the intact files are unaffected
+    strict = fx.run_recbuild(*flags, "--strict", "--num-thread", "1", "--no-progress", str(tmp_path / "s"), str(root),
+                             check=False)
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applies_with_color_unchanged(tmp_path, orientation):
+    """--color -1 turns a JPEG (APP1) or PNG (eXIf) the way --color 1 does (OpenCV applies EXIF there)."""
+    img = fx.coded(30, 50, 1, 2)
+    img[:6, :6] = 255
+    jpeg = tmp_path / "o.jpg"
+    jpeg.write_bytes(fx.exif_jpeg(img, orientation))
+    png_data = cv2.imencode(".png", img)[1].tobytes()
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0" * 4
+    png = tmp_path / "o.png"
+    png.write_bytes(png_data[:33] + _png_chunk(b"eXIf", tiff) + png_data[33:])
+    for path in (jpeg, png):
+        unchanged = load_image_bytes(str(path), PackConfig(color=-1, encoding=".png"))
+        colour = load_image_bytes(str(path), PackConfig(color=1, encoding=".png"))
+        a, b = (cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in (unchanged, colour))
+        assert a.shape == b.shape == cv2.imread(str(path)).shape and np.array_equal(a, b), (path.name, orientation)
