@@ -65,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     x = p.add_argument_group("Beyond im2rec")
     x.add_argument("--labels", metavar="CSV", default=None,
                    help="with --list: ROOT is a flat folder labelled by this 'id,label' CSV (Kaggle layout; "
-                        "header row required; the id is the file name with or without suffix)")
+                        "header row required; the id is the file name with or without suffix). Classes are "
+                        "numbered 0..K-1 in sorted order (numerically when every class is an integer, so ids "
+                        "0,1,2,10 become labels 0,1,2,3; see --keep-numeric-labels); the class map records it")
+    x.add_argument("--label-column", metavar="NAME", default=None,
+                   help="with --labels: the header name of the label column; other columns are then ignored "
+                        "(without it a CSV with more than the two columns id,label is an error)")
+    x.add_argument("--keep-numeric-labels", action="store_true",
+                   help="with --labels: integer class ids are the labels as they are (the class map names "
+                        "absent ids by their number) instead of being renumbered 0..K-1")
     x.add_argument("--unlabelled", "--unlabeled", action="store_true",
                    help="with --list: ROOT is a flat folder of unlabelled images -> PREFIX_test.lst, label 0; "
                         "integer file stems are kept as record ids")
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _list_config(a: argparse.Namespace) -> ListConfig:
     return ListConfig(exts=tuple(a.exts), chunks=a.chunks, train_ratio=a.train_ratio, test_ratio=a.test_ratio,
                       recursive=a.recursive, shuffle=a.shuffle, seed=a.seed, labels_csv=a.labels,
+                      label_column=a.label_column, keep_numeric_labels=a.keep_numeric_labels,
                       unlabelled=a.unlabelled, stratify=a.stratify)
 
 
