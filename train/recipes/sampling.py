@@ -11,7 +11,8 @@ Two consumers:
   records are raw copies of the chosen ones (no decode, no re-encode) and reads it with the same
   ImageRecordIter, so augmentation and decoding stay MXNet's own. ImageRecordIter cannot repeat a record from
   one .rec: an .idx with two keys on one offset gives the repeat a size of 0 in dmlc's IndexedRecordIOSplitter.
-  Records are copied by offset (only the offsets are held in memory), so large sets are fine. Reading and
+  Records are copied by offset (only the offsets are held in memory), so large sets are fine; each copy's
+  header id is renumbered to its key, so `python -m recbuild verify` passes on the epoch files. Reading and
   writing go through recbuild.recordio, the project's one RecordIO implementation (checked against mx.recordio
   in the tests).
 """
@@ -26,7 +27,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from recbuild.atomic import atomic_open
-from recbuild.recordio import RecordIOError, RecordWriter, iter_frames, iter_records
+from recbuild.recordio import IR_HEADER, RecordIOError, RecordWriter, iter_frames, iter_records
 from train.data import DataError, framing_error, scan_labels
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,24 @@ class RecordReader:
         self.handle.close()
 
 
+def with_record_id(payload: bytes, key: int) -> bytes:
+    """An image record's payload with its header id set to `key` (labels and image bytes untouched), so that
+    header id and .idx key agree, as im2rec writes them and `python -m recbuild verify` checks."""
+    flag, label, _, id2 = IR_HEADER.unpack_from(payload)
+    return IR_HEADER.pack(flag, label, key, id2) + payload[IR_HEADER.size:]
+
+
 def write_resampled_rec(reader: RecordReader, indices: np.ndarray, dst: Path) -> Path:
     """Write DST (.rec + .idx, atomically) holding the records at file positions `indices`, in that order.
 
-    Payloads are copied as they are (IRHeader and encoded image untouched); keys are 0..n-1.
+    Keys are 0..n-1 and each record's header id is its key (a record drawn twice appears under two ids); labels
+    and encoded images are copied as they are.
     """
     dst = Path(dst)
     with atomic_open(dst, "wb") as rec_handle:
         writer = RecordWriter(rec_handle)
         for key, i in enumerate(indices):
-            writer.write(key, reader.read(i))
+            writer.write(key, with_record_id(reader.read(i), key))
         # An .idx left by an earlier write of the same file goes before the new .rec lands (as the packer does).
         with contextlib.suppress(FileNotFoundError):
             os.remove(dst.with_suffix(".idx"))
