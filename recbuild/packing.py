@@ -3,6 +3,8 @@
 Output for `NAME.lst` (im2rec's naming, in the list's folder):
 - `NAME.rec`, `NAME.idx`: written under temporary names and renamed only when every record is written, so a
   killed run leaves no file that looks complete; a re-run removes the leftovers of dead runs and starts over.
+- `NAME.pack.json`: record count, class histogram, label width and the transform (recbuild/packinfo.py), written
+  last, once the .rec/.idx pair is in place.
 - `NAME.errors.tsv`: one line per image that could not be packed (index, path, reason), written whenever
   anything failed; a stale report of an earlier run is removed. Failed images are never silently missing:
   the summary counts them and --strict makes the run fail.
@@ -24,6 +26,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 from recbuild import config as defaults
 from recbuild.config import PackConfig
 from recbuild.listing import Entry, ListError, read_list
+from recbuild.packinfo import describe, pack_info_path, write_pack_info
 from recbuild.recordio import RecordWriter, pack_header
 from recbuild.atomic import atomic_open
 from recbuild.workers import pid_alive, run_alone, run_tasks
@@ -208,7 +211,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     rec = out_dir / (lst.stem + ".rec")
     idx = out_dir / (lst.stem + ".idx")
     report = PackReport(lst, rec, idx, total=len(entries))
-    for path in (rec, idx, errors_path_for(rec)):
+    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec)):
         remove_stale_parts(path)
 
     if rec.exists() or idx.exists():
@@ -218,18 +221,22 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     try:
         with atomic_open(rec, "wb") as rec_handle:
             writer = RecordWriter(rec_handle)
+            packed_labels = []
             for pos, payload, reason in _results(entries, root, cfg):
                 if payload is None:
                     report.failed.append((entries[pos], reason))
                     bar.set_postfix(failed=len(report.failed), refresh=False)
                 else:
                     writer.write(entries[pos].index, payload)
+                    packed_labels.append(entries[pos].labels)
                 bar.update(1)
             rec_tmp_size = rec_handle.tell()
             # The old .idx goes first: killed between the renames, the folder then holds a .rec without
             # .idx (visibly incomplete) rather than a new .rec beside an old .idx.
             with contextlib.suppress(FileNotFoundError):
                 idx.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                pack_info_path(rec).unlink()             # it describes the old .rec
             errs = errors_path_for(rec)
             with contextlib.suppress(FileNotFoundError):
                 errs.unlink()
@@ -242,6 +249,8 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
         # .rec is in place now; the .idx completes the pair.
         with atomic_open(idx, "w", encoding="ascii", newline="\n") as idx_handle:
             writer.write_index(idx_handle)
+        # Last, once the pair is complete: what readers need to know without scanning the .rec.
+        write_pack_info(rec, describe(rec, rec_tmp_size, packed_labels, cfg))
     finally:
         bar.close()
     report.packed = len(writer.index)

@@ -2,6 +2,7 @@
 interruption and `verify`."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -752,3 +753,55 @@ def test_exif_orientation_applies_with_color_unchanged(tmp_path, orientation):
         colour = load_image_bytes(str(path), PackConfig(color=1, encoding=".png"))
         a, b = (cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in (unchanged, colour))
         assert a.shape == b.shape == cv2.imread(str(path)).shape and np.array_equal(a, b), (path.name, orientation)
+
+
+# ---- the pack sidecar --------------------------------------------------------------------------------------------
+
+def test_pack_sidecar_counts_match_mx_recordio(packed, tmp_path):
+    from recbuild.packinfo import PackInfoError, pack_info_path, read_pack_info
+    src, _, _ = packed
+    for split in ("train", "val"):
+        rec = src / f"set_{split}.rec"
+        info = read_pack_info(rec)
+        records, keys = _records(src / f"set_{split}")
+        labels = [int(records[k][0].label) for k in keys]
+        assert info.records == len(keys) and info.label_width == 1 and info.matches_rec
+        assert info.class_counts == np.bincount(labels, minlength=3).tolist()[:max(labels) + 1]
+        assert info.rec_bytes == rec.stat().st_size and info.data["rec"] == rec.name
+        assert info.transform == {"resize": 32, "center_crop": True, "color": 1, "encoding": ".jpg", "quality": 95,
+                                  "pass_through": False}
+        assert json.loads(pack_info_path(rec).read_text())["format"] == "mxtransfer.pack/1"
+    shutil.copy(src / "set_train.rec", tmp_path / "c.rec")
+    shutil.copy(pack_info_path(src / "set_train.rec"), pack_info_path(tmp_path / "c.rec"))
+    assert read_pack_info(tmp_path / "c.rec").matches_rec
+    with open(tmp_path / "c.rec", "ab") as f:
+        f.write(b"\0" * 4)
+    assert not read_pack_info(tmp_path / "c.rec").matches_rec          # the .rec changed since it was written
+    assert read_pack_info(tmp_path / "none.rec") is None               # im2rec's files have none
+    pack_info_path(tmp_path / "c.rec").write_text('{"format": "mxtransfer.pack/1", "records": "9"}')
+    with pytest.raises(PackInfoError, match=r"c\.pack\.json: 'rec' must be str"):
+        read_pack_info(tmp_path / "c.rec")
+    pack_info_path(tmp_path / "c.rec").write_text("{")
+    with pytest.raises(PackInfoError, match=r"c\.pack\.json: not a readable pack sidecar"):
+        read_pack_info(tmp_path / "c.rec")
+
+
+def test_pack_sidecar_multi_label_and_non_integer_labels(tmp_path):
+    from recbuild.packinfo import read_pack_info
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(root / f"{i}.png"), fx.coded(10, 12, 0, i))
+    (tmp_path / "m.lst").write_text("".join(f"{i}\t{i % 2:f}\t{i * 0.5:f}\t{i}.png\n" for i in range(5)))
+    (tmp_path / "f.lst").write_text("".join(f"{i}\t{i * 0.5:f}\t{i}.png\n" for i in range(5)))
+    fx.run_recbuild("--pack-label", "--pass-through", "--num-thread", "1", "--no-progress", str(tmp_path / "m"),
+                    str(root))
+    fx.run_recbuild("--encoding", ".png", "--color", "-1", "--num-thread", "1", "--no-progress",
+                    str(tmp_path / "f"), str(root))
+    multi = read_pack_info(tmp_path / "m.rec")
+    reader = mx.recordio.MXIndexedRecordIO(str(tmp_path / "m.idx"), str(tmp_path / "m.rec"), "r")
+    header = mx.recordio.unpack(reader.read_idx(3))[0]
+    assert multi.label_width == header.flag == 2 and multi.class_counts == [3, 2] and multi.records == 5
+    assert multi.transform["pass_through"] is True
+    frac = read_pack_info(tmp_path / "f.rec")
+    assert frac.class_counts is None and frac.transform["color"] == -1 and frac.transform["encoding"] == ".png"
