@@ -161,7 +161,8 @@ def test_labels_csv_extra_column_is_an_error_unless_a_column_is_picked(tmp_path)
     csv.write_text("id,label,extra\n" + "".join(f"{i},{l},{'q' if i != 'b' else 'r'}\n" for i, l in rows))
     proc = fx.run_recbuild("--list", "--labels", str(csv), str(tmp_path / "k"), str(root), check=False)
     err_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert proc.returncode == 1 and len(err_lines) == 1 and "'extra'" in err_lines[0] and "--label-column" in err_lines[0]
+    assert proc.returncode == 1 and len(err_lines) == 1
+    assert "'extra'" in err_lines[0] and "--label-column" in err_lines[0]
     assert not list(tmp_path.glob("k*.lst"))
     for column, truth in (("label", dict(rows)), ("extra", {"a": "q", "b": "r", "c": "q"})):
         make_lists(str(tmp_path / column), str(root), ListConfig(labels_csv=str(csv), label_column=column))
@@ -198,7 +199,8 @@ def test_numeric_labels_are_renumbered_with_a_warning_or_kept(tmp_path, caplog):
     classes = read_class_map(tmp_path / "k.classes.json")
     assert classes == [str(i) for i in range(11)]
     for e in read_list(tmp_path / "k.lst"):
-        assert int(e.labels[0]) == int(truth[Path(e.path).stem]) and classes[int(e.labels[0])] == truth[Path(e.path).stem]
+        csv_label = truth[Path(e.path).stem]
+        assert int(e.labels[0]) == int(csv_label) and classes[int(e.labels[0])] == csv_label
     (tmp_path / "b").mkdir()
     root2, csv2 = _kaggle(tmp_path / "b", [("a", "cat"), ("b", "3")], header="id,label")
     with pytest.raises(ListError, match="'cat' \\(line 2\\)"):
