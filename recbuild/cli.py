@@ -135,6 +135,10 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
     for label, name in enumerate(classes):
         print(f"{name} {label}")
     print(f"Listed {total} images in {len(written)} list(s) with {len(classes)} class(es); class map {cmap}.")
+    if cfg.labels_csv and not cfg.keep_numeric_labels and all(c.isdigit() for c in classes) and \
+            any(int(c) != i for i, c in enumerate(classes)):
+        print("Note: the CSV's integer class ids were renumbered 0..K-1 in numeric order (the lines above: id "
+              "label); --keep-numeric-labels keeps them as the labels.")
     return 0
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
+
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.recordio import IR_HEADER, MAGIC, RecordIOError, unpack_header
@@ -254,8 +256,9 @@ def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry],
         intact = False
     labels = [float(header.label)] if header.flag == 0 else [float(v) for v in header.label]
     res.per_class[labels[0]] += 1
-    if entry is not None and labels != list(entry.labels[:len(labels)]) or \
-            entry is not None and header.flag not in (0, len(entry.labels)):
+    # The header stores float32: compare the list's labels as the packer stored them (0.1 is not float32(0.1)).
+    listed = [float(v) for v in np.float32(entry.labels)] if entry is not None else []
+    if entry is not None and (labels != listed[:len(labels)] or header.flag not in (0, len(listed))):
         res.add("label", f"{name}: header flag {header.flag} labels {labels} != list labels {list(entry.labels)}",
                 key, span.offset)
         intact = False

@@ -59,6 +59,8 @@ def _worker_main(conn, init: Callable, init_args: tuple, work: Callable, packer_
     """A worker: init once, then answer (task number, task) with (task number, work(task)) until told to stop
     (None) or until the packer's end of the pipe is gone (EOF: the packer died)."""
     die_with_parent(packer_pid)
+    # Ctrl-C reaches the whole process group; the packer handles it and stops the workers (no tracebacks here).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     init(*init_args)
     while True:
         try:

@@ -205,6 +205,8 @@ def test_numeric_labels_are_renumbered_with_a_warning_or_kept(tmp_path, caplog):
     root2, csv2 = _kaggle(tmp_path / "b", [("a", "cat"), ("b", "3")], header="id,label")
     with pytest.raises(ListError, match="'cat' \\(line 2\\)"):
         make_lists(str(tmp_path / "b" / "k"), str(root2), ListConfig(labels_csv=str(csv2), keep_numeric_labels=True))
+    summary = fx.run_recbuild("--list", "--labels", str(csv), str(tmp_path / "c"), str(root)).stdout
+    assert "10 3" in summary and "renumbered" in summary and "--keep-numeric-labels" in summary
     help_text = fx.run_recbuild("--help").stdout
     assert "0,1,2,10" in help_text and "--keep-numeric-labels" in help_text
 

@@ -792,8 +792,8 @@ def test_pack_sidecar_multi_label_and_non_integer_labels(tmp_path):
     root.mkdir()
     for i in range(5):
         cv2.imwrite(str(root / f"{i}.png"), fx.coded(10, 12, 0, i))
-    (tmp_path / "m.lst").write_text("".join(f"{i}\t{i % 2:f}\t{i * 0.5:f}\t{i}.png\n" for i in range(5)))
-    (tmp_path / "f.lst").write_text("".join(f"{i}\t{i * 0.5:f}\t{i}.png\n" for i in range(5)))
+    (tmp_path / "m.lst").write_text("".join(f"{i}\t{i % 2:f}\t{i * 0.1:f}\t{i}.png\n" for i in range(5)))
+    (tmp_path / "f.lst").write_text("".join(f"{i}\t{i * 0.1:f}\t{i}.png\n" for i in range(5)))
     fx.run_recbuild("--pack-label", "--pass-through", "--num-thread", "1", "--no-progress", str(tmp_path / "m"),
                     str(root))
     fx.run_recbuild("--encoding", ".png", "--color", "-1", "--num-thread", "1", "--no-progress",
@@ -805,3 +805,7 @@ def test_pack_sidecar_multi_label_and_non_integer_labels(tmp_path):
     assert multi.transform["pass_through"] is True
     frac = read_pack_info(tmp_path / "f.rec")
     assert frac.class_counts is None and frac.transform["color"] == -1 and frac.transform["encoding"] == ".png"
+    from recbuild.integrity import verify_rec
+    for name in ("m", "f"):                 # labels like 0.1 are stored as float32 and still match the list
+        res = verify_rec(tmp_path / f"{name}.rec", progress=False)
+        assert res.ok and res.readable == 5, [p.message for p in res.problems]
