@@ -2,7 +2,7 @@
 
     python -m recbuild --list [--recursive] [--train-ratio R] ... PREFIX ROOT     write PREFIX*.lst
     python -m recbuild [--resize N] [--num-thread N] ... PREFIX ROOT             pack every PREFIX*.lst
-    python -m recbuild verify PREFIX.rec [...]                                   check packed files
+    python -m recbuild verify [--quick] PREFIX.rec [...]                         check packed files
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from recbuild.config import ListConfig, PackConfig
 _EPILOG = """\
 Beyond im2rec: a class map PREFIX.classes.json is written beside the lists; --labels, --unlabelled and
 --stratify build lists from a Kaggle layout, an unlabelled test folder, or per class; packing never drops an
-image silently (NAME.errors.tsv beside NAME.rec lists each one with its reason) and writes atomically.
-Check packed files with: python -m recbuild verify NAME.rec"""
+image silently (NAME.errors.tsv beside NAME.rec lists each one with its reason, including images the decoder
+reads only with a warning about damaged data) and writes atomically; NAME.pack.json records the record count,
+class histogram and transform. Check packed files record by record with: python -m recbuild verify [--quick]
+NAME.rec"""
 
 
 def build_parser() -> argparse.ArgumentParser:

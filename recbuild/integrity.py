@@ -445,9 +445,10 @@ def _check_against_list(rec: Path, lst: Optional[Path], listed: Dict[int, Entry]
     got = [k for k in in_file_order if k in rank]
     behind = next((n for n in range(1, len(got)) if rank[got[n]] < rank[got[n - 1]]), None)
     if behind is not None:
-        res.add("list-order", f"{rec.name}: records are not in {lst.name}'s order: key {got[behind]} (list line "
-                              f"{listed[got[behind]].line}) is stored after key {got[behind - 1]} (list line "
-                              f"{listed[got[behind - 1]].line})", got[behind])
+        where = _Where(listed, lst)
+        res.add("list-order", f"{rec.name}: records are not in {lst.name}'s order: {where(got[behind], None)} is "
+                              f"stored after key {got[behind - 1]} (list line {listed[got[behind - 1]].line})",
+                got[behind])
     if reported:
         print(f"{rec.name}: {len(reported)} listed image(s) were not packed, as reported in {errors.name}")
 

@@ -605,6 +605,12 @@ def _corrupt(kind: str, rec: Path, idx: Path):
         lines[1] = f"{keys[1]}\t{len(data) + 64}"
         idx.write_text("\n".join(lines) + "\n")
         return [("idx-not-record", keys[1]), ("not-indexed", keys[1])]
+    if kind == "list lines swapped":
+        lst = rec.with_suffix(".lst")
+        rows = lst.read_text().splitlines(keepends=True)
+        rows[3], rows[4] = rows[4], rows[3]
+        lst.write_text("".join(rows))
+        return [("list-order", keys[4])]
     assert kind == "idx deleted"
     idx.unlink()
     return [("missing-file", None)]
@@ -613,7 +619,7 @@ def _corrupt(kind: str, rec: Path, idx: Path):
 _DAMAGE = ["truncated", "cut by one byte", "bad magic", "garbage image", "flipped payload", "marker in scan data",
            "header id", "label",
            "idx line missing", "idx extra line", "idx duplicate key", "idx out of order", "idx wrong offset",
-           "idx past the end", "idx deleted"]
+           "idx past the end", "list lines swapped", "idx deleted"]
 
 
 @pytest.mark.parametrize("kind", _DAMAGE)
