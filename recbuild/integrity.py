@@ -18,12 +18,15 @@ byte offset, .lst line and source path):
   with --pack-label);
 - `decode`: the image decodes; `decoder-warning`: it decodes without libjpeg/libpng reporting damaged data
   (captured per image, see recbuild/decoder_messages.py);
+- `checksum`: for files recbuild packed (NAME.crc32, named by a NAME.pack.json that still matches the .rec's
+  size), the payload's CRC32 is the one the packer recorded: any changed byte, even one that decodes cleanly;
 - with NAME.lst: `list-missing` (a listed id neither packed nor in NAME.errors.tsv), `list-extra` (a packed id
   the list does not have), `list-order` (records not in list order).
 
 `--quick` checks framing, the .idx and the list ids only: no payload is read beyond frame headers, no decode.
-What it cannot see: a change inside an image's data that still decodes cleanly (RecordIO has no checksum), and
-whether a label is the right one for its image.
+What it cannot see: in files without our checksums (im2rec's, the recipes' resampled copies), a change inside an
+image's data that still decodes cleanly (RecordIO has no checksum of its own); and whether a label is the right
+one for its image.
 Prints the number of records per class (names from the class map when there is one) and how many indexed
 records a reader by index (mx.recordio, ImageRecordIter) still gets intact.
 """
@@ -34,6 +37,7 @@ import bisect
 import collections
 import struct
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence, Set, Tuple
@@ -42,7 +46,7 @@ import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
-from recbuild.recordio import IR_HEADER, MAGIC, RecordIOError, unpack_header
+from recbuild.recordio import IR_HEADER, MAGIC, RecordIOError, read_checksums, unpack_header
 
 # Problems printed in full before "... and N more"; ids listed in one problem line.
 _SHOW = 20
@@ -242,8 +246,9 @@ class _Where:
 
 
 def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry], decode: bool, where: _Where,
-                  res: VerifyResult) -> bool:
-    """Header, labels and image of one indexed record; True when it is intact."""
+                  res: VerifyResult, crc: Optional[int] = None) -> bool:
+    """Header, labels, image and (when the packer recorded one) checksum of one indexed record; True when it is
+    intact. A checksum mismatch is reported only when no other check explains it: one problem per damage."""
     name = where(key, span.offset)
     try:
         header, body = unpack_header(payload)
@@ -264,6 +269,10 @@ def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry],
         intact = False
     if decode:
         intact &= _check_image(body, name, key, span.offset, res)
+    if intact and crc is not None and zlib.crc32(payload) != crc:
+        res.add("checksum", f"{name}: the payload differs from what the packer wrote (CRC32 {zlib.crc32(payload):08x}"
+                            f", recorded {crc:08x}) although it still decodes", key, span.offset)
+        intact = False
     return intact
 
 
@@ -320,14 +329,28 @@ def verify_rec(rec: Path, decode: bool = True, progress: bool = True, quick: boo
         res.records = len(spans)
         lines, set_aside = _read_idx(idx, size, where, res)
         packed_ids, in_file_order = _check_index(handle, spans, damage, lines, set_aside, where, res,
-                                                 decode and not quick, quick, progress)
+                                                 decode and not quick, quick, progress, _checksums(rec, res))
     _check_against_list(rec, lst, listed, packed_ids, in_file_order, res)
     return res
 
 
+def _checksums(rec: Path, res: VerifyResult) -> Optional[Dict[int, int]]:
+    """The packer's payload checksums, when NAME.pack.json names them and still describes this .rec (a .rec
+    replaced since, by another packer, must not be judged by the old sums)."""
+    from recbuild.packinfo import PackInfoError, read_pack_info
+    try:
+        info = read_pack_info(rec)
+        if info is None or not info.matches_rec or not info.data.get("payload_crc32"):
+            return None
+        return read_checksums(rec)
+    except (PackInfoError, RecordIOError) as err:
+        res.add("checksum-file", str(err))
+        return None
+
+
 def _check_index(handle: BinaryIO, spans: List[_Span], damage: Dict[int, Problem], lines, set_aside: Set[int],
-                 where: _Where, res: VerifyResult, decode: bool, quick: bool, progress: bool
-                 ) -> Tuple[Set[int], List[int]]:
+                 where: _Where, res: VerifyResult, decode: bool, quick: bool, progress: bool,
+                 crcs: Optional[Dict[int, int]]) -> Tuple[Set[int], List[int]]:
     """Match .idx lines to records and check each indexed record.
 
     Returns:
@@ -352,7 +375,7 @@ def _check_index(handle: BinaryIO, spans: List[_Span], damage: Dict[int, Problem
                 res.readable += 1
                 continue
             res.readable += int(_check_record(_payload(handle, span), key, span, where.listed.get(key), decode,
-                                              where, res))
+                                              where, res, crcs.get(key) if crcs else None))
     finally:
         bar.close()
     for off, problem in sorted(damage.items()):

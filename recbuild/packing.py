@@ -3,6 +3,7 @@
 Output for `NAME.lst` (im2rec's naming, in the list's folder):
 - `NAME.rec`, `NAME.idx`: written under temporary names and renamed only when every record is written, so a
   killed run leaves no file that looks complete; a re-run removes the leftovers of dead runs and starts over.
+- `NAME.crc32`: the CRC32 of every record's payload, by key (recbuild.recordio), for `verify`.
 - `NAME.pack.json`: record count, class histogram, label width and the transform (recbuild/packinfo.py), written
   last, once the .rec/.idx pair is in place.
 - `NAME.errors.tsv`: one line per image that could not be packed (index, path, reason), written whenever
@@ -27,7 +28,7 @@ from recbuild import config as defaults
 from recbuild.config import PackConfig
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.packinfo import describe, pack_info_path, write_pack_info
-from recbuild.recordio import RecordWriter, pack_header
+from recbuild.recordio import RecordWriter, checksums_path, encode_checksums, pack_header
 from recbuild.atomic import atomic_open
 from recbuild.workers import pid_alive, run_alone, run_tasks
 
@@ -211,7 +212,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     rec = out_dir / (lst.stem + ".rec")
     idx = out_dir / (lst.stem + ".idx")
     report = PackReport(lst, rec, idx, total=len(entries))
-    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec)):
+    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec), checksums_path(rec)):
         remove_stale_parts(path)
 
     if rec.exists() or idx.exists():
@@ -220,7 +221,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     start = time.perf_counter()
     try:
         with atomic_open(rec, "wb") as rec_handle:
-            writer = RecordWriter(rec_handle)
+            writer = RecordWriter(rec_handle, checksums=True)
             packed_labels = []
             for pos, payload, reason in _results(entries, root, cfg):
                 if payload is None:
@@ -235,8 +236,9 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
             # .idx (visibly incomplete) rather than a new .rec beside an old .idx.
             with contextlib.suppress(FileNotFoundError):
                 idx.unlink()
-            with contextlib.suppress(FileNotFoundError):
-                pack_info_path(rec).unlink()             # it describes the old .rec
+            for stale in (pack_info_path(rec), checksums_path(rec)):    # they describe the old .rec
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
             errs = errors_path_for(rec)
             with contextlib.suppress(FileNotFoundError):
                 errs.unlink()
@@ -249,8 +251,13 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
         # .rec is in place now; the .idx completes the pair.
         with atomic_open(idx, "w", encoding="ascii", newline="\n") as idx_handle:
             writer.write_index(idx_handle)
-        # Last, once the pair is complete: what readers need to know without scanning the .rec.
-        write_pack_info(rec, describe(rec, rec_tmp_size, packed_labels, cfg))
+        # Last, once the pair is complete: the payload checksums (for verify), then what readers need to know
+        # without scanning the .rec.
+        with atomic_open(checksums_path(rec), "wb") as crc_handle:
+            crc_handle.write(encode_checksums(writer.checksums))
+        info = describe(rec, rec_tmp_size, packed_labels, cfg)
+        info["payload_crc32"] = checksums_path(rec).name
+        write_pack_info(rec, info)
     finally:
         bar.close()
     report.packed = len(writer.index)

@@ -575,6 +575,10 @@ def _corrupt(kind: str, rec: Path, idx: Path):
         data[middle:middle + 2] = b"\xff\xd9"                     # an end-of-image marker half-way through the scan
         rec.write_bytes(bytes(data))
         return [("decoder-warning", keys[3])]                       # pixels come back, with a libjpeg warning
+    if kind == "one bit in the JFIF header":
+        data[offsets[6] + 8 + 24 + 15] ^= 0x01                     # the X density: decodes the same, no warning
+        rec.write_bytes(bytes(data))
+        return [("checksum", keys[6])]                              # only the packer's CRC32 sees it
     if kind == "header id":
         data[offsets[4] + 8 + 8:offsets[4] + 8 + 16] = struct.pack("<Q", 999)
         rec.write_bytes(bytes(data))
@@ -617,6 +621,7 @@ def _corrupt(kind: str, rec: Path, idx: Path):
 
 
 _DAMAGE = ["truncated", "cut by one byte", "bad magic", "garbage image", "flipped payload", "marker in scan data",
+           "one bit in the JFIF header",
            "header id", "label",
            "idx line missing", "idx extra line", "idx duplicate key", "idx out of order", "idx wrong offset",
            "idx past the end", "list lines swapped", "idx deleted"]
@@ -627,7 +632,7 @@ def test_verify_names_each_kind_of_damage_and_its_record(packed, tmp_path, kind)
     """Each damage is reported as exactly the expected problem(s), naming the record's .idx key, and the records
     around it still count as readable (one bad magic is one problem, not one per later record)."""
     src, _, _ = packed
-    for ext in (".rec", ".idx", ".lst"):
+    for ext in (".rec", ".idx", ".lst", ".pack.json", ".crc32"):
         shutil.copy(src / f"set_train{ext}", tmp_path / f"t{ext}")
     from recbuild.integrity import verify_rec
     clean = verify_rec(tmp_path / "t.rec", progress=False)
@@ -641,10 +646,11 @@ def test_verify_names_each_kind_of_damage_and_its_record(packed, tmp_path, kind)
     for problem in res.problems:
         if problem.key in listed:
             assert f"key {problem.key}" in problem.message and listed[problem.key].path in problem.message
-    if kind in ("bad magic", "garbage image", "flipped payload", "marker in scan data", "header id", "label"):
+    if kind in ("bad magic", "garbage image", "flipped payload", "marker in scan data", "header id", "label",
+                "one bit in the JFIF header"):
         assert res.readable == 12                                   # only the damaged record is lost
     quick = verify_rec(tmp_path / "t.rec", progress=False, quick=True)
-    payload_kinds = {"decode", "decoder-warning", "header-id", "label"}
+    payload_kinds = {"decode", "decoder-warning", "header-id", "label", "checksum"}
     assert [(p.kind, p.key) for p in quick.problems] == [e for e in expected if e[0] not in payload_kinds]
 
 
@@ -777,6 +783,11 @@ def test_pack_sidecar_counts_match_mx_recordio(packed, tmp_path):
         assert info.transform == {"resize": 32, "center_crop": True, "color": 1, "encoding": ".jpg", "quality": 95,
                                   "pass_through": False}
         assert json.loads(pack_info_path(rec).read_text())["format"] == "mxtransfer.pack/1"
+    from recbuild.recordio import read_checksums
+    sums = read_checksums(src / "set_train.rec")
+    reader = mx.recordio.MXIndexedRecordIO(str(src / "set_train.idx"), str(src / "set_train.rec"), "r")
+    assert sums == {k: zlib.crc32(reader.read_idx(k)) for k in reader.keys}
+    assert read_pack_info(src / "set_train.rec").data["payload_crc32"] == "set_train.crc32"
     shutil.copy(src / "set_train.rec", tmp_path / "c.rec")
     shutil.copy(pack_info_path(src / "set_train.rec"), pack_info_path(tmp_path / "c.rec"))
     assert read_pack_info(tmp_path / "c.rec").matches_rec

@@ -394,7 +394,10 @@ def test_pseudo_rec_keeps_train_records_relabels_kept_test_records_and_passes_ve
     test = write_rec(tmp_path / "t.rec", 3, 2, seed=5, labels=[0.0] * 6)
     probs = np.full((6, 3), 0.1)
     probs[[1, 4], [2, 1]] = 0.8                                     # test records 1 and 4 are confident
+    for stale in ("p_train.pack.json", "p_train.crc32"):          # left by an earlier pack under the same name
+        (tmp_path / stale).write_text("{}")
     report = pseudo.write_pseudo_rec(train, test, probs, 0.5, tmp_path / "p_train.rec", class_names=["a", "b", "c"])
+    assert not (tmp_path / "p_train.pack.json").exists() and not (tmp_path / "p_train.crc32").exists()
     assert report["added"] == 2 and report["kept_index"] == [1, 4]
     res = verify_rec(tmp_path / "p_train.rec", progress=False)
     assert res.ok and res.records == 14, [p.message for p in res.problems]

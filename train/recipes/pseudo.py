@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -36,7 +35,7 @@ from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
 from train.recipes.ensemble import batch_for, predict_rec
-from train.recipes.sampling import with_record_id
+from train.recipes.sampling import remove_stale_companions, with_record_id
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,7 @@ def write_pseudo_rec(train_rec, test_rec, test_probs: np.ndarray, threshold: flo
                     writer.write(key, pack_header([float(predicted[position])], key, False) + image)
         if counts["test"] != len(test_probs):
             raise TrainError(f"{test_rec}: {counts['test']} records but {len(test_probs)} predictions")
-        with contextlib.suppress(FileNotFoundError):
-            out_rec.with_suffix(".idx").unlink()       # an older .idx must not sit beside the new .rec
+        remove_stale_companions(out_rec)            # an older .idx / pack sidecar must not describe the new .rec
     with atomic_open(out_rec.with_suffix(".idx"), "w", encoding="ascii", newline="\n") as idx_handle:
         writer.write_index(idx_handle)
     if class_names:

@@ -27,7 +27,8 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from recbuild.atomic import atomic_open
-from recbuild.recordio import IR_HEADER, RecordIOError, RecordWriter, iter_frames, iter_records
+from recbuild.packinfo import pack_info_path
+from recbuild.recordio import IR_HEADER, RecordIOError, RecordWriter, checksums_path, iter_frames, iter_records
 from train.data import DataError, framing_error, scan_labels
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,14 @@ def with_record_id(payload: bytes, key: int) -> bytes:
     return IR_HEADER.pack(flag, label, key, id2) + payload[IR_HEADER.size:]
 
 
+def remove_stale_companions(rec: Path) -> None:
+    """Before a new REC replaces an old one: remove the files that describe the old one (its .idx, and the
+    packer's NAME.pack.json and NAME.crc32, whose counts and checksums would be wrong for the new file)."""
+    for old in (rec.with_suffix(".idx"), pack_info_path(rec), checksums_path(rec)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(old)
+
+
 def write_resampled_rec(reader: RecordReader, indices: np.ndarray, dst: Path) -> Path:
     """Write DST (.rec + .idx, atomically) holding the records at file positions `indices`, in that order.
 
@@ -111,9 +120,7 @@ def write_resampled_rec(reader: RecordReader, indices: np.ndarray, dst: Path) ->
         writer = RecordWriter(rec_handle)
         for key, i in enumerate(indices):
             writer.write(key, with_record_id(reader.read(i), key))
-        # An .idx left by an earlier write of the same file goes before the new .rec lands (as the packer does).
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(dst.with_suffix(".idx"))
+        remove_stale_companions(dst)
     with atomic_open(dst.with_suffix(".idx"), "w", encoding="ascii", newline="\n") as idx_handle:
         writer.write_index(idx_handle)
     return dst
