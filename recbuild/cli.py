@@ -2,7 +2,7 @@
 
     python -m recbuild --list [--recursive] [--train-ratio R] ... PREFIX ROOT     write PREFIX*.lst
     python -m recbuild [--resize N] [--num-thread N] ... PREFIX ROOT             pack every PREFIX*.lst
-    python -m recbuild verify PREFIX.rec [...]                                   check packed files
+    python -m recbuild verify [--quick] PREFIX.rec [...]                         check packed files
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from recbuild.config import ListConfig, PackConfig
 _EPILOG = """\
 Beyond im2rec: a class map PREFIX.classes.json is written beside the lists; --labels, --unlabelled and
 --stratify build lists from a Kaggle layout, an unlabelled test folder, or per class; packing never drops an
-image silently (NAME.errors.tsv beside NAME.rec lists each one with its reason) and writes atomically.
-Check packed files with: python -m recbuild verify NAME.rec"""
+image silently (NAME.errors.tsv beside NAME.rec lists each one with its reason, including images the decoder
+reads only with a warning about damaged data) and writes atomically; NAME.pack.json records the record count,
+class histogram and transform. Check packed files record by record with: python -m recbuild verify [--quick]
+NAME.rec"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     x = p.add_argument_group("Beyond im2rec")
     x.add_argument("--labels", metavar="CSV", default=None,
                    help="with --list: ROOT is a flat folder labelled by this 'id,label' CSV (Kaggle layout; "
-                        "header row required; the id is the file name with or without suffix)")
+                        "header row required; the id is the file name with or without suffix). Classes are "
+                        "numbered 0..K-1 in sorted order (numerically when every class is an integer, so ids "
+                        "0,1,2,10 become labels 0,1,2,3; see --keep-numeric-labels); the class map records it")
+    x.add_argument("--label-column", metavar="NAME", default=None,
+                   help="with --labels: the header name of the label column; other columns are then ignored "
+                        "(without it a CSV with more than the two columns id,label is an error)")
+    x.add_argument("--keep-numeric-labels", action="store_true",
+                   help="with --labels: integer class ids are the labels as they are (the class map names "
+                        "absent ids by their number) instead of being renumbered 0..K-1")
     x.add_argument("--unlabelled", "--unlabeled", action="store_true",
                    help="with --list: ROOT is a flat folder of unlabelled images -> PREFIX_test.lst, label 0; "
                         "integer file stems are kept as record ids")
@@ -84,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _list_config(a: argparse.Namespace) -> ListConfig:
     return ListConfig(exts=tuple(a.exts), chunks=a.chunks, train_ratio=a.train_ratio, test_ratio=a.test_ratio,
                       recursive=a.recursive, shuffle=a.shuffle, seed=a.seed, labels_csv=a.labels,
+                      label_column=a.label_column, keep_numeric_labels=a.keep_numeric_labels,
                       unlabelled=a.unlabelled, stratify=a.stratify)
 
 
@@ -126,6 +137,10 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
     for label, name in enumerate(classes):
         print(f"{name} {label}")
     print(f"Listed {total} images in {len(written)} list(s) with {len(classes)} class(es); class map {cmap}.")
+    if cfg.labels_csv and not cfg.keep_numeric_labels and all(c.isdigit() for c in classes) and \
+            any(int(c) != i for i, c in enumerate(classes)):
+        print("Note: the CSV's integer class ids were renumbered 0..K-1 in numeric order (the lines above: id "
+              "label); --keep-numeric-labels keeps them as the labels.")
     return 0
 
 
@@ -159,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if argv[:1] == ["verify"]:
-        from recbuild.verify import main as verify_main
+        from recbuild.integrity import main as verify_main
         return verify_main(argv[1:])
     from recbuild.listing import ListError
     from recbuild.recordio import RecordIOError

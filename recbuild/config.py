@@ -72,6 +72,10 @@ class ListConfig:
         shuffle: shuffle with `seed` before chunking/splitting.
         seed: the shuffle seed; 100 is im2rec's and gives byte-identical lists.
         labels_csv: Kaggle layout: a flat ROOT plus an `id,label` CSV (header row required).
+        label_column: with labels_csv, the header name of the label column (the id is the first column); any
+            number of other columns is then allowed. None: the CSV must have exactly the two columns id,label.
+        keep_numeric_labels: with labels_csv, integer class ids are the labels as they are (class map entries
+            for absent ids are their number); otherwise classes are numbered 0..K-1 in sorted order.
         unlabelled: a flat ROOT without labels becomes PREFIX_test.lst; integer file stems are kept as ids.
         stratify: split every class with the same ratios instead of the whole chunk.
     """
@@ -83,6 +87,8 @@ class ListConfig:
     shuffle: bool = True
     seed: int = SHUFFLE_SEED
     labels_csv: Optional[str] = None
+    label_column: Optional[str] = None
+    keep_numeric_labels: bool = False
     unlabelled: bool = False
     stratify: bool = False
 

@@ -17,6 +17,11 @@ Choices (documented in the README):
   oriented source), computed from the full-resolution size even when the decode was reduced.
 - A JPEG whose entropy-coded data ends before its EOI marker (a truncated download) is refused: libjpeg
   would return it with the missing part filled grey and only print a warning.
+- Any image the decoder can only read with a warning about its data (libjpeg's "Corrupt JPEG data: ...",
+  "Premature end of JPEG file"; libpng's CRC errors) is refused with that warning as the reason: the pixels it
+  returns are partly invented. The warning is captured per image (see recbuild/decoder_messages.py).
+- With --color -1 (cv2.IMREAD_UNCHANGED, which ignores EXIF) the EXIF orientation of JPEG (APP1) and PNG (eXIf)
+  files is applied here, so every --color packs a photo the same way up, as OpenCV does for 1 and 0.
 - GIF: the first frame, read through OpenCV's video reader (its image reader has no GIF decoder in the
   opencv-python wheels). PNG alpha is dropped with --color 1 (OpenCV's behaviour), kept with --color -1;
   16-bit PNGs become 8 bit (the high byte) for JPEG output.
@@ -33,6 +38,7 @@ import numpy as np
 
 from recbuild import config as defaults
 from recbuild.config import PackConfig
+from recbuild.decoder_messages import captured_stderr, damage_reported
 
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): they carry the size.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -238,22 +244,74 @@ def decode(data: bytes, path: str, cfg: PackConfig) -> Decoded:
     if info.fmt == "gif":
         img = _decode_gif(path, cfg.color)
     else:
-        if scale > 1 and info.progressive:
-            data = _without_low_bit_scans(data)
         flag = cfg.color if scale == 1 else (_REDUCED_GREY if cfg.color == 0 else _REDUCED_COLOR)[scale]
-        try:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-        except cv2.error as err:
-            raise ImageError(f"OpenCV cannot decode this {info.fmt.upper()}: {str(err).strip()[-200:]}") from None
+        trimmed = _without_low_bit_scans(data) if scale > 1 and info.progressive else data
+        img, damage = imdecode_checked(trimmed, flag, info.fmt)
+        if damage and trimmed is not data:
+            # Only the file's own bytes count: decode them as they are to see whether they carry the damage.
+            img, damage = imdecode_checked(data, flag, info.fmt)
+        if damage:
+            raise ImageError(f"corrupt {info.fmt.upper()} data: the decoder reports {damage!r}")
     if img is None or img.size == 0:
         raise ImageError(f"OpenCV cannot decode this {info.fmt.upper()} (corrupt or unsupported variant)")
     if scale == 1:
+        if cfg.color == -1:
+            img = apply_orientation(img, exif_orientation(data, info))
         return Decoded(img, (img.shape[1], img.shape[0]))
     # The decoder rounds each side up; swap the header's size if EXIF orientation turned the image.
     w, h = info.width, info.height
     if (img.shape[1], img.shape[0]) != (-(-w // scale), -(-h // scale)):
         w, h = h, w
     return Decoded(img, (w, h), scale, _origin(info, scale))
+
+
+def imdecode_checked(data: bytes, flag: int, fmt: str = "image") -> Tuple[Optional[np.ndarray], str]:
+    """cv2.imdecode with the decoder's own warnings captured: (image or None, the damage it reported or '')."""
+    with captured_stderr() as said:
+        try:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+        except cv2.error as err:
+            raise ImageError(f"OpenCV cannot decode this {fmt.upper()}: {str(err).strip()[-200:]}") from None
+    if img is None:
+        return None, ""       # the caller names the failure; a libpng error line only repeats it
+    return img, damage_reported(said)
+
+
+# cv2.rotate/flip steps that show a stored image as EXIF orientation 1-8 says (TIFF 6.0, tag 0x0112).
+_ORIENT_STEPS = {2: ("flip", 1), 3: ("rotate", cv2.ROTATE_180), 4: ("flip", 0), 5: ("transpose", None),
+                 6: ("rotate", cv2.ROTATE_90_CLOCKWISE), 7: ("transverse", None),
+                 8: ("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE)}
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored image `img` turned the way EXIF `orientation` (1-8) says a viewer shows it."""
+    step, arg = _ORIENT_STEPS.get(orientation, (None, None))
+    if step == "flip":
+        return cv2.flip(img, arg)
+    if step == "rotate":
+        return cv2.rotate(img, arg)
+    if step == "transpose":
+        return np.ascontiguousarray(img.swapaxes(0, 1))
+    if step == "transverse":
+        return np.ascontiguousarray(img[::-1, ::-1].swapaxes(0, 1))
+    return img
+
+
+def exif_orientation(data: bytes, info: Sniffed) -> int:
+    """The EXIF orientation OpenCV applies under --color 1/0: a JPEG's APP1 (already sniffed) or a PNG's eXIf
+    chunk; 1 for anything else."""
+    if info.fmt == "jpeg":
+        return info.orientation
+    if info.fmt == "png":
+        pos = 8
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            if kind == b"eXIf":
+                return _exif_orientation(data[pos + 8:pos + 8 + length])
+            if kind in (b"IDAT", b"IEND"):
+                break                  # OpenCV reads eXIf only before the image data (libpng's rule)
+            pos += 12 + length
+    return 1
 
 
 def _without_low_bit_scans(data: bytes) -> bytes:
@@ -543,15 +601,16 @@ def encode(img: np.ndarray, encoding: str, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def check_pass_through(data: bytes) -> None:
-    """--pass-through stores bytes undecoded; refuse what is visibly not a (complete) image."""
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    info = sniff(data)
-    if info.fmt == "unknown":
-        raise ImageError(f"not an image: unrecognised header {data[:8]!r}")
-    if not info.complete:
-        raise ImageError(f"truncated {info.fmt.upper()} (file ends before the end-of-image marker)")
+def check_pass_through(data: bytes, path: str, cfg: PackConfig) -> None:
+    """--pass-through stores bytes as they are, but only bytes that decode cleanly: the same guards and decoder
+    warnings as a packed image (a JPEG is decoded at 1/8 scale, which still entropy-decodes every coefficient,
+    so all damage is seen at a fraction of the cost).
+
+    Raises:
+        ImageError: with the reason, as decode() does.
+    """
+    check = PackConfig(resize=1, color=1, max_pixels=cfg.max_pixels, pass_through=False)
+    decode(data, path, check)
 
 
 def load_image_bytes(path: str, cfg: PackConfig) -> bytes:
@@ -570,7 +629,7 @@ def load_image_bytes(path: str, cfg: PackConfig) -> bytes:
     except OSError as err:
         raise ImageError(f"cannot read file ({err.strerror})") from None
     if cfg.pass_through:
-        check_pass_through(data)
+        check_pass_through(data, path, cfg)
         return data
     img = transform(decode(data, path, cfg), cfg.resize, cfg.center_crop)
     return encode(img, cfg.encoding, cfg.quality)

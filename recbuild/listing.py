@@ -21,14 +21,16 @@ import logging
 import os
 import random
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from recbuild.classmap import class_map_path, write_class_map
 from recbuild.config import ListConfig
 from recbuild.atomic import atomic_open
 
 log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 # How many offending names an error message shows before "... and N more".
 _SHOW = 10
@@ -46,10 +48,13 @@ class Entry:
         index: the integer id written to the record header (and the .idx key).
         labels: one float per label column (im2rec writes them with %f).
         path: the image path relative to ROOT, as written in the list.
+        line: the entry's line number in the .lst it was read from (0 when it was not read from a file); not
+            part of equality.
     """
     index: int
     labels: Tuple[float, ...]
     path: str
+    line: int = field(default=0, compare=False)
 
 
 def _names(items: Sequence[str]) -> str:
@@ -118,11 +123,87 @@ def _label_order(names: Sequence[str]) -> List[str]:
         return sorted(unique)
 
 
-def read_labels_csv(csv_path: str, root: str, exts: Sequence[str]) -> Tuple[List[Entry], List[str]]:
+def _read_csv_rows(csv_path: str) -> List[Tuple[int, List[str]]]:
+    """(line number, stripped fields) of every non-blank CSV row."""
+    rows: List[Tuple[int, List[str]]] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            for line_no, row in enumerate(csv.reader(handle), start=1):
+                if row and any(c.strip() for c in row):
+                    rows.append((line_no, [c.strip() for c in row]))
+    except OSError as err:
+        raise ListError(f"{csv_path}: cannot read labels CSV ({err.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ListError(f"{csv_path}: not a UTF-8 CSV file ({err})") from None
+    if not rows:
+        raise ListError(f"{csv_path}: empty; expected a header row 'id,label' and one row per image")
+    return rows
+
+
+def _label_field(csv_path: str, rows: List[Tuple[int, List[str]]], label_column: Optional[str],
+                 names_an_image: Callable[[str], bool]) -> int:
+    """Check the header row and return the label column's position.
+
+    Rule for telling a header from data (by content, not by whether an image exists): the first row is data when
+    its first field names an image in ROOT, or when its label field is a label of another row (a header's
+    'label' or 'breed' is no class). Extra columns are an error unless --label-column names the one to use.
+    """
+    header_line, header = rows[0]
+    if len(header) < 2:
+        raise ListError(f"{csv_path}:{header_line}: expected 'id,label', got {','.join(header)!r}")
+    if label_column is not None:
+        if label_column not in header[1:]:
+            raise ListError(f"{csv_path}:{header_line}: no column {label_column!r} for --label-column; the header "
+                            f"has {', '.join(repr(c) for c in header)} (the first column is the image id)")
+        position = header.index(label_column, 1)
+    else:
+        position = 1
+    other_labels = {fields[position] for _, fields in rows[1:] if len(fields) > position}
+    if names_an_image(header[0]):
+        rule = f"its first field {header[0]!r} names an image in the folder"
+    elif header[position] in other_labels:
+        rule = f"its label field {header[position]!r} is also the label of other rows"
+    else:
+        rule = None
+    if rule:
+        raise ListError(f"{csv_path}:{header_line}: the first row is data, not a header ({rule}); a header row "
+                        "such as 'id,label' is required")
+    if label_column is None and len(header) > 2:
+        extra = ", ".join(repr(c) for c in header[2:])
+        raise ListError(f"{csv_path}:{header_line}: extra column(s) {extra} beyond 'id,label' would be ignored; "
+                        "name the label column with --label-column NAME (for a multi-label CSV, one list per "
+                        "column)")
+    return position
+
+
+def _numbered_classes(csv_path: str, file_label: Dict[str, str], line_of: Dict[str, int], keep_numeric: bool
+                      ) -> Tuple[List[str], Dict[str, int]]:
+    """(class names in label order, {label text: label})."""
+    if keep_numeric:
+        bad = [f"{t!r} (line {line_of[n]})" for n, t in file_label.items() if not t.isdigit()]
+        if bad:
+            raise ListError(f"{csv_path}: --keep-numeric-labels needs non-negative integer labels; "
+                            f"{len(bad)} are not: {_names(bad)}")
+        values = {t: int(t) for t in file_label.values()}
+        # Label i is class i: ids without images still get an entry, named by their number, so the map's index
+        # stays the label.
+        return [str(i) for i in range(max(values.values()) + 1)], values
+    classes = _label_order(list(file_label.values()))
+    label_of = {c: i for i, c in enumerate(classes)}
+    moved = [f"{c}->{i}" for c, i in label_of.items() if c.isdigit() and int(c) != i]
+    if moved and all(c.isdigit() for c in classes):
+        log.warning("%s: integer class ids renumbered 0..%d in numeric order (%s); pass --keep-numeric-labels "
+                    "to keep them as the labels", csv_path, len(classes) - 1, _names(moved))
+    return classes, label_of
+
+
+def read_labels_csv(csv_path: str, root: str, exts: Sequence[str], label_column: Optional[str] = None,
+                    keep_numeric: bool = False) -> Tuple[List[Entry], List[str]]:
     """The Kaggle layout: a flat folder of images plus a CSV `id,label` (header row required).
 
     The id is a file name in `root`, with or without its suffix. Every image in the folder must have exactly
-    one row and every row exactly one image; anything else is an error that names the ids/files.
+    one row and every row exactly one image; anything else is an error that names the ids/files. A header is
+    told from data by content (see _label_field); more than two columns need `label_column`.
 
     Returns:
         (entries sorted by file name with indices 0..N-1, class names in label order).
@@ -132,31 +213,27 @@ def read_labels_csv(csv_path: str, root: str, exts: Sequence[str]) -> Tuple[List
     by_stem: Dict[str, List[str]] = defaultdict(list)
     for n in files:
         by_stem[os.path.splitext(n)[0]].append(n)
+    rows = _read_csv_rows(csv_path)
+    position = _label_field(csv_path, rows, label_column, lambda i: i in by_name or i in by_stem)
+    width = len(rows[0][1])
+    for line_no, fields in rows[1:]:
+        if len(fields) < position + 1 or (label_column is None and len(fields) != width):
+            raise ListError(f"{csv_path}:{line_no}: expected 'id,label' ({width} fields, like the header "
+                            f"{','.join(rows[0][1])!r}), got {','.join(fields)!r}")
+    file_label, line_of = _match_rows(csv_path, root, exts, [(n, f[0], f[position]) for n, f in rows[1:]],
+                                      files, by_name, by_stem)
+    classes, label_of = _numbered_classes(csv_path, file_label, line_of, keep_numeric)
+    entries = [Entry(i, (float(label_of[file_label[n]]),), n) for i, n in enumerate(files)]
+    return entries, classes
 
-    rows: List[Tuple[int, str, str]] = []
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            for line_no, row in enumerate(csv.reader(handle), start=1):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) < 2:
-                    raise ListError(f"{csv_path}:{line_no}: expected 'id,label', got {','.join(row)!r}")
-                rows.append((line_no, row[0].strip(), row[1].strip()))
-    except OSError as err:
-        raise ListError(f"{csv_path}: cannot read labels CSV ({err.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise ListError(f"{csv_path}: not a UTF-8 CSV file ({err})") from None
-    if not rows:
-        raise ListError(f"{csv_path}: empty; expected a header row 'id,label' and one row per image")
-    header_line, first_id, _ = rows[0]
-    if first_id in by_name or first_id in by_stem:
-        raise ListError(f"{csv_path}:{header_line}: the first row names an image ({first_id!r}); "
-                        "a header row such as 'id,label' is required")
-    rows = rows[1:]
 
+def _match_rows(csv_path: str, root: str, exts: Sequence[str], rows: List[Tuple[int, str, str]], files,
+                by_name, by_stem) -> Tuple[Dict[str, str], Dict[str, int]]:
+    """{file name: label text} and {file name: CSV line}, or an error naming every mismatch."""
     seen: Dict[str, int] = {}
     duplicates, missing, ambiguous, empty = [], [], [], []
     file_label: Dict[str, str] = {}
+    line_of: Dict[str, int] = {}
     for line_no, ident, label in rows:
         if ident in seen:
             duplicates.append(f"{ident} (lines {seen[ident]} and {line_no})")
@@ -178,7 +255,7 @@ def read_labels_csv(csv_path: str, root: str, exts: Sequence[str]) -> Tuple[List
         if name in file_label:
             duplicates.append(f"{ident} (line {line_no}: {name} is already labelled)")
             continue
-        file_label[name] = label
+        file_label[name], line_of[name] = label, line_no
     unknown = [n for n in files if n not in file_label]
     problems = []
     if duplicates:
@@ -195,11 +272,7 @@ def read_labels_csv(csv_path: str, root: str, exts: Sequence[str]) -> Tuple[List
         raise ListError(f"{csv_path}: " + "; ".join(problems))
     if not file_label:
         raise ListError(f"{csv_path}: no rows after the header")
-
-    classes = _label_order(list(file_label.values()))
-    label_of = {c: i for i, c in enumerate(classes)}
-    entries = [Entry(i, (float(label_of[file_label[n]]),), n) for i, n in enumerate(files)]
-    return entries, classes
+    return file_label, line_of
 
 
 def scan_unlabelled(root: str, exts: Sequence[str]) -> List[Entry]:
@@ -269,22 +342,31 @@ def _stratified(chunk: List[Entry], train_ratio: float, test_ratio: float):
     return pick("test"), pick("train"), pick("val")
 
 
-# ---- .lst io -------------------------------------------------------------------------------------------------
+# ---- .lst io: the one reader and writer of .lst files (the packer, the predictor and the demo use these) -------
 
 def format_entry(e: Entry) -> str:
-    """One .lst line, exactly as im2rec writes it."""
+    """One .lst line, exactly as im2rec writes it: index, every label as %f, the path, all tab separated, with
+    the newline."""
     return "%d\t" % e.index + "".join("%f\t" % v for v in e.labels) + "%s\n" % e.path
 
 
-def write_list(path: str, entries: Sequence[Entry]) -> None:
-    """Write a .lst atomically (UTF-8; undecodable file names are written back as their original bytes)."""
+def write_list(path: PathLike, entries: Sequence[Entry]) -> None:
+    """Write a .lst atomically (UTF-8; undecodable file names are written back as their original bytes).
+
+    Args:
+        path: the .lst to (re)place; readers see the old or the new list, never half of one.
+        entries: the lines, in order (format_entry of each).
+    """
     with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
         for e in entries:
             handle.write(format_entry(e))
 
 
-def read_list(path: str) -> List[Entry]:
+def read_list(path: PathLike) -> List[Entry]:
     """Read a .lst file. Blank lines are ignored; any other malformed line is an error naming it.
+
+    Returns:
+        The entries in file order (Entry.index, Entry.labels as floats, Entry.path relative to the image root).
 
     Raises:
         ListError: a line without index/label/path, a non-numeric field, or an index used twice (the .idx is
@@ -317,7 +399,7 @@ def read_list(path: str) -> List[Entry]:
             if index in first_line:
                 dupes.append(f"{index} (lines {first_line[index]} and {line_no})")
             first_line.setdefault(index, line_no)
-            entries.append(Entry(index, labels, parts[-1]))
+            entries.append(Entry(index, labels, parts[-1], line_no))
     if dupes:
         raise ListError(f"{path}: {len(dupes)} duplicate index(es): {_names(dupes)}")
     return entries
@@ -339,7 +421,8 @@ def make_lists(prefix: str, root: str, cfg: ListConfig) -> List[Tuple[str, int]]
         parts = [("_test", entries)]
     else:
         if cfg.labels_csv:
-            entries, classes = read_labels_csv(cfg.labels_csv, root, cfg.exts)
+            entries, classes = read_labels_csv(cfg.labels_csv, root, cfg.exts, cfg.label_column,
+                                               cfg.keep_numeric_labels)
         else:
             entries, classes = scan_tree(root, cfg.recursive, cfg.exts)
         parts = chunk_and_split(entries, cfg)
@@ -381,6 +464,8 @@ def _check_config(cfg: ListConfig) -> None:
                            or cfg.train_ratio != 1.0 or cfg.test_ratio):
         raise ListError("--unlabelled lists a flat folder of unlabelled images into PREFIX_test.lst; it cannot "
                         "be combined with --labels, --recursive, --stratify, --chunks or the split ratios")
+    if (cfg.label_column or cfg.keep_numeric_labels) and not cfg.labels_csv:
+        raise ListError("--label-column and --keep-numeric-labels choose how a --labels CSV is read: add --labels")
     if cfg.labels_csv and cfg.recursive:
         raise ListError("--labels reads a flat folder; drop --recursive")
     bad_exts = [e for e in cfg.exts if not e.startswith(".") or e != e.lower()]

@@ -3,6 +3,9 @@
 Output for `NAME.lst` (im2rec's naming, in the list's folder):
 - `NAME.rec`, `NAME.idx`: written under temporary names and renamed only when every record is written, so a
   killed run leaves no file that looks complete; a re-run removes the leftovers of dead runs and starts over.
+- `NAME.crc32`: the CRC32 of every record's payload, by key (recbuild.recordio), for `verify`.
+- `NAME.pack.json`: record count, class histogram, label width and the transform (recbuild/packinfo.py), written
+  last, once the .rec/.idx pair is in place.
 - `NAME.errors.tsv`: one line per image that could not be packed (index, path, reason), written whenever
   anything failed; a stale report of an earlier run is removed. Failed images are never silently missing:
   the summary counts them and --strict makes the run fail.
@@ -17,17 +20,17 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from recbuild import config as defaults
 from recbuild.config import PackConfig
 from recbuild.listing import Entry, ListError, read_list
-from recbuild.recordio import RecordWriter, pack_header
+from recbuild.packinfo import describe, pack_info_path, write_pack_info
+from recbuild.recordio import RecordWriter, checksums_path, encode_checksums, pack_header
 from recbuild.atomic import atomic_open
+from recbuild.workers import pid_alive, run_alone, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,8 @@ def _pack_one(pos: int, entry: Entry, root: str, cfg: PackConfig) -> Result:
         return pos, None, f"unexpected {type(err).__name__}: {err}"
 
 
-def _pack_batch(batch: Sequence[Tuple[int, Entry]], root: str) -> List[Result]:
+def _pack_batch(task: Tuple[Sequence[Tuple[int, Entry]], str]) -> List[Result]:
+    batch, root = task
     return [_pack_one(pos, entry, root, _worker_cfg) for pos, entry in batch]
 
 
@@ -142,55 +146,30 @@ def _start_method() -> str:
 def _results(entries: Sequence[Entry], root: str, cfg: PackConfig) -> Iterator[Result]:
     """Yield results in list order, computed by cfg.workers processes with a bounded number in flight.
 
-    A worker that dies (a decoder crashing on a hostile file) breaks the pool; the unfinished images are then
-    redone one at a time in a fresh pool, so the crash is pinned on its image, reported, and the run goes on.
+    A worker that dies (a decoder crashing on a hostile file) costs only the batch it held: those images are
+    redone one at a time, each in a fresh process, so the crash is pinned on its image, reported, and the run
+    goes on (recbuild/workers.py).
     """
     items = list(enumerate(entries))
     if not items:
         return
-    batches = [items[i:i + defaults.BATCH_SIZE] for i in range(0, len(items), defaults.BATCH_SIZE)]
+    tasks = [(items[i:i + defaults.BATCH_SIZE], root) for i in range(0, len(items), defaults.BATCH_SIZE)]
     ctx = multiprocessing.get_context(_start_method())
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["recbuild.images"])
-    window = max(2, cfg.workers * defaults.IN_FLIGHT_PER_WORKER)
-    pool: Optional[ProcessPoolExecutor] = None
 
-    def fresh_pool() -> ProcessPoolExecutor:
-        nonlocal pool
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
-        return pool
+    def one_at_a_time(task) -> List[Result]:
+        batch, _ = task
+        out: List[Result] = []
+        for item in batch:
+            result = run_alone(([item], root), _pack_batch, ctx, _init_worker, (cfg,))
+            out.extend(result if result is not None else
+                       [(item[0], None, "the decoder crashed its worker process (corrupt or hostile file)")])
+        return out
 
-    fresh_pool()
-    todo: Deque = collections.deque(batches)
-    pending: Deque = collections.deque()
-    try:
-        while todo or pending:
-            while todo and len(pending) < window:
-                batch = todo.popleft()
-                pending.append((batch, pool.submit(_pack_batch, batch, root)))
-            batch, future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool:
-                suspects = [item for b in [batch] + [b for b, _ in pending] for item in b]
-                pending.clear()
-                log.warning("a worker process died; re-packing %d image(s) one at a time to find the cause",
-                            len(suspects))
-                fresh_pool()
-                for item in suspects:
-                    try:
-                        results = pool.submit(_pack_batch, [item], root).result()
-                    except BrokenProcessPool:
-                        results = [(item[0], None, "the decoder crashed its worker process (corrupt or hostile "
-                                                   "file)")]
-                        fresh_pool()
-                    yield from results
-                continue
-            yield from results
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    for results in run_tasks(tasks, _pack_batch, cfg.workers, ctx, _init_worker, (cfg,),
+                             defaults.IN_FLIGHT_PER_WORKER, one_at_a_time):
+        yield from results
 
 
 def remove_stale_parts(path: Path) -> None:
@@ -203,21 +182,11 @@ def remove_stale_parts(path: Path) -> None:
         if not m:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
             log.info("removed %s left by an interrupted run", leftover)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = None,
@@ -243,7 +212,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     rec = out_dir / (lst.stem + ".rec")
     idx = out_dir / (lst.stem + ".idx")
     report = PackReport(lst, rec, idx, total=len(entries))
-    for path in (rec, idx, errors_path_for(rec)):
+    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec), checksums_path(rec)):
         remove_stale_parts(path)
 
     if rec.exists() or idx.exists():
@@ -252,19 +221,24 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     start = time.perf_counter()
     try:
         with atomic_open(rec, "wb") as rec_handle:
-            writer = RecordWriter(rec_handle)
+            writer = RecordWriter(rec_handle, checksums=True)
+            packed_labels = []
             for pos, payload, reason in _results(entries, root, cfg):
                 if payload is None:
                     report.failed.append((entries[pos], reason))
                     bar.set_postfix(failed=len(report.failed), refresh=False)
                 else:
                     writer.write(entries[pos].index, payload)
+                    packed_labels.append(entries[pos].labels)
                 bar.update(1)
             rec_tmp_size = rec_handle.tell()
             # The old .idx goes first: killed between the renames, the folder then holds a .rec without
             # .idx (visibly incomplete) rather than a new .rec beside an old .idx.
             with contextlib.suppress(FileNotFoundError):
                 idx.unlink()
+            for stale in (pack_info_path(rec), checksums_path(rec)):    # they describe the old .rec
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
             errs = errors_path_for(rec)
             with contextlib.suppress(FileNotFoundError):
                 errs.unlink()
@@ -277,6 +251,13 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
         # .rec is in place now; the .idx completes the pair.
         with atomic_open(idx, "w", encoding="ascii", newline="\n") as idx_handle:
             writer.write_index(idx_handle)
+        # Last, once the pair is complete: the payload checksums (for verify), then what readers need to know
+        # without scanning the .rec.
+        with atomic_open(checksums_path(rec), "wb") as crc_handle:
+            crc_handle.write(encode_checksums(writer.checksums))
+        info = describe(rec, rec_tmp_size, packed_labels, cfg)
+        info["payload_crc32"] = checksums_path(rec).name
+        write_pack_info(rec, info)
     finally:
         bar.close()
     report.packed = len(writer.index)

@@ -14,7 +14,8 @@ The format (dmlc-core recordio, checked against mx.recordio in tests/test_recbui
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+import zlib
+from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -101,16 +102,23 @@ def encode_record(payload: bytes) -> bytes:
 
 
 class RecordWriter:
-    """Append records to an open .rec handle and remember (key, offset) for the .idx."""
+    """Append records to an open .rec handle and remember (key, offset) for the .idx.
 
-    def __init__(self, handle: BinaryIO):
+    With `checksums`, also remember (key, CRC32 of the payload) for recbuild's NAME.crc32 (see write_checksums):
+    RecordIO itself has no checksum, so a changed byte that still decodes is otherwise invisible.
+    """
+
+    def __init__(self, handle: BinaryIO, checksums: bool = False):
         self.handle = handle
         self.offset = handle.tell()
         self.index: List[Tuple[int, int]] = []
+        self.checksums: Optional[List[Tuple[int, int]]] = [] if checksums else None
 
     def write(self, key: int, payload: bytes) -> None:
         data = encode_record(payload)
         self.index.append((key, self.offset))
+        if self.checksums is not None:
+            self.checksums.append((key, zlib.crc32(payload)))
         self.handle.write(data)
         self.offset += len(data)
 
@@ -164,8 +172,36 @@ def iter_records(handle: BinaryIO, size: int, start: int = 0) -> Iterator[Tuple[
         raise RecordIOError(f"offset {first}: the file ends inside a split record", first, "split")
 
 
-def read_record_at(handle: BinaryIO, offset: int, size_limit: int) -> bytes:
-    """Read the (possibly multi-part) record starting at `offset`."""
-    for _, payload in iter_records(handle, size_limit, offset):
-        return payload
-    raise RecordIOError(f"offset {offset}: no record there (the file has {size_limit} bytes)", offset, "header")
+
+# NAME.crc32: recbuild's own addition beside NAME.rec (MXNet never reads it): a 16-byte magic line, then one
+# little-endian (uint64 key, uint32 CRC32 of the record's payload) pair per record, in .idx order.
+CHECKSUM_MAGIC = b"mxtransfer.crc1\n"
+_CHECKSUM = struct.Struct("<QI")
+
+
+def checksums_path(rec_path) -> "Path":
+    """NAME.crc32 beside NAME.rec."""
+    from pathlib import Path
+    rec_path = Path(rec_path)
+    return rec_path.with_name(rec_path.stem + ".crc32")
+
+
+def encode_checksums(pairs: Sequence[Tuple[int, int]]) -> bytes:
+    """The bytes of a NAME.crc32 file for (key, crc) pairs."""
+    return CHECKSUM_MAGIC + b"".join(_CHECKSUM.pack(k, c) for k, c in pairs)
+
+
+def read_checksums(rec_path) -> Optional[Dict[int, int]]:
+    """{key: CRC32 of its payload} from NAME.crc32, or None when there is none (im2rec's files).
+
+    Raises:
+        RecordIOError: a file that is not one of ours, or cut short (names the file).
+    """
+    path = checksums_path(rec_path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    body = data[len(CHECKSUM_MAGIC):]
+    if not data.startswith(CHECKSUM_MAGIC) or len(body) % _CHECKSUM.size:
+        raise RecordIOError(f"{path}: not a recbuild checksum file (or cut short); delete it or pack again")
+    return dict(_CHECKSUM.iter_unpack(body))

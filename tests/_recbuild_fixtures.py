@@ -94,3 +94,35 @@ def exif_jpeg(img: np.ndarray, orientation: int, progressive: bool = False) -> b
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+_HOOK = '''\
+# Written by tests/_recbuild_fixtures.py: runs at start-up in every Python process of the test's pack (the CLI,
+# a forkserver and every worker), so a start method can be forced and a decoder crash staged in workers that
+# the parent did not fork itself.
+import os, signal
+import recbuild.images as images
+import recbuild.packing as packing
+METHOD, CRASH_ON = {method!r}, {crash_on!r}
+if METHOD:
+    packing._start_method = lambda: METHOD
+if CRASH_ON:
+    real = images.load_image_bytes
+    def crashing(path, cfg):
+        if CRASH_ON in path:
+            with open(os.path.join({folder!r}, "crash-parents"), "a") as note:
+                note.write(f"{{os.getppid()}}\\n")   # who started the worker: the CLI (fork) or a forkserver
+            os.kill(os.getpid(), signal.SIGSEGV)     # what a decoder bug in C does to its worker
+        return real(path, cfg)
+    images.load_image_bytes = crashing
+'''
+
+
+def hooked_env(folder: Path, method: str = "", crash_on: str = "") -> Dict[str, str]:
+    """The environment for a `python -m recbuild` whose processes all run the hook above: packing started with
+    `method` ('fork' or 'forkserver'; '' keeps the packer's choice), and a SIGSEGV in the worker decoding any
+    path containing `crash_on` (which first appends its parent's pid to `folder`/crash-parents)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_HOOK.format(method=method, crash_on=crash_on, folder=str(folder)))
+    repo = Path(__file__).resolve().parents[1]
+    return dict(os.environ, PYTHONPATH=f"{folder}{os.pathsep}{repo}")

@@ -155,6 +155,62 @@ def test_labels_csv_cli_error_is_one_line(tmp_path):
     assert len(err_lines) == 1 and "duplicate id" in err_lines[0] and "'a (lines 2 and 3)'" in err_lines[0]
 
 
+def test_labels_csv_extra_column_is_an_error_unless_a_column_is_picked(tmp_path):
+    rows = [("a", "x"), ("b", "y"), ("c", "x")]
+    root, csv = _kaggle(tmp_path, rows, header="id,label")
+    csv.write_text("id,label,extra\n" + "".join(f"{i},{l},{'q' if i != 'b' else 'r'}\n" for i, l in rows))
+    proc = fx.run_recbuild("--list", "--labels", str(csv), str(tmp_path / "k"), str(root), check=False)
+    err_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 1 and len(err_lines) == 1
+    assert "'extra'" in err_lines[0] and "--label-column" in err_lines[0]
+    assert not list(tmp_path.glob("k*.lst"))
+    for column, truth in (("label", dict(rows)), ("extra", {"a": "q", "b": "r", "c": "q"})):
+        make_lists(str(tmp_path / column), str(root), ListConfig(labels_csv=str(csv), label_column=column))
+        classes = read_class_map(tmp_path / f"{column}.classes.json")
+        got = {Path(e.path).stem: classes[int(e.labels[0])] for e in read_list(tmp_path / f"{column}.lst")}
+        assert got == truth
+    with pytest.raises(ListError, match="no column 'breed'"):
+        make_lists(str(tmp_path / "z"), str(root), ListConfig(labels_csv=str(csv), label_column="breed"))
+    with pytest.raises(ListError, match="add --labels"):
+        make_lists(str(tmp_path / "z"), str(root), ListConfig(label_column="label"))
+
+
+def test_headerless_csv_is_detected_by_content_even_when_the_first_image_is_missing(tmp_path):
+    """No header row and the first row's image missing: before, that row passed for a header and was lost."""
+    root, csv = _kaggle(tmp_path, [("b", "x"), ("c", "y"), ("d", "x")])
+    csv.write_text("a,x\nb,x\nc,y\nd,x\n")                       # no header; a.jpg does not exist
+    with pytest.raises(ListError) as err:
+        make_lists(str(tmp_path / "k"), str(root), ListConfig(labels_csv=str(csv)))
+    msg = str(err.value)
+    assert f"{csv}:1: the first row is data, not a header" in msg and "label field 'x' is also the label" in msg
+    csv.write_text("b,x\nc,y\nd,x\n")                              # first image present: the other rule
+    with pytest.raises(ListError, match="its first field 'b' names an image"):
+        make_lists(str(tmp_path / "k"), str(root), ListConfig(labels_csv=str(csv)))
+
+
+def test_numeric_labels_are_renumbered_with_a_warning_or_kept(tmp_path, caplog):
+    rows = [(f"p{i}", str([0, 1, 2, 10][i % 4])) for i in range(12)]
+    root, csv = _kaggle(tmp_path, rows, header="id,label")
+    truth = dict(rows)
+    with caplog.at_level("WARNING"):
+        make_lists(str(tmp_path / "r"), str(root), ListConfig(labels_csv=str(csv)))
+    assert "renumbered" in caplog.text and "10->3" in caplog.text and "--keep-numeric-labels" in caplog.text
+    make_lists(str(tmp_path / "k"), str(root), ListConfig(labels_csv=str(csv), keep_numeric_labels=True))
+    classes = read_class_map(tmp_path / "k.classes.json")
+    assert classes == [str(i) for i in range(11)]
+    for e in read_list(tmp_path / "k.lst"):
+        csv_label = truth[Path(e.path).stem]
+        assert int(e.labels[0]) == int(csv_label) and classes[int(e.labels[0])] == csv_label
+    (tmp_path / "b").mkdir()
+    root2, csv2 = _kaggle(tmp_path / "b", [("a", "cat"), ("b", "3")], header="id,label")
+    with pytest.raises(ListError, match="'cat' \\(line 2\\)"):
+        make_lists(str(tmp_path / "b" / "k"), str(root2), ListConfig(labels_csv=str(csv2), keep_numeric_labels=True))
+    summary = fx.run_recbuild("--list", "--labels", str(csv), str(tmp_path / "c"), str(root)).stdout
+    assert "10 3" in summary and "renumbered" in summary and "--keep-numeric-labels" in summary
+    help_text = fx.run_recbuild("--help").stdout
+    assert "0,1,2,10" in help_text and "--keep-numeric-labels" in help_text
+
+
 # ---- unlabelled test folder, stratified split -------------------------------------------------------------------
 
 def test_unlabelled_integer_ids_are_kept(tmp_path):

@@ -2,6 +2,7 @@
 interruption and `verify`."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -489,41 +490,193 @@ def test_killed_pack_leaves_nothing_complete_and_rerun_finishes(tmp_path):
     assert "OK" in ver.stdout
 
 
+def _session_processes(sid: int):
+    """Pids of the processes still in session `sid` (the packer was started as its leader)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the workers")
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_kill_9_of_the_parent_leaves_no_worker_behind(tmp_path, method):
+    """kill -9 of the packer alone (what the OOM killer does): its workers, and a forkserver, go too."""
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(120):
+        cv2.imwrite(str(root / f"{i:03d}.jpg"), fx.photo(480, 640, seed=i % 7), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    fx.run_recbuild("--list", str(tmp_path / "k"), str(root))
+    repo = Path(fx.__file__).resolve().parents[1]
+    env = fx.hooked_env(tmp_path / "hook", method=method)
+    cmd = [sys.executable, "-m", "recbuild", "--num-thread", "2", "--no-progress", str(tmp_path / "k"), str(root)]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        parts = list(tmp_path.glob(".k.rec.*.part"))
+        if parts and parts[0].stat().st_size > 50_000 and len(_session_processes(proc.pid)) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the pack finished before it could be killed"
+    assert len(_session_processes(proc.pid)) >= 3                   # the packer and its two workers at least
+    os.kill(proc.pid, signal.SIGKILL)                               # the parent only
+    proc.wait()
+    deadline = time.time() + 15
+    while _session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _session_processes(proc.pid)
+    for pid in left:                                                # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left 15 s after kill -9 of the packer: {left}"
+    fx.run_recbuild("--num-thread", "2", "--no-progress", str(tmp_path / "k"), str(root))
+    assert not list(tmp_path.glob(".k.*.part"))
+    _, keys = _records(tmp_path / "k")
+    assert keys == [e.index for e in read_list(str(tmp_path / "k.lst"))]
+
+
 def _corrupt(kind: str, rec: Path, idx: Path):
+    """Damage a copy of a packed set one way. Returns the (problem kind, .idx key) pairs verify must report."""
     data = bytearray(rec.read_bytes())
-    offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
+    lines = idx.read_text().splitlines()
+    keys = [int(line.split("\t")[0]) for line in lines]
+    offsets = [int(line.split("\t")[1]) for line in lines]
     if kind == "truncated":
         rec.write_bytes(bytes(data[: len(data) - 100]))
-    elif kind == "bad magic":
+        return [("cut-short", keys[-1])]
+    if kind == "cut by one byte":
+        rec.write_bytes(bytes(data[:-1]))
+        return [("size", None), ("cut-short", keys[-1])]
+    if kind == "bad magic":
         data[offsets[2]] ^= 0xFF
         rec.write_bytes(bytes(data))
-    elif kind == "garbage image":
+        return [("framing", keys[2])]
+    if kind == "garbage image":
         start = offsets[1] + 8 + 24
         data[start:start + 64] = b"\0" * 64                        # the JPEG SOI and headers
         rec.write_bytes(bytes(data))
-    elif kind == "idx line missing":
-        idx.write_text("".join(idx.read_text().splitlines(keepends=True)[1:]))
-    elif kind == "idx wrong offset":
-        lines = idx.read_text().splitlines()
-        key, off = lines[1].split("\t")
-        lines[1] = f"{key}\t{int(off) + 4}"
+        return [("decode", keys[1])]
+    if kind == "flipped payload":
+        length = struct.unpack("<I", data[offsets[3] + 4:offsets[3] + 8])[0] & ((1 << 29) - 1)
+        middle = offsets[3] + 8 + 24 + (length - 24) // 2          # inside the JPEG's entropy-coded data
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        rec.write_bytes(bytes(data))
+        return [("decode", keys[3])]                                # libjpeg gives up on this one
+    if kind == "marker in scan data":
+        length = struct.unpack("<I", data[offsets[3] + 4:offsets[3] + 8])[0] & ((1 << 29) - 1)
+        body = bytes(data[offsets[3] + 8 + 24:offsets[3] + 8 + length])
+        middle = offsets[3] + 8 + 24 + (body.find(b"\xff\xda") + len(body)) // 2
+        data[middle:middle + 2] = b"\xff\xd9"                     # an end-of-image marker half-way through the scan
+        rec.write_bytes(bytes(data))
+        return [("decoder-warning", keys[3])]                       # pixels come back, with a libjpeg warning
+    if kind == "one bit in the JFIF header":
+        data[offsets[6] + 8 + 24 + 15] ^= 0x01                     # the X density: decodes the same, no warning
+        rec.write_bytes(bytes(data))
+        return [("checksum", keys[6])]                              # only the packer's CRC32 sees it
+    if kind == "header id":
+        data[offsets[4] + 8 + 8:offsets[4] + 8 + 16] = struct.pack("<Q", 999)
+        rec.write_bytes(bytes(data))
+        return [("header-id", keys[4])]
+    if kind == "label":
+        data[offsets[5] + 8 + 4:offsets[5] + 8 + 8] = struct.pack("<f", 7.0)
+        rec.write_bytes(bytes(data))
+        return [("label", keys[5])]
+    if kind == "idx line missing":
+        idx.write_text("\n".join(lines[1:]) + "\n")
+        return [("not-indexed", keys[0])]
+    if kind == "idx extra line":
+        idx.write_text("\n".join(lines + [f"999\t{offsets[3]}"]) + "\n")
+        return [("idx-duplicate-offset", 999)]
+    if kind == "idx duplicate key":
+        lines[2] = f"{keys[1]}\t{offsets[2]}"
         idx.write_text("\n".join(lines) + "\n")
-    elif kind == "idx deleted":
-        idx.unlink()
+        return [("idx-duplicate-key", keys[1])]
+    if kind == "idx out of order":
+        lines[3], lines[4] = lines[4], lines[3]
+        idx.write_text("\n".join(lines) + "\n")
+        return [("idx-order", keys[3])]
+    if kind == "idx wrong offset":
+        lines[1] = f"{keys[1]}\t{offsets[1] + 4}"
+        idx.write_text("\n".join(lines) + "\n")
+        return [("idx-not-record", keys[1])]
+    if kind == "idx past the end":
+        lines[1] = f"{keys[1]}\t{len(data) + 64}"
+        idx.write_text("\n".join(lines) + "\n")
+        return [("idx-not-record", keys[1]), ("not-indexed", keys[1])]
+    if kind == "list lines swapped":
+        lst = rec.with_suffix(".lst")
+        rows = lst.read_text().splitlines(keepends=True)
+        rows[3], rows[4] = rows[4], rows[3]
+        lst.write_text("".join(rows))
+        return [("list-order", keys[4])]
+    assert kind == "idx deleted"
+    idx.unlink()
+    return [("missing-file", None)]
 
 
-@pytest.mark.parametrize("kind", ["truncated", "bad magic", "garbage image", "idx line missing",
-                                  "idx wrong offset", "idx deleted"])
-def test_verify_detects_corruption(packed, tmp_path, kind):
+_DAMAGE = ["truncated", "cut by one byte", "bad magic", "garbage image", "flipped payload", "marker in scan data",
+           "one bit in the JFIF header",
+           "header id", "label",
+           "idx line missing", "idx extra line", "idx duplicate key", "idx out of order", "idx wrong offset",
+           "idx past the end", "list lines swapped", "idx deleted"]
+
+
+@pytest.mark.parametrize("kind", _DAMAGE)
+def test_verify_names_each_kind_of_damage_and_its_record(packed, tmp_path, kind):
+    """Each damage is reported as exactly the expected problem(s), naming the record's .idx key, and the records
+    around it still count as readable (one bad magic is one problem, not one per later record)."""
     src, _, _ = packed
-    for ext in (".rec", ".idx", ".lst"):
+    for ext in (".rec", ".idx", ".lst", ".pack.json", ".crc32"):
         shutil.copy(src / f"set_train{ext}", tmp_path / f"t{ext}")
-    from recbuild.verify import verify_rec
+    from recbuild.integrity import verify_rec
     clean = verify_rec(tmp_path / "t.rec", progress=False)
-    assert clean.ok and clean.records == 13 and sum(clean.per_class.values()) == 13
-    _corrupt(kind, tmp_path / "t.rec", tmp_path / "t.idx")
+    assert clean.ok and clean.records == 13 and clean.readable == 13 and sum(clean.per_class.values()) == 13
+    expected = _corrupt(kind, tmp_path / "t.rec", tmp_path / "t.idx")
     res = verify_rec(tmp_path / "t.rec", progress=False)
-    assert not res.ok, kind
+    got = [(p.kind, p.key) for p in res.problems]
+    assert got == expected, [p.message for p in res.problems]
+    assert all("\n" not in p.message for p in res.problems)
+    listed = {e.index: e for e in read_list(tmp_path / "t.lst")}
+    for problem in res.problems:
+        if problem.key in listed:
+            assert f"key {problem.key}" in problem.message and listed[problem.key].path in problem.message
+    if kind in ("bad magic", "garbage image", "flipped payload", "marker in scan data", "header id", "label",
+                "one bit in the JFIF header"):
+        assert res.readable == 12                                   # only the damaged record is lost
+    quick = verify_rec(tmp_path / "t.rec", progress=False, quick=True)
+    payload_kinds = {"decode", "decoder-warning", "header-id", "label", "checksum"}
+    assert [(p.kind, p.key) for p in quick.problems] == [e for e in expected if e[0] not in payload_kinds]
+
+
+def test_verify_a_bad_magic_in_a_big_set_is_one_problem(tmp_path):
+    """2000 records, record 0's magic flipped: one problem; mx.recordio still reads the 1999 others by index."""
+    rec_path, idx_path = tmp_path / "big.rec", tmp_path / "big.idx"
+    writer = mx.recordio.MXIndexedRecordIO(str(idx_path), str(rec_path), "w")
+    jpeg = cv2.imencode(".jpg", fx.coded(8, 8, 0, 0))[1].tobytes()
+    for i in range(2000):
+        writer.write_idx(i, mx.recordio.pack(mx.recordio.IRHeader(0, float(i % 3), i, 0), jpeg))
+    writer.close()
+    data = bytearray(rec_path.read_bytes())
+    data[0] ^= 0x01
+    rec_path.write_bytes(bytes(data))
+    from recbuild.integrity import verify_rec
+    res = verify_rec(rec_path, progress=False)
+    assert [(p.kind, p.key) for p in res.problems] == [("framing", 0)] and res.readable == 1999
+    reader = mx.recordio.MXIndexedRecordIO(str(idx_path), str(rec_path), "r")
+    assert sum(1 for i in range(1, 2000) if mx.recordio.unpack(reader.read_idx(i))[0].id == i) == 1999
+
+
+def test_verify_refuses_an_idx_or_lst_and_names_the_rec(packed, tmp_path):
+    src, _, _ = packed
+    for ext in (".idx", ".lst"):
+        proc = fx.run_recbuild("verify", "--no-progress", str(src / f"set_train{ext}"), check=False)
+        assert proc.returncode == 1 and f"pass {src / 'set_train.rec'}" in proc.stderr
 
 
 def test_verify_cli_exit_status_and_class_counts(packed, tmp_path):
@@ -538,24 +691,10 @@ def test_verify_cli_exit_status_and_class_counts(packed, tmp_path):
     assert bad.returncode == 1 and "CORRUPT" in bad.stderr
 
 
-_CRASH_SCRIPT = """
-import os, signal, sys
-import recbuild.images as images
-import recbuild.packing as packing
-real = images.load_image_bytes
-def crashing(path, cfg):
-    if "boom" in path:
-        os.kill(os.getpid(), signal.SIGSEGV)     # what a decoder bug in C does to the worker
-    return real(path, cfg)
-images.load_image_bytes = crashing
-packing._cv2_imported_here = True                # we imported cv2 without using it: forking stays safe
-from recbuild.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_worker_crash_is_pinned_on_its_image(tmp_path):
-    """A decoder that kills its worker process costs that image only: it is reported, the rest is packed."""
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_worker_crash_is_pinned_on_its_image(tmp_path, method):
+    """A decoder that kills its worker process costs that image only: it is reported, the rest is packed, whether
+    the workers were forked from the packer or from a forkserver (the start method when mxnet is loaded)."""
     root = tmp_path / "img"
     root.mkdir()
     names = [f"{i:02d}{'boom' if i in (5, 17) else ''}.jpg" for i in range(30)]
@@ -563,12 +702,127 @@ def test_worker_crash_is_pinned_on_its_image(tmp_path):
         cv2.imwrite(str(root / name), fx.coded(20, 20, 0, i))
     fx.run_recbuild("--list", "--no-shuffle", str(tmp_path / "c"), str(root))
     repo = Path(fx.__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, "--num-thread", "2", "--no-progress",
-                           str(tmp_path / "c"), str(root)], cwd=repo, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(repo)), timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    env = fx.hooked_env(tmp_path / "hook", method=method, crash_on="boom")
+    proc = subprocess.Popen([sys.executable, "-m", "recbuild", "--num-thread", "2", "--no-progress",
+                             str(tmp_path / "c"), str(root)], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    parents = set((tmp_path / "hook" / "crash-parents").read_text().split())
+    assert len(parents) >= 1 and (parents == {str(proc.pid)}) == (method == "fork"), (parents, proc.pid)
     records, keys = _records(tmp_path / "c")
     assert keys == [i for i in range(30) if i not in (5, 17)]
     errors = (tmp_path / "c.errors.tsv").read_text().splitlines()[1:]
     assert [line.split("\t")[:2] for line in errors] == [["5", "05boom.jpg"], ["17", "17boom.jpg"]]
     assert all("crashed its worker" in line for line in errors)
+
+
+# ---- corrupt source data, EXIF under --color -1 -------------------------------------------------------------------
+
+def _scan_with_marker(img: np.ndarray) -> bytes:
+    """A JPEG with an end-of-image marker half-way through its scan: libjpeg returns pixels (the rest grey) and
+    only prints 'Corrupt JPEG data: premature end of data segment'."""
+    data = bytearray(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    data[middle:middle + 2] = b"\xff\xd9"
+    return bytes(data)
+
+
+@pytest.mark.parametrize("pass_through", [False, True])
+def test_corrupt_source_data_is_a_reported_failure(tmp_path, pass_through):
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(root / f"ok{i}.jpg"), fx.photo(60, 80, seed=i))
+    (root / "scan.jpg").write_bytes(_scan_with_marker(fx.photo(60, 80, seed=9)))
+    assert cv2.imread(str(root / "scan.jpg")) is not None          # OpenCV alone accepts it
+    fx.run_recbuild("--list", "--no-shuffle", str(tmp_path / "s"), str(root))
+    flags = ["--pass-through"] if pass_through else ["--resize", "40"]
+    proc = fx.run_recbuild(*flags, "--num-thread", "2", "--no-progress", str(tmp_path / "s"), str(root))
+    rows = [line.split("\t") for line in (tmp_path / "s.errors.tsv").read_text().splitlines()[1:]]
+    assert [r[1] for r in rows] == ["scan.jpg"] and "Corrupt JPEG data" in rows[0][2], rows
+    assert "packed 6 of 7 images" in proc.stdout and "1 image(s) could not be packed" in proc.stdout
+    records, keys = _records(tmp_path / "s")
+    assert len(keys) == 6                                           # the intact files are unaffected
+    strict = fx.run_recbuild(*flags, "--strict", "--num-thread", "1", "--no-progress", str(tmp_path / "s"), str(root),
+                             check=False)
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applies_with_color_unchanged(tmp_path, orientation):
+    """--color -1 turns a JPEG (APP1) or PNG (eXIf) the way --color 1 does (OpenCV applies EXIF there)."""
+    img = fx.coded(30, 50, 1, 2)
+    img[:6, :6] = 255
+    jpeg = tmp_path / "o.jpg"
+    jpeg.write_bytes(fx.exif_jpeg(img, orientation))
+    png_data = cv2.imencode(".png", img)[1].tobytes()
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0" * 4
+    png = tmp_path / "o.png"
+    png.write_bytes(png_data[:33] + _png_chunk(b"eXIf", tiff) + png_data[33:])
+    for path in (jpeg, png):
+        unchanged = load_image_bytes(str(path), PackConfig(color=-1, encoding=".png"))
+        colour = load_image_bytes(str(path), PackConfig(color=1, encoding=".png"))
+        a, b = (cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in (unchanged, colour))
+        assert a.shape == b.shape == cv2.imread(str(path)).shape and np.array_equal(a, b), (path.name, orientation)
+
+
+# ---- the pack sidecar --------------------------------------------------------------------------------------------
+
+def test_pack_sidecar_counts_match_mx_recordio(packed, tmp_path):
+    from recbuild.packinfo import PackInfoError, pack_info_path, read_pack_info
+    src, _, _ = packed
+    for split in ("train", "val"):
+        rec = src / f"set_{split}.rec"
+        info = read_pack_info(rec)
+        records, keys = _records(src / f"set_{split}")
+        labels = [int(records[k][0].label) for k in keys]
+        assert info.records == len(keys) and info.label_width == 1 and info.matches_rec
+        assert info.class_counts == np.bincount(labels, minlength=3).tolist()[:max(labels) + 1]
+        assert info.rec_bytes == rec.stat().st_size and info.data["rec"] == rec.name
+        assert info.transform == {"resize": 32, "center_crop": True, "color": 1, "encoding": ".jpg", "quality": 95,
+                                  "pass_through": False}
+        assert json.loads(pack_info_path(rec).read_text())["format"] == "mxtransfer.pack/1"
+    from recbuild.recordio import read_checksums
+    sums = read_checksums(src / "set_train.rec")
+    reader = mx.recordio.MXIndexedRecordIO(str(src / "set_train.idx"), str(src / "set_train.rec"), "r")
+    assert sums == {k: zlib.crc32(reader.read_idx(k)) for k in reader.keys}
+    assert read_pack_info(src / "set_train.rec").data["payload_crc32"] == "set_train.crc32"
+    shutil.copy(src / "set_train.rec", tmp_path / "c.rec")
+    shutil.copy(pack_info_path(src / "set_train.rec"), pack_info_path(tmp_path / "c.rec"))
+    assert read_pack_info(tmp_path / "c.rec").matches_rec
+    with open(tmp_path / "c.rec", "ab") as f:
+        f.write(b"\0" * 4)
+    assert not read_pack_info(tmp_path / "c.rec").matches_rec          # the .rec changed since it was written
+    assert read_pack_info(tmp_path / "none.rec") is None               # im2rec's files have none
+    pack_info_path(tmp_path / "c.rec").write_text('{"format": "mxtransfer.pack/1", "records": "9"}')
+    with pytest.raises(PackInfoError, match=r"c\.pack\.json: 'rec' must be str"):
+        read_pack_info(tmp_path / "c.rec")
+    pack_info_path(tmp_path / "c.rec").write_text("{")
+    with pytest.raises(PackInfoError, match=r"c\.pack\.json: not a readable pack sidecar"):
+        read_pack_info(tmp_path / "c.rec")
+
+
+def test_pack_sidecar_multi_label_and_non_integer_labels(tmp_path):
+    from recbuild.packinfo import read_pack_info
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(root / f"{i}.png"), fx.coded(10, 12, 0, i))
+    (tmp_path / "m.lst").write_text("".join(f"{i}\t{i % 2:f}\t{i * 0.1:f}\t{i}.png\n" for i in range(5)))
+    (tmp_path / "f.lst").write_text("".join(f"{i}\t{i * 0.1:f}\t{i}.png\n" for i in range(5)))
+    fx.run_recbuild("--pack-label", "--pass-through", "--num-thread", "1", "--no-progress", str(tmp_path / "m"),
+                    str(root))
+    fx.run_recbuild("--encoding", ".png", "--color", "-1", "--num-thread", "1", "--no-progress",
+                    str(tmp_path / "f"), str(root))
+    multi = read_pack_info(tmp_path / "m.rec")
+    reader = mx.recordio.MXIndexedRecordIO(str(tmp_path / "m.idx"), str(tmp_path / "m.rec"), "r")
+    header = mx.recordio.unpack(reader.read_idx(3))[0]
+    assert multi.label_width == header.flag == 2 and multi.class_counts == [3, 2] and multi.records == 5
+    assert multi.transform["pass_through"] is True
+    frac = read_pack_info(tmp_path / "f.rec")
+    assert frac.class_counts is None and frac.transform["color"] == -1 and frac.transform["encoding"] == ".png"
+    from recbuild.integrity import verify_rec
+    for name in ("m", "f"):                 # labels like 0.1 are stored as float32 and still match the list
+        res = verify_rec(tmp_path / f"{name}.rec", progress=False)
+        assert res.ok and res.readable == 5, [p.message for p in res.problems]

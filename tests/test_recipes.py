@@ -26,6 +26,7 @@ from train.data import DataError
 from train.fit import TrainError, fit
 from train.recipes import ensemble, features, fusion, pseudo, sampling, stages
 from train.recipes.__main__ import main as recipes_main
+from recbuild.integrity import verify_rec
 
 CLASSES = ["red", "green", "blue"]
 
@@ -380,6 +381,42 @@ def test_pseudo_labels_add_confident_test_records_and_report_the_change(data):
     assert (tmp / "pl-0008.params").is_file() and load_sidecar(tmp / "pl").class_names == CLASSES
 
 
+def test_pseudo_rec_keeps_train_records_relabels_kept_test_records_and_passes_verify(tmp_path):
+    plain = write_rec(tmp_path / "plain.rec", 3, 4)
+    # Keys and ids as im2rec writes a shuffled list: record i carries id = key = ids[i], not i.
+    ids = [7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6]
+    train = tmp_path / "a_train.rec"
+    reader = mx.recordio.MXIndexedRecordIO(str(plain.with_suffix(".idx")), str(plain), "r")
+    writer = mx.recordio.MXIndexedRecordIO(str(train.with_suffix(".idx")), str(train), "w")
+    for i, key in enumerate(ids):
+        header, image = mx.recordio.unpack(reader.read_idx(i))
+        writer.write_idx(key, mx.recordio.pack(header._replace(id=key), image))
+    writer.close()
+    test = write_rec(tmp_path / "t.rec", 3, 2, seed=5, labels=[0.0] * 6)
+    probs = np.full((6, 3), 0.1)
+    probs[[1, 4], [2, 1]] = 0.8                                     # test records 1 and 4 are confident
+    for stale in ("p_train.pack.json", "p_train.crc32"):          # left by an earlier pack under the same name
+        (tmp_path / stale).write_text("{}")
+    report = pseudo.write_pseudo_rec(train, test, probs, 0.5, tmp_path / "p_train.rec", class_names=["a", "b", "c"])
+    assert not (tmp_path / "p_train.pack.json").exists() and not (tmp_path / "p_train.crc32").exists()
+    assert report["added"] == 2 and report["kept_index"] == [1, 4]
+    res = verify_rec(tmp_path / "p_train.rec", progress=False)
+    assert res.ok and res.records == 14, [p.message for p in res.problems]
+    out = mx.recordio.MXIndexedRecordIO(str(tmp_path / "p_train.idx"), str(tmp_path / "p_train.rec"), "r")
+    src = mx.recordio.MXIndexedRecordIO(str(plain.with_suffix(".idx")), str(plain), "r")
+    tst = mx.recordio.MXIndexedRecordIO(str(test.with_suffix(".idx")), str(test), "r")
+    assert list(out.keys) == list(range(14))
+    for key in range(14):
+        header, image = mx.recordio.unpack(out.read_idx(key))
+        assert header.id == key
+        if key < 12:
+            ref_header, ref_image = mx.recordio.unpack(src.read_idx(key))
+            assert (header.label, image) == (ref_header.label, ref_image)
+        else:
+            i = [1, 4][key - 12]
+            assert header.label == probs[i].argmax() and image == mx.recordio.unpack(tst.read_idx(i))[1]
+
+
 # ---- 6. class-balanced sampling -----------------------------------------------------------------------------------
 def _labels_through_image_record_iter(rec):
     it = mx.io.ImageRecordIter(path_imgrec=str(rec), data_shape=(3, 16, 16), batch_size=4, round_batch=False)
@@ -396,6 +433,7 @@ def test_class_balanced_epochs_really_balance(tmp_path):
     totals = np.zeros(3)
     for epoch in range(4):
         path = provider(epoch)
+        assert verify_rec(path, progress=False).ok, verify_rec(path, progress=False).problems  # ids = keys
         got = _labels_through_image_record_iter(path)
         assert len(got) == 60  # same epoch size as the plain run
         counts = np.bincount(got.astype(int), minlength=3)
@@ -456,7 +494,7 @@ def test_record_offsets_match_the_index_mx_recordio_wrote(tmp_path):
     for path, idx in ((rec, rec.with_suffix(".idx")), (tmp_path / "m.rec", tmp_path / "m.idx")):
         expected = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
         assert sampling.record_offsets(path) == expected
-    reader = sampling.RecordReader(tmp_path / "m.rec", tmp_path / "scratch")
+    reader = sampling.RecordReader(tmp_path / "m.rec")
     assert [reader.read(i) for i in (3, 1, 0)] == [payloads[3], payloads[1], payloads[0]]
     (tmp_path / "cut.rec").write_bytes(rec.read_bytes()[:-30])
     with pytest.raises(DataError, match="cut.rec: truncated record at byte"):

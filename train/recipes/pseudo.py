@@ -5,8 +5,9 @@
 
 1. The model PREFIX-EPOCH predicts every record of the test .rec (file order; `--mirror` averages with the
    mirror image). Records whose top probability is >= the threshold are kept with that class as label.
-2. OUT_PREFIX_train.rec (+ .idx, + class map) is written atomically with mx.recordio: every training record
-   unchanged, then the kept test records (their encoded image bytes untouched, label replaced, new ids).
+2. OUT_PREFIX_train.rec (+ .idx, + class map) is written atomically with recbuild.recordio: every training
+   record (labels and image bytes unchanged), then the kept test records (image bytes untouched, label
+   replaced); keys are 0..n-1 and every header id equals its key.
    OUT_PREFIX_pseudo.csv lists the kept test ids, labels and confidences.
 3. The model is retrained with the configuration of the run that made it (PREFIX-config.json, written by
    `python -m train` and by the feature cache), with only the training .rec and the prefix changed, by the
@@ -24,16 +25,17 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
-import mxnet as mx
 import numpy as np
 
 from recbuild.classmap import write_class_map
-from recbuild.atomic import atomic_open, atomic_path, write_json
+from recbuild.atomic import atomic_open, write_json
+from recbuild.recordio import RecordIOError, RecordWriter, iter_records, pack_header, unpack_header
 from train import config as train_config
 from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
 from train.recipes.ensemble import batch_for, predict_rec
+from train.recipes.sampling import remove_stale_companions, with_record_id
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ def write_pseudo_rec(train_rec, test_rec, test_probs: np.ndarray, threshold: flo
                      class_names=None) -> dict:
     """Write OUT_REC = train records + test records with top probability >= threshold (label = argmax).
 
-    Both inputs are streamed record by record (nothing but the predictions is held in memory).
+    Both inputs are streamed record by record (nothing but the predictions is held in memory). Keys are 0..n-1
+    and every header id equals its key (so `python -m recbuild verify` passes); train records keep their labels
+    and image bytes, kept test records get one label, the predicted class. Written with recbuild.recordio.
     """
     confidence = test_probs.max(axis=1)
     predicted = test_probs.argmax(axis=1)
@@ -75,36 +79,37 @@ def write_pseudo_rec(train_rec, test_rec, test_probs: np.ndarray, threshold: flo
     keep = set(int(i) for i in kept)
     out_rec = Path(out_rec)
     counts = {"train": 0, "test": 0}
-    with atomic_path(out_rec) as tmp_rec, atomic_path(out_rec.with_suffix(".idx")) as tmp_idx:
-        writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
-        key = 0
+    with atomic_open(out_rec, "wb") as rec_handle:
+        writer = RecordWriter(rec_handle)
         for which, path in (("train", train_rec), ("test", test_rec)):
-            reader = mx.recordio.MXRecordIO(str(path), "r")
-            try:
-                while True:
-                    payload = reader.read()
-                    if payload is None:
-                        break
-                    position = counts[which]
-                    counts[which] += 1
-                    if which == "test":
-                        if position not in keep:
-                            continue
-                        _, image = mx.recordio.unpack(payload)
-                        payload = mx.recordio.pack(mx.recordio.IRHeader(0, float(predicted[position]), key, 0),
-                                                   image)
-                    writer.write_idx(key, payload)
-                    key += 1
-            finally:
-                reader.close()
-        writer.close()
+            for position, payload in _records_of(Path(path)):
+                counts[which] += 1
+                key = len(writer.index)
+                if which == "train":
+                    writer.write(key, with_record_id(payload, key))
+                elif position in keep:
+                    _, image = unpack_header(payload)
+                    writer.write(key, pack_header([float(predicted[position])], key, False) + image)
         if counts["test"] != len(test_probs):
             raise TrainError(f"{test_rec}: {counts['test']} records but {len(test_probs)} predictions")
+        remove_stale_companions(out_rec)            # an older .idx / pack sidecar must not describe the new .rec
+    with atomic_open(out_rec.with_suffix(".idx"), "w", encoding="ascii", newline="\n") as idx_handle:
+        writer.write_index(idx_handle)
     if class_names:
         write_class_map(out_rec.with_suffix(""), class_names)
     return {"train_records": counts["train"], "test_records": counts["test"], "added": int(len(kept)),
             "kept_index": kept.tolist(), "kept_label": predicted[kept].tolist(),
             "kept_confidence": confidence[kept].tolist()}
+
+
+def _records_of(path: Path):
+    """(position, payload) of every record of a .rec in file order; a damaged file is a TrainError naming it."""
+    try:
+        with open(path, "rb") as handle:
+            for position, (_, payload) in enumerate(iter_records(handle, path.stat().st_size)):
+                yield position, payload
+    except (OSError, RecordIOError) as err:
+        raise TrainError(f"{path}: cannot read records ({err})") from None
 
 
 def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: float = DEFAULT_THRESHOLD,
