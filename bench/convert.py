@@ -26,9 +26,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from tools import caffe_pb2
+from tools.caffe_converter import caffe_pb2
 from recbuild.atomic import atomic_path, write_json
-from tools.caffe_io import write_caffemodel, write_prototxt
+from tools.caffe_converter.caffe_io import write_caffemodel, write_prototxt
 
 CACHE = Path(".cache/bench")
 TIME_TARGET, RSS_TARGET = 0.25, 0.5  # ours / theirs, from issue 3

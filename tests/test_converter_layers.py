@@ -8,9 +8,9 @@ import pytest
 
 from tests._caffe_nets import NetBuilder
 from tools.caffe_converter import convert
-from tools.caffe_io import V1_TYPE_NAMES, CaffeFormatError, to_v1
-from tools.caffe_layers import LAYER_CONVERTERS
-from tools.verify import run_mxnet, verify_conversion
+from tools.caffe_converter.caffe_io import V1_TYPE_NAMES, CaffeFormatError, to_v1
+from tools.caffe_converter.layers import LAYER_CONVERTERS
+from tools.caffe_converter.opencv_check import run_mxnet, verify_conversion
 
 TOLERANCE = 1e-4  # relative to the largest reference value; float32 nets agree to ~1e-6
 

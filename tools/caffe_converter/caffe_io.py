@@ -26,15 +26,12 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from tools import caffe_pb2
+from tools.caffe_converter import caffe_pb2
+from tools.caffe_converter.errors import CaffeFormatError
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CaffeFormatError(ValueError):
-    """A Caffe file that cannot be read or does not match its counterpart. The message is one line."""
 
 
 # Layers that only exist for training; a deploy model never needs them.

@@ -2,14 +2,12 @@
 
 Each `convert_<type>(layer, inputs)` is a small pure function: it reads the layer's Caffe settings, checks
 its weights against the shapes the inputs imply, and returns the MXNet symbols for its tops plus the
-parameters they need. The walker in tools/caffe_converter.py knows no layer type; it looks a type up in
-`LAYER_CONVERTERS` and nothing else.
+parameters they need. The walker (graph.py) knows no layer type; it looks a type up in `LAYER_CONVERTERS`
+and nothing else. `caffe_pool_size` is Caffe's pooling-window rule, the one home of it (the ONNX export
+checks its pooling against it too).
 
 MXNet's defaults differ from Caffe's in several places (pooling rounding, BatchNorm eps, Deconvolution's
 bias); each converter sets those arguments explicitly and says why.
-
-A second, smaller table, `INPUT_CHANNEL_FLIPS`, says how a layer that reads the (BGR) image directly has its
-weights reordered so that the converted model takes RGB.
 """
 from __future__ import annotations
 
@@ -21,15 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from tools import caffe_pb2
-from tools.caffe_io import CaffeFormatError, Layer
+from tools.caffe_converter import caffe_pb2
+from tools.caffe_converter.caffe_io import Layer
+from tools.caffe_converter.errors import CaffeFormatError, UnsupportedLayerError
 
 Shape = Tuple[int, ...]
 log = logging.getLogger(__name__)
-
-
-class UnsupportedLayerError(ValueError):
-    """A layer (or a setting of a layer) this converter cannot express in MXNet. One-line message."""
 
 
 @dataclass
@@ -611,14 +606,8 @@ def convert_tanh(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([mx.sym.Activation(inputs[0].sym, act_type="tanh", name=layer.name)])
 
 
-def convert_input(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Input layers are read by caffe_io into the net's input map; the walker creates the `data` variable."""
-    raise _fail(layer, "Input layers are handled when the net is loaded")  # pragma: no cover - never reached
-
-
 # The one table. Keys are Caffe type names (V1 enum names are translated when the net is loaded).
 LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
-    "Input": convert_input,
     "Convolution": convert_convolution,
     "Deconvolution": convert_deconvolution,
     "Pooling": convert_pooling,
@@ -645,76 +634,4 @@ LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Softmax": convert_softmax,
     "Permute": convert_permute,
     "Normalize": convert_normalize,
-}
-
-
-# ---- BGR -> RGB: reorder the weights of the layers that read the image --------------------------------
-def _flip0(blobs: List[np.ndarray], indices: Sequence[int]) -> List[np.ndarray]:
-    return [np.ascontiguousarray(b[::-1]) if i in indices else b for i, b in enumerate(blobs)]
-
-
-def flip_convolution(layer: Layer) -> bool:
-    """Reverse the weight's input-channel axis; the output no longer depends on the channel order."""
-    if layer.param.convolution_param.group != 1:
-        raise _fail(layer, "reads the image with group > 1; cannot reorder its channels for RGB input "
-                           "(use --keep-bgr)")
-    layer.blobs = [np.ascontiguousarray(layer.blobs[0][:, ::-1])] + list(layer.blobs[1:])
-    return False
-
-
-def flip_deconvolution(layer: Layer) -> bool:
-    """Deconvolution weights are (C_in, C_out / group, ...): reverse the input-channel axis 0."""
-    if layer.param.convolution_param.group != 1:
-        raise _fail(layer, "reads the image with group > 1; cannot reorder its channels for RGB input "
-                           "(use --keep-bgr)")
-    layer.blobs = [np.ascontiguousarray(layer.blobs[0][::-1])] + list(layer.blobs[1:])
-    return False
-
-
-def flip_innerproduct(layer: Layer) -> bool:
-    """Reverse the channel axis inside the flattened (C, H, W) input dimension of the weight."""
-    p = layer.param.inner_product_param
-    if p.axis != 1 or p.transpose:
-        raise _fail(layer, "reads the image with axis != 1 or transpose; use --keep-bgr")
-    w = layer.blobs[0]
-    n = w.shape[0] if w.ndim == 2 else w.shape[-2]
-    w3 = w.reshape(n, 3, -1)
-    layer.blobs = [np.ascontiguousarray(w3[:, ::-1]).reshape(w.shape)] + list(layer.blobs[1:])
-    return False
-
-
-def flip_per_channel(layer: Layer) -> bool:
-    """Per-channel parameters (mean/var, scale/bias, slopes) follow the channels; the output stays reversed."""
-    if layer.type == "BatchNorm":
-        layer.blobs = _flip0(layer.blobs, (0, 1))
-        fused = layer.fused_scale
-        if fused is not None:
-            fused.blobs = _flip0(fused.blobs, (0, 1))
-    elif layer.type in ("Scale", "Bias"):
-        p = layer.param.scale_param if layer.type == "Scale" else layer.param.bias_param
-        if p.axis != 1 or p.num_axes != 1 or len(layer.bottoms) != 1:
-            raise _fail(layer, "reads the image with a scale that is not per channel; use --keep-bgr")
-        layer.blobs = _flip0(layer.blobs, (0, 1))
-    elif layer.type == "PReLU":
-        if not layer.param.prelu_param.channel_shared:
-            layer.blobs = _flip0(layer.blobs, (0,))
-    return True
-
-
-def _passthrough(layer: Layer) -> bool:
-    """Element-wise or channel-symmetric layers: the output keeps the input's channel order."""
-    return True
-
-
-INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
-    "Convolution": flip_convolution,
-    "Deconvolution": flip_deconvolution,
-    "InnerProduct": flip_innerproduct,
-    "BatchNorm": flip_per_channel,
-    "Scale": flip_per_channel,
-    "Bias": flip_per_channel,
-    "PReLU": flip_per_channel,
-    "ReLU": _passthrough, "ELU": _passthrough, "Sigmoid": _passthrough, "TanH": _passthrough,
-    "AbsVal": _passthrough, "Power": _passthrough, "Dropout": _passthrough, "Split": _passthrough,
-    "Pooling": _passthrough, "LRN": _passthrough,
 }

@@ -127,7 +127,7 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
 
     Args:
         prototxt, caffemodel: the Caffe files the result was converted from.
-        result: tools.caffe_converter.ConversionResult.
+        result: tools.caffe_converter.pipeline.ConversionResult.
         layers: compare every converted layer, not only the outputs.
         tolerance: max accepted relative difference.
         inputs: Caffe-order (BGR) inputs keyed by MXNet input name; default: `random_inputs`.

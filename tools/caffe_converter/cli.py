@@ -1,0 +1,84 @@
+"""`python -m tools.caffe_converter`: the command line (MXNet's convert_model.py arguments, plus options).
+
+    python -m tools.caffe_converter deploy.prototxt weights.caffemodel out/model/vgg16 [--verify]
+
+Parses the arguments, calls pipeline.convert, prints a one-paragraph summary and, with --verify, the OpenCV
+comparison (opencv_check is imported only then). Exit status: 0 done, 1 verification failed, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
+from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
+from tools.caffe_converter.pipeline import convert
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.caffe_converter",
+        description="Convert a Caffe model (prototxt + caffemodel, V1 or current format) into an MXNet checkpoint "
+                    "PREFIX-symbol.json + PREFIX-0000.params and a preprocessing sidecar PREFIX-preprocess.json.")
+    parser.add_argument("prototxt", help="the deploy prototxt")
+    parser.add_argument("caffemodel", help="the binary caffemodel")
+    parser.add_argument("prefix", help="output checkpoint prefix (convert_model.py's save_model_name)")
+    parser.add_argument("--keep-bgr", action="store_true",
+                        help="keep Caffe's BGR input; by default the model is converted to take RGB")
+    parser.add_argument("--mean-file", help="Caffe mean.binaryproto, recorded in the sidecar as PREFIX-mean.npy")
+    parser.add_argument("--mean", type=_floats,
+                        help="per-channel mean in the Caffe model's order (BGR), e.g. 104,117,123")
+    parser.add_argument("--std", type=_floats, help="per-channel std in the Caffe model's order (BGR)")
+    parser.add_argument("--scale", type=float, help="input scale after mean/std (default: transform_param or 1)")
+    parser.add_argument("--output-layer", action="append", metavar="NAME",
+                        help="cut the net at this layer or blob (repeat for several outputs)")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare the outputs with OpenCV's Caffe importer on random input")
+    parser.add_argument("--verify-layers", action="store_true", help="compare every layer with OpenCV")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"max relative difference accepted by --verify (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--strict", action="store_true", help="fail instead of skipping training-only layers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every layer")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    try:
+        result = convert(args.prototxt, args.caffemodel, args.prefix, keep_bgr=args.keep_bgr,
+                         mean_file=args.mean_file, mean=args.mean, std=args.std, scale=args.scale,
+                         output_layer=args.output_layer, strict=args.strict)
+    except (CaffeFormatError, ConversionError, UnsupportedLayerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    pre = result.preprocess
+    n_params = sum(int(v.size) for v in result.arg_arrays.values()) + \
+        sum(int(v.size) for v in result.aux_arrays.values())
+    print(f"converted {args.prototxt} + {args.caffemodel} -> {args.prefix}-symbol.json, {args.prefix}-0000.params "
+          f"in {elapsed:.1f} s: {n_params / 1e6:.2f} M parameters, outputs {result.output_blobs}, input "
+          f"{pre.input_shape} {pre.channel_order}, mean {pre.mean}, scale {pre.scale}, classifier {pre.classifier} "
+          f"({pre.num_classes} classes, fed by {pre.feature_output}); {len(result.skipped)} layer(s) skipped"
+          + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped))
+    if args.verify or args.verify_layers:
+        from tools.caffe_converter.opencv_check import verify_conversion
+        report = verify_conversion(args.prototxt, args.caffemodel, result, layers=args.verify_layers,
+                                   tolerance=args.tolerance)
+        print(report.format())
+        if not report.ok:
+            print(f"error: verification failed: relative difference above {args.tolerance:g}", file=sys.stderr)
+            return 1
+    return 0
+
