@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
-from tools.caffe_converter.pipeline import convert
+from tools.caffe_converter.pipeline import convert, discard_staged, publish_staged, stage_checkpoint
+from tools.caffe_converter.sizes import describe
 
 
 def _floats(text: str) -> List[float]:
@@ -43,42 +44,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-layer", action="append", metavar="NAME",
                         help="cut the net at this layer or blob (repeat for several outputs)")
     parser.add_argument("--verify", action="store_true",
-                        help="compare the outputs with OpenCV's Caffe importer on random input")
-    parser.add_argument("--verify-layers", action="store_true", help="compare every layer with OpenCV")
+                        help="re-load the written files with mx.model.load_checkpoint and compare their outputs with "
+                             "OpenCV's Caffe importer on random input; the files are published only if they agree")
+    parser.add_argument("--verify-layers", action="store_true", help="--verify, and compare every layer with OpenCV")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"max relative difference accepted by --verify (default {DEFAULT_TOLERANCE:g})")
-    parser.add_argument("--strict", action="store_true", help="fail instead of skipping training-only layers")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail instead of skipping training-only layers or ignoring caffemodel weights for "
+                             "layers the prototxt does not define")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     return parser
+
+
+def summary(args: argparse.Namespace, result, elapsed: float) -> str:
+    """The conversion summary: files, parameters, outputs, preprocessing, accepted sizes, what was left out."""
+    pre = result.preprocess
+    n_params = sum(int(v.size) for v in result.arg_arrays.values()) + \
+        sum(int(v.size) for v in result.aux_arrays.values())
+    return (f"converted {args.prototxt} + {args.caffemodel} -> {args.prefix}-symbol.json, {args.prefix}-0000.params "
+            f"in {elapsed:.1f} s: {n_params / 1e6:.2f} M parameters, outputs {result.output_blobs}, input "
+            f"{pre.input_shape} {pre.channel_order}, mean {pre.mean}, scale {pre.scale}, classifier {pre.classifier} "
+            f"({pre.num_classes} classes, fed by {pre.feature_output}), input sizes: "
+            f"{describe(pre.source.get('input_sizes'))}; {len(result.skipped)} layer(s) skipped"
+            + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped)
+            + (f"\n  ignored the caffemodel's weights for {len(result.unused_weights)} layer(s) the prototxt does "
+               f"not define: {', '.join(result.unused_weights)}" if result.unused_weights else ""))
+
+
+def _verify_and_publish(args: argparse.Namespace, result) -> int:
+    """Stage the files, check the staged files (and, with --verify-layers, every layer) against OpenCV, and
+    publish them only when every difference is within tolerance; otherwise remove them."""
+    from tools.caffe_converter.opencv_check import verify_conversion, verify_files
+    staging = stage_checkpoint(args.prefix, result)
+    try:
+        report = verify_files(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance)
+        if args.verify_layers:
+            report.rows += verify_conversion(args.prototxt, args.caffemodel, result, layers=True,
+                                             tolerance=args.tolerance).rows
+    except BaseException:
+        discard_staged(staging)
+        raise
+    print(report.format())
+    if not report.ok:
+        discard_staged(staging)
+        print(f"error: verification failed: relative difference above {args.tolerance:g}; nothing written to "
+              f"{args.prefix}-*", file=sys.stderr)
+        return 1
+    publish_staged(staging, args.prefix)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     start = time.perf_counter()
+    verify = args.verify or args.verify_layers
     try:
-        result = convert(args.prototxt, args.caffemodel, args.prefix, keep_bgr=args.keep_bgr,
+        result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,
                          mean_file=args.mean_file, mean=args.mean, std=args.std, scale=args.scale,
                          output_layer=args.output_layer, strict=args.strict)
     except (CaffeFormatError, ConversionError, UnsupportedLayerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    elapsed = time.perf_counter() - start
-    pre = result.preprocess
-    n_params = sum(int(v.size) for v in result.arg_arrays.values()) + \
-        sum(int(v.size) for v in result.aux_arrays.values())
-    print(f"converted {args.prototxt} + {args.caffemodel} -> {args.prefix}-symbol.json, {args.prefix}-0000.params "
-          f"in {elapsed:.1f} s: {n_params / 1e6:.2f} M parameters, outputs {result.output_blobs}, input "
-          f"{pre.input_shape} {pre.channel_order}, mean {pre.mean}, scale {pre.scale}, classifier {pre.classifier} "
-          f"({pre.num_classes} classes, fed by {pre.feature_output}); {len(result.skipped)} layer(s) skipped"
-          + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped))
-    if args.verify or args.verify_layers:
-        from tools.caffe_converter.opencv_check import verify_conversion
-        report = verify_conversion(args.prototxt, args.caffemodel, result, layers=args.verify_layers,
-                                   tolerance=args.tolerance)
-        print(report.format())
-        if not report.ok:
-            print(f"error: verification failed: relative difference above {args.tolerance:g}", file=sys.stderr)
-            return 1
-    return 0
-
+    print(summary(args, result, time.perf_counter() - start))
+    return _verify_and_publish(args, result) if verify else 0

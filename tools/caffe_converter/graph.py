@@ -42,6 +42,12 @@ def wire(net: CaffeNet) -> Tuple[Reads, Dict[str, Value]]:
     return reads, env
 
 
+def probe_inputs(input_shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+    """The input shapes at twice the declared spatial size, to tell size-dependent shapes from fixed ones."""
+    return {k: (tuple(v[:2]) + tuple(2 * d for d in v[2:]) if len(v) > 2 else tuple(v))
+            for k, v in input_shapes.items()}
+
+
 def _check_supported(net: CaffeNet, order: Sequence[int]) -> None:
     unknown = [net.layers[i] for i in order if net.layers[i].type not in LAYER_CONVERTERS]
     if unknown:
@@ -60,7 +66,7 @@ def convert_net(net: CaffeNet, keep_bgr: bool = False, output_layer: Optional[Se
         net: from caffe_io.load_net (with weights).
         keep_bgr: keep Caffe's BGR input order instead of reordering the first layers' weights for RGB.
         output_layer: cut the net at these layers/blobs instead of at its final outputs.
-        strict: turn skipped layers into an error.
+        strict: turn skipped layers and ignored caffemodel weights into an error.
 
     Returns:
         dict with symbol, arg/aux numpy dicts, input shapes, outputs, per-layer symbols and notes.
@@ -68,6 +74,10 @@ def convert_net(net: CaffeNet, keep_bgr: bool = False, output_layer: Optional[Se
     if strict and net.skipped:
         raise ConversionError(f"{net.prototxt}: --strict and {len(net.skipped)} layer(s) would be skipped: "
                               f"{[(n, t) for n, t, _ in net.skipped][:5]}")
+    if strict and net.unused_weights:
+        raise ConversionError(f"{net.caffemodel}: --strict and the caffemodel holds weights for "
+                              f"{len(net.unused_weights)} layer(s) {net.prototxt} does not define: "
+                              f"{net.unused_weights[:5]}")
     reads, env = wire(net)
     outputs = passes.select_outputs(net, reads, env, output_layer)
     order = passes.needed(reads, outputs)
@@ -90,7 +100,8 @@ def convert_net(net: CaffeNet, keep_bgr: bool = False, output_layer: Optional[Se
         log.info("input has shape %s (not 3 channels): channel order left as is", data_shape)
     flipped = passes.swap_to_rgb(net, reads, order, outputs, data_name) if swap else []
 
-    values: Dict[Value, Tensor] = {("in", n): Tensor(mx.sym.Variable(mx_names[n]), tuple(net.inputs[n]))
+    probe = probe_inputs(input_shapes)
+    values: Dict[Value, Tensor] = {("in", n): Tensor(mx.sym.Variable(mx_names[n]), tuple(net.inputs[n]), probe)
                                    for n in input_names}
     walked = _walk(net, reads, order, values, input_shapes)
     out_syms = [values[v].sym for _, v in outputs]
@@ -119,7 +130,7 @@ def _walk(net: CaffeNet, reads: Reads, order: Sequence[int], values: Dict[Value,
             outs = _convert_layer(layer, ins, args, aux)
         shapes = _infer(layer, outs, ins, input_shapes)
         for k, (sym, shape) in enumerate(zip(outs, shapes)):
-            values[(i, k)] = Tensor(sym, tuple(shape))
+            values[(i, k)] = Tensor(sym, tuple(shape), values[reads[i][0]].probe_inputs if reads[i] else None)
         if ins:
             feeds[layer.name] = ins[0].sym.list_outputs()[0]
         if layer.fused_scale is None:  # a BatchNorm with a folded Scale computes the Scale's output, not its own

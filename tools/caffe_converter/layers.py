@@ -27,12 +27,32 @@ Shape = Tuple[int, ...]
 log = logging.getLogger(__name__)
 
 
+def infer_quietly(sym: mx.sym.Symbol, **shapes):
+    """sym.infer_shape without the argument dump MXNet prints before re-raising: a probe is expected to fail."""
+    return sym._infer_shape_impl(False, **shapes)  # the implementation infer_shape wraps in that print
+
+
 @dataclass
 class Tensor:
-    """A Caffe blob during conversion: the MXNet symbol computing it and its shape (batch included)."""
+    """A Caffe blob during conversion: the MXNet symbol computing it and its shape (batch included).
+
+    `probe_inputs` are the net's input shapes at another spatial size (twice the declared one); a converter
+    that must know whether a shape depends on the input size asks `probe_shape()` (None: the net cannot run
+    at that size, a fixed-size net).
+    """
 
     sym: mx.sym.Symbol
     shape: Shape
+    probe_inputs: Optional[Dict[str, Shape]] = None
+
+    def probe_shape(self) -> Optional[Shape]:
+        if not self.probe_inputs:
+            return None
+        wanted = {k: v for k, v in self.probe_inputs.items() if k in set(self.sym.list_arguments())}
+        try:
+            return tuple(infer_quietly(self.sym, **wanted)[1][0])
+        except mx.base.MXNetError:
+            return None
 
 
 @dataclass
@@ -66,7 +86,9 @@ def take_blobs(layer: Layer, specs: Sequence[Tuple[str, Shape]]) -> List[np.ndar
         raise CaffeFormatError(
             f"layer '{layer.name}' ({layer.type}): the caffemodel has {len(layer.blobs)} weight blob(s), "
             f"expected {len(specs)} ({roles})"
-            + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else ""))
+            + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else "")
+            + (f" (it has unused weights for {list(layer.unused_weights)[:5]})"
+               if not layer.blobs and layer.unused_weights else ""))
     out = []
     for i, (blob, (role, shape)) in enumerate(zip(layer.blobs, specs)):
         shape = tuple(int(d) for d in shape)
@@ -97,6 +119,18 @@ def _pairs(layer: Layer, repeated: Sequence[int], h: int, w: int, has_hw: bool, 
     if len(repeated) != ndim:
         raise _fail(layer, f"{len(repeated)} {what} values for {ndim} spatial axes")
     return tuple(int(v) for v in repeated)
+
+
+def _reshape_checked(x: mx.sym.Symbol, shape: Shape, keep_batch: bool, name: str) -> mx.sym.Symbol:
+    """Reshape to a fully known `shape` so that another input size fails at bind time.
+
+    MXNet 1.9's reshape does not check the element count when its target holds a 0 (copy) and no -1: bound at
+    another size it returns a wrong shape and then reads past its buffer (a segfault). reshape_like against a
+    constant of the target shape checks the count; the batch axis stays free when Caffe copies it.
+    """
+    ref = mx.sym.zeros(shape=(1,) + tuple(shape[1:]) if keep_batch else tuple(shape), name=f"{name}_shape")
+    begin = 1 if keep_batch else 0
+    return mx.sym.reshape_like(x, ref, lhs_begin=begin, rhs_begin=begin, name=name)
 
 
 def _var(name: str, shape: Shape) -> mx.sym.Symbol:
@@ -302,18 +336,26 @@ def convert_elu(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_flatten(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Merge axes axis..end_axis into one; the batch axis is copied (0) so any batch size works."""
+    """Merge axes axis..end_axis into one, at any input size.
+
+    Each merge of two neighbouring axes is a reshape (0,)*axis + (-3, -2): -3 multiplies the two axes MXNet is
+    given, -2 copies the rest, so no size is written into the symbol (Reshape(0, N) would tie the model to
+    the prototxt's input size).
+    """
     p = layer.param.flatten_param
     shape = inputs[0].shape
     axis = _axis(layer, p.axis, len(shape))
     end = _axis(layer, p.end_axis, len(shape))
     if end < axis:
         raise _fail(layer, f"end_axis {p.end_axis} comes before axis {p.axis}")
-    merged = int(np.prod(shape[axis:end + 1]))
-    target = [0] * axis + [merged] + list(shape[end + 1:])
-    if axis == 0:
-        target[0] = -1
-    return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+    out = inputs[0].sym
+    merges = end - axis
+    if merges == 0:
+        return Converted([mx.sym.identity(out, name=layer.name)])
+    for i in range(merges):
+        out = mx.sym.reshape(out, shape=(0,) * axis + (-3, -2),
+                             name=layer.name if i == merges - 1 else f"{layer.name}_merge{i}")
+    return Converted([out])
 
 
 def convert_innerproduct(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -408,6 +450,22 @@ def caffe_pool_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -
     return out
 
 
+def pooling_window(layer: Layer, nd: int) -> Tuple[Shape, Shape, Shape, bool]:
+    """(kernel, stride, pad, rounds up) of a windowed (not global) Caffe Pooling over `nd` spatial axes."""
+    p = layer.param.pooling_param
+    kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
+                    p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
+    if min(kernel) <= 0:
+        raise _fail(layer, "no kernel size given (and global_pooling is off)")
+    stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
+                    p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
+    pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
+                 p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
+    if any(pd >= k for pd, k in zip(pad, kernel)):
+        raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
+    return kernel, stride, pad, p.round_mode == caffe_pb2.PoolingParameter.CEIL
+
+
 def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     """MAX and AVE pooling, global or windowed, with Caffe's exact output size.
 
@@ -426,17 +484,7 @@ def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     if p.global_pooling:
         sym = mx.sym.Pooling(x.sym, name=layer.name, kernel=(1,) * nd, pool_type=pool_type, global_pool=True)
         return Converted([sym])
-    kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
-                    p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
-    if min(kernel) <= 0:
-        raise _fail(layer, "no kernel size given (and global_pooling is off)")
-    stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
-                    p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
-    pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
-                 p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
-    if any(pd >= k for pd, k in zip(pad, kernel)):
-        raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
-    ceil = p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    kernel, stride, pad, ceil = pooling_window(layer, nd)
     spatial = x.shape[2:]
     want = [caffe_pool_size(s, k, st, pd, ceil) for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     full = [int(math.ceil((s + 2 * pd - k) / st)) + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
@@ -485,14 +533,9 @@ def convert_relu(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([mx.sym.Activation(inputs[0].sym, act_type="relu", name=layer.name)])
 
 
-def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Caffe Reshape (0 copies an axis, -1 is inferred, axis/num_axes select the part replaced).
-
-    The output shape is resolved here from the known input shape; the batch axis is written as 0 (copy)
-    when Caffe keeps it, so the model still accepts any batch size.
-    """
+def _reshape_target(layer: Layer, shape: List[int]) -> Tuple[int, int, List[int], List[int]]:
+    """(start, end, spec, resolved output shape) of a Caffe Reshape on an input of `shape`."""
     p = layer.param.reshape_param
-    shape = list(inputs[0].shape)
     ndim = len(shape)
     start = p.axis if p.axis >= 0 else ndim + 1 + p.axis
     if not 0 <= start <= ndim:
@@ -520,9 +563,25 @@ def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
         out[out.index(-1)] = total // known
     if int(np.prod(out)) != int(np.prod(shape)):
         raise _fail(layer, f"cannot reshape {tuple(shape)} into {tuple(out)}")
-    keeps_batch = start > 0 or (spec and spec[0] == 0)
-    target = ([0] + out[1:]) if keeps_batch else out
-    return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+    return start, end, spec, out
+
+
+def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Caffe Reshape (0 copies an axis, -1 is inferred, axis/num_axes select the part replaced).
+
+    Caffe's 0 and -1 mean what MXNet's do as long as every dimension before them maps to one input axis, so
+    the spec is passed on with the axes before `axis` copied: the model reshapes at any input size, as Caffe
+    does. A spec without -1, or one whose replaced axes are followed by kept ones of a different count, is
+    resolved to the declared shape and checked at bind time (`_reshape_checked`).
+    """
+    shape = list(inputs[0].shape)
+    start, end, spec, out = _reshape_target(layer, shape)
+    keeps_batch = start > 0 or (bool(spec) and spec[0] == 0)
+    trailing = len(shape) - end
+    if -1 in spec and (trailing == 0 or len(spec) == end - start):
+        target = [0] * start + spec + [0] * trailing
+        return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+    return Converted([_reshape_checked(inputs[0].sym, tuple(out), keeps_batch, layer.name)])
 
 
 def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -583,15 +642,22 @@ def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_softmax(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Softmax over `axis`. The net's final Softmax becomes a SoftmaxOutput named after the Caffe layer, so
-    the model trains with Module/fit as is; a (N, C, 1, 1) input is flattened first so labels are (N,)."""
+    """Softmax over `axis` (Caffe's default 1: the channels, at every position of a 4-D blob).
+
+    The net's final Softmax becomes a SoftmaxOutput named after the Caffe layer, so the model trains with
+    Module/fit as is. Its input is flattened first (labels (N,)) only when its spatial axes are 1 at every
+    input size (after global pooling or an InnerProduct); a fully convolutional net such as MTCNN's PNet,
+    declared at 12x12, keeps a softmax over the channels per position when bound at a pyramid size.
+    """
     axis = _axis(layer, layer.param.softmax_param.axis, len(inputs[0].shape))
     x = inputs[0]
     if layer.is_net_output and axis == 1:
         data = x.sym
         multi = len(x.shape) > 2
         if multi and all(d == 1 for d in x.shape[2:]):
-            data, multi = mx.sym.Flatten(data, name=f"{layer.name}_flatten"), False
+            probe = x.probe_shape()
+            if probe is None or all(d == 1 for d in probe[2:]):
+                data, multi = mx.sym.Flatten(data, name=f"{layer.name}_flatten"), False
         return Converted([mx.sym.SoftmaxOutput(data, name=layer.name, multi_output=multi)])
     return Converted([mx.sym.softmax(x.sym, axis=axis, name=layer.name)])
 

@@ -1,8 +1,12 @@
 """Check a converted model against an independent Caffe runtime: OpenCV's dnn importer.
 
-Random input goes through `cv2.dnn.readNetFromCaffe` (BGR, as Caffe) and through the converted MXNet symbol
+Random input goes through `cv2.dnn.readNetFromCaffe` (BGR, as Caffe) and through the converted MXNet model
 (the same input with its channels reversed when the model was converted to RGB). For each output, or each
 layer, we report the max absolute difference and the relative difference max|a - b| / max|b|.
+
+`verify_files` checks what was written: the checkpoint re-loaded with stock `mx.model.load_checkpoint` into a
+fresh `mx.mod.Module`, so a bug in the `.params` writer cannot hide behind the in-memory arrays.
+`verify_conversion` checks the in-memory conversion, layer by layer if asked. cv2 is imported only here.
 """
 from __future__ import annotations
 
@@ -148,15 +152,8 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
     else:
         outputs = [result.symbol[i] for i in range(len(result.output_layers))] \
             if len(result.output_layers) > 1 else [result.symbol]
-        tops = result.output_tops or [0] * len(outputs)
-        names, syms = [], []
-        for name, top, sym in zip(result.output_layers, tops, outputs):
-            if top:  # OpenCV's forward() returns a layer's first top only
-                log.warning("output %d of layer '%s' is not compared: OpenCV exposes only a layer's first output",
-                            top, name)
-                continue
-            names.append(name)
-            syms.append(sym)
+        names, picks = _output_names(result)
+        syms = [outputs[i] for i in picks]
         classifier = result.preprocess.classifier
         if classifier and classifier not in names and classifier in result.blob_symbols:
             names.insert(0, classifier)  # the logits too: a saturated softmax would hide differences
@@ -164,6 +161,61 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
     ours = run_mxnet(mx.sym.Group(syms) if len(syms) > 1 else syms[0], result.arg_arrays, result.aux_arrays,
                      mx_inputs)
     theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
+    return _report(names, ours, theirs, result, tolerance)
+
+
+def _output_names(result) -> Tuple[List[str], List[int]]:
+    """(OpenCV layer names, indices into the symbol's outputs) of the outputs OpenCV can show."""
+    names, picks = [], []
+    tops = result.output_tops or [0] * len(result.output_layers)
+    for i, (name, top) in enumerate(zip(result.output_layers, tops)):
+        if top:  # OpenCV's forward() returns a layer's first top only
+            log.warning("output %d of layer '%s' is not compared: OpenCV exposes only a layer's first output",
+                        top, name)
+            continue
+        names.append(name)
+        picks.append(i)
+    return names, picks
+
+
+def verify_files(prefix, prototxt, caffemodel, result, tolerance: float = DEFAULT_TOLERANCE,
+                 inputs: Optional[Dict[str, np.ndarray]] = None, seed: int = 0) -> VerifyReport:
+    """Compare the checkpoint on disk at `prefix` (epoch 0) with OpenCV on random (or given) input.
+
+    The files are read by stock `mx.model.load_checkpoint` and run in a fresh `mx.mod.Module`, as a user
+    would; the classifier's logits are compared too (taken from the loaded symbol's internals), since a
+    saturated softmax hides differences.
+
+    Returns:
+        VerifyReport; `.ok` is False when any difference is above tolerance.
+    """
+    import mxnet as mx
+    sym, arg_params, aux_params = mx.model.load_checkpoint(str(prefix), 0)
+    inputs = inputs if inputs is not None else random_inputs(result.input_shapes, seed)
+    cv_inputs = {result.caffe_input_names[k]: v for k, v in inputs.items()}
+    mx_inputs = dict(inputs)
+    if result.preprocess.channel_order == "RGB":
+        mx_inputs["data"] = np.ascontiguousarray(inputs["data"][:, ::-1])
+    names, picks = _output_names(result)
+    outputs = [sym[i] for i in picks] if len(sym.list_outputs()) > 1 else [sym]
+    classifier = result.preprocess.classifier
+    internal = f"{classifier}_output"
+    if classifier and classifier not in names and internal in sym.get_internals().list_outputs():
+        names.insert(0, classifier)
+        outputs.insert(0, sym.get_internals()[internal])
+    group = mx.sym.Group(outputs) if len(outputs) > 1 else outputs[0]
+    data_names = [k for k in result.input_shapes if k in group.list_arguments()]
+    labels = [n for n in group.list_arguments() if n.endswith("_label") and n not in data_names]
+    mod = mx.mod.Module(group, data_names=data_names, label_names=labels, context=mx.cpu())
+    mod.bind([(k, mx_inputs[k].shape) for k in data_names], for_training=False)
+    mod.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
+    mod.forward(mx.io.DataBatch([mx.nd.array(mx_inputs[k]) for k in data_names]), is_train=False)
+    ours = [o.asnumpy() for o in mod.get_outputs()]
+    theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
+    return _report(names, ours, theirs, result, tolerance, "files on disk")
+
+
+def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyReport:
     report = VerifyReport(tolerance=tolerance)
     for name, a, b in zip(names, ours, theirs):
         if name in result.rgb_layers:  # still in the model's RGB order (before the first convolution)
@@ -173,5 +225,5 @@ def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolera
                                    f"OpenCV shape {tuple(b.shape)}"))
             continue
         max_abs, rel = compare(a, b)
-        report.rows.append(Row(name, tuple(a.shape), max_abs, rel, bool(rel <= tolerance)))
+        report.rows.append(Row(name, tuple(a.shape), max_abs, rel, bool(rel <= tolerance), note))
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -17,12 +18,14 @@ import numpy as np
 
 from recbuild.atomic import atomic_path
 from symbols.checkpoint import params_blob, params_path, save_symbol
+from symbols.sidecar import SUFFIX as SIDECAR_SUFFIX
 from symbols.sidecar import Preprocess, save_sidecar
 from tools.caffe_converter.caffe_io import load_net
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError  # noqa: F401
 from tools.caffe_converter.graph import convert_net
 from tools.caffe_converter.params_writer import save_params
 from tools.caffe_converter.preprocess import build_preprocess
+from tools.caffe_converter.sizes import accepted_sizes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class ConversionResult:
             (OpenCV names outputs by layer).
         blob_symbols: Caffe layer name -> MXNet symbol of its first top, for per-layer verification.
         skipped: (layer, type, why) for every layer left out.
+        unused_weights: caffemodel layers the prototxt does not define (their weights are ignored, as by Caffe).
     """
 
     symbol: "mx.sym.Symbol"
@@ -59,6 +63,7 @@ class ConversionResult:
     layer_order: List[str] = field(default_factory=list)
     caffe_input_names: Dict[str, str] = field(default_factory=dict)
     rgb_layers: List[str] = field(default_factory=list)
+    unused_weights: List[str] = field(default_factory=list)
 
     @property
     def arg_params(self) -> Dict[str, "mx.nd.NDArray"]:
@@ -89,7 +94,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
         mean / std: per-channel values in the Caffe net's channel order (BGR), e.g. (104, 117, 123).
         scale: Caffe's transform_param.scale (default: read from the prototxt, else 1).
         output_layer: cut the net at these layers or blobs.
-        strict: fail instead of skipping training-only layers.
+        strict: fail instead of skipping training-only layers or ignoring weights the prototxt lacks.
 
     Returns:
         ConversionResult (symbol, parameters, preprocessing, per-layer symbols).
@@ -103,13 +108,15 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
     net.caffemodel = str(caffemodel)
     conv = convert_net(net, keep_bgr=keep_bgr, output_layer=output_layer, strict=strict)
     pre, mean_image = build_preprocess(net, conv, mean_file, mean, std, scale)
+    param_shapes = {k: v.shape for store in (conv["args"], conv["aux"]) for k, v in store.items()}
+    pre.source["input_sizes"] = accepted_sizes(conv["symbol"], conv["input_shapes"], param_shapes, net)
     result = ConversionResult(conv["symbol"], conv["args"], conv["aux"], pre, conv["input_shapes"],
                               [name for name, _ in conv["outputs"]], conv["layer_syms"], list(net.skipped),
                               mean_image,
                               output_layers=[net.layers[v[0]].name for _, v in conv["outputs"]],
                               output_tops=[v[1] for _, v in conv["outputs"]],
                               layer_order=[net.layers[i].name for i in conv["order"]],
-                              rgb_layers=conv["flipped"],
+                              rgb_layers=conv["flipped"], unused_weights=list(net.unused_weights),
                               caffe_input_names={("data" if i == 0 else n): n for i, n in enumerate(net.inputs)})
     for name, type_name, why in net.skipped:
         log.info("skipped layer '%s' (%s): %s", name, type_name, why)
@@ -135,3 +142,37 @@ def write_checkpoint(prefix: PathLike, result: ConversionResult, epoch: int = 0)
         pre.mean = mean_path.name
     written.append(save_sidecar(prefix, pre))
     return written
+
+
+def stage_checkpoint(prefix: PathLike, result: ConversionResult) -> Path:
+    """Write the checkpoint into a hidden folder beside `prefix`, under the final file names.
+
+    Returns:
+        The staging prefix: `mx.model.load_checkpoint(staging, 0)` reads it like the real thing, and
+        `publish_staged` moves its files onto `prefix` (same file system, so each move is a rename).
+    """
+    final = Path(str(prefix))
+    folder = final.parent / f".{final.name}.staging-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)  # a killed earlier run of this process id
+    folder.mkdir(parents=True)
+    staging = folder / final.name
+    write_checkpoint(staging, result)
+    return staging
+
+
+def publish_staged(staging: Path, prefix: PathLike) -> List[Path]:
+    """Rename the staged files onto `prefix`'s names (the sidecar last: it marks a complete model)."""
+    final = Path(str(prefix))
+    files = sorted(staging.parent.iterdir(), key=lambda f: f.name.endswith(SIDECAR_SUFFIX))
+    published = []
+    for f in files:
+        target = final.parent / f.name
+        os.replace(f, target)
+        published.append(target)
+    staging.parent.rmdir()
+    return published
+
+
+def discard_staged(staging: Path) -> None:
+    """Remove a staged checkpoint that failed verification: nothing that looks like a model stays behind."""
+    shutil.rmtree(staging.parent, ignore_errors=True)
