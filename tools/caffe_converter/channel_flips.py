@@ -85,5 +85,6 @@ INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
     "PReLU": flip_per_channel,
     "ReLU": _passthrough, "ELU": _passthrough, "Sigmoid": _passthrough, "TanH": _passthrough,
     "AbsVal": _passthrough, "Power": _passthrough, "Dropout": _passthrough, "Split": _passthrough,
-    "Pooling": _passthrough, "LRN": _passthrough,
+    "Pooling": _passthrough, "LRN": _passthrough, "BNLL": _passthrough, "Clip": _passthrough,
+    "Exp": _passthrough, "Log": _passthrough, "Swish": _passthrough, "Threshold": _passthrough, "MVN": _passthrough,
 }

@@ -672,6 +672,137 @@ def convert_tanh(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([mx.sym.Activation(inputs[0].sym, act_type="tanh", name=layer.name)])
 
 
+def _log_base(base: float) -> float:
+    """ln(base); Caffe's base -1 means e."""
+    return 1.0 if base == -1.0 else math.log(base)
+
+
+def convert_argmax(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Caffe ArgMax: the top_k indices (or, with out_max_val and an axis, the values) along `axis`.
+
+    Without an axis Caffe flattens each sample and returns (N, 1, top_k) indices, or (N, 2, top_k) indices
+    then values with out_max_val. Indices are floats, as in Caffe.
+    """
+    p = layer.param.argmax_param
+    x = inputs[0]
+    k = int(p.top_k)
+    if p.HasField("axis"):
+        axis = _axis(layer, p.axis, len(x.shape))
+        if k > x.shape[axis]:
+            raise _fail(layer, f"top_k {k} exceeds axis {axis} of size {x.shape[axis]}")
+        kind = "value" if p.out_max_val else "indices"
+        return Converted([mx.sym.topk(x.sym, axis=axis, k=k, ret_typ=kind, is_ascend=False, dtype="float32",
+                                      name=layer.name)])
+    flat = mx.sym.reshape(x.sym, shape=(0, -1), name=f"{layer.name}_flat")
+    if k > int(np.prod(x.shape[1:])):
+        raise _fail(layer, f"top_k {k} exceeds the {int(np.prod(x.shape[1:]))} values of a sample")
+    idx = mx.sym.topk(flat, axis=1, k=k, ret_typ="indices", is_ascend=False, dtype="float32",
+                      name=f"{layer.name}_indices")
+    parts = [mx.sym.expand_dims(idx, axis=1)]
+    if p.out_max_val:
+        val = mx.sym.topk(flat, axis=1, k=k, ret_typ="value", is_ascend=False, name=f"{layer.name}_values")
+        parts.append(mx.sym.expand_dims(val, axis=1))
+    out = mx.sym.concat(*parts, dim=1, name=layer.name) if len(parts) > 1 else \
+        mx.sym.identity(parts[0], name=layer.name)
+    return Converted([out])
+
+
+def convert_bnll(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """log(1 + e^x), MXNet's softrelu."""
+    return Converted([mx.sym.Activation(inputs[0].sym, act_type="softrelu", name=layer.name)])
+
+
+def convert_clip(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """min(max(x, min), max)."""
+    p = layer.param.clip_param
+    return Converted([mx.sym.clip(inputs[0].sym, a_min=float(p.min), a_max=float(p.max), name=layer.name)])
+
+
+def convert_exp(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """base ^ (shift + scale * x) = exp(ln(base) * scale * x + ln(base) * shift)."""
+    p = layer.param.exp_param
+    if p.base != -1.0 and p.base <= 0:
+        raise _fail(layer, f"base {p.base} must be positive (or -1 for e)")
+    ln_base = _log_base(float(p.base))
+    inner = float(p.scale) * ln_base
+    y = inputs[0].sym if inner == 1.0 else inputs[0].sym * inner
+    if p.shift:
+        y = y + float(p.shift) * ln_base
+    return Converted([mx.sym.exp(y, name=layer.name)])
+
+
+def convert_log(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """log_base(shift + scale * x) = ln(shift + scale * x) / ln(base)."""
+    p = layer.param.log_param
+    if p.base != -1.0 and (p.base <= 0 or p.base == 1):
+        raise _fail(layer, f"base {p.base} must be positive and not 1 (or -1 for e)")
+    y = inputs[0].sym if p.scale == 1.0 else inputs[0].sym * float(p.scale)
+    if p.shift:
+        y = y + float(p.shift)
+    ln_base = _log_base(float(p.base))
+    out = mx.sym.log(y, name=layer.name if ln_base == 1.0 else f"{layer.name}_ln")
+    return Converted([out if ln_base == 1.0 else mx.sym.identity(out / ln_base, name=layer.name)])
+
+
+def convert_mvn(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Mean-variance normalisation per sample: over H x W, or C x H x W with across_channels.
+
+    Caffe subtracts the mean, then divides by sqrt(variance) + eps (eps outside the root).
+    """
+    p = layer.param.mvn_param
+    x = inputs[0]
+    axes = tuple(range(1 if p.across_channels else 2, len(x.shape)))
+    if not axes:
+        raise _fail(layer, f"needs spatial axes; the input has shape {x.shape}")
+    centred = mx.sym.broadcast_sub(x.sym, mx.sym.mean(x.sym, axis=axes, keepdims=True), name=f"{layer.name}_centred")
+    if not p.normalize_variance:
+        return Converted([mx.sym.identity(centred, name=layer.name)])
+    std = mx.sym.sqrt(mx.sym.mean(mx.sym.square(centred), axis=axes, keepdims=True)) + float(p.eps)
+    return Converted([mx.sym.broadcast_div(centred, std, name=layer.name)])
+
+
+def convert_reduction(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SUM, ASUM (sum of |x|), SUMSQ or MEAN over every axis from `axis` on (Caffe's default 0: all), times
+    coeff. Caffe's 0-D result for axis 0 is MXNet's shape (1,) (the same single value)."""
+    p = layer.param.reduction_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    axes = tuple(range(axis, len(x.shape)))
+    ops = caffe_pb2.ReductionParameter
+    data = {ops.SUM: x.sym, ops.MEAN: x.sym, ops.ASUM: mx.sym.abs(x.sym), ops.SUMSQ: mx.sym.square(x.sym)}[p.operation]
+    reduce = mx.sym.mean if p.operation == ops.MEAN else mx.sym.sum
+    out = reduce(data, axis=axes, keepdims=False, name=layer.name if p.coeff == 1.0 else f"{layer.name}_reduce")
+    if p.coeff != 1.0:
+        out = mx.sym.identity(out * float(p.coeff), name=layer.name)
+    return Converted([out])
+
+
+def convert_swish(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """x * sigmoid(beta * x)."""
+    beta = float(layer.param.swish_param.beta)
+    x = inputs[0].sym
+    gate = mx.sym.Activation(x if beta == 1.0 else x * beta, act_type="sigmoid", name=f"{layer.name}_gate")
+    return Converted([mx.sym.elemwise_mul(x, gate, name=layer.name)])
+
+
+def convert_threshold(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """1 where x > threshold, else 0 (strictly greater, as Caffe)."""
+    t = float(layer.param.threshold_param.threshold)
+    return Converted([mx.sym.identity(inputs[0].sym > t, name=layer.name)])
+
+
+def convert_tile(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Repeat the whole blob `tiles` times along `axis` (numpy's tile, not repeat)."""
+    p = layer.param.tile_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    if p.tiles < 1:
+        raise _fail(layer, f"tiles must be >= 1, got {p.tiles}")
+    reps = [1] * len(x.shape)
+    reps[axis] = int(p.tiles)
+    return Converted([mx.sym.tile(x.sym, reps=tuple(reps), name=layer.name)])
+
+
 # The one table. Keys are Caffe type names (V1 enum names are translated when the net is loaded).
 LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Convolution": convert_convolution,
@@ -700,4 +831,14 @@ LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Softmax": convert_softmax,
     "Permute": convert_permute,
     "Normalize": convert_normalize,
+    "ArgMax": convert_argmax,
+    "BNLL": convert_bnll,
+    "Clip": convert_clip,
+    "Exp": convert_exp,
+    "Log": convert_log,
+    "MVN": convert_mvn,
+    "Reduction": convert_reduction,
+    "Swish": convert_swish,
+    "Threshold": convert_threshold,
+    "Tile": convert_tile,
 }

@@ -20,10 +20,10 @@ from tools.caffe_converter import caffe_pb2
 # LayerParameter fields of BVLC Caffe and the SSD fork (weiliu89/caffe) for layer types this converter does not
 # model. Accepted without looking inside: a layer using them is refused by name unless the net is cut before it.
 OTHER_CAFFE_PARAMS = frozenset({
-    "annotated_data_param", "clip_param", "contrastive_loss_param", "detection_evaluate_param",
+    "annotated_data_param", "contrastive_loss_param", "detection_evaluate_param",
     "detection_output_param", "dummy_data_param", "embed_param", "hdf5_data_param", "hdf5_output_param",
-    "hinge_loss_param", "infogain_loss_param", "memory_data_param", "multibox_loss_param", "mvn_param",
-    "parameter_param", "prior_box_param", "python_param", "recurrent_param", "spp_param", "swish_param",
+    "hinge_loss_param", "infogain_loss_param", "memory_data_param", "multibox_loss_param",
+    "parameter_param", "prior_box_param", "python_param", "recurrent_param", "spp_param",
     "video_data_param", "window_data_param",
 })
 
