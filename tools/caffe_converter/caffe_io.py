@@ -101,6 +101,7 @@ class CaffeNet:
     caffemodel: Optional[str] = None
     format: str = "v2"
     transform: Optional[caffe_pb2.TransformationParameter] = None
+    transform_layer: str = ""  # the data layer the transform_param comes from
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (layer name, type, why)
     unused_weights: List[str] = field(default_factory=list)  # caffemodel layers the prototxt does not define
 
@@ -418,15 +419,14 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     inputs = _net_inputs(net, prototxt)
     layers: List[Layer] = []
     skipped: List[Tuple[str, str, str]] = []
-    transform = None
+    transform = fallback_transform = None  # (layer name, transform_param)
     names = set()
-    fallback_transform = None
     for lp in net.layer:
         if lp.HasField("transform_param"):  # the TEST data layer's preprocessing wins over the TRAIN one's
             if in_test_phase(lp) and transform is None:
-                transform = lp.transform_param
+                transform = (lp.name, lp.transform_param)
             elif fallback_transform is None:
-                fallback_transform = lp.transform_param
+                fallback_transform = (lp.name, lp.transform_param)
         if not in_test_phase(lp):
             skipped.append((lp.name, lp.type, "not part of the TEST phase"))
             continue
@@ -451,8 +451,9 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     if not inputs:
         raise CaffeFormatError(f"{prototxt}: no input shape declared; add `input: \"data\"` with "
                                f"`input_shape {{ dim: 1 dim: 3 dim: 224 dim: 224 }}` or an Input layer")
-    result = CaffeNet(net.name, inputs, layers, prototxt, format=fmt,
-                      transform=transform or fallback_transform, skipped=skipped)
+    chosen = transform or fallback_transform
+    result = CaffeNet(net.name, inputs, layers, prototxt, format=fmt, transform=chosen[1] if chosen else None,
+                      transform_layer=chosen[0] if chosen else "", skipped=skipped)
     for name, type_name, why in skipped:
         log.info("skipping layer '%s' (%s): %s", name, type_name, why)
     if caffemodel is not None:

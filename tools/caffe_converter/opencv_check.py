@@ -169,6 +169,9 @@ def _output_names(result) -> Tuple[List[str], List[int]]:
     names, picks = [], []
     tops = result.output_tops or [0] * len(result.output_layers)
     for i, (name, top) in enumerate(zip(result.output_layers, tops)):
+        if name in result.caffe_input_names.values():
+            log.warning("output '%s' is the net's input: nothing to compare", name)
+            continue
         if top:  # OpenCV's forward() returns a layer's first top only
             log.warning("output %d of layer '%s' is not compared: OpenCV exposes only a layer's first output",
                         top, name)

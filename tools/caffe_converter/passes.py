@@ -53,13 +53,16 @@ def select_outputs(net: CaffeNet, reads: Reads, env: Dict[str, Value],
 
 
 def _cut_point(net: CaffeNet, env: Dict[str, Value], name: str) -> Tuple[str, Value]:
+    """A layer's first top, a blob's final value, or a net input (the empty cut: the model returns its input)."""
+    if name in net.inputs:
+        return name, ("in", name)
     names = {layer.name: i for i, layer in enumerate(net.layers)}
     if name in names and net.layers[names[name]].tops:
         return name, (names[name], 0)
     if name in env and env[name][0] != "in":
         return name, env[name]
-    raise ConversionError(f"{net.prototxt}: --output-layer '{name}' is neither a layer nor a blob of the "
-                          f"net (last layers: {[l.name for l in net.layers[-5:]]})")
+    raise ConversionError(f"{net.prototxt}: --output-layer '{name}' is neither a layer, a blob nor an input of the "
+                          f"net (inputs: {list(net.inputs)}, last layers: {[l.name for l in net.layers[-5:]]})")
 
 
 def needed(reads: Reads, outputs: Sequence[Tuple[str, Value]]) -> List[int]:
@@ -132,7 +135,7 @@ def swap_to_rgb(net: CaffeNet, reads: Reads, order: Sequence[int], outputs: Sequ
         if flip(layer):
             touched.append(layer.name)
             reversed_values.update((i, k) for k in range(len(layer.tops)))
-    leaked = [name for name, v in outputs if v in reversed_values]
+    leaked = [name for name, v in outputs if v in reversed_values and v[0] != "in"]  # an input is the user's own
     if leaked:
         raise ConversionError(f"output {leaked} still carries the image's channel order; convert with --keep-bgr")
     return touched

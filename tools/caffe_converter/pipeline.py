@@ -113,8 +113,9 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
     result = ConversionResult(conv["symbol"], conv["args"], conv["aux"], pre, conv["input_shapes"],
                               [name for name, _ in conv["outputs"]], conv["layer_syms"], list(net.skipped),
                               mean_image,
-                              output_layers=[net.layers[v[0]].name for _, v in conv["outputs"]],
-                              output_tops=[v[1] for _, v in conv["outputs"]],
+                              output_layers=[v[1] if v[0] == "in" else net.layers[v[0]].name
+                                             for _, v in conv["outputs"]],
+                              output_tops=[0 if v[0] == "in" else v[1] for _, v in conv["outputs"]],
                               layer_order=[net.layers[i].name for i in conv["order"]],
                               rgb_layers=conv["flipped"], unused_weights=list(net.unused_weights),
                               caffe_input_names={("data" if i == 0 else n): n for i, n in enumerate(net.inputs)})
