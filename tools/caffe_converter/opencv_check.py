@@ -7,11 +7,18 @@ layer, we report the max absolute difference and the relative difference max|a -
 `verify_files` checks what was written: the checkpoint re-loaded with stock `mx.model.load_checkpoint` into a
 fresh `mx.mod.Module`, so a bug in the `.params` writer cannot hide behind the in-memory arrays.
 `verify_conversion` checks the in-memory conversion, layer by layer if asked. cv2 is imported only here.
+
+Where OpenCV departs from Caffe, it is not trusted blindly: OpenCV computes an ACROSS_CHANNELS LRN as if k were
+1, so it runs an equivalent net (LRN with alpha/k, then a scale by k^-beta), and each such LRN is also compared
+with Caffe's formula in numpy (a report row says so). OpenCV's Log ignores base/scale/shift and its Swish
+ignores beta (found by the layer tests; those cases are checked against numpy there).
 """
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -112,10 +119,57 @@ def run_mxnet(symbol, arg_arrays, aux_arrays, inputs: Dict[str, np.ndarray]) -> 
     return [out.asnumpy() for out in exe.forward(is_train=False)]
 
 
+def lrn_k_layers(prototxt) -> Dict[str, Tuple[int, float, float, float]]:
+    """ACROSS_CHANNELS LRN layers with k != 1, which OpenCV computes as if k were 1: name -> (n, alpha, beta, k)."""
+    from tools.caffe_converter import caffe_pb2
+    from tools.caffe_converter.caffe_io import read_prototxt
+    found = {}
+    for layer in read_prototxt(prototxt).layer:
+        p = layer.lrn_param
+        if layer.type == "LRN" and p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS and p.k != 1.0:
+            found[layer.name] = (int(p.local_size), float(p.alpha), float(p.beta), float(p.k))
+    return found
+
+
+def opencv_equivalent(prototxt, folder) -> str:
+    """A prototxt OpenCV computes exactly as Caffe computes `prototxt`.
+
+    x / (k + alpha/n * S)^beta == k^-beta * x / (1 + (alpha/k)/n * S)^beta, so each LRN with k != 1 becomes
+    an LRN with alpha/k and k 1 (which OpenCV gets right) followed by a Power layer scaling by k^-beta, under
+    the LRN's own name and top. Weights are matched by name, so the caffemodel is used as it is.
+    """
+    from tools.caffe_converter import caffe_pb2
+    from tools.caffe_converter.caffe_io import read_prototxt, write_prototxt
+    net = read_prototxt(prototxt)
+    k_layers = lrn_k_layers(prototxt)
+    if not k_layers:
+        return str(prototxt)
+    layers = list(net.layer)
+    del net.layer[:]
+    for layer in layers:
+        if layer.name not in k_layers:
+            net.layer.append(layer)
+            continue
+        n, alpha, beta, k = k_layers[layer.name]
+        lrn = net.layer.add()
+        lrn.CopyFrom(layer)
+        lrn.name, lrn.top[0] = f"{layer.name}__k1", f"{layer.top[0]}__k1"
+        lrn.lrn_param.alpha, lrn.lrn_param.k = alpha / k, 1.0
+        scale = net.layer.add(name=layer.name, type="Power", bottom=[lrn.top[0]], top=[layer.top[0]])
+        scale.power_param.scale = k ** -beta
+    path = Path(folder) / f"opencv_{Path(str(prototxt)).name}"
+    write_prototxt(path, net)
+    return str(path)
+
+
 def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str]) -> List[np.ndarray]:
-    """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept)."""
+    """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept).
+
+    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`.
+    """
     import cv2
-    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    with tempfile.TemporaryDirectory() as folder:
+        net = cv2.dnn.readNetFromCaffe(opencv_equivalent(prototxt, folder), str(caffemodel))
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
     net.enableFusion(False)
@@ -123,6 +177,30 @@ def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names:
         net.setInput(value, name)
     outs = net.forward(list(layer_names))
     return [np.asarray(o) for o in outs]
+
+
+def caffe_lrn(x: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:
+    """Caffe's ACROSS_CHANNELS LRN in numpy: x / (k + alpha/n * sum of x^2 over n channels, zero-padded)^beta."""
+    half = (n - 1) // 2
+    sq = np.pad(np.asarray(x, np.float64) ** 2, ((0, 0), (half, half)) + ((0, 0),) * (x.ndim - 2))
+    total = sum(sq[:, i:i + x.shape[1]] for i in range(n))
+    return x / (k + alpha / n * total) ** beta
+
+
+def lrn_formula_rows(prototxt, result, mx_inputs: Dict[str, np.ndarray], tolerance: float) -> List["Row"]:
+    """Each LRN with k != 1 against Caffe's formula in numpy, on the input our converted layer receives."""
+    import mxnet as mx
+    rows = []
+    for name, (n, alpha, beta, k) in lrn_k_layers(prototxt).items():
+        sym = result.blob_symbols.get(name)
+        if sym is None:
+            continue
+        ours_in, ours_out = run_mxnet(mx.sym.Group([sym.get_children()[0], sym]), result.arg_arrays,
+                                      result.aux_arrays, mx_inputs)
+        max_abs, rel = compare(ours_out, caffe_lrn(ours_in, n, alpha, beta, k))
+        rows.append(Row(name, tuple(ours_out.shape), max_abs, rel, bool(rel <= tolerance),
+                        f"OpenCV ignores k={k:g}: against Caffe's formula in numpy"))
+    return rows
 
 
 def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolerance: float = DEFAULT_TOLERANCE,
@@ -215,7 +293,9 @@ def verify_files(prefix, prototxt, caffemodel, result, tolerance: float = DEFAUL
     mod.forward(mx.io.DataBatch([mx.nd.array(mx_inputs[k]) for k in data_names]), is_train=False)
     ours = [o.asnumpy() for o in mod.get_outputs()]
     theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
-    return _report(names, ours, theirs, result, tolerance, "files on disk")
+    report = _report(names, ours, theirs, result, tolerance, "files on disk")
+    report.rows += lrn_formula_rows(prototxt, result, mx_inputs, tolerance)
+    return report
 
 
 def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyReport:
