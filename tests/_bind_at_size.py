@@ -1,6 +1,6 @@
 """Bind a converted checkpoint at another input size in a fresh process and save its outputs.
 
-    python tests/_bind_at_size.py PREFIX N,C,H,W SEED OUT.npz [rgb|bgr]
+    python tests/_bind_at_size.py PREFIX N,C,H,W SEED|INPUT.npy OUT.npz [rgb|bgr]
 
 Run by the size tests in a subprocess, so that a crash inside MXNet (the segfault a size written into a
 Reshape causes) fails the test instead of killing pytest. Exit 0 with OUT.npz written (the BGR input `x` and
@@ -14,7 +14,11 @@ import numpy as np
 
 def main(prefix: str, shape: str, seed: str, out: str) -> int:
     dims = tuple(int(d) for d in shape.split(","))
-    x_bgr = np.random.default_rng(int(seed)).uniform(-1, 1, dims).astype(np.float32)
+    if seed.endswith(".npy"):  # a given (BGR, preprocessed) input, e.g. a real photo
+        x_bgr = np.load(seed).astype(np.float32)
+        dims = x_bgr.shape
+    else:
+        x_bgr = np.random.default_rng(int(seed)).uniform(-1, 1, dims).astype(np.float32)
     sym, args, aux = mx.model.load_checkpoint(prefix, 0)
     labels = [n for n in sym.list_arguments() if n.endswith("_label")]
     mod = mx.mod.Module(sym, data_names=["data"], label_names=labels)

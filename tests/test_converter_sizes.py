@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 
 
-def bind_at(prefix, shape, seed=0, rgb=True):
-    """(return code, outputs or the error line, BGR input) of binding `prefix` at `shape` in a fresh process."""
+def bind_at(prefix, shape, seed=0, rgb=True, x=None):
+    """(return code, outputs or the error line, BGR input) of binding `prefix` at `shape` (or on the BGR input
+    `x`) in a fresh process."""
+    if x is not None:
+        shape = x.shape
+        seed = Path(f"{prefix}-in-{'x'.join(map(str, shape))}.npy")
+        np.save(seed, x)
     out = Path(f"{prefix}-{'x'.join(map(str, shape))}.npz")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_bind_at_size.py"), str(prefix),
                            ",".join(map(str, shape)), str(seed), str(out), "rgb" if rgb else "bgr"],
