@@ -293,6 +293,21 @@ def test_cli_convert_verify_and_errors(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "nope.caffemodel" in proc.stderr
 
 
+def test_cli_without_verify_imports_neither_opencv_nor_onnx(tmp_path):
+    """`import mxnet` would load cv2 and onnx because they are installed; a plain conversion needs neither."""
+    prototxt, caffemodel = make_tiny_vgg(tmp_path)
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['x', {str(prototxt)!r}, {str(caffemodel)!r}, {str(tmp_path / 'm' / 'vgg')!r}]\n"
+            "try:\n    runpy.run_module('tools.caffe_converter', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('cv2', 'onnx', 'onnxruntime', 'matplotlib') if sys.modules.get(m)))\n"
+            "import cv2, mxnet\nprint(cv2.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["[]", "cv2"]  # and cv2 still imports afterwards
+    assert (tmp_path / "m" / "vgg-0000.params").is_file()
+
+
 # ---- the real model --------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.network

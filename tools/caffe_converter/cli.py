@@ -8,6 +8,7 @@ comparison (opencv_check is imported only then). Exit status: 0 done, 1 verifica
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -15,8 +16,10 @@ from typing import List, Optional, Sequence
 
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
-from tools.caffe_converter.pipeline import convert, discard_staged, publish_staged, stage_checkpoint
-from tools.caffe_converter.sizes import describe
+
+# What `import mxnet` pulls in only because it is installed (mxnet.image/recordio try cv2, mxnet.onnx tries onnx)
+# and a conversion never uses; a conversion without --verify imports neither (README, converter figures).
+OPTIONAL_MXNET_IMPORTS = ("cv2", "onnx")
 
 
 def _floats(text: str) -> List[float]:
@@ -56,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _hidden(modules: Sequence[str]):
+    """Make `import m` raise ImportError for the modules not yet imported, for the duration of the block.
+
+    MXNet guards these optional imports with try/except ImportError, so it loads without them; the entries are
+    removed afterwards, so a later `import cv2` (the OpenCV check) works as usual.
+    """
+    hidden = [m for m in modules if m not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # the import system's documented way to make an import fail
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+
 def summary(args: argparse.Namespace, result, elapsed: float) -> str:
     """The conversion summary: files, parameters, outputs, preprocessing, accepted sizes, what was left out."""
     pre = result.preprocess
@@ -65,16 +86,22 @@ def summary(args: argparse.Namespace, result, elapsed: float) -> str:
             f"in {elapsed:.1f} s: {n_params / 1e6:.2f} M parameters, outputs {result.output_blobs}, input "
             f"{pre.input_shape} {pre.channel_order}, mean {pre.mean}, scale {pre.scale}, classifier {pre.classifier} "
             f"({pre.num_classes} classes, fed by {pre.feature_output}), input sizes: "
-            f"{describe(pre.source.get('input_sizes'))}; {len(result.skipped)} layer(s) skipped"
+            f"{_sizes(pre.source.get('input_sizes'))}; {len(result.skipped)} layer(s) skipped"
             + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped)
             + (f"\n  ignored the caffemodel's weights for {len(result.unused_weights)} layer(s) the prototxt does "
                f"not define: {', '.join(result.unused_weights)}" if result.unused_weights else ""))
+
+
+def _sizes(record) -> str:
+    from tools.caffe_converter.sizes import describe
+    return describe(record)
 
 
 def _verify_and_publish(args: argparse.Namespace, result) -> int:
     """Stage the files, check the staged files (and, with --verify-layers, every layer) against OpenCV, and
     publish them only when every difference is within tolerance; otherwise remove them."""
     from tools.caffe_converter.opencv_check import verify_conversion, verify_files
+    from tools.caffe_converter.pipeline import discard_staged, publish_staged, stage_checkpoint
     staging = stage_checkpoint(args.prefix, result)
     try:
         report = verify_files(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance)
@@ -97,8 +124,10 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    start = time.perf_counter()
     verify = args.verify or args.verify_layers
+    with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
+        from tools.caffe_converter.pipeline import convert  # imports mxnet
+    start = time.perf_counter()
     try:
         result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,
                          mean_file=args.mean_file, mean=args.mean, std=args.std, scale=args.scale,
