@@ -134,3 +134,24 @@ def test_fixed_size_nets_fail_to_bind_at_other_sizes_cleanly(tmp_path):
     np.testing.assert_array_equal(outs[0], x.reshape(1, 12, 4))
     rc, err, _ = bind_at(prefix2, (1, 3, 8, 8), rgb=False)
     assert rc == 3 and "different size" in err[0], (rc, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hw", [(20, 20), (33, 47)])
+def test_fcn_crop_to_the_image_follows_the_input_size(tmp_path, hw):
+    """FCN: scores upsampled by a Deconvolution, then cropped to `data` with an offset; at any size."""
+    b = NetBuilder("fcn_like", seed=8)
+    b.input("data", (1, 3, 20, 20))
+    b.layer("conv1", "Convolution", ["data"], params="convolution_param { num_output: 4 kernel_size: 3 stride: 2 }",
+            blobs=[b.rand(4, 3, 3, 3), b.rand(4)])
+    b.layer("up", "Deconvolution", ["conv1"], params="convolution_param { num_output: 2 kernel_size: 6 stride: 2 "
+            "bias_term: false }", blobs=[b.rand(4, 2, 6, 6)])
+    b.layer("score", "Crop", ["up", "data"], params="crop_param { axis: 2 offset: 1 }")
+    prototxt, caffemodel = b.write(tmp_path, "fcn_like")
+    prefix = tmp_path / "fcn"
+    convert(prototxt, caffemodel, prefix)
+    rc, outs, x = bind_at(prefix, (1, 3) + hw)
+    assert rc == 0, outs
+    (theirs,) = run_opencv(prototxt, caffemodel, {"data": x}, ["score"])
+    assert outs[0].shape == (1, 2) + hw
+    assert_close(outs[0], theirs)

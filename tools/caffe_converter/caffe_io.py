@@ -478,7 +478,8 @@ def attach_weights(net: CaffeNet, model: Dict[str, _ModelLayer], where: str) -> 
     """
     by_name = {layer.name: layer for layer in net.layers}
     skipped = {name for name, _, _ in net.skipped}
-    net.unused_weights = [name for name, ml in model.items() if ml.blobs and name not in by_name and name not in skipped]
+    net.unused_weights = [name for name, ml in model.items()
+                          if ml.blobs and name not in by_name and name not in skipped]
     if net.unused_weights:
         log.warning("%s: ignoring weights of %d layer(s) that %s does not define: %s", where,
                     len(net.unused_weights), net.prototxt, ", ".join(net.unused_weights))

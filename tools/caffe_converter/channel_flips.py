@@ -6,7 +6,7 @@ Convolution or InnerProduct absorbs it). The RGB pass (passes.swap_to_rgb) follo
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -86,5 +86,9 @@ INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
     "ReLU": _passthrough, "ELU": _passthrough, "Sigmoid": _passthrough, "TanH": _passthrough,
     "AbsVal": _passthrough, "Power": _passthrough, "Dropout": _passthrough, "Split": _passthrough,
     "Pooling": _passthrough, "LRN": _passthrough, "BNLL": _passthrough, "Clip": _passthrough,
-    "Exp": _passthrough, "Log": _passthrough, "Swish": _passthrough, "Threshold": _passthrough, "MVN": _passthrough,
+    "Crop": _passthrough, "Exp": _passthrough, "Log": _passthrough, "Swish": _passthrough,
+    "Threshold": _passthrough, "MVN": _passthrough,
 }
+
+# Bottoms that lend only their shape: a Crop's reference (FCN crops its scores to `data`) carries no channels.
+SHAPE_ONLY_BOTTOMS: Dict[str, Tuple[int, ...]] = {"Crop": (1,)}

@@ -257,7 +257,12 @@ def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_crop(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Crop bottom[0] to bottom[1]'s shape from `axis` on, starting at `offset` (one value or one per axis)."""
+    """Crop bottom[0] to bottom[1]'s shape from `axis` on, starting at `offset` (one value or one per axis).
+
+    When the reference is computed from the image (FCN crops its upsampled scores to `data`), the crop follows
+    the reference's shape at run time (slice_like), so the model works at any input size as in Caffe; a
+    reference that is a separate net input only lends its declared shape and is not an input of the symbol.
+    """
     p = layer.param.crop_param
     if len(inputs) != 2:
         raise _fail(layer, "needs two bottoms (the blob to crop and the reference)")
@@ -278,7 +283,11 @@ def convert_crop(layer: Layer, inputs: List[Tensor]) -> Converted:
             raise _fail(layer, f"crop of {size} at offset {off} exceeds axis {axis + i} of size {avail}")
         begin.append(int(off))
         end.append(int(off + size))
-    return Converted([mx.sym.slice(x.sym, begin=tuple(begin), end=tuple(end), name=layer.name)])
+    separate_input = set(ref.sym.list_arguments()) == {ref.sym.name} and ref.sym.name != "data"
+    if separate_input:
+        return Converted([mx.sym.slice(x.sym, begin=tuple(begin), end=tuple(end), name=layer.name)])
+    shifted = mx.sym.slice(x.sym, begin=tuple(begin), end=(None,) * len(begin), name=f"{layer.name}_offset")
+    return Converted([mx.sym.slice_like(shifted, ref.sym, axes=tuple(range(axis, len(x.shape))), name=layer.name)])
 
 
 def convert_deconvolution(layer: Layer, inputs: List[Tensor]) -> Converted:

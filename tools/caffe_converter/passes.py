@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tools.caffe_converter.caffe_io import CaffeNet
-from tools.caffe_converter.channel_flips import INPUT_CHANNEL_FLIPS
+from tools.caffe_converter.channel_flips import INPUT_CHANNEL_FLIPS, SHAPE_ONLY_BOTTOMS
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,12 @@ def swap_to_rgb(net: CaffeNet, reads: Reads, order: Sequence[int], outputs: Sequ
                 reversed_values.add((i, 0))  # the BatchNorm it was folded into already flipped its blobs
                 touched.append(layer.name)
             continue
-        if not any(v in reversed_values for v in reads[i]):
+        shape_only = SHAPE_ONLY_BOTTOMS.get(layer.type, ())
+        carried = [v for j, v in enumerate(reads[i]) if j not in shape_only]
+        if not any(v in reversed_values for v in carried):
             continue
         flip = INPUT_CHANNEL_FLIPS.get(layer.type)
-        if flip is None or len(reads[i]) != 1:
+        if flip is None or len(carried) != 1:
             raise ConversionError(
                 f"layer '{layer.name}' ({layer.type}) reads the image channels directly and cannot be reordered "
                 f"for RGB input (supported: {', '.join(sorted(INPUT_CHANNEL_FLIPS))}); convert with --keep-bgr")

@@ -40,7 +40,8 @@ def _classifier(net: CaffeNet, conv: dict) -> Tuple[Optional[str], Optional[str]
     # on the same features. A convolutional classifier (SqueezeNet) still gives the class count.
     if layers[i].type == "InnerProduct":
         cls = layers[i]
-        return cls.name, conv["feeds"].get(cls.name), layers[softmax].name, int(cls.param.inner_product_param.num_output)
+        num = int(cls.param.inner_product_param.num_output)
+        return cls.name, conv["feeds"].get(cls.name), layers[softmax].name, num
     num = layers[i].param.convolution_param.num_output if layers[i].type == "Convolution" else None
     return None, None, layers[softmax].name, num
 

@@ -59,7 +59,8 @@ def _bad_scalar(field: FieldDescriptor, tok: str) -> Optional[str]:
     if tok[0] in "\"'":
         return f"expects a {'number' if field.type != FieldDescriptor.TYPE_BOOL else 'true/false'}, got {tok}"
     if field.type == FieldDescriptor.TYPE_BOOL:
-        return None if tok in ("true", "false", "True", "False", "t", "f", "1", "0") else f"expects true/false, got {tok}"
+        ok = tok in ("true", "false", "True", "False", "t", "f", "1", "0")
+        return None if ok else f"expects true/false, got {tok}"
     if field.type in _INT_TYPES:
         return None if re.fullmatch(r"[-+]?(0x[0-9a-fA-F]+|\d+)", tok) else f"expects an integer, got {tok}"
     if field.type in _FLOAT_TYPES:
