@@ -1,7 +1,6 @@
 """Caffe's loading rules (parser strictness, weights the prototxt lacks), the data layer's transform_param, what
 the sidecar says after a cut, Gluon loading, and --verify checking the files on disk before publishing them."""
 import logging
-from pathlib import Path
 
 import mxnet as mx
 import numpy as np

@@ -155,3 +155,48 @@ def test_fcn_crop_to_the_image_follows_the_input_size(tmp_path, hw):
     (theirs,) = run_opencv(prototxt, caffemodel, {"data": x}, ["score"])
     assert outs[0].shape == (1, 2) + hw
     assert_close(outs[0], theirs)
+
+
+@pytest.mark.slow
+def test_input_sizes_record_follows_caffes_pooling_rule(tmp_path):
+    """A 2x2/2 pool with pad 1 keeps its last window at even sizes ('full') but Caffe drops it at odd ones
+    ('valid'); one MXNet convention cannot do both, so the sidecar says: any size in steps of 2 from 4x4."""
+    from tools.caffe_converter.sizes import describe
+    b = NetBuilder("pad_pool", seed=9)
+    b.input("data", (1, 3, 4, 4))
+    b.layer("conv", "Convolution", ["data"], params="convolution_param { num_output: 2 kernel_size: 1 }",
+            blobs=[b.rand(2, 3, 1, 1), b.rand(2)])
+    b.layer("pool", "Pooling", ["conv"], params="pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }")
+    prototxt, caffemodel = b.write(tmp_path, "pad_pool")
+    prefix = tmp_path / "pool"
+    convert(prototxt, caffemodel, prefix)
+    sizes = load_sidecar(prefix).source["input_sizes"]
+    assert (sizes["fixed"], sizes["step"]) == (False, 2), sizes
+    assert describe(sizes) == "any size in steps of 2 from 4x4"
+    rc, outs, x = bind_at(prefix, (1, 3, 8, 12))  # an accepted size: Caffe's answer
+    assert rc == 0, outs
+    (theirs,) = run_opencv(prototxt, caffemodel, {"data": x}, ["pool"])
+    assert outs[0].shape == theirs.shape == (1, 2, 5, 7)
+    assert_close(outs[0], theirs)
+
+
+@pytest.mark.slow
+def test_equal_slice_of_a_spatial_axis_follows_the_input_size(tmp_path):
+    """The reference is OpenCV on the net without the Slice (OpenCV 4.11 refuses this Slice at another size)."""
+    def build(with_slice):
+        b = NetBuilder("halves", seed=10)
+        b.input("data", (1, 3, 4, 6))
+        b.layer("conv", "Convolution", ["data"], params="convolution_param { num_output: 2 kernel_size: 1 }",
+                blobs=[b.rand(2, 3, 1, 1), b.rand(2)])
+        if with_slice:
+            b.layer("halves", "Slice", ["conv"], ["left", "right"], params="slice_param { axis: 3 }")
+        return b.write(tmp_path / str(with_slice), "halves")
+    prototxt, caffemodel = build(True)
+    prefix = tmp_path / "halves"
+    convert(prototxt, caffemodel, prefix)
+    rc, outs, x = bind_at(prefix, (1, 3, 5, 10))
+    assert rc == 0, outs
+    (conv,) = run_opencv(*build(False), {"data": x}, ["conv"])
+    assert outs[0].shape == outs[1].shape == (1, 2, 5, 5)
+    assert_close(outs[0], conv[..., :5])
+    assert_close(outs[1], conv[..., 5:])

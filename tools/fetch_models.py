@@ -151,13 +151,11 @@ def _open_archive(archive: Path):
     """Yield a function member name -> readable file (or None), for an sdist (.tar.gz), a wheel (.whl) or an
     unpacked source tree."""
     if archive.is_dir():
-        files = []
-        try:
-            yield lambda member: (files.append(open(archive / member, "rb")) or files[-1]) \
-                if (archive / member).is_file() else None
-        finally:
-            for handle in files:
-                handle.close()
+        with contextlib.ExitStack() as opened:
+            def member_file(member):
+                path = archive / member
+                return opened.enter_context(open(path, "rb")) if path.is_file() else None
+            yield member_file
     elif archive.name.endswith(".whl"):
         with zipfile.ZipFile(archive) as zf:
             names = set(zf.namelist())

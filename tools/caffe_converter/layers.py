@@ -630,7 +630,7 @@ def convert_sigmoid(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Split along `axis` (or legacy slice_dim) at slice_point, or into equal parts, one per top."""
+    """Split along `axis` (or legacy slice_dim) at slice_point (fixed, as in Caffe), or into equal parts."""
     p = layer.param.slice_param
     x = inputs[0]
     axis = p.axis if p.HasField("axis") or not p.HasField("slice_dim") else p.slice_dim
@@ -640,10 +640,13 @@ def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
         points = [int(v) for v in p.slice_point]
         if len(points) != tops - 1 or points != sorted(points) or points[-1] >= size or points[0] <= 0:
             raise _fail(layer, f"slice_point {points} does not cut axis {axis} of size {size} into {tops} parts")
-    else:
+    else:  # equal parts: split at run time, so a spatial split follows the input size
         if size % tops:
             raise _fail(layer, f"axis {axis} of size {size} does not split evenly into {tops} tops")
-        points = [size // tops * i for i in range(1, tops)]
+        if tops == 1:
+            return Converted([mx.sym.identity(x.sym, name=f"{layer.name}_{layer.tops[0]}")])
+        parts = mx.sym.split(x.sym, num_outputs=tops, axis=axis, name=layer.name)
+        return Converted([parts[i] for i in range(tops)])
     bounds = [0] + points + [size]
     outs = [mx.sym.slice_axis(x.sym, axis=axis, begin=b, end=e, name=f"{layer.name}_{top}")
             for b, e, top in zip(bounds[:-1], bounds[1:], layer.tops)]
