@@ -26,7 +26,10 @@ OTHER_CAFFE_PARAMS = frozenset({
     "parameter_param", "prior_box_param", "python_param", "recurrent_param", "spp_param",
     "video_data_param", "window_data_param",
 })
+# V1 `layers {}` fields with no V2 counterpart here: shared-blob modes and a wrapped V0 layer (refused on loading).
+_V1_ONLY = frozenset({"blob_share_mode", "layer"})
 
+_LAYER_MESSAGES = ("LayerParameter", "V1LayerParameter")
 _TOKEN = re.compile(r'\s+|#[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|[A-Za-z0-9_.+\-]+|[:{}<>\[\],;]')
 _OPEN = {"{": "}", "<": ">"}
 _INT_TYPES = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
@@ -86,8 +89,9 @@ class _Scan:
             if self.peek() == ":":
                 self.pos += 1
             field = desc.fields_by_name.get(name) if desc is not None else None
-            if desc is not None and field is None and not (desc.name == "LayerParameter"
-                                                           and name in OTHER_CAFFE_PARAMS):
+            accepted = (desc is not None and desc.name in _LAYER_MESSAGES and name in OTHER_CAFFE_PARAMS) or \
+                (desc is not None and desc.name == "V1LayerParameter" and name in _V1_ONLY)
+            if desc is not None and field is None and not accepted:
                 self.problems.append((line, f"unknown field '{name}' in {desc.name}", layer))
             if desc is not None and desc.name in ("LayerParameter", "V1LayerParameter") and name == "name":
                 if layer is not None and self.peek()[:1] in "\"'":
