@@ -220,3 +220,18 @@ def test_verify_of_lrn_with_k_compares_against_caffes_formula_and_an_equivalent_
     raw.setInput(x)
     (fixed,) = run_opencv(prototxt, caffemodel, {"data": x}, ["fc"])
     assert np.abs(raw.forward("fc") - fixed).max() > 1e-2 * np.abs(fixed).max()
+
+
+def test_verify_of_a_net_opencv_cannot_run_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    b = NetBuilder("thresh", seed=2)
+    b.input("data", (1, 3, 6, 6))
+    b.layer("conv", "Convolution", ["data"], params="convolution_param { num_output: 2 kernel_size: 3 }",
+            blobs=[b.rand(2, 3, 3, 3), b.rand(2)])
+    b.layer("t", "Threshold", ["conv"])  # OpenCV 4.11 has no Threshold layer
+    prototxt, caffemodel = b.write(tmp_path, "thresh")
+    prefix = tmp_path / "out" / "t"
+    assert cli.main([str(prototxt), str(caffemodel), str(prefix), "--verify"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "OpenCV cannot run" in err and "nothing written" in err and "\n" not in err
+    assert not list(prefix.parent.iterdir())
+    assert cli.main([str(prototxt), str(caffemodel), str(prefix)]) == 0

@@ -108,6 +108,14 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
         if args.verify_layers:
             report.rows += verify_conversion(args.prototxt, args.caffemodel, result, layers=True,
                                              tolerance=args.tolerance).rows
+    except Exception as err:
+        discard_staged(staging)
+        if type(err).__module__.split(".")[0] != "cv2":
+            raise
+        first = next((ln.strip() for ln in str(err).splitlines() if "error:" in ln), str(err).strip()[:200])
+        print(f"error: OpenCV cannot run {args.prototxt}, so --verify cannot check it ({first}); nothing written "
+              f"to {args.prefix}-*; convert without --verify to keep the unverified files", file=sys.stderr)
+        return 1
     except BaseException:
         discard_staged(staging)
         raise
