@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from google.protobuf import text_format
 
-from tools import caffe_pb2
-from tools.caffe_io import write_caffemodel, write_prototxt
+from tools.caffe_converter import caffe_pb2
+from tools.caffe_converter.caffe_io import write_caffemodel, write_prototxt
 
 INPUT_STYLES = ("input_shape", "input_dim", "layer")
 

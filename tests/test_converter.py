@@ -11,11 +11,11 @@ import pytest
 
 from symbols.sidecar import load_sidecar
 from tests._caffe_nets import NetBuilder, make_tiny_vgg, vgg16_builder
-from tools import caffe_pb2
+from tools.caffe_converter import caffe_pb2
 from tools.caffe_converter import ConversionError, convert
-from tools.caffe_io import CaffeFormatError, load_net, write_caffemodel
-from tools.caffe_layers import LAYER_CONVERTERS, UnsupportedLayerError
-from tools.verify import random_inputs, run_mxnet, run_opencv, verify_conversion
+from tools.caffe_converter.caffe_io import CaffeFormatError, load_net, write_caffemodel
+from tools.caffe_converter.layers import LAYER_CONVERTERS, UnsupportedLayerError
+from tools.caffe_converter.opencv_check import random_inputs, run_mxnet, run_opencv, verify_conversion
 
 TOLERANCE = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,16 +242,16 @@ def test_name_mismatches_and_wrong_shapes(tmp_path):
         convert(renamed, caffemodel)
     msg = _one_line(err)
     assert "'fc7'" in msg  # the caffemodel's weights nobody takes (the new layer has none either)
-    # the prototxt asks for a layer the caffemodel lacks
-    net = load_net(prototxt)
-    b = NetBuilder()
-    b.net.CopyFrom(caffe_pb2.NetParameter(input=["data"], input_shape=[caffe_pb2.BlobShape(dim=[1, 3, 32, 32])]))
+    # the prototxt asks for a layer the caffemodel lacks: every other layer keeps its weights
+    net = load_net(prototxt, caffemodel)
     nofc8 = tmp_path / "nofc8.caffemodel"
     model = caffe_pb2.NetParameter()
     model.layer.extend([layer.param for layer in net.layers if layer.name != "fc8"])
-    write_caffemodel(nofc8, model, {})
-    with pytest.raises(CaffeFormatError, match=r"layer 'conv1_1' \(Convolution\): the caffemodel has 0 weight blob"):
+    write_caffemodel(nofc8, model, {layer.name: layer.blobs for layer in net.layers if layer.name != "fc8"})
+    assert load_net(prototxt, nofc8).layers[0].blobs  # the other layers' weights are there
+    with pytest.raises(CaffeFormatError, match=r"layer 'fc8' \(InnerProduct\): the caffemodel has 0 weight blob") as err:
         convert(prototxt, nofc8)
+    assert "missing this layer" in _one_line(err)
     # a width that does not match the stored weights
     wide = tmp_path / "wide.prototxt"
     wide.write_text(prototxt.read_text().replace("num_output: 32", "num_output: 33", 1))
@@ -293,6 +293,21 @@ def test_cli_convert_verify_and_errors(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "nope.caffemodel" in proc.stderr
 
 
+def test_cli_without_verify_imports_neither_opencv_nor_onnx(tmp_path):
+    """`import mxnet` would load cv2 and onnx because they are installed; a plain conversion needs neither."""
+    prototxt, caffemodel = make_tiny_vgg(tmp_path)
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['x', {str(prototxt)!r}, {str(caffemodel)!r}, {str(tmp_path / 'm' / 'vgg')!r}]\n"
+            "try:\n    runpy.run_module('tools.caffe_converter', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('cv2', 'onnx', 'onnxruntime', 'matplotlib') if sys.modules.get(m)))\n"
+            "import cv2, mxnet\nprint(cv2.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["[]", "cv2"]  # and cv2 still imports afterwards
+    assert (tmp_path / "m" / "vgg-0000.params").is_file()
+
+
 # ---- the real model --------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.network
@@ -323,22 +338,34 @@ def test_real_open_nsfw_matches_opencv(tmp_path):
     np.testing.assert_allclose(_forward_module(prefix, x_rgb), theirs[1].reshape(1, 2), rtol=0, atol=1e-4)
 
 
-def test_params_writer_without_kernel_copy_matches_mx_nd_save(tmp_path, monkeypatch):
-    """The .params writer, on both paths (kernel file copy and plain writes), against mx.nd.save/load."""
-    from tools import caffe_converter
+def test_params_writer_kernel_copy_and_plain_writes_give_mx_nd_save_bytes(tmp_path, monkeypatch):
+    """The .params writer on both paths: the kernel file copy (shown to run and to carry most of the bytes) and
+    the plain-write fallback (copy_file_range absent) give the same file as mx.nd.save, byte for byte."""
+    import os
+
+    from tools.caffe_converter import params_writer
     prototxt, caffemodel = make_tiny_vgg(tmp_path)
-    result = convert(prototxt, caffemodel, tmp_path / "fast")
-    monkeypatch.delattr(caffe_converter.os, "copy_file_range", raising=False)
-    caffe_converter.write_checkpoint(tmp_path / "slow", result)
-    mx.nd.save(str(tmp_path / "stock.params"), {**{f"arg:{k}": mx.nd.array(v) for k, v in result.arg_arrays.items()},
-                                                 **{f"aux:{k}": mx.nd.array(v) for k, v in result.aux_arrays.items()}})
-    stock = mx.nd.load(str(tmp_path / "stock.params"))
-    for name in ("fast", "slow"):
-        loaded = mx.nd.load(str(tmp_path / f"{name}-0000.params"))
-        assert list(loaded) == list(stock)
-        for key in stock:
-            np.testing.assert_array_equal(loaded[key].asnumpy(), stock[key].asnumpy())
-    assert (tmp_path / "slow-0000.params").read_bytes() == (tmp_path / "stock.params").read_bytes()
+    result = convert(prototxt, caffemodel)
+    copied = []
+    kernel_copy = getattr(os, "copy_file_range", None)
+    if kernel_copy is None:
+        pytest.skip("this platform has no os.copy_file_range")
+
+    def counting_copy(*args):
+        n = kernel_copy(*args)
+        copied.append(n)
+        return n
+    monkeypatch.setattr(params_writer.os, "copy_file_range", counting_copy)
+    params_writer.save_params(tmp_path / "fast.params", {f"arg:{k}": v for k, v in result.arg_arrays.items()})
+    weights = sum(v.nbytes for v in result.arg_arrays.values())
+    flipped = result.arg_arrays["conv1_1_weight"].nbytes  # reordered for RGB: a copy, no longer in the file
+    assert sum(copied) == weights - flipped, (sum(copied), weights, flipped)
+    monkeypatch.delattr(params_writer.os, "copy_file_range")
+    params_writer.save_params(tmp_path / "slow.params", {f"arg:{k}": v for k, v in result.arg_arrays.items()})
+    mx.nd.save(str(tmp_path / "stock.params"), {f"arg:{k}": mx.nd.array(v) for k, v in result.arg_arrays.items()})
+    stock = (tmp_path / "stock.params").read_bytes()
+    assert (tmp_path / "fast.params").read_bytes() == stock
+    assert (tmp_path / "slow.params").read_bytes() == stock
 
 
 @pytest.mark.slow

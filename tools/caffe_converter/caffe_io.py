@@ -26,15 +26,13 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from tools import caffe_pb2
+from tools.caffe_converter import caffe_pb2
+from tools.caffe_converter.errors import CaffeFormatError
+from tools.caffe_converter.text_rules import check_prototxt_text
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CaffeFormatError(ValueError):
-    """A Caffe file that cannot be read or does not match its counterpart. The message is one line."""
 
 
 # Layers that only exist for training; a deploy model never needs them.
@@ -63,7 +61,8 @@ V1_TYPE_NAMES = {
 _V1_SHARED_FIELDS = ("include", "exclude", "loss_weight", "transform_param", "loss_param", "accuracy_param",
                      "concat_param", "convolution_param", "data_param", "dropout_param", "eltwise_param",
                      "image_data_param", "inner_product_param", "lrn_param", "pooling_param", "power_param",
-                     "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param")
+                     "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param", "argmax_param",
+                     "exp_param", "mvn_param", "threshold_param")
 
 
 @dataclass
@@ -77,6 +76,7 @@ class Layer:
         fused_scale: a Scale layer folded into this BatchNorm by the converter (its blobs are gamma/beta).
         folded_into: set on that Scale layer: the BatchNorm that now computes its output.
         is_net_output: one of this layer's tops is an output of the converted net.
+        unused_weights: when the layer got no weights, the caffemodel layers nobody claimed (for the error).
     """
 
     name: str
@@ -88,6 +88,7 @@ class Layer:
     fused_scale: Optional["Layer"] = None
     folded_into: Optional[str] = None
     is_net_output: bool = False
+    unused_weights: Tuple[str, ...] = ()  # set when this layer got no weights: the caffemodel's unclaimed ones
 
 
 @dataclass
@@ -101,15 +102,18 @@ class CaffeNet:
     caffemodel: Optional[str] = None
     format: str = "v2"
     transform: Optional[caffe_pb2.TransformationParameter] = None
+    transform_layer: str = ""  # the data layer the transform_param comes from
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (layer name, type, why)
+    unused_weights: List[str] = field(default_factory=list)  # caffemodel layers the prototxt does not define
 
 
 # ---- prototxt -------------------------------------------------------------------------------------------
 def read_prototxt(path: PathLike) -> caffe_pb2.NetParameter:
     """Parse a prototxt (V1 or current format) into a NetParameter whose layers are all in `layer`.
 
-    Fields this converter does not know (for example PriorBox settings of an SSD net) are ignored with a
-    warning that names the first of them; a syntax error is a one-line error with the file and line.
+    Caffe's own parser rules apply (text_rules.py): an unknown field, an undefined enum value or a value of the
+    wrong type is a one-line error listing every such setting with its layer and line. The parameters of
+    layer types we do not convert (PriorBox's, for example) are accepted and have no effect.
     """
     return _parse_prototxt(path)[0]
 
@@ -121,18 +125,15 @@ def _parse_prototxt(path: PathLike) -> Tuple[caffe_pb2.NetParameter, str]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as err:
         raise CaffeFormatError(f"{path}: cannot read prototxt ({err.strerror})") from None
+    problems = check_prototxt_text(text, path)
+    if problems:
+        raise CaffeFormatError(f"{path}: Caffe's parser refuses {len(problems)} setting(s): " + "; ".join(
+            p[len(path) + 1:] if p.startswith(path + ":") else p for p in problems))
     net = caffe_pb2.NetParameter()
-    try:
-        text_format.Parse(text, net)
+    try:  # unknown fields left by now are other layer types' parameters (text_rules.OTHER_CAFFE_PARAMS)
+        text_format.Parse(text, net, allow_unknown_field=True)
     except text_format.ParseError as err:
-        if "no field named" not in str(err) and "has no value named" not in str(err):
-            raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err}") from None
-        log.warning("%s: ignoring settings the converter does not use (first: %s)", path, err)
-        net = caffe_pb2.NetParameter()
-        try:
-            text_format.Parse(text, net, allow_unknown_field=True)
-        except text_format.ParseError as err2:
-            raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err2}") from None
+        raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err}") from None
     if net.layers and net.layer:
         raise CaffeFormatError(f"{path}: mixes V1 `layers {{}}` and current `layer {{}}` entries; use one format")
     if not net.layers:
@@ -419,15 +420,14 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     inputs = _net_inputs(net, prototxt)
     layers: List[Layer] = []
     skipped: List[Tuple[str, str, str]] = []
-    transform = None
+    transform = fallback_transform = None  # (layer name, transform_param)
     names = set()
-    fallback_transform = None
     for lp in net.layer:
         if lp.HasField("transform_param"):  # the TEST data layer's preprocessing wins over the TRAIN one's
             if in_test_phase(lp) and transform is None:
-                transform = lp.transform_param
+                transform = (lp.name, lp.transform_param)
             elif fallback_transform is None:
-                fallback_transform = lp.transform_param
+                fallback_transform = (lp.name, lp.transform_param)
         if not in_test_phase(lp):
             skipped.append((lp.name, lp.type, "not part of the TEST phase"))
             continue
@@ -452,8 +452,9 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     if not inputs:
         raise CaffeFormatError(f"{prototxt}: no input shape declared; add `input: \"data\"` with "
                                f"`input_shape {{ dim: 1 dim: 3 dim: 224 dim: 224 }}` or an Input layer")
-    result = CaffeNet(net.name, inputs, layers, prototxt, format=fmt,
-                      transform=transform or fallback_transform, skipped=skipped)
+    chosen = transform or fallback_transform
+    result = CaffeNet(net.name, inputs, layers, prototxt, format=fmt, transform=chosen[1] if chosen else None,
+                      transform_layer=chosen[0] if chosen else "", skipped=skipped)
     for name, type_name, why in skipped:
         log.info("skipping layer '%s' (%s): %s", name, type_name, why)
     if caffemodel is not None:
@@ -469,17 +470,25 @@ def _blob_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
 
 
 def attach_weights(net: CaffeNet, model: Dict[str, _ModelLayer], where: str) -> None:
-    """Give each prototxt layer the caffemodel blobs of the same name; weights nobody takes are an error."""
+    """Give each prototxt layer the caffemodel blobs of the same name.
+
+    Weights for layers the prototxt does not define are ignored, as Caffe's Net::CopyTrainedLayersFrom does
+    (MTCNN det2's `conv5-3`, GoogLeNet's training-only loss branches): listed in `net.unused_weights` and in
+    one warning line; `--strict` makes them an error. A layer that needs weights and finds none is then told
+    which unused ones there are (a renamed layer).
+    """
     by_name = {layer.name: layer for layer in net.layers}
     skipped = {name for name, _, _ in net.skipped}
-    unused = [name for name, ml in model.items() if ml.blobs and name not in by_name and name not in skipped]
-    if unused:
-        raise CaffeFormatError(
-            f"{where}: weights for layer(s) {unused[:5]}{' ...' if len(unused) > 5 else ''} that "
-            f"{net.prototxt} does not define; the files do not belong together or a layer was renamed")
+    net.unused_weights = [name for name, ml in model.items()
+                          if ml.blobs and name not in by_name and name not in skipped]
+    if net.unused_weights:
+        log.warning("%s: ignoring weights of %d layer(s) that %s does not define: %s", where,
+                    len(net.unused_weights), net.prototxt, ", ".join(net.unused_weights))
     for layer in net.layers:
         if layer.name in model and model[layer.name].blobs:
             layer.blobs = model[layer.name].blobs
+        else:
+            layer.unused_weights = tuple(net.unused_weights)
 
 
 # ---- writing (tests, benchmarks, re-encoding between formats) -------------------------------------------

@@ -2,14 +2,12 @@
 
 Each `convert_<type>(layer, inputs)` is a small pure function: it reads the layer's Caffe settings, checks
 its weights against the shapes the inputs imply, and returns the MXNet symbols for its tops plus the
-parameters they need. The walker in tools/caffe_converter.py knows no layer type; it looks a type up in
-`LAYER_CONVERTERS` and nothing else.
+parameters they need. The walker (graph.py) knows no layer type; it looks a type up in `LAYER_CONVERTERS`
+and nothing else. `caffe_pool_size` is Caffe's pooling-window rule, the one home of it (the ONNX export
+checks its pooling against it too).
 
 MXNet's defaults differ from Caffe's in several places (pooling rounding, BatchNorm eps, Deconvolution's
 bias); each converter sets those arguments explicitly and says why.
-
-A second, smaller table, `INPUT_CHANNEL_FLIPS`, says how a layer that reads the (BGR) image directly has its
-weights reordered so that the converted model takes RGB.
 """
 from __future__ import annotations
 
@@ -21,23 +19,40 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from tools import caffe_pb2
-from tools.caffe_io import CaffeFormatError, Layer
+from tools.caffe_converter import caffe_pb2
+from tools.caffe_converter.caffe_io import Layer
+from tools.caffe_converter.errors import CaffeFormatError, UnsupportedLayerError
 
 Shape = Tuple[int, ...]
 log = logging.getLogger(__name__)
 
 
-class UnsupportedLayerError(ValueError):
-    """A layer (or a setting of a layer) this converter cannot express in MXNet. One-line message."""
+def infer_quietly(sym: mx.sym.Symbol, **shapes):
+    """sym.infer_shape without the argument dump MXNet prints before re-raising: a probe is expected to fail."""
+    return sym._infer_shape_impl(False, **shapes)  # the implementation infer_shape wraps in that print
 
 
 @dataclass
 class Tensor:
-    """A Caffe blob during conversion: the MXNet symbol computing it and its shape (batch included)."""
+    """A Caffe blob during conversion: the MXNet symbol computing it and its shape (batch included).
+
+    `probe_inputs` are the net's input shapes at another spatial size (twice the declared one); a converter
+    that must know whether a shape depends on the input size asks `probe_shape()` (None: the net cannot run
+    at that size, a fixed-size net).
+    """
 
     sym: mx.sym.Symbol
     shape: Shape
+    probe_inputs: Optional[Dict[str, Shape]] = None
+
+    def probe_shape(self) -> Optional[Shape]:
+        if not self.probe_inputs:
+            return None
+        wanted = {k: v for k, v in self.probe_inputs.items() if k in set(self.sym.list_arguments())}
+        try:
+            return tuple(infer_quietly(self.sym, **wanted)[1][0])
+        except mx.base.MXNetError:
+            return None
 
 
 @dataclass
@@ -71,7 +86,9 @@ def take_blobs(layer: Layer, specs: Sequence[Tuple[str, Shape]]) -> List[np.ndar
         raise CaffeFormatError(
             f"layer '{layer.name}' ({layer.type}): the caffemodel has {len(layer.blobs)} weight blob(s), "
             f"expected {len(specs)} ({roles})"
-            + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else ""))
+            + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else "")
+            + (f" (it has unused weights for {list(layer.unused_weights)[:5]})"
+               if not layer.blobs and layer.unused_weights else ""))
     out = []
     for i, (blob, (role, shape)) in enumerate(zip(layer.blobs, specs)):
         shape = tuple(int(d) for d in shape)
@@ -102,6 +119,18 @@ def _pairs(layer: Layer, repeated: Sequence[int], h: int, w: int, has_hw: bool, 
     if len(repeated) != ndim:
         raise _fail(layer, f"{len(repeated)} {what} values for {ndim} spatial axes")
     return tuple(int(v) for v in repeated)
+
+
+def _reshape_checked(x: mx.sym.Symbol, shape: Shape, keep_batch: bool, name: str) -> mx.sym.Symbol:
+    """Reshape to a fully known `shape` so that another input size fails at bind time.
+
+    MXNet 1.9's reshape does not check the element count when its target holds a 0 (copy) and no -1: bound at
+    another size it returns a wrong shape and then reads past its buffer (a segfault). reshape_like against a
+    constant of the target shape checks the count; the batch axis stays free when Caffe copies it.
+    """
+    ref = mx.sym.zeros(shape=(1,) + tuple(shape[1:]) if keep_batch else tuple(shape), name=f"{name}_shape")
+    begin = 1 if keep_batch else 0
+    return mx.sym.reshape_like(x, ref, lhs_begin=begin, rhs_begin=begin, name=name)
 
 
 def _var(name: str, shape: Shape) -> mx.sym.Symbol:
@@ -228,7 +257,12 @@ def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_crop(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Crop bottom[0] to bottom[1]'s shape from `axis` on, starting at `offset` (one value or one per axis)."""
+    """Crop bottom[0] to bottom[1]'s shape from `axis` on, starting at `offset` (one value or one per axis).
+
+    When the reference is computed from the image (FCN crops its upsampled scores to `data`), the crop follows
+    the reference's shape at run time (slice_like), so the model works at any input size as in Caffe; a
+    reference that is a separate net input only lends its declared shape and is not an input of the symbol.
+    """
     p = layer.param.crop_param
     if len(inputs) != 2:
         raise _fail(layer, "needs two bottoms (the blob to crop and the reference)")
@@ -249,7 +283,11 @@ def convert_crop(layer: Layer, inputs: List[Tensor]) -> Converted:
             raise _fail(layer, f"crop of {size} at offset {off} exceeds axis {axis + i} of size {avail}")
         begin.append(int(off))
         end.append(int(off + size))
-    return Converted([mx.sym.slice(x.sym, begin=tuple(begin), end=tuple(end), name=layer.name)])
+    separate_input = set(ref.sym.list_arguments()) == {ref.sym.name} and ref.sym.name != "data"
+    if separate_input:
+        return Converted([mx.sym.slice(x.sym, begin=tuple(begin), end=tuple(end), name=layer.name)])
+    shifted = mx.sym.slice(x.sym, begin=tuple(begin), end=(None,) * len(begin), name=f"{layer.name}_offset")
+    return Converted([mx.sym.slice_like(shifted, ref.sym, axes=tuple(range(axis, len(x.shape))), name=layer.name)])
 
 
 def convert_deconvolution(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -307,18 +345,26 @@ def convert_elu(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_flatten(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Merge axes axis..end_axis into one; the batch axis is copied (0) so any batch size works."""
+    """Merge axes axis..end_axis into one, at any input size.
+
+    Each merge of two neighbouring axes is a reshape (0,)*axis + (-3, -2): -3 multiplies the two axes MXNet is
+    given, -2 copies the rest, so no size is written into the symbol (Reshape(0, N) would tie the model to
+    the prototxt's input size).
+    """
     p = layer.param.flatten_param
     shape = inputs[0].shape
     axis = _axis(layer, p.axis, len(shape))
     end = _axis(layer, p.end_axis, len(shape))
     if end < axis:
         raise _fail(layer, f"end_axis {p.end_axis} comes before axis {p.axis}")
-    merged = int(np.prod(shape[axis:end + 1]))
-    target = [0] * axis + [merged] + list(shape[end + 1:])
-    if axis == 0:
-        target[0] = -1
-    return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+    out = inputs[0].sym
+    merges = end - axis
+    if merges == 0:
+        return Converted([mx.sym.identity(out, name=layer.name)])
+    for i in range(merges):
+        out = mx.sym.reshape(out, shape=(0,) * axis + (-3, -2),
+                             name=layer.name if i == merges - 1 else f"{layer.name}_merge{i}")
+    return Converted([out])
 
 
 def convert_innerproduct(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -413,6 +459,22 @@ def caffe_pool_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -
     return out
 
 
+def pooling_window(layer: Layer, nd: int) -> Tuple[Shape, Shape, Shape, bool]:
+    """(kernel, stride, pad, rounds up) of a windowed (not global) Caffe Pooling over `nd` spatial axes."""
+    p = layer.param.pooling_param
+    kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
+                    p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
+    if min(kernel) <= 0:
+        raise _fail(layer, "no kernel size given (and global_pooling is off)")
+    stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
+                    p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
+    pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
+                 p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
+    if any(pd >= k for pd, k in zip(pad, kernel)):
+        raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
+    return kernel, stride, pad, p.round_mode == caffe_pb2.PoolingParameter.CEIL
+
+
 def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     """MAX and AVE pooling, global or windowed, with Caffe's exact output size.
 
@@ -431,17 +493,7 @@ def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     if p.global_pooling:
         sym = mx.sym.Pooling(x.sym, name=layer.name, kernel=(1,) * nd, pool_type=pool_type, global_pool=True)
         return Converted([sym])
-    kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
-                    p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
-    if min(kernel) <= 0:
-        raise _fail(layer, "no kernel size given (and global_pooling is off)")
-    stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
-                    p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
-    pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
-                 p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
-    if any(pd >= k for pd, k in zip(pad, kernel)):
-        raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
-    ceil = p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    kernel, stride, pad, ceil = pooling_window(layer, nd)
     spatial = x.shape[2:]
     want = [caffe_pool_size(s, k, st, pd, ceil) for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     full = [int(math.ceil((s + 2 * pd - k) / st)) + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
@@ -490,14 +542,9 @@ def convert_relu(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([mx.sym.Activation(inputs[0].sym, act_type="relu", name=layer.name)])
 
 
-def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Caffe Reshape (0 copies an axis, -1 is inferred, axis/num_axes select the part replaced).
-
-    The output shape is resolved here from the known input shape; the batch axis is written as 0 (copy)
-    when Caffe keeps it, so the model still accepts any batch size.
-    """
+def _reshape_target(layer: Layer, shape: List[int]) -> Tuple[int, int, List[int], List[int]]:
+    """(start, end, spec, resolved output shape) of a Caffe Reshape on an input of `shape`."""
     p = layer.param.reshape_param
-    shape = list(inputs[0].shape)
     ndim = len(shape)
     start = p.axis if p.axis >= 0 else ndim + 1 + p.axis
     if not 0 <= start <= ndim:
@@ -525,9 +572,25 @@ def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
         out[out.index(-1)] = total // known
     if int(np.prod(out)) != int(np.prod(shape)):
         raise _fail(layer, f"cannot reshape {tuple(shape)} into {tuple(out)}")
-    keeps_batch = start > 0 or (spec and spec[0] == 0)
-    target = ([0] + out[1:]) if keeps_batch else out
-    return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+    return start, end, spec, out
+
+
+def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Caffe Reshape (0 copies an axis, -1 is inferred, axis/num_axes select the part replaced).
+
+    Caffe's 0 and -1 mean what MXNet's do as long as every dimension before them maps to one input axis, so
+    the spec is passed on with the axes before `axis` copied: the model reshapes at any input size, as Caffe
+    does. A spec without -1, or one whose replaced axes are followed by kept ones of a different count, is
+    resolved to the declared shape and checked at bind time (`_reshape_checked`).
+    """
+    shape = list(inputs[0].shape)
+    start, end, spec, out = _reshape_target(layer, shape)
+    keeps_batch = start > 0 or (bool(spec) and spec[0] == 0)
+    trailing = len(shape) - end
+    if -1 in spec and (trailing == 0 or len(spec) == end - start):
+        target = [0] * start + spec + [0] * trailing
+        return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
+    return Converted([_reshape_checked(inputs[0].sym, tuple(out), keeps_batch, layer.name)])
 
 
 def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -567,7 +630,7 @@ def convert_sigmoid(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Split along `axis` (or legacy slice_dim) at slice_point, or into equal parts, one per top."""
+    """Split along `axis` (or legacy slice_dim) at slice_point (fixed, as in Caffe), or into equal parts."""
     p = layer.param.slice_param
     x = inputs[0]
     axis = p.axis if p.HasField("axis") or not p.HasField("slice_dim") else p.slice_dim
@@ -577,10 +640,13 @@ def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
         points = [int(v) for v in p.slice_point]
         if len(points) != tops - 1 or points != sorted(points) or points[-1] >= size or points[0] <= 0:
             raise _fail(layer, f"slice_point {points} does not cut axis {axis} of size {size} into {tops} parts")
-    else:
+    else:  # equal parts: split at run time, so a spatial split follows the input size
         if size % tops:
             raise _fail(layer, f"axis {axis} of size {size} does not split evenly into {tops} tops")
-        points = [size // tops * i for i in range(1, tops)]
+        if tops == 1:
+            return Converted([mx.sym.identity(x.sym, name=f"{layer.name}_{layer.tops[0]}")])
+        parts = mx.sym.split(x.sym, num_outputs=tops, axis=axis, name=layer.name)
+        return Converted([parts[i] for i in range(tops)])
     bounds = [0] + points + [size]
     outs = [mx.sym.slice_axis(x.sym, axis=axis, begin=b, end=e, name=f"{layer.name}_{top}")
             for b, e, top in zip(bounds[:-1], bounds[1:], layer.tops)]
@@ -588,15 +654,22 @@ def convert_slice(layer: Layer, inputs: List[Tensor]) -> Converted:
 
 
 def convert_softmax(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Softmax over `axis`. The net's final Softmax becomes a SoftmaxOutput named after the Caffe layer, so
-    the model trains with Module/fit as is; a (N, C, 1, 1) input is flattened first so labels are (N,)."""
+    """Softmax over `axis` (Caffe's default 1: the channels, at every position of a 4-D blob).
+
+    The net's final Softmax becomes a SoftmaxOutput named after the Caffe layer, so the model trains with
+    Module/fit as is. Its input is flattened first (labels (N,)) only when its spatial axes are 1 at every
+    input size (after global pooling or an InnerProduct); a fully convolutional net such as MTCNN's PNet,
+    declared at 12x12, keeps a softmax over the channels per position when bound at a pyramid size.
+    """
     axis = _axis(layer, layer.param.softmax_param.axis, len(inputs[0].shape))
     x = inputs[0]
     if layer.is_net_output and axis == 1:
         data = x.sym
         multi = len(x.shape) > 2
         if multi and all(d == 1 for d in x.shape[2:]):
-            data, multi = mx.sym.Flatten(data, name=f"{layer.name}_flatten"), False
+            probe = x.probe_shape()
+            if probe is None or all(d == 1 for d in probe[2:]):
+                data, multi = mx.sym.Flatten(data, name=f"{layer.name}_flatten"), False
         return Converted([mx.sym.SoftmaxOutput(data, name=layer.name, multi_output=multi)])
     return Converted([mx.sym.softmax(x.sym, axis=axis, name=layer.name)])
 
@@ -611,14 +684,139 @@ def convert_tanh(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([mx.sym.Activation(inputs[0].sym, act_type="tanh", name=layer.name)])
 
 
-def convert_input(layer: Layer, inputs: List[Tensor]) -> Converted:
-    """Input layers are read by caffe_io into the net's input map; the walker creates the `data` variable."""
-    raise _fail(layer, "Input layers are handled when the net is loaded")  # pragma: no cover - never reached
+def _log_base(base: float) -> float:
+    """ln(base); Caffe's base -1 means e."""
+    return 1.0 if base == -1.0 else math.log(base)
+
+
+def convert_argmax(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Caffe ArgMax: the top_k indices (or, with out_max_val and an axis, the values) along `axis`.
+
+    Without an axis Caffe flattens each sample and returns (N, 1, top_k) indices, or (N, 2, top_k) indices
+    then values with out_max_val. Indices are floats, as in Caffe.
+    """
+    p = layer.param.argmax_param
+    x = inputs[0]
+    k = int(p.top_k)
+    if p.HasField("axis"):
+        axis = _axis(layer, p.axis, len(x.shape))
+        if k > x.shape[axis]:
+            raise _fail(layer, f"top_k {k} exceeds axis {axis} of size {x.shape[axis]}")
+        kind = "value" if p.out_max_val else "indices"
+        return Converted([mx.sym.topk(x.sym, axis=axis, k=k, ret_typ=kind, is_ascend=False, dtype="float32",
+                                      name=layer.name)])
+    flat = mx.sym.reshape(x.sym, shape=(0, -1), name=f"{layer.name}_flat")
+    if k > int(np.prod(x.shape[1:])):
+        raise _fail(layer, f"top_k {k} exceeds the {int(np.prod(x.shape[1:]))} values of a sample")
+    idx = mx.sym.topk(flat, axis=1, k=k, ret_typ="indices", is_ascend=False, dtype="float32",
+                      name=f"{layer.name}_indices")
+    parts = [mx.sym.expand_dims(idx, axis=1)]
+    if p.out_max_val:
+        val = mx.sym.topk(flat, axis=1, k=k, ret_typ="value", is_ascend=False, name=f"{layer.name}_values")
+        parts.append(mx.sym.expand_dims(val, axis=1))
+    out = mx.sym.concat(*parts, dim=1, name=layer.name) if len(parts) > 1 else \
+        mx.sym.identity(parts[0], name=layer.name)
+    return Converted([out])
+
+
+def convert_bnll(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """log(1 + e^x), MXNet's softrelu."""
+    return Converted([mx.sym.Activation(inputs[0].sym, act_type="softrelu", name=layer.name)])
+
+
+def convert_clip(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """min(max(x, min), max)."""
+    p = layer.param.clip_param
+    return Converted([mx.sym.clip(inputs[0].sym, a_min=float(p.min), a_max=float(p.max), name=layer.name)])
+
+
+def convert_exp(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """base ^ (shift + scale * x) = exp(ln(base) * scale * x + ln(base) * shift)."""
+    p = layer.param.exp_param
+    if p.base != -1.0 and p.base <= 0:
+        raise _fail(layer, f"base {p.base} must be positive (or -1 for e)")
+    ln_base = _log_base(float(p.base))
+    inner = float(p.scale) * ln_base
+    y = inputs[0].sym if inner == 1.0 else inputs[0].sym * inner
+    if p.shift:
+        y = y + float(p.shift) * ln_base
+    return Converted([mx.sym.exp(y, name=layer.name)])
+
+
+def convert_log(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """log_base(shift + scale * x) = ln(shift + scale * x) / ln(base)."""
+    p = layer.param.log_param
+    if p.base != -1.0 and (p.base <= 0 or p.base == 1):
+        raise _fail(layer, f"base {p.base} must be positive and not 1 (or -1 for e)")
+    y = inputs[0].sym if p.scale == 1.0 else inputs[0].sym * float(p.scale)
+    if p.shift:
+        y = y + float(p.shift)
+    ln_base = _log_base(float(p.base))
+    out = mx.sym.log(y, name=layer.name if ln_base == 1.0 else f"{layer.name}_ln")
+    return Converted([out if ln_base == 1.0 else mx.sym.identity(out / ln_base, name=layer.name)])
+
+
+def convert_mvn(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Mean-variance normalisation per sample: over H x W, or C x H x W with across_channels.
+
+    Caffe subtracts the mean, then divides by sqrt(variance) + eps (eps outside the root).
+    """
+    p = layer.param.mvn_param
+    x = inputs[0]
+    axes = tuple(range(1 if p.across_channels else 2, len(x.shape)))
+    if not axes:
+        raise _fail(layer, f"needs spatial axes; the input has shape {x.shape}")
+    centred = mx.sym.broadcast_sub(x.sym, mx.sym.mean(x.sym, axis=axes, keepdims=True), name=f"{layer.name}_centred")
+    if not p.normalize_variance:
+        return Converted([mx.sym.identity(centred, name=layer.name)])
+    std = mx.sym.sqrt(mx.sym.mean(mx.sym.square(centred), axis=axes, keepdims=True)) + float(p.eps)
+    return Converted([mx.sym.broadcast_div(centred, std, name=layer.name)])
+
+
+def convert_reduction(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SUM, ASUM (sum of |x|), SUMSQ or MEAN over every axis from `axis` on (Caffe's default 0: all), times
+    coeff. Caffe's 0-D result for axis 0 is MXNet's shape (1,) (the same single value)."""
+    p = layer.param.reduction_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    axes = tuple(range(axis, len(x.shape)))
+    ops = caffe_pb2.ReductionParameter
+    data = {ops.SUM: x.sym, ops.MEAN: x.sym, ops.ASUM: mx.sym.abs(x.sym), ops.SUMSQ: mx.sym.square(x.sym)}[p.operation]
+    reduce = mx.sym.mean if p.operation == ops.MEAN else mx.sym.sum
+    out = reduce(data, axis=axes, keepdims=False, name=layer.name if p.coeff == 1.0 else f"{layer.name}_reduce")
+    if p.coeff != 1.0:
+        out = mx.sym.identity(out * float(p.coeff), name=layer.name)
+    return Converted([out])
+
+
+def convert_swish(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """x * sigmoid(beta * x)."""
+    beta = float(layer.param.swish_param.beta)
+    x = inputs[0].sym
+    gate = mx.sym.Activation(x if beta == 1.0 else x * beta, act_type="sigmoid", name=f"{layer.name}_gate")
+    return Converted([mx.sym.elemwise_mul(x, gate, name=layer.name)])
+
+
+def convert_threshold(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """1 where x > threshold, else 0 (strictly greater, as Caffe)."""
+    t = float(layer.param.threshold_param.threshold)
+    return Converted([mx.sym.identity(inputs[0].sym > t, name=layer.name)])
+
+
+def convert_tile(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """Repeat the whole blob `tiles` times along `axis` (numpy's tile, not repeat)."""
+    p = layer.param.tile_param
+    x = inputs[0]
+    axis = _axis(layer, p.axis, len(x.shape))
+    if p.tiles < 1:
+        raise _fail(layer, f"tiles must be >= 1, got {p.tiles}")
+    reps = [1] * len(x.shape)
+    reps[axis] = int(p.tiles)
+    return Converted([mx.sym.tile(x.sym, reps=tuple(reps), name=layer.name)])
 
 
 # The one table. Keys are Caffe type names (V1 enum names are translated when the net is loaded).
 LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
-    "Input": convert_input,
     "Convolution": convert_convolution,
     "Deconvolution": convert_deconvolution,
     "Pooling": convert_pooling,
@@ -645,76 +843,14 @@ LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Softmax": convert_softmax,
     "Permute": convert_permute,
     "Normalize": convert_normalize,
-}
-
-
-# ---- BGR -> RGB: reorder the weights of the layers that read the image --------------------------------
-def _flip0(blobs: List[np.ndarray], indices: Sequence[int]) -> List[np.ndarray]:
-    return [np.ascontiguousarray(b[::-1]) if i in indices else b for i, b in enumerate(blobs)]
-
-
-def flip_convolution(layer: Layer) -> bool:
-    """Reverse the weight's input-channel axis; the output no longer depends on the channel order."""
-    if layer.param.convolution_param.group != 1:
-        raise _fail(layer, "reads the image with group > 1; cannot reorder its channels for RGB input "
-                           "(use --keep-bgr)")
-    layer.blobs = [np.ascontiguousarray(layer.blobs[0][:, ::-1])] + list(layer.blobs[1:])
-    return False
-
-
-def flip_deconvolution(layer: Layer) -> bool:
-    """Deconvolution weights are (C_in, C_out / group, ...): reverse the input-channel axis 0."""
-    if layer.param.convolution_param.group != 1:
-        raise _fail(layer, "reads the image with group > 1; cannot reorder its channels for RGB input "
-                           "(use --keep-bgr)")
-    layer.blobs = [np.ascontiguousarray(layer.blobs[0][::-1])] + list(layer.blobs[1:])
-    return False
-
-
-def flip_innerproduct(layer: Layer) -> bool:
-    """Reverse the channel axis inside the flattened (C, H, W) input dimension of the weight."""
-    p = layer.param.inner_product_param
-    if p.axis != 1 or p.transpose:
-        raise _fail(layer, "reads the image with axis != 1 or transpose; use --keep-bgr")
-    w = layer.blobs[0]
-    n = w.shape[0] if w.ndim == 2 else w.shape[-2]
-    w3 = w.reshape(n, 3, -1)
-    layer.blobs = [np.ascontiguousarray(w3[:, ::-1]).reshape(w.shape)] + list(layer.blobs[1:])
-    return False
-
-
-def flip_per_channel(layer: Layer) -> bool:
-    """Per-channel parameters (mean/var, scale/bias, slopes) follow the channels; the output stays reversed."""
-    if layer.type == "BatchNorm":
-        layer.blobs = _flip0(layer.blobs, (0, 1))
-        fused = layer.fused_scale
-        if fused is not None:
-            fused.blobs = _flip0(fused.blobs, (0, 1))
-    elif layer.type in ("Scale", "Bias"):
-        p = layer.param.scale_param if layer.type == "Scale" else layer.param.bias_param
-        if p.axis != 1 or p.num_axes != 1 or len(layer.bottoms) != 1:
-            raise _fail(layer, "reads the image with a scale that is not per channel; use --keep-bgr")
-        layer.blobs = _flip0(layer.blobs, (0, 1))
-    elif layer.type == "PReLU":
-        if not layer.param.prelu_param.channel_shared:
-            layer.blobs = _flip0(layer.blobs, (0,))
-    return True
-
-
-def _passthrough(layer: Layer) -> bool:
-    """Element-wise or channel-symmetric layers: the output keeps the input's channel order."""
-    return True
-
-
-INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
-    "Convolution": flip_convolution,
-    "Deconvolution": flip_deconvolution,
-    "InnerProduct": flip_innerproduct,
-    "BatchNorm": flip_per_channel,
-    "Scale": flip_per_channel,
-    "Bias": flip_per_channel,
-    "PReLU": flip_per_channel,
-    "ReLU": _passthrough, "ELU": _passthrough, "Sigmoid": _passthrough, "TanH": _passthrough,
-    "AbsVal": _passthrough, "Power": _passthrough, "Dropout": _passthrough, "Split": _passthrough,
-    "Pooling": _passthrough, "LRN": _passthrough,
+    "ArgMax": convert_argmax,
+    "BNLL": convert_bnll,
+    "Clip": convert_clip,
+    "Exp": convert_exp,
+    "Log": convert_log,
+    "MVN": convert_mvn,
+    "Reduction": convert_reduction,
+    "Swish": convert_swish,
+    "Threshold": convert_threshold,
+    "Tile": convert_tile,
 }

@@ -1,0 +1,147 @@
+"""`python -m tools.caffe_converter`: the command line (MXNet's convert_model.py arguments, plus options).
+
+    python -m tools.caffe_converter deploy.prototxt weights.caffemodel out/model/vgg16 [--verify]
+
+Parses the arguments, calls pipeline.convert, prints a one-paragraph summary and, with --verify, the OpenCV
+comparison (opencv_check is imported only then). Exit status: 0 done, 1 verification failed, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
+from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
+
+# What `import mxnet` pulls in only because it is installed (mxnet.image/recordio try cv2, mxnet.onnx tries onnx)
+# and a conversion never uses; a conversion without --verify imports neither (README, converter figures).
+OPTIONAL_MXNET_IMPORTS = ("cv2", "onnx")
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.caffe_converter",
+        description="Convert a Caffe model (prototxt + caffemodel, V1 or current format) into an MXNet checkpoint "
+                    "PREFIX-symbol.json + PREFIX-0000.params and a preprocessing sidecar PREFIX-preprocess.json.")
+    parser.add_argument("prototxt", help="the deploy prototxt")
+    parser.add_argument("caffemodel", help="the binary caffemodel")
+    parser.add_argument("prefix", help="output checkpoint prefix (convert_model.py's save_model_name)")
+    parser.add_argument("--keep-bgr", action="store_true",
+                        help="keep Caffe's BGR input; by default the model is converted to take RGB")
+    parser.add_argument("--mean-file", help="Caffe mean.binaryproto, recorded in the sidecar as PREFIX-mean.npy")
+    parser.add_argument("--mean", type=_floats,
+                        help="per-channel mean in the Caffe model's order (BGR), e.g. 104,117,123")
+    parser.add_argument("--std", type=_floats, help="per-channel std in the Caffe model's order (BGR)")
+    parser.add_argument("--scale", type=float, help="input scale after mean/std (default: transform_param or 1)")
+    parser.add_argument("--output-layer", action="append", metavar="NAME",
+                        help="cut the net at this layer or blob (repeat for several outputs)")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-load the written files with mx.model.load_checkpoint and compare their outputs with "
+                             "OpenCV's Caffe importer on random input; the files are published only if they agree")
+    parser.add_argument("--verify-layers", action="store_true", help="--verify, and compare every layer with OpenCV")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"max relative difference accepted by --verify (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail instead of skipping training-only layers or ignoring caffemodel weights for "
+                             "layers the prototxt does not define")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every layer")
+    return parser
+
+
+@contextlib.contextmanager
+def _hidden(modules: Sequence[str]):
+    """Make `import m` raise ImportError for the modules not yet imported, for the duration of the block.
+
+    MXNet guards these optional imports with try/except ImportError, so it loads without them; the entries are
+    removed afterwards, so a later `import cv2` (the OpenCV check) works as usual.
+    """
+    hidden = [m for m in modules if m not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # the import system's documented way to make an import fail
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+
+def summary(args: argparse.Namespace, result, elapsed: float) -> str:
+    """The conversion summary: files, parameters, outputs, preprocessing, accepted sizes, what was left out."""
+    pre = result.preprocess
+    n_params = sum(int(v.size) for v in result.arg_arrays.values()) + \
+        sum(int(v.size) for v in result.aux_arrays.values())
+    return (f"converted {args.prototxt} + {args.caffemodel} -> {args.prefix}-symbol.json, {args.prefix}-0000.params "
+            f"in {elapsed:.1f} s: {n_params / 1e6:.2f} M parameters, outputs {result.output_blobs}, input "
+            f"{pre.input_shape} {pre.channel_order}, mean {pre.mean}, scale {pre.scale}, classifier {pre.classifier} "
+            f"({pre.num_classes} classes, fed by {pre.feature_output}), input sizes: "
+            f"{_sizes(pre.source.get('input_sizes'))}; {len(result.skipped)} layer(s) skipped"
+            + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped)
+            + (f"\n  ignored the caffemodel's weights for {len(result.unused_weights)} layer(s) the prototxt does "
+               f"not define: {', '.join(result.unused_weights)}" if result.unused_weights else ""))
+
+
+def _sizes(record) -> str:
+    from tools.caffe_converter.sizes import describe
+    return describe(record)
+
+
+def _verify_and_publish(args: argparse.Namespace, result) -> int:
+    """Stage the files, check the staged files (and, with --verify-layers, every layer) against OpenCV, and
+    publish them only when every difference is within tolerance; otherwise remove them."""
+    from tools.caffe_converter.opencv_check import verify_conversion, verify_files
+    from tools.caffe_converter.pipeline import discard_staged, publish_staged, stage_checkpoint
+    staging = stage_checkpoint(args.prefix, result)
+    try:
+        report = verify_files(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance)
+        if args.verify_layers:
+            report.rows += verify_conversion(args.prototxt, args.caffemodel, result, layers=True,
+                                             tolerance=args.tolerance).rows
+    except Exception as err:
+        discard_staged(staging)
+        if type(err).__module__.split(".")[0] != "cv2":
+            raise
+        first = next((ln.strip() for ln in str(err).splitlines() if "error:" in ln), str(err).strip()[:200])
+        print(f"error: OpenCV cannot run {args.prototxt}, so --verify cannot check it ({first}); nothing written "
+              f"to {args.prefix}-*; convert without --verify to keep the unverified files", file=sys.stderr)
+        return 1
+    except BaseException:
+        discard_staged(staging)
+        raise
+    print(report.format())
+    if not report.ok:
+        discard_staged(staging)
+        print(f"error: verification failed: relative difference above {args.tolerance:g}; nothing written to "
+              f"{args.prefix}-*", file=sys.stderr)
+        return 1
+    publish_staged(staging, args.prefix)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    verify = args.verify or args.verify_layers
+    with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
+        from tools.caffe_converter.pipeline import convert  # imports mxnet
+    start = time.perf_counter()
+    try:
+        result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,
+                         mean_file=args.mean_file, mean=args.mean, std=args.std, scale=args.scale,
+                         output_layer=args.output_layer, strict=args.strict)
+    except (CaffeFormatError, ConversionError, UnsupportedLayerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(args, result, time.perf_counter() - start))
+    return _verify_and_publish(args, result) if verify else 0

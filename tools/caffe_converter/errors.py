@@ -1,0 +1,14 @@
+"""The converter's three errors, each a ValueError whose message is one line naming the file, layer or line."""
+from __future__ import annotations
+
+
+class CaffeFormatError(ValueError):
+    """A Caffe file that cannot be read or does not match its counterpart."""
+
+
+class ConversionError(ValueError):
+    """The net cannot be converted; the message names the layer and what is supported."""
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer (or a setting of a layer) this converter cannot express in MXNet."""

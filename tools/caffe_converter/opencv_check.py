@@ -1,0 +1,312 @@
+"""Check a converted model against an independent Caffe runtime: OpenCV's dnn importer.
+
+Random input goes through `cv2.dnn.readNetFromCaffe` (BGR, as Caffe) and through the converted MXNet model
+(the same input with its channels reversed when the model was converted to RGB). For each output, or each
+layer, we report the max absolute difference and the relative difference max|a - b| / max|b|.
+
+`verify_files` checks what was written: the checkpoint re-loaded with stock `mx.model.load_checkpoint` into a
+fresh `mx.mod.Module`, so a bug in the `.params` writer cannot hide behind the in-memory arrays.
+`verify_conversion` checks the in-memory conversion, layer by layer if asked. cv2 is imported only here.
+
+Where OpenCV departs from Caffe, it is not trusted blindly: OpenCV computes an ACROSS_CHANNELS LRN as if k were
+1, so it runs an equivalent net (LRN with alpha/k, then a scale by k^-beta), and each such LRN is also compared
+with Caffe's formula in numpy (a report row says so). OpenCV's Log ignores base/scale/shift and its Swish
+ignores beta (found by the layer tests; those cases are checked against numpy there).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Max relative difference accepted (max |ours - OpenCV| / max |OpenCV|). Converted float32 nets agree to
+# ~1e-6 (VGG16, ResNet-50, SSD measured here); 1e-4 leaves room for summation order, not for a wrong layer.
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class Row:
+    name: str
+    shape: Tuple[int, ...]
+    max_abs: float
+    rel: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Per-output (or per-layer) differences between MXNet and OpenCV."""
+
+    rows: List[Row] = field(default_factory=list)
+    tolerance: float = DEFAULT_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    @property
+    def max_rel(self) -> float:
+        return max((r.rel for r in self.rows), default=float("nan"))
+
+    def format(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':<20} {'max abs diff':>13} {'rel diff':>10}"]
+        for r in self.rows:
+            flag = "" if r.ok else "  ABOVE TOLERANCE"
+            lines.append(f"{r.name:<{width}}  {str(r.shape):<20} {r.max_abs:13.3e} {r.rel:10.3e}{flag}"
+                         + (f"  ({r.note})" if r.note else ""))
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"verify {verdict}: {len(self.rows)} compared, max relative difference {self.max_rel:.3e} "
+                     f"(tolerance {self.tolerance:g}) against OpenCV {_cv2_version()} dnn")
+        return "\n".join(lines)
+
+
+def _cv2_version() -> str:
+    import cv2
+    return cv2.__version__
+
+
+def random_inputs(input_shapes: Dict[str, Tuple[int, ...]], seed: int = 0, low: float = -128.0,
+                  high: float = 128.0) -> Dict[str, np.ndarray]:
+    """Uniform random inputs in Caffe order (BGR), by default in the range of mean-subtracted pixels."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.uniform(low, high, size=shape).astype(np.float32) for name, shape in input_shapes.items()}
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
+    """(max |a - b|, max |a - b| / max |b|) of two same-sized arrays."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    return max_abs, max_abs / max(scale, 1e-12)
+
+
+def run_mxnet(symbol, arg_arrays, aux_arrays, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    """Forward `symbol` (inference mode) on CPU with numpy inputs; labels of SoftmaxOutput are zeros."""
+    import mxnet as mx
+    shapes = {k: v.shape for k, v in inputs.items() if k in symbol.list_arguments()}
+    arg_shapes, _, _ = symbol.infer_shape_partial(**shapes)
+    args = {}
+    for name, shape in zip(symbol.list_arguments(), arg_shapes):
+        if name in inputs:
+            args[name] = mx.nd.array(inputs[name])
+        elif name in arg_arrays:
+            args[name] = mx.nd.array(arg_arrays[name])
+        else:  # a SoftmaxOutput label: not used by the forward pass
+            args[name] = mx.nd.zeros(shape)
+    aux = {name: mx.nd.array(aux_arrays[name]) for name in symbol.list_auxiliary_states()}
+    # MXNet 1.9's MKLDNN subgraph pass fuses Convolution+ReLU even when the convolution's own output is also
+    # requested, and then returns the wrong values for it; per-layer comparison binds without that pass.
+    saved = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    if len(symbol.list_outputs()) > 1:
+        os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+    try:
+        exe = symbol.bind(mx.cpu(), args=args, aux_states=aux, grad_req="null")
+    finally:
+        if saved is None:
+            os.environ.pop("MXNET_SUBGRAPH_BACKEND", None)
+        else:
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = saved
+    return [out.asnumpy() for out in exe.forward(is_train=False)]
+
+
+def lrn_k_layers(prototxt) -> Dict[str, Tuple[int, float, float, float]]:
+    """ACROSS_CHANNELS LRN layers with k != 1, which OpenCV computes as if k were 1: name -> (n, alpha, beta, k)."""
+    from tools.caffe_converter import caffe_pb2
+    from tools.caffe_converter.caffe_io import read_prototxt
+    found = {}
+    for layer in read_prototxt(prototxt).layer:
+        p = layer.lrn_param
+        if layer.type == "LRN" and p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS and p.k != 1.0:
+            found[layer.name] = (int(p.local_size), float(p.alpha), float(p.beta), float(p.k))
+    return found
+
+
+def opencv_equivalent(prototxt, folder) -> str:
+    """A prototxt OpenCV computes exactly as Caffe computes `prototxt`.
+
+    x / (k + alpha/n * S)^beta == k^-beta * x / (1 + (alpha/k)/n * S)^beta, so each LRN with k != 1 becomes
+    an LRN with alpha/k and k 1 (which OpenCV gets right) followed by a Power layer scaling by k^-beta, under
+    the LRN's own name and top. Weights are matched by name, so the caffemodel is used as it is.
+    """
+    from tools.caffe_converter import caffe_pb2
+    from tools.caffe_converter.caffe_io import read_prototxt, write_prototxt
+    net = read_prototxt(prototxt)
+    k_layers = lrn_k_layers(prototxt)
+    if not k_layers:
+        return str(prototxt)
+    layers = list(net.layer)
+    del net.layer[:]
+    for layer in layers:
+        if layer.name not in k_layers:
+            net.layer.append(layer)
+            continue
+        n, alpha, beta, k = k_layers[layer.name]
+        lrn = net.layer.add()
+        lrn.CopyFrom(layer)
+        lrn.name, lrn.top[0] = f"{layer.name}__k1", f"{layer.top[0]}__k1"
+        lrn.lrn_param.alpha, lrn.lrn_param.k = alpha / k, 1.0
+        scale = net.layer.add(name=layer.name, type="Power", bottom=[lrn.top[0]], top=[layer.top[0]])
+        scale.power_param.scale = k ** -beta
+    path = Path(folder) / f"opencv_{Path(str(prototxt)).name}"
+    write_prototxt(path, net)
+    return str(path)
+
+
+def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str]) -> List[np.ndarray]:
+    """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept).
+
+    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`.
+    """
+    import cv2
+    with tempfile.TemporaryDirectory() as folder:
+        net = cv2.dnn.readNetFromCaffe(opencv_equivalent(prototxt, folder), str(caffemodel))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    net.enableFusion(False)
+    for name, value in inputs.items():
+        net.setInput(value, name)
+    outs = net.forward(list(layer_names))
+    return [np.asarray(o) for o in outs]
+
+
+def caffe_lrn(x: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:
+    """Caffe's ACROSS_CHANNELS LRN in numpy: x / (k + alpha/n * sum of x^2 over n channels, zero-padded)^beta."""
+    half = (n - 1) // 2
+    sq = np.pad(np.asarray(x, np.float64) ** 2, ((0, 0), (half, half)) + ((0, 0),) * (x.ndim - 2))
+    total = sum(sq[:, i:i + x.shape[1]] for i in range(n))
+    return x / (k + alpha / n * total) ** beta
+
+
+def lrn_formula_rows(prototxt, result, mx_inputs: Dict[str, np.ndarray], tolerance: float) -> List["Row"]:
+    """Each LRN with k != 1 against Caffe's formula in numpy, on the input our converted layer receives."""
+    import mxnet as mx
+    rows = []
+    for name, (n, alpha, beta, k) in lrn_k_layers(prototxt).items():
+        sym = result.blob_symbols.get(name)
+        if sym is None:
+            continue
+        ours_in, ours_out = run_mxnet(mx.sym.Group([sym.get_children()[0], sym]), result.arg_arrays,
+                                      result.aux_arrays, mx_inputs)
+        max_abs, rel = compare(ours_out, caffe_lrn(ours_in, n, alpha, beta, k))
+        rows.append(Row(name, tuple(ours_out.shape), max_abs, rel, bool(rel <= tolerance),
+                        f"OpenCV ignores k={k:g}: against Caffe's formula in numpy"))
+    return rows
+
+
+def verify_conversion(prototxt, caffemodel, result, layers: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+                      inputs: Optional[Dict[str, np.ndarray]] = None, seed: int = 0) -> VerifyReport:
+    """Compare a ConversionResult with OpenCV on random (or given) input.
+
+    Args:
+        prototxt, caffemodel: the Caffe files the result was converted from.
+        result: tools.caffe_converter.pipeline.ConversionResult.
+        layers: compare every converted layer, not only the outputs.
+        tolerance: max accepted relative difference.
+        inputs: Caffe-order (BGR) inputs keyed by MXNet input name; default: `random_inputs`.
+
+    Returns:
+        VerifyReport; `.ok` is False when any difference is above tolerance.
+    """
+    import mxnet as mx
+    inputs = inputs if inputs is not None else random_inputs(result.input_shapes, seed)
+    caffe_names = result.caffe_input_names
+    cv_inputs = {caffe_names[k]: v for k, v in inputs.items()}
+    mx_inputs = dict(inputs)
+    if result.preprocess.channel_order == "RGB":
+        mx_inputs["data"] = np.ascontiguousarray(inputs["data"][:, ::-1])
+    if layers:
+        names = [name for name in result.layer_order if name in result.blob_symbols]
+        syms = [result.blob_symbols[name] for name in names]
+    else:
+        outputs = [result.symbol[i] for i in range(len(result.output_layers))] \
+            if len(result.output_layers) > 1 else [result.symbol]
+        names, picks = _output_names(result)
+        syms = [outputs[i] for i in picks]
+        classifier = result.preprocess.classifier
+        if classifier and classifier not in names and classifier in result.blob_symbols:
+            names.insert(0, classifier)  # the logits too: a saturated softmax would hide differences
+            syms.insert(0, result.blob_symbols[classifier])
+    ours = run_mxnet(mx.sym.Group(syms) if len(syms) > 1 else syms[0], result.arg_arrays, result.aux_arrays,
+                     mx_inputs)
+    theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
+    return _report(names, ours, theirs, result, tolerance)
+
+
+def _output_names(result) -> Tuple[List[str], List[int]]:
+    """(OpenCV layer names, indices into the symbol's outputs) of the outputs OpenCV can show."""
+    names, picks = [], []
+    tops = result.output_tops or [0] * len(result.output_layers)
+    for i, (name, top) in enumerate(zip(result.output_layers, tops)):
+        if name in result.caffe_input_names.values():
+            log.warning("output '%s' is the net's input: nothing to compare", name)
+            continue
+        if top:  # OpenCV's forward() returns a layer's first top only
+            log.warning("output %d of layer '%s' is not compared: OpenCV exposes only a layer's first output",
+                        top, name)
+            continue
+        names.append(name)
+        picks.append(i)
+    return names, picks
+
+
+def verify_files(prefix, prototxt, caffemodel, result, tolerance: float = DEFAULT_TOLERANCE,
+                 inputs: Optional[Dict[str, np.ndarray]] = None, seed: int = 0) -> VerifyReport:
+    """Compare the checkpoint on disk at `prefix` (epoch 0) with OpenCV on random (or given) input.
+
+    The files are read by stock `mx.model.load_checkpoint` and run in a fresh `mx.mod.Module`, as a user
+    would; the classifier's logits are compared too (taken from the loaded symbol's internals), since a
+    saturated softmax hides differences.
+
+    Returns:
+        VerifyReport; `.ok` is False when any difference is above tolerance.
+    """
+    import mxnet as mx
+    sym, arg_params, aux_params = mx.model.load_checkpoint(str(prefix), 0)
+    inputs = inputs if inputs is not None else random_inputs(result.input_shapes, seed)
+    cv_inputs = {result.caffe_input_names[k]: v for k, v in inputs.items()}
+    mx_inputs = dict(inputs)
+    if result.preprocess.channel_order == "RGB":
+        mx_inputs["data"] = np.ascontiguousarray(inputs["data"][:, ::-1])
+    names, picks = _output_names(result)
+    outputs = [sym[i] for i in picks] if len(sym.list_outputs()) > 1 else [sym]
+    classifier = result.preprocess.classifier
+    internal = f"{classifier}_output"
+    if classifier and classifier not in names and internal in sym.get_internals().list_outputs():
+        names.insert(0, classifier)
+        outputs.insert(0, sym.get_internals()[internal])
+    group = mx.sym.Group(outputs) if len(outputs) > 1 else outputs[0]
+    data_names = [k for k in result.input_shapes if k in group.list_arguments()]
+    labels = [n for n in group.list_arguments() if n.endswith("_label") and n not in data_names]
+    mod = mx.mod.Module(group, data_names=data_names, label_names=labels, context=mx.cpu())
+    mod.bind([(k, mx_inputs[k].shape) for k in data_names], for_training=False)
+    mod.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
+    mod.forward(mx.io.DataBatch([mx.nd.array(mx_inputs[k]) for k in data_names]), is_train=False)
+    ours = [o.asnumpy() for o in mod.get_outputs()]
+    theirs = run_opencv(prototxt, caffemodel, cv_inputs, names)
+    report = _report(names, ours, theirs, result, tolerance, "files on disk")
+    report.rows += lrn_formula_rows(prototxt, result, mx_inputs, tolerance)
+    return report
+
+
+def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyReport:
+    report = VerifyReport(tolerance=tolerance)
+    for name, a, b in zip(names, ours, theirs):
+        if name in result.rgb_layers:  # still in the model's RGB order (before the first convolution)
+            a = np.ascontiguousarray(a[:, ::-1])
+        if a.size != b.size:
+            report.rows.append(Row(name, tuple(a.shape), float("inf"), float("inf"), False,
+                                   f"OpenCV shape {tuple(b.shape)}"))
+            continue
+        max_abs, rel = compare(a, b)
+        report.rows.append(Row(name, tuple(a.shape), max_abs, rel, bool(rel <= tolerance), note))
+    return report
