@@ -143,10 +143,10 @@ def test_pack_sidecar_is_read_defensively(tmp_path, caplog):
         assert pack_transform(rec) is None
     assert "p.pack.json: describes a .rec of" in caplog.text
     (tmp_path / "p.pack.json").write_text('{"format": "something else"}')
-    with pytest.raises(DataError, match=r"p.pack.json: not a pack sidecar \(format 'mxtransfer.pack/1'"):
+    with pytest.raises(DataError, match=r'p.pack.json: not a pack sidecar; expected \{"format": "mxtransfer.pack/1"'):
         pack_transform(rec)
     write_pack_sidecar(rec, cfg, [2, 2, 2], 6, transform={"resize": "24"})
-    with pytest.raises(DataError, match=r"p.pack.json: transform.resize is '24', expected int"):
+    with pytest.raises(DataError, match=r"p.pack.json: 'transform.resize' must be int, got '24'"):
         pack_transform(rec)
     (tmp_path / "p.pack.json").unlink()
     assert pack_transform(rec) is None  # an im2rec file: no sidecar, still usable

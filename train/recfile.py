@@ -25,19 +25,18 @@ import logging
 import os
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from recbuild import packinfo
 from recbuild.atomic import atomic_path
 from recbuild.recordio import IR_HEADER, RecordIOError, iter_frames, iter_records, unpack_header
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = "mxtransfer.pack/1"
-PACK_SUFFIX = ".pack.json"
 # Below this many records a header scan takes milliseconds: not worth a file on disk (and resampled epoch
 # copies, rewritten every epoch under new names, would otherwise leave one cache file each).
 DISK_CACHE_MIN_RECORDS = 10_000
@@ -92,52 +91,34 @@ class PackInfo:
 
 
 def pack_sidecar_path(rec_path) -> Path:
-    """`NAME.pack.json` beside `NAME.rec`."""
-    path = Path(rec_path)
-    return path.with_name(path.name[: -len(".rec")] + PACK_SUFFIX if path.name.endswith(".rec")
-                          else path.name + PACK_SUFFIX)
+    """`NAME.pack.json` beside `NAME.rec` (recbuild.packinfo names it)."""
+    return packinfo.pack_info_path(rec_path)
 
 
 def read_pack_info(rec_path) -> Optional[PackInfo]:
     """The pack sidecar of `rec_path`, or None when there is none or it describes another file.
 
-    A sidecar whose `rec_bytes` differs from the .rec's size belongs to an earlier pack (the .rec was rewritten,
-    e.g. by im2rec): it is ignored with a warning, since nothing in it can be trusted for this file.
+    recbuild.packinfo parses and checks the file (one reader of the format); here a sidecar whose `rec_bytes`
+    differs from the .rec's size, which belongs to an earlier pack (the .rec was rewritten, e.g. by im2rec),
+    is ignored with a warning, since nothing in it can be trusted for this file.
 
     Raises:
         DataError: the sidecar exists but is not valid JSON of format mxtransfer.pack/1, or its fields have the
             wrong types; the message names the file and the field.
     """
-    path = pack_sidecar_path(rec_path)
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable pack sidecar ({err}); re-pack with `python -m recbuild`") from None
-    if not isinstance(data, dict) or data.get("format") != PACK_FORMAT:
-        raise DataError(f"{path}: not a pack sidecar (format {PACK_FORMAT!r} expected)")
-    size = Path(rec_path).stat().st_size if Path(rec_path).is_file() else None
-    if data.get("rec_bytes") is not None and size is not None and data.get("rec_bytes") != size:
-        log.warning("%s: describes a .rec of %s bytes, %s has %d; ignored (re-pack to refresh it)", path,
-                    data.get("rec_bytes"), rec_path, size)
+        found = packinfo.read_pack_info(rec_path)
+    except packinfo.PackInfoError as err:
+        raise DataError(str(err)) from None
+    if found is None:
         return None
-    raw = data.get("transform") or {}
-    fields = {"resize": int, "center_crop": bool, "color": int, "encoding": str, "quality": int,
-              "pass_through": bool}
-    values = {}
-    for name, kind in fields.items():
-        if name in raw:
-            if not isinstance(raw[name], kind) or (kind is int and isinstance(raw[name], bool)):
-                raise DataError(f"{path}: transform.{name} is {raw[name]!r}, expected {kind.__name__}")
-            values[name] = raw[name]
-    counts = data.get("class_counts")
-    if counts is not None and not (isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts)):
-        raise DataError(f"{path}: class_counts must be a list of non-negative integers or null")
-    records = data.get("records")
-    if records is not None and (not isinstance(records, int) or records < 0):
-        raise DataError(f"{path}: records is {records!r}, expected a count")
-    return PackInfo(path, records, int(data.get("label_width") or 1), counts, PackTransform(**values))
+    if found.current_bytes is not None and not found.matches_rec:
+        log.warning("%s: describes a .rec of %s bytes, %s has %d; ignored (re-pack to refresh it)", found.path,
+                    found.rec_bytes, rec_path, found.current_bytes)
+        return None
+    known = {f.name for f in dataclass_fields(PackTransform)}
+    transform = PackTransform(**{k: v for k, v in found.transform.items() if k in known})
+    return PackInfo(found.path, found.records, found.label_width, found.class_counts, transform)
 
 
 # ---- the header scan, cached ----------------------------------------------------------------------------------
