@@ -21,8 +21,10 @@ import numpy as np
 from recbuild.atomic import atomic_open
 
 # Thumbnails in the pages: longest side in pixels (big enough to recognise a photo, small enough that a page
-# with a thousand pairs stays a few MB).
+# with a thousand pairs stays a few MB). Smaller images are enlarged (nearest neighbour: pixels stay visible)
+# to at least THUMB_MIN_SIDE.
 THUMB_SIDE = 96
+THUMB_MIN_SIDE = 64
 # JPEG quality of the thumbnails (PNG for images with fewer than three channels is not needed: grey JPEG works).
 THUMB_QUALITY = 85
 
@@ -68,6 +70,9 @@ def thumbnail_uri(img: np.ndarray, side: int = THUMB_SIDE) -> str:
     scale = side / max(h, w)
     if scale < 1:
         img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    elif max(h, w) < THUMB_MIN_SIDE:
+        factor = -(-THUMB_MIN_SIDE // max(h, w))
+        img = cv2.resize(img, (w * factor, h * factor), interpolation=cv2.INTER_NEAREST)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])
     if not ok:
         raise ValueError("could not encode a thumbnail")

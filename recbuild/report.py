@@ -36,7 +36,8 @@ FORMAT = "mxtransfer.datareport/1"
 # Hamming distance (of 64 bits) up to which two images count as near-duplicates. Measured by
 # `python -m bench.reports threshold` on copies resized to 3/4, 1/2 and 1/3 and JPEG re-encoded at quality 90/60/30,
 # plus 1.6x upscales and PNG round trips: photo-like images stay within 6 bits (all found at 8); crops of a real
-# photo and upscaled Fashion-MNIST items within 8 for every copy but some at quality 30 (99.7% and 99.6% found).
+# photo and upscaled Fashion-MNIST items within 8 for 99.7% and 99.6% of copies (the rest: quality-30 copies, and
+# third-size quality-60 copies of the 28 px Fashion items).
 # Distinct images: photo-like pairs are >= 14 bits apart; within 8 bits are 2 of 4950 pairs of overlapping crops
 # of one photo (which share content) and 17 of 19900 Fashion-MNIST pairs (near-identical catalogue items). 8 finds
 # copies down to quality 60 at a third of the size, and is 6 bits below the closest distinct photos; at 10 the

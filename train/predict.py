@@ -2,6 +2,7 @@
 
     python -m train.predict PREFIX EPOCH INPUT --out predictions.csv [--top-k 3] [--mirror]
     python -m train.predict evaluate PREFIX EPOCH LABELLED.rec [--top-k 5] [--mirror] [--json metrics.json]
+    python -m train.predict report PREFIX EPOCH LABELLED.rec --out DIR    (train.report: confusion, top losses)
 
 INPUT is a .rec file, an im2rec .lst (paths relative to --root, default the list's folder) or an image folder
 (searched recursively). Preprocessing comes from the checkpoint's sidecar: a .rec is read with the same
@@ -282,6 +283,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from train.report import main as report_main
+        return report_main(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     evaluating = bool(argv) and argv[0] == "evaluate"
     p = argparse.ArgumentParser(prog="python -m train.predict" + (" evaluate" if evaluating else ""),

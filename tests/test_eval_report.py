@@ -1,0 +1,108 @@
+"""train.report: every number equals train.predict.evaluate's; the confusion matrix and per-class figures equal
+an independent count over the predict CSV and the labels read back with mx.recordio."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
+from train.config import TrainConfig
+from train.fit import fit
+from train.predict import evaluate, load_model, main as predict_main, predict
+
+CLASSES = ["zebra", "apple", "mango", "kiwi", "fig"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A briefly trained tiny VGG (3 epochs: right about half the time) and a labelled val .rec."""
+    d = tmp_path_factory.mktemp("evalreport")
+    tiny_vgg_checkpoint(d / "pre", num_classes=5)
+    write_rec(d / "s_train.rec", 5, 16, class_names=CLASSES)
+    write_rec(d / "s_val.rec", 5, 5, seed=3, labels=[float(i % 5) for i in range(23)])  # 23: a padded batch
+    fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "s_train.rec"), model_prefix=str(d / "ft"),
+                    num_epochs=3, lr=0.05, batch_size=16, progress=False))
+    return d
+
+
+def _labels(rec: Path) -> np.ndarray:
+    reader = mx.recordio.MXRecordIO(str(rec), "r")
+    out = []
+    while True:
+        item = reader.read()
+        if item is None:
+            return np.array(out, np.int64)
+        out.append(int(mx.recordio.unpack(item)[0].label))
+
+
+def test_report_numbers_equal_evaluate_and_an_independent_count(run, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert predict_main(["report", str(run / "ft"), "3", str(run / "s_val.rec"), "--out", str(out),
+                         "--batch-size", "8", "--top-k", "2", "--top-losses", "6"]) == 0
+    assert "23 images, accuracy" in capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    model = load_model(str(run / "ft"), 3, batch_size=8)
+    ev = evaluate(model, run / "s_val.rec", top_k=2)
+    for key in ("images", "accuracy", "log_loss", "top_2_accuracy", "per_class_accuracy"):
+        assert rep[key] == ev[key], key  # exactly: the same tally, batch by batch
+
+    predict(model, run / "s_val.rec", tmp_path / "p.csv", progress=False, id_mode="index")
+    with open(tmp_path / "p.csv", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    probs = np.array([[float(v) for v in r[1:]] for r in rows])
+    truth = _labels(run / "s_val.rec")
+    guess = probs.argmax(1)
+    assert 0 < (guess == truth).mean() < 1  # a report with some confusion in it
+    counts = [[int(((truth == t) & (guess == p)).sum()) for p in range(5)] for t in range(5)]
+    assert rep["confusion"] == counts
+    for k, row in enumerate(rep["per_class"]):
+        tp, support, predicted = counts[k][k], sum(counts[k]), sum(c[k] for c in counts)
+        assert row["class"] == CLASSES[k] and row["support"] == support
+        assert row["recall"] == pytest.approx(tp / support)
+        assert row["precision"] == (pytest.approx(tp / predicted) if predicted else None)
+        if row["precision"] and row["recall"]:
+            assert row["f1"] == pytest.approx(2 * tp / (support + predicted))
+        np.testing.assert_allclose(rep["confusion_normalised"][k], np.array(counts[k]) / support)
+    off = sorted(((counts[t][p], t, p) for t in range(5) for p in range(5) if t != p and counts[t][p]),
+                 key=lambda x: (-x[0], x[1], x[2]))
+    assert [(c["count"], c["true"], c["predicted"]) for c in rep["most_confused"]] == \
+        [(n, CLASSES[t], CLASSES[p]) for n, t, p in off[:10]]
+
+    losses = -np.log(np.clip(probs[np.arange(23), truth], 1e-15, 1))
+    top = rep["top_losses"]
+    assert len(top) == 6 and [t["position"] for t in top] == list(np.argsort(-losses, kind="stable")[:6])
+    np.testing.assert_allclose([t["loss"] for t in top], np.sort(losses)[::-1][:6], rtol=1e-4)
+    assert all(t["true"] == CLASSES[truth[t["position"]]] for t in top)
+
+    confidence, correct = probs.max(1), guess == truth
+    ece = sum(((confidence > lo) & (confidence <= lo + 1 / 15)).sum() / 23 *
+              abs(correct[(confidence > lo) & (confidence <= lo + 1 / 15)].mean() -
+                  confidence[(confidence > lo) & (confidence <= lo + 1 / 15)].mean())
+              for lo in np.arange(15) / 15 if ((confidence > lo) & (confidence <= lo + 1 / 15)).any())
+    assert rep["calibration"]["ece"] == pytest.approx(ece, abs=1e-4)
+    assert sum(b["count"] for b in rep["calibration"]["bins"]) == 23
+
+    page = (out / "report.html").read_text()
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert page.count("<img") == 3 + 6  # two confusion matrices, the reliability diagram, six top losses
+    for name in ("confusion", "confusion_normalised", "reliability"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(name in page for name in CLASSES)
+
+
+def test_report_refuses_unlabelled_input_and_bad_epoch(run, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    import cv2
+    cv2.imwrite(str(folder / "a.png"), np.zeros((16, 16, 3), np.uint8))
+    assert predict_main(["report", str(run / "ft"), "3", str(folder), "--out", str(tmp_path / "r")]) == 2
+    assert "the report needs labels" in capsys.readouterr().err
+    assert predict_main(["report", str(run / "ft"), "x", str(run / "s_val.rec"), "--out", str(tmp_path / "r")]) == 2
+    assert "expected a number or 'latest'" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.html").exists()
