@@ -106,3 +106,42 @@ def test_report_refuses_unlabelled_input_and_bad_epoch(run, tmp_path, capsys):
     assert predict_main(["report", str(run / "ft"), "x", str(run / "s_val.rec"), "--out", str(tmp_path / "r")]) == 2
     assert "expected a number or 'latest'" in capsys.readouterr().err
     assert not (tmp_path / "r" / "report.html").exists()
+
+
+# ---- LR finder -----------------------------------------------------------------------------------------------
+def _snapshot(folder: Path) -> dict:
+    import hashlib
+    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_lr_find_changes_nothing_on_disk_and_its_suggestion_trains(tmp_path, capsys):
+    from train.__main__ import main as train_main
+    d = tmp_path
+    tiny_vgg_checkpoint(d / "pre", num_classes=4)
+    write_rec(d / "s_train.rec", 4, 40, class_names=CLASSES[:4])
+    write_rec(d / "s_val.rec", 4, 10, seed=5)
+    before = _snapshot(d)
+    assert train_main(["lr-find", "--pretrained-model", str(d / "pre"), "--data-train", str(d / "s_train.rec"),
+                       "--model-prefix", str(d / "ft"), "--batch-size", "16", "--num-batches", "60",
+                       "--start-lr", "1e-5", "--end-lr", "1000", "--lr-mult", "^conv1_=0", "--no-progress"]) == 0
+    assert "Suggested --lr" in capsys.readouterr().out
+    after = _snapshot(d)
+    assert set(after) - set(before) == {"ft-lr-find.png", "ft-lr-find.json"}  # no checkpoint, config or sidecar
+    assert {k: after[k] for k in before} == before  # the pretrained model and the data untouched
+    found = json.loads((d / "ft-lr-find.json").read_text())
+    assert found["stopped"].startswith("diverged") and len(found["lrs"]) < 60  # 1000 is far too high
+    assert found["frozen"] == ["conv1_1_weight", "conv1_1_bias"]  # the same --lr-mult rules as training
+    assert found["lrs"][0] == pytest.approx(1e-5) and np.all(np.diff(found["lrs"]) > 0)
+    lr = found["suggested_lr"]
+    assert lr == pytest.approx(found["min_loss_lr"] / 10) and 1e-5 < lr < 1000
+
+    def train(rate, prefix, epochs):
+        return fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "s_train.rec"),
+                               data_val=str(d / "s_val.rec"), model_prefix=str(d / prefix), num_epochs=epochs,
+                               lr=rate, batch_size=16, progress=False, lr_mult=["^conv1_=0"])).metrics
+    good = train(lr, "good", 6)
+    assert good[-1]["val_accuracy"] >= 0.9  # chance 0.25
+    assert good[-1]["train_loss"] < 0.6 * good[0]["train_loss"] < 0.6 * found["smoothed"][0]
+    bad = train(lr * 100, "bad", 3)  # where the sweep's loss was rising: does not learn
+    assert bad[-1]["val_accuracy"] <= 0.5
