@@ -4,9 +4,9 @@ Shared by the data-health report (recbuild.report) and the evaluation report (tr
 neither mxnet nor anything above recbuild. A page is built from small pieces (`table`, `image`, `section`) and
 written atomically with `write_page`.
 
-Every page carries one inline script that, once the page has loaded, counts the <img> elements that failed to
-decode and stores the count in `document.body.dataset.brokenImages`; `tools.check_pages` renders the page in
-headless Chromium and reads it back from the DOM.
+Every page carries one inline script that counts resources that failed to load and <img> elements that did not
+decode, into `document.body.dataset` (failedResources, brokenImages, images) once the page has loaded;
+`tools.check_pages` renders the page in headless Chromium and reads them back from the DOM.
 """
 from __future__ import annotations
 
@@ -39,12 +39,17 @@ border:1px solid #ddd;font-size:11px;vertical-align:top;max-width:240px}.pair im
 .muted{color:#777;font-size:12px}img.fig{max-width:100%}img.thumb{border:1px solid #ccc}
 """
 
-_BROKEN_IMAGE_CHECK = """
+# Runs first in <head>: counts every resource (image, style sheet, script) that fails to load, in the capture
+# phase where such errors are seen, and, once the page has loaded, the <img> elements that did not decode.
+_RESOURCE_CHECK = """
+var failedResources = 0;
+window.addEventListener('error', function (e) { if (e.target && e.target !== window) failedResources++; }, true);
 window.addEventListener('load', function () {
   var broken = 0, imgs = document.getElementsByTagName('img');
   for (var i = 0; i < imgs.length; i++) { if (!imgs[i].complete || imgs[i].naturalWidth === 0) broken++; }
   document.body.dataset.brokenImages = String(broken);
   document.body.dataset.images = String(imgs.length);
+  document.body.dataset.failedResources = String(failedResources);
 });
 """
 
@@ -129,8 +134,8 @@ def paragraph(text: str, css: str = "") -> str:
 def page(title: str, body_parts: Sequence[str]) -> str:
     """A complete page: inline style, the parts, and the broken-image check."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{_STYLE}</style></head>\n<body>\n<h1>{esc(title)}</h1>\n"
-            + "\n".join(body_parts) + f"\n<script>{_BROKEN_IMAGE_CHECK}</script>\n</body></html>\n")
+            f"<script>{_RESOURCE_CHECK}</script><title>{esc(title)}</title><style>{_STYLE}</style></head>\n"
+            f"<body>\n<h1>{esc(title)}</h1>\n" + "\n".join(body_parts) + "\n</body></html>\n")
 
 
 def write_page(path: Union[str, Path], text: str) -> Path:
