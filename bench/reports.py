@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from recbuild.recordio import RecordWriter, pack_header
-from recbuild.report import build_report, phash
+from recbuild.report import build_report, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,20 +60,28 @@ def _image_sets():
 
 
 def threshold() -> None:
+    """Hash distances and thumbnail differences (mean absolute, grey levels) of copies and of distinct pairs."""
     for name, imgs in _image_sets().items():
-        hashes = np.array([phash(i) for i in imgs], np.uint64)
-        per_variant = {}
+        prints = [fingerprint(i) for i in imgs]
+        hashes = [h for h, _ in prints]
+        thumbs = [t.astype(np.float32) for _, t in prints]
+        per_variant, copy_mad = {}, []
         for k, img in enumerate(imgs):
             for label, copy in _variants(img):
-                per_variant.setdefault(label, []).append(bin(int(hashes[k]) ^ phash(copy)).count("1"))
-        distinct = np.array([bin(int(hashes[a]) ^ int(hashes[b])).count("1")
-                             for a in range(len(hashes)) for b in range(a + 1, len(hashes))])
+                h, t = fingerprint(copy)
+                per_variant.setdefault(label, []).append(bin(hashes[k] ^ h).count("1"))
+                copy_mad.append(float(np.abs(thumbs[k] - t.astype(np.float32)).mean()))
+        pairs = [(a, b) for a in range(len(imgs)) for b in range(a + 1, len(imgs))]
+        distinct = np.array([bin(hashes[a] ^ hashes[b]).count("1") for a, b in pairs])
+        close_mad = [float(np.abs(thumbs[a] - thumbs[b]).mean()) for (a, b), d in zip(pairs, distinct) if d <= 10]
         copies = np.concatenate([np.array(v) for v in per_variant.values()])
         print(f"{name}: {len(imgs)} images; copies max {copies.max()} bits (p99 {np.percentile(copies, 99):.0f}), "
               f"found at t=8: {(copies <= 8).mean():.2%}; distinct pairs min {distinct.min()} "
               f"(p1 {np.percentile(distinct, 1):.0f}, median {np.median(distinct):.0f}), "
               f"<= 6/8/10 bits: {[(distinct <= t).sum() for t in (6, 8, 10)]} of {len(distinct)}")
         print("   max per copy kind: " + ", ".join(f"{k} {max(v)}" for k, v in per_variant.items()))
+        print(f"   thumbnail difference: copies max {max(copy_mad):.2f} grey levels; distinct pairs within 10 bits "
+              f"({len(close_mad)}) min {min(close_mad) if close_mad else float('nan'):.2f}")
 
 
 def _write_rec(path: Path, count: int, seed: int = 0) -> None:

@@ -148,3 +148,24 @@ def test_phash_is_robust_to_resizing_and_reencoding_but_separates_images():
     assert phash(img) == phash((img.astype(np.uint16) * 257))  # 16-bit copy: same hash
     others = [bin(h ^ phash(photo(300, 400, seed=s))).count("1") for s in range(10, 30)]
     assert min(others) > PHASH_THRESHOLD + 4
+
+
+def test_look_alikes_are_not_copies_but_their_resized_copies_are(tmp_path):
+    """Two different Fashion-MNIST boots of the bundled demo set whose hashes are 4 bits apart: the thumbnail check
+    keeps them apart; a 3x upscaled, JPEG re-encoded copy of one of them is still found."""
+    demo = Path(__file__).resolve().parents[1] / "demo" / "images" / "ankle_boot"
+    a, b = cv2.imread(str(demo / "02246.png")), cv2.imread(str(demo / "05528.png"))
+    assert bin(phash(a) ^ phash(b)).count("1") <= PHASH_THRESHOLD  # the hash alone would pair them
+    images = tmp_path / "images"
+    _write(images / "boot/a.png", a)
+    _write(images / "boot/b.png", b)
+    _write(images / "boot/a_copy.jpg", cv2.resize(a, (84, 84), interpolation=cv2.INTER_CUBIC), 80)
+    (tmp_path / "f_train.lst").write_text("0\t0.000000\tboot/a.png\n")
+    (tmp_path / "f_val.lst").write_text("1\t0.000000\tboot/b.png\n2\t0.000000\tboot/a_copy.jpg\n")
+    assert recbuild_main([str(tmp_path / "f"), str(images), "--num-thread", "1", "--no-progress",
+                          "--encoding", ".png"]) == 0
+    assert recbuild_main(["report", str(tmp_path / "f"), "--no-html"]) == 0
+    data = json.loads((tmp_path / "f.report.json").read_text())
+    assert [(p["a"]["path"], p["b"]["path"], p["kind"]) for p in data["pairs"]] == \
+        [("boot/a.png", "boot/a_copy.jpg", "near")]
+    assert data["leakage"]["val"]["with_copy_in_train"] == 1

@@ -42,6 +42,7 @@ def _eval_page(tmp_path: Path) -> Path:
     return tmp_path / "eval" / "report.html"
 
 
+@pytest.mark.slow
 def test_both_report_pages_render_with_nothing_missing(tmp_path, capsys):
     pages = [_data_page(tmp_path / "data"), _eval_page(tmp_path / "eval")]
     assert check_main([str(p) for p in pages] + ["--out-dir", str(tmp_path / "shots")]) == 0
