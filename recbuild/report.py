@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -448,7 +448,8 @@ def _pair_card(items: Sequence[Item], pair: Pair, names: Sequence[str]) -> str:
     parts = []
     for i in (pair.a, pair.b):
         d = describe(items[i], names)
-        where = f"{d['split']}" + (f" line {d['line']}" if d["line"] else "") + (f" id {d['id']}" if d["id"] >= 0 else "")
+        where = (d["split"] + (f" line {d['line']}" if d["line"] else "")
+                 + (f" id {d['id']}" if d["id"] >= 0 else ""))
         parts.append(image(_thumbnail(items[i]), d["path"] or d["source"], css="thumb",
                            title=f"{where}: {d['path'] or d['source']}") +
                      f"<br>{esc(where)}<br>{esc(d['path'] or Path(d['source']).name)}"
@@ -470,9 +471,10 @@ def render_html(report: dict, items: Sequence[Item], title: str, max_pairs: int 
                         f"{report['seconds']:.1f} s; near-duplicates: perceptual hashes within "
                         f"{report['threshold']} of 64 bits and 16x16 thumbnails within {report['max_mad']:g} grey "
                         f"levels. Sizes are those of the packed records.", "muted")]
+    def named(ks: List[int]) -> str:
+        return ", ".join(names[k] for k in ks) or "-"
     rows = [(s, v["records"], sum(1 for c in v["class_counts"] if c), min([c for c in v["class_counts"] if c] or [0]),
-             ", ".join(names[k] for k in v["small_classes"]) or "-", ", ".join(names[k] for k in v["empty_classes"]) or "-")
-            for s, v in report["splits"].items()]
+             named(v["small_classes"]), named(v["empty_classes"])) for s, v in report["splits"].items()]
     body.append(H.section("Splits", H.table(["split", "records", "classes", "smallest class",
                                               f"classes < {report['min_class_images']} images",
                                               "classes empty here but present elsewhere"], rows, left=1)))

@@ -169,3 +169,14 @@ def test_look_alikes_are_not_copies_but_their_resized_copies_are(tmp_path):
     assert [(p["a"]["path"], p["b"]["path"], p["kind"]) for p in data["pairs"]] == \
         [("boot/a.png", "boot/a_copy.jpg", "near")]
     assert data["leakage"]["val"]["with_copy_in_train"] == 1
+
+
+def test_the_data_report_stays_on_the_mxnet_free_floor():
+    import subprocess
+    import sys
+    code = ("import sys, recbuild.report, recbuild.html_report, recbuild.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('mxnet', 'symbols', 'train', 'tools')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,17 +1,17 @@
-"""Learning-rate range test: `python -m train lr-find` (or `python -m train.lr_find`), same options as `python -m train`.
+"""Learning-rate range test: `python -m train lr-find` (or `python -m train.lr_find`), `python -m train`'s options.
 
 The model `python -m train` would start from (the pretrained checkpoint with its new head, or MODEL_PREFIX at
 --load-epoch) is trained in memory for up to --num-batches batches while the base learning rate grows
 exponentially from --start-lr to --end-lr; --lr-mult rules scale and freeze parameters exactly as in training,
 with the same optimizer, momentum, weight decay, data and augmentation. The sweep stops early when the running
-average of the loss diverges (exceeds --diverge times its minimum, or becomes NaN/inf). Nothing on disk is written but the
-plot and its JSON (default MODEL_PREFIX-lr-find.png / .json, else lr-find.png / .json).
+average of the loss diverges (exceeds --diverge times its minimum, or becomes NaN/inf). Nothing on disk is
+written but the plot and its JSON (default MODEL_PREFIX-lr-find.png / .json, else lr-find.png / .json).
 
-Suggested rate: one tenth of the rate at which the smoothed loss (a centred moving average) is lowest ("minimum / 10", Smith 2017 and
-fastai's lr_min). Where the loss bottoms out the rate is already at the edge of stability; a decade below it the
-loss still falls quickly and training is stable. The steepest-descent point of the smoothed loss (fastai's other
-rule) is reported too, but not suggested: over ~100 noisy batches its position moves with the noise and the
-smoothing, while the minimum is a robust feature of the curve.
+Suggested rate: one tenth of the rate at which the smoothed loss (a centred moving average) is lowest ("minimum /
+10", Smith 2017 and fastai's lr_min). Where the loss bottoms out the rate is already at the edge of stability; a
+decade below it the loss still falls quickly and training is stable. The steepest-descent point of the smoothed
+loss (fastai's other rule) is reported too, but not suggested: over ~100 noisy batches its position moves with
+the noise and the smoothing, while the minimum is a robust feature of the curve.
 """
 from __future__ import annotations
 

@@ -157,7 +157,8 @@ def confusion_png(matrix: np.ndarray, class_names: Sequence[str], normalised: bo
     ax.set_yticks(range(k))
     ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
     ax.set_yticklabels(class_names, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)" if normalised else "confusion (counts)")
+    ax.set(xlabel="predicted", ylabel="true",
+           title="confusion (row-normalised)" if normalised else "confusion (counts)")
     if k <= _ANNOTATE_UP_TO:
         top = matrix.max() if matrix.size else 1
         for t in range(k):
