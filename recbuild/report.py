@@ -246,18 +246,28 @@ def scan_rec(rec: Path, split: str, role: str, failures: List[str]) -> List[Item
     items: List[Item] = []
     size = rec.stat().st_size
     with open(rec, "rb") as handle:
-        for offset, payload in iter_records(handle, size):
-            header, body = unpack_header(payload)
-            img = _decode(body) if body else None
-            if img is None:
-                failures.append(f"{rec}@{offset}: record {header.id} holds no decodable image")
-                continue
-            label = float(np.atleast_1d(header.label)[0]) if np.size(header.label) else None
-            line, path = lines.get(header.id, (None, None))
-            items.append(Item(split, role, str(rec), offset, int(header.id), label, line, path, int(img.shape[1]),
-                              int(img.shape[0]), 1 if img.ndim == 2 else int(img.shape[2]),
-                              hashlib.sha1(body).hexdigest(), pixel_digest(img), *fingerprint(img)))
+        try:
+            for offset, payload in iter_records(handle, size):
+                items += _record_item(rec, split, role, offset, payload, lines, failures)
+        except RecordIOError as err:
+            raise ReportError(f"{rec}: {err}; repack it or check it with `python -m recbuild verify {rec}`") \
+                from None
     return items
+
+
+def _record_item(rec: Path, split: str, role: str, offset: int, payload: bytes, lines: Dict[int, Tuple[int, str]],
+                 failures: List[str]) -> List[Item]:
+    """The Item of one record ([] when its image does not decode; the failure is listed)."""
+    header, body = unpack_header(payload)
+    img = _decode(body) if body else None
+    if img is None:
+        failures.append(f"{rec}@{offset}: record {header.id} holds no decodable image")
+        return []
+    label = float(np.atleast_1d(header.label)[0]) if np.size(header.label) else None
+    line, path = lines.get(header.id, (None, None))
+    return [Item(split, role, str(rec), offset, int(header.id), label, line, path, int(img.shape[1]),
+                 int(img.shape[0]), 1 if img.ndim == 2 else int(img.shape[2]), hashlib.sha1(body).hexdigest(),
+                 pixel_digest(img), *fingerprint(img))]
 
 
 def scan_folder(folder: Path, failures: List[str]) -> List[Item]:

@@ -180,3 +180,29 @@ def test_the_data_report_stays_on_the_mxnet_free_floor():
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_data_report_errors_are_one_line_and_name_the_file(tmp_path, capsys):
+    assert recbuild_main(["report", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no .rec file starting with" in err and str(tmp_path / "nothing") in err
+    make_split_tree(tmp_path, leaky=False)
+    rec = tmp_path / "set_val.rec"
+    rec.write_bytes(rec.read_bytes()[:-100])  # truncated inside the last record
+    assert recbuild_main(["report", str(tmp_path / "set")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "truncated" in err and str(rec) in err
+    assert not (tmp_path / "set.report.json").exists()
+
+
+def test_an_undecodable_record_is_listed_not_dropped(tmp_path):
+    from recbuild.recordio import RecordWriter, pack_header
+    good = cv2.imencode(".png", photo(20, 20, seed=1))[1].tobytes()
+    with open(tmp_path / "u_train.rec", "wb") as handle:
+        writer = RecordWriter(handle)
+        writer.write(0, pack_header([0.0], 0, False) + good)
+        writer.write(1, pack_header([1.0], 1, False) + b"\x89PNG not really")
+    assert recbuild_main(["report", str(tmp_path / "u"), "--no-html"]) == 0
+    data = json.loads((tmp_path / "u.report.json").read_text())
+    assert data["records"] == 1 and len(data["failures"]) == 1
+    assert "record 1 holds no decodable image" in data["failures"][0]
