@@ -145,3 +145,18 @@ def test_lr_find_changes_nothing_on_disk_and_its_suggestion_trains(tmp_path, cap
     assert good[-1]["train_loss"] < 0.6 * good[0]["train_loss"] < 0.6 * found["smoothed"][0]
     bad = train(lr * 100, "bad", 3)  # where the sweep's loss was rising: does not learn
     assert bad[-1]["val_accuracy"] <= 0.5
+
+
+def test_lr_find_from_a_checkpoint_with_load_epoch(run, tmp_path, capsys):
+    """--load-epoch starts the sweep from MODEL_PREFIX-NNNN (the next stage's rate), leaving it untouched."""
+    from train.lr_find import main as lr_find_main
+    before = _snapshot(run)
+    out = tmp_path / "next-stage.png"
+    assert lr_find_main(["--data-train", str(run / "s_train.rec"), "--model-prefix", str(run / "ft"),
+                         "--load-epoch", "3", "--num-epochs", "4", "--batch-size", "16", "--num-batches", "12",
+                         "--out", str(out)]) == 0
+    assert "Suggested --lr" in capsys.readouterr().out
+    assert _snapshot(run) == before
+    found = json.loads(out.with_suffix(".json").read_text())
+    assert len(found["lrs"]) == 12 and found["frozen"] == []
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
