@@ -43,7 +43,7 @@ PREDICT_OPTS ?=
 DEMO_OPTS    ?=
 
 .PHONY: install test test-fast demo rec convert train predict fetch-models bench bench-pack bench-convert \
-        bench-train check-gpu-install clean
+        bench-train check-gpu-install check-reports clean
 
 install: $(STAMP)
 
@@ -104,6 +104,12 @@ check-gpu-install:
 	if grep "not found" $(VENV)/ldd-libmxnet.txt | grep -v "libcuda.so.1"; then echo "unresolved libraries above"; exit 1; fi; \
 	grep -q "libcudart.so.11.0 => .*site-packages/nvidia/" $(VENV)/ldd-libmxnet.txt || { echo "libcudart.so.11.0 not from the nvidia wheels"; exit 1; }; \
 	echo "all CUDA 11 libraries resolve (libcuda.so.1 comes with the driver)"
+
+# The report pages render in headless Chromium with nothing missing: pages built from small generated data, plus
+# PAGES="out/.../report.html ..." when given. Needs a Chromium (Debian: apt-get install -y chromium); fails without.
+check-reports: install
+	REPORTS_REQUIRE_CHROMIUM=1 $(PY) -m pytest -q tests/test_reports_browser.py
+	$(if $(PAGES),$(PY) -m tools.check_pages $(PAGES),)
 
 clean:
 	rm -rf out .pytest_cache

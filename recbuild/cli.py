@@ -3,6 +3,7 @@
     python -m recbuild --list [--recursive] [--train-ratio R] ... PREFIX ROOT     write PREFIX*.lst
     python -m recbuild [--resize N] [--num-thread N] ... PREFIX ROOT             pack every PREFIX*.lst
     python -m recbuild verify [--quick] PREFIX.rec [...]                         check packed files
+    python -m recbuild report PREFIX [--test-folder DIR]                         data health (recbuild.report)
 """
 from __future__ import annotations
 
@@ -176,6 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["verify"]:
         from recbuild.integrity import main as verify_main
         return verify_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from recbuild.report import main as report_main
+        return report_main(argv[1:])
     from recbuild.listing import ListError
     from recbuild.recordio import RecordIOError
     parser = build_parser()

@@ -9,7 +9,7 @@ Stages (each one a CLI of this project, run as a subprocess so the demo only dep
     3. convert   python -m tools.caffe_converter --verify     Caffe -> MXNet checkpoint + sidecar, checked by OpenCV
     4. finetune  python -m train                             frozen backbone, last stage + new 10-class head
     5. scratch   python -m train                             the same network from random weights, same budget
-    6. predict   python -m train.predict                     the held-out split, both models
+    6. predict   python -m train.predict (+ report), recbuild report   the held-out split, both models; both reports
     7. deploy    python -m tools.deploy --onnx               the bundle, checked through 4 loaders
 
 Re-runs are idempotent: a stage is skipped (its recorded time is shown, marked "cached") when, since its last
@@ -467,19 +467,36 @@ def build_stages(cfg: DemoConfig) -> List[Stage]:
               commands=[train_command(cfg, cfg.scratch_init_prefix, sc, None)],
               folder=sc.parent, inputs=[rec.parent, *checkpoint_inputs(cfg.model_prefix, 0)],
               outputs=[Path(f"{sc}-{epochs:04d}.params")]),
-        Stage("predict", "predict the held-out split with both models",
+        Stage("predict", "predict the held-out split with both models; data-health and evaluation reports",
               commands=[[py, "-m", "train.predict", str(ft), str(epochs), f"{rec}_val.rec",
                          "--out", str(cfg.out / "predict" / "finetuned_val.csv")],
                         [py, "-m", "train.predict", str(sc), str(epochs), f"{rec}_val.rec",
-                         "--out", str(cfg.out / "predict" / "scratch_val.csv")]],
+                         "--out", str(cfg.out / "predict" / "scratch_val.csv")]] + report_commands(cfg),
               folder=cfg.out / "predict",
               inputs=[rec.parent, *checkpoint_inputs(ft, epochs), *checkpoint_inputs(sc, epochs)],
-              outputs=[cfg.out / "predict" / "finetuned_val.csv", cfg.out / "predict" / "scratch_val.csv"]),
+              outputs=[cfg.out / "predict" / "finetuned_val.csv", cfg.out / "predict" / "scratch_val.csv"]
+              + list(report_pages(cfg).values())),
         Stage("deploy", "write the deploy bundle (Module / Gluon / C API / ONNX parity checked)",
               commands=[[py, "-m", "tools.deploy", str(ft), str(epochs), str(cfg.deploy_dir), "--onnx", "--force"]],
               inputs=checkpoint_inputs(ft, epochs),
               outputs=[cfg.deploy_dir / "model-symbol.json", cfg.deploy_dir / "model.onnx"]),
     ]
+
+
+# ---- the reports (issue 17) ----------------------------------------------------------------------------------
+def report_pages(cfg: DemoConfig) -> Dict[str, Path]:
+    """The two report pages the predict stage writes."""
+    return {"data report": cfg.out / "predict" / "data-report.html",
+            "evaluation report": cfg.out / "predict" / "eval-report" / "report.html"}
+
+
+def report_commands(cfg: DemoConfig) -> List[List[str]]:
+    """Data health of the packed splits (leakage, duplicates, classes) and the fine-tuned model's evaluation."""
+    pages = report_pages(cfg)
+    return [[cfg.python, "-m", "recbuild", "report", str(cfg.rec_prefix), "--html", str(pages["data report"]),
+             "--json", str(pages["data report"].with_suffix(".json"))],
+            [cfg.python, "-m", "train.predict", "report", str(cfg.finetune_prefix), str(cfg.epochs),
+             f"{cfg.rec_prefix}_val.rec", "--out", str(pages["evaluation report"].parent)]]
 
 
 def _find(folder: Path, pattern: str) -> str:
@@ -510,6 +527,7 @@ def report(cfg: DemoConfig, stamps: Dict[str, dict], total_seconds: float) -> di
             "training plot": _find(cfg.finetune_prefix.parent, "*.png"),
             "predictions": str(cfg.out / "predict" / "finetuned_val.csv"),
             "deploy bundle": str(cfg.deploy_dir), "logs": str(cfg.out / "logs"),
+            **{name: str(page) for name, page in report_pages(cfg).items()},
         },
     }
     write_json(cfg.out / "summary.json", summary)

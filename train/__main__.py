@@ -111,6 +111,10 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lr-find"]:  # the learning-rate range test, with this parser's options (train/lr_find.py)
+        from train.lr_find import main as lr_find_main
+        return lr_find_main(argv[1:])
     from train.data import DataError
     from train.fit import TrainError, TrainingDiverged, fit
 

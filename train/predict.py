@@ -2,6 +2,7 @@
 
     python -m train.predict PREFIX EPOCH INPUT --out predictions.csv [--top-k 3] [--mirror]
     python -m train.predict evaluate PREFIX EPOCH LABELLED.rec [--top-k 5] [--mirror] [--json metrics.json]
+    python -m train.predict report PREFIX EPOCH LABELLED.rec --out DIR    (train.report: confusion, top losses)
 
 INPUT is a .rec file, an im2rec .lst (paths relative to --root, default the list's folder) or an image folder
 (searched recursively). Preprocessing comes from the checkpoint's sidecar: a .rec is read with the same
@@ -261,11 +262,9 @@ def trained_resize(prefix: str) -> int:
         return -1
 
 
-def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
-    """The `python -m train.predict` command line, or with `evaluating` its `evaluate` form (the arguments after
-    the word `evaluate`)."""
-    p = argparse.ArgumentParser(prog="python -m train.predict" + (" evaluate" if evaluating else ""),
-                                description=__doc__.split("\n\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every form of `python -m train.predict` shares (predict, evaluate, report): which model,
+    and how it sees its input."""
     p.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params, sidecar)")
     p.add_argument("epoch", help="checkpoint epoch, or 'latest'")
     p.add_argument("--mirror", action="store_true", help="test-time augmentation: average with the mirror image")
@@ -276,6 +275,14 @@ def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="class map (or a .lst/.rec beside one) naming the columns of a model whose sidecar has "
                         "no class names; for a model that has them it must agree")
+
+
+def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
+    """The `python -m train.predict` command line, or with `evaluating` its `evaluate` form (the arguments after
+    the word `evaluate`)."""
+    p = argparse.ArgumentParser(prog="python -m train.predict" + (" evaluate" if evaluating else ""),
+                                description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
     if evaluating:
         p.add_argument("data", type=Path, help="labelled .rec (or .lst)")
         p.add_argument("--top-k", type=int, default=5)
@@ -292,6 +299,9 @@ def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from train.report import main as report_main
+        return report_main(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     evaluating = bool(argv) and argv[0] == "evaluate"
     args = build_parser(evaluating).parse_args(argv[1:] if evaluating else argv)

@@ -1,0 +1,590 @@
+"""Data health of a packed set: `python -m recbuild report PREFIX [--test-folder DIR]`.
+
+Reads every PREFIX*.rec in order (one pass, one decode per record) and reports, per split: the record count, the
+class histogram (classes with fewer than --min-class-images images, and classes that are empty in a split while
+present in another), the image size and aspect distribution; then exact duplicates (same image bytes, or same
+decoded pixels) and near-duplicates (a 64-bit DCT perceptual hash within PHASH_THRESHOLD bits, confirmed by 16x16
+thumbnails within NEAR_MAX_MAD grey levels) within and across splits, each listed by split, .lst line and source
+path. The headline is the leakage: how many val/test images
+(and images of --test-folder) have a copy in the training split.
+
+Outputs (atomic): PREFIX.report.json for scripts, PREFIX.report.html (one self-contained page: duplicate pairs as
+inline thumbnails, histograms as inline PNGs). Sizes are those of the packed records (after --resize).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from recbuild.atomic import write_json
+from recbuild.classmap import find_class_map, read_class_map
+from recbuild.listing import ListError, read_list
+from recbuild.recordio import RecordIOError, iter_records, read_record_at, unpack_header
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mxtransfer.datareport/1"
+# Hamming distance (of 64 bits) up to which two images count as near-duplicates. Measured by
+# `python -m bench.reports threshold` on copies resized to 3/4, 1/2 and 1/3 and JPEG re-encoded at quality 90/60/30,
+# plus 1.6x upscales and PNG round trips: photo-like images stay within 6 bits (all found at 8); crops of a real
+# photo and upscaled Fashion-MNIST items within 8 for 99.7% and 99.6% of copies (the rest: quality-30 copies, and
+# third-size quality-60 copies of the 28 px Fashion items).
+# Distinct images: photo-like pairs are >= 14 bits apart; within 8 bits are 2 of 4950 pairs of overlapping crops
+# of one photo (which share content) and 17 of 19900 Fashion-MNIST pairs (near-identical catalogue items). 8 finds
+# copies down to quality 60 at a third of the size, and is 6 bits below the closest distinct photos; at 10 the
+# Fashion-MNIST false pairs triple (56).
+PHASH_THRESHOLD = 8
+# ... and a hash match is confirmed only if the two images' 16x16 grey thumbnails differ by at most this mean
+# absolute difference (grey levels of 255). The hash alone, at 8 bits, pairs distinct look-alikes in sets of small
+# centred objects: on the bundled Fashion-MNIST demo set (packed at 56 px) it reported 35 of 160 val images as
+# leaked, every one a different garment. Measured (bench/reports.py): copies as above differ by at most 1.6
+# (photo-like), 3.2 (photo crops) and 5.3 (Fashion-MNIST) grey levels; distinct pairs within 10 hash bits by at
+# least 6.8 (overlapping crops of one photo) and 10.7 (Fashion-MNIST look-alikes).
+NEAR_MAX_MAD = 6.0
+MIN_CLASS_IMAGES = 10       # fewer images than this in a split: flagged (too few to learn or measure a class)
+# Pairs listed in the JSON / shown with thumbnails in the HTML; counts are always complete.
+MAX_PAIRS_JSON = 100_000
+MAX_PAIRS_HTML = 1000
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TRAIN, HELD_OUT = "train", ("val", "test")
+_HASH_SIDE = 32             # pHash: grey image area-resized to 32x32, DCT, the 8x8 lowest frequencies
+_HASH_KEEP = 8
+_THUMB_SIDE = 16
+
+
+class ReportError(ValueError):
+    """Bad input to the data report; the message names the file."""
+
+
+@dataclass
+class Item:
+    """One image seen by the report.
+
+    Attributes:
+        split: split name ('train', 'val', 'test', the rest of a .rec stem, or the test folder's name).
+        role: 'train', 'val', 'test', 'folder' or 'other'.
+        source: the .rec file or the image file it came from.
+        offset: byte offset of the record in the .rec (-1 for folder images).
+        record_id: the record header's id (the .lst index); -1 for folder images.
+        label: the first label; None for folder images.
+        line: the 1-based .lst line of the record, or None.
+        path: the image path of the .lst (relative to the image root), or the folder-relative path.
+        width, height, channels: decoded size.
+        byte_sha, pixel_sha: sha1 of the stored image bytes and of the decoded pixels (with shape and dtype).
+        phash: the 64-bit perceptual hash.
+        thumb: the 16x16 grey thumbnail (float16) that confirms hash matches.
+    """
+    split: str
+    role: str
+    source: str
+    offset: int
+    record_id: int
+    label: Optional[float]
+    line: Optional[int]
+    path: Optional[str]
+    width: int
+    height: int
+    channels: int
+    byte_sha: str
+    pixel_sha: str
+    phash: int
+    thumb: np.ndarray
+
+
+# ---- hashing ------------------------------------------------------------------------------------------------
+def fingerprint(img: np.ndarray) -> Tuple[int, np.ndarray]:
+    """(64-bit DCT perceptual hash, 16x16 grey thumbnail) of a decoded OpenCV image (grey, BGR, BGRA; any depth).
+
+    The image is turned grey, area-resized to 32x32 (which removes the resolution and most JPEG noise), and of
+    its 2-D DCT the 8x8 lowest frequencies are kept; bit k says whether coefficient k exceeds the median of
+    the 63 non-DC coefficients. Comparisons to a median ignore brightness scale, so 8- and 16-bit copies agree.
+    The thumbnail (in 8-bit grey levels) is the 32x32 image area-halved.
+    """
+    import cv2
+    to_8bit = 1 / 257.0 if img.dtype == np.uint16 else 1.0  # the thumbnail compares in 8-bit grey levels
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3:
+        img = img[:, :, :3].astype(np.float32) @ np.array([0.114, 0.587, 0.299], np.float32)  # BGR luma
+    small = cv2.resize(img.astype(np.float32), (_HASH_SIDE, _HASH_SIDE), interpolation=cv2.INTER_AREA)
+    coeffs = cv2.dct(small)[:_HASH_KEEP, :_HASH_KEEP].ravel()
+    bits = coeffs > np.median(coeffs[1:])
+    thumb = cv2.resize(small, (_THUMB_SIDE, _THUMB_SIDE), interpolation=cv2.INTER_AREA) * to_8bit
+    return int.from_bytes(np.packbits(bits).tobytes(), "big"), thumb.astype(np.float16).ravel()
+
+
+def phash(img: np.ndarray) -> int:
+    """The 64-bit DCT perceptual hash of `fingerprint`."""
+    return fingerprint(img)[0]
+
+
+def pixel_digest(img: np.ndarray) -> str:
+    """sha1 of the decoded pixels, shape and dtype included (equal digests: identical images)."""
+    h = hashlib.sha1(f"{img.shape}{img.dtype}".encode())
+    h.update(np.ascontiguousarray(img).data)
+    return h.hexdigest()
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+_POPCOUNT16 = (_POPCOUNT8[np.arange(1 << 16) & 0xFF] + _POPCOUNT8[np.arange(1 << 16) >> 8]).astype(np.uint8)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bitwise Hamming distances of two equal-length uint64 arrays (numpy 1.23 has no bitwise_count)."""
+    x = np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64))
+    return _POPCOUNT16[np.ascontiguousarray(x).view(np.uint16).reshape(-1, 4)].sum(axis=1, dtype=np.int64)
+
+
+def _masks(width: int, radius: int) -> np.ndarray:
+    """Every `width`-bit mask with at most `radius` bits set."""
+    from itertools import combinations
+    out = [0]
+    for r in range(1, radius + 1):
+        out += [sum(1 << b for b in bits) for bits in combinations(range(width), r)]
+    return np.array(out, np.uint64)
+
+
+def near_pairs(hashes: np.ndarray, threshold: int, block: int = 4096) -> np.ndarray:
+    """All (i, j, distance) with i < j and Hamming(hashes[i], hashes[j]) <= threshold, without N^2 work.
+
+    Pigeonhole: split the 64 bits into 3 chunks (21, 21, 22 bits); two hashes within `threshold` bits differ in
+    at most threshold // 3 bits of some chunk. So for each chunk, every hash probes the sorted chunk values at
+    all keys within that radius of its own (232 probes at threshold 8) and only the hits are compared in full.
+
+    Returns:
+        an (M, 3) int64 array, rows sorted by (i, j).
+    """
+    hashes = np.asarray(hashes, np.uint64)
+    n = len(hashes)
+    if n < 2:
+        return np.zeros((0, 3), np.int64)
+    found: List[np.ndarray] = []
+    radius = threshold // 3
+    for shift, width in ((0, 21), (21, 21), (42, 22)):
+        keys = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        # A dense table of every chunk value (4M entries at most): a probe is two array lookups, no search.
+        bucket = np.bincount(keys, minlength=1 << width)
+        first_at = np.cumsum(bucket) - bucket
+        masks = _masks(width, radius).astype(np.int64)
+        for start in range(0, n, block):
+            ids = np.arange(start, min(n, start + block))
+            probes = (keys[ids, None] ^ masks[None, :]).ravel()
+            counts = bucket[probes]
+            lo = first_at[probes]
+            if not counts.any():
+                continue
+            owner = np.repeat(np.repeat(ids, len(masks)), counts)
+            first = np.repeat(lo, counts)
+            step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            other = order[first + step]
+            keep = owner < other
+            owner, other = owner[keep], other[keep]
+            dist = hamming(hashes[owner], hashes[other])
+            ok = dist <= threshold
+            found.append(np.stack([owner[ok], other[ok], dist[ok]], axis=1))
+    if not found:
+        return np.zeros((0, 3), np.int64)
+    pairs = np.concatenate(found)
+    # A pair can be found through several chunks; np.unique's first indices come in (i, j) order.
+    _, first = np.unique(pairs[:, 0] * n + pairs[:, 1], return_index=True)
+    return pairs[first]
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+def split_of(rec: Path, prefix: str) -> Tuple[str, str]:
+    """(split name, role) of a .rec found for PREFIX: im2rec names them PREFIX[_CHUNK][_train|_val|_test]."""
+    stem = rec.name[: -len(".rec")]
+    base = Path(prefix).name
+    name = stem[len(base):].lstrip("_") if stem.startswith(base) and not Path(prefix).is_dir() else stem
+    for role in (TRAIN,) + HELD_OUT:
+        if name == role or name.endswith("_" + role):
+            return name, role
+    return name or stem, "other"
+
+
+def find_recs(prefix: str) -> List[Path]:
+    """Every .rec in PREFIX's folder (PREFIX itself when it is a folder) whose path starts with PREFIX."""
+    prefix = os.path.abspath(prefix)
+    folder = Path(prefix if os.path.isdir(prefix) else os.path.dirname(prefix))
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: folder of PREFIX {prefix} does not exist")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".rec") and str(p).startswith(prefix))
+
+
+def list_lines(lst: Path) -> Dict[int, Tuple[int, str]]:
+    """record id -> (1-based line, image path) of the .lst beside a .rec (empty when there is none).
+
+    The list is read (and checked) by recbuild.listing.read_list; line numbers count its non-blank lines the
+    way that reader skips blank ones."""
+    if not lst.is_file():
+        return {}
+    entries = read_list(str(lst))
+    with open(lst, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        numbers = [n for n, line in enumerate(handle, start=1) if line.strip()]
+    return {e.index: (n, e.path) for e, n in zip(entries, numbers)}
+
+
+def _decode(data: bytes):
+    import cv2
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def scan_rec(rec: Path, split: str, role: str, failures: List[str]) -> List[Item]:
+    """Read a .rec in file order (one sequential pass) and fingerprint every record."""
+    lines = list_lines(rec.with_suffix(".lst"))
+    items: List[Item] = []
+    size = rec.stat().st_size
+    with open(rec, "rb") as handle:
+        try:
+            for offset, payload in iter_records(handle, size):
+                items += _record_item(rec, split, role, offset, payload, lines, failures)
+        except RecordIOError as err:
+            raise ReportError(f"{rec}: {err}; repack it or check it with `python -m recbuild verify {rec}`") \
+                from None
+    return items
+
+
+def _record_item(rec: Path, split: str, role: str, offset: int, payload: bytes, lines: Dict[int, Tuple[int, str]],
+                 failures: List[str]) -> List[Item]:
+    """The Item of one record ([] when its image does not decode; the failure is listed)."""
+    header, body = unpack_header(payload)
+    img = _decode(body) if body else None
+    if img is None:
+        failures.append(f"{rec}@{offset}: record {header.id} holds no decodable image")
+        return []
+    label = float(np.atleast_1d(header.label)[0]) if np.size(header.label) else None
+    line, path = lines.get(header.id, (None, None))
+    return [Item(split, role, str(rec), offset, int(header.id), label, line, path, int(img.shape[1]),
+                 int(img.shape[0]), 1 if img.ndim == 2 else int(img.shape[2]), hashlib.sha1(body).hexdigest(),
+                 pixel_digest(img), *fingerprint(img))]
+
+
+def scan_folder(folder: Path, failures: List[str]) -> List[Item]:
+    """Fingerprint every image under a folder (recursively), e.g. a Kaggle test folder."""
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: --test-folder is not a folder")
+    items: List[Item] = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+        data = path.read_bytes()
+        img = _decode(data)
+        if img is None:
+            failures.append(f"{path}: not a decodable image")
+            continue
+        items.append(Item(folder.name or str(folder), "folder", str(path), -1, -1, None, None,
+                          path.relative_to(folder).as_posix(), int(img.shape[1]), int(img.shape[0]),
+                          1 if img.ndim == 2 else int(img.shape[2]), hashlib.sha1(data).hexdigest(),
+                          pixel_digest(img), *fingerprint(img)))
+    return items
+
+
+# ---- analysis -----------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """Two images that are copies: kind 'bytes' (same file bytes), 'pixels' (same decoded pixels) or 'near'
+    (perceptual hashes within the threshold); `distance` is the hashes' Hamming distance."""
+    a: int
+    b: int
+    kind: str
+    distance: int
+
+
+def find_pairs(items: Sequence[Item], threshold: int, max_mad: float = NEAR_MAX_MAD
+               ) -> Tuple[List[Pair], np.ndarray, np.ndarray]:
+    """Exact and near-duplicate pairs, plus each item's exact group and each group's near neighbours.
+
+    Exact copies (same pixels) form groups; each group is listed as pairs from one member (a training one when
+    the group has one, so every held-out copy is paired with a training image) to each other member. Near
+    pairs are searched between one representative per group, so a thousand identical images cost one hash; a
+    hash match counts only when the thumbnails differ by at most `max_mad` grey levels.
+
+    Returns:
+        (pairs, the exact group of each item, the near-duplicate group pairs as an (E, 2) array).
+    """
+    group_of: Dict[str, int] = {}
+    group = np.array([group_of.setdefault(it.pixel_sha, len(group_of)) for it in items], np.int64)
+    members: List[List[int]] = [[] for _ in group_of]
+    for i, g in enumerate(group):
+        members[g].append(i)
+    pairs: List[Pair] = []
+    for m in members:
+        if len(m) < 2:
+            continue
+        m = sorted(m, key=lambda i: items[i].role != TRAIN)  # stable: a training member first, if any
+        for other in m[1:]:
+            kind = "bytes" if items[other].byte_sha == items[m[0]].byte_sha else "pixels"
+            pairs.append(Pair(m[0], other, kind, 0))
+    reps = np.array([m[0] for m in members], np.int64)
+    near = near_pairs(np.array([items[r].phash for r in reps], np.uint64), threshold)
+    if len(near):
+        thumbs = np.stack([items[r].thumb for r in reps]).astype(np.float32)
+        mad = np.abs(thumbs[near[:, 0]] - thumbs[near[:, 1]]).mean(axis=1)
+        near = near[mad <= max_mad]
+    for ga, gb, dist in near:
+        a, b = reps[ga], reps[gb]
+        if items[b].role == TRAIN and items[a].role != TRAIN:
+            a, b = b, a
+        pairs.append(Pair(int(a), int(b), "near", int(dist)))
+    return pairs, group, near[:, :2]
+
+
+def leakage(items: Sequence[Item], group: np.ndarray, near_groups: np.ndarray) -> Dict[str, Dict[str, int]]:
+    """Per held-out split (val, test, a test folder): how many of its images have a copy (exact or near) in the
+    training split. With no split named train, a single split is taken as the training set."""
+    roles = {it.split: it.role for it in items}
+    train_splits = {s for s, r in roles.items() if r == TRAIN} or (set(roles) if len(roles) == 1 else set())
+    is_train = np.array([it.split in train_splits for it in items], bool)
+    groups = int(group.max()) + 1 if len(group) else 0
+    has_train = np.zeros(groups, bool)
+    has_train[group[is_train]] = True
+    touched = has_train.copy()
+    for ga, gb in near_groups:
+        if has_train[ga]:
+            touched[gb] = True
+        if has_train[gb]:
+            touched[ga] = True
+    out: Dict[str, Dict[str, int]] = {}
+    for split, role in roles.items():
+        if split in train_splits:
+            continue
+        mine = np.array([it.split == split for it in items], bool)
+        out[split] = {"role": role, "images": int(mine.sum()), "with_copy_in_train": int(touched[group[mine]].sum())}
+    return out
+
+
+def split_summary(items: Sequence[Item], num_classes: int, min_images: int) -> dict:
+    """Counts, class histogram and size statistics of one split's items."""
+    labels = [int(it.label) for it in items if it.label is not None]
+    hist = np.bincount(np.array(labels, np.int64), minlength=num_classes)[:max(num_classes, 1)] if labels else \
+        np.zeros(num_classes, np.int64)
+    w = np.array([it.width for it in items], np.float64)
+    h = np.array([it.height for it in items], np.float64)
+
+    def stats(v: np.ndarray) -> dict:
+        if not len(v):
+            return {}
+        p = np.percentile(v, [0, 5, 50, 95, 100])
+        return dict(zip(("min", "p5", "median", "p95", "max"), (float(x) for x in p)))
+    sizes = Counter(f"{it.width}x{it.height}" for it in items).most_common(5)
+    return {"records": len(items), "class_counts": [int(c) for c in hist],
+            "small_classes": [k for k, c in enumerate(hist) if 0 < c < min_images],
+            "empty_classes": [k for k, c in enumerate(hist) if c == 0],
+            "width": stats(w), "height": stats(h), "aspect": stats(w / np.maximum(h, 1)),
+            "common_sizes": [[s, n] for s, n in sizes]}
+
+
+def analyse(items: Sequence[Item], class_names: Sequence[str], threshold: int, min_images: int,
+            max_mad: float = NEAR_MAX_MAD) -> dict:
+    """Everything the report says, as JSON-ready data (pairs as item indices; `describe` names them)."""
+    labelled = [int(it.label) for it in items if it.label is not None]
+    num_classes = max(len(class_names), max(labelled) + 1 if labelled else 0)
+    names = list(class_names) + [str(k) for k in range(len(class_names), num_classes)]
+    splits = list(dict.fromkeys(it.split for it in items))
+    summary = {s: split_summary([it for it in items if it.split == s], num_classes, min_images)
+               for s in splits if any(it.split == s and it.role != "folder" for it in items)}
+    present = {k for s in summary.values() for k, c in enumerate(s["class_counts"]) if c}
+    for s in summary.values():  # a class empty here but present in another split
+        s["empty_classes"] = [k for k in s["empty_classes"] if k in present]
+    pairs, group, near_groups = find_pairs(items, threshold, max_mad)
+    between = Counter((tuple(sorted((items[p.a].split, items[p.b].split))), p.kind) for p in pairs)
+    return {"class_names": names, "splits": summary, "pairs": pairs,
+            "leakage": leakage(items, group, near_groups),
+            "pair_counts": [{"splits": list(k), "kind": kind, "pairs": n} for (k, kind), n in sorted(between.items())]}
+
+
+def describe(item: Item, class_names: Sequence[str]) -> dict:
+    """How a pair member is named in the outputs: split, .lst line, path, record id, class."""
+    label = None if item.label is None else int(item.label)
+    return {"split": item.split, "line": item.line, "path": item.path, "id": item.record_id,
+            "class": None if label is None else (class_names[label] if label < len(class_names) else str(label)),
+            "source": item.source, "size": [item.width, item.height]}
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------
+def _thumbnail(item: Item) -> str:
+    """The item's image, re-read (by offset, or from its file) and inlined as a thumbnail."""
+    from recbuild.html_report import thumbnail_uri
+    if item.offset < 0:
+        img = _decode(Path(item.source).read_bytes())
+    else:
+        with open(item.source, "rb") as handle:
+            img = _decode(unpack_header(read_record_at(handle, item.offset, os.path.getsize(item.source)))[1])
+    return thumbnail_uri(img)
+
+
+def _class_histogram_png(report: dict) -> bytes:
+    from recbuild.html_report import figure_png, pyplot
+    plt = pyplot()
+    names, splits = report["class_names"], report["splits"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 3.6))
+    width = 0.8 / max(1, len(splits))
+    for k, (split, s) in enumerate(splits.items()):
+        ax.bar(np.arange(len(names)) + k * width, s["class_counts"], width, label=f"{split} ({s['records']})")
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="images", title="images per class")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def _size_png(items: Sequence[Item]) -> bytes:
+    from recbuild.html_report import figure_png, pyplot
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for split in dict.fromkeys(it.split for it in items):
+        mine = [it for it in items if it.split == split]
+        w = np.array([it.width for it in mine], float)
+        h = np.array([it.height for it in mine], float)
+        for ax, values in zip(axes, (w, h, w / np.maximum(h, 1))):
+            ax.hist(values, bins=30, alpha=0.6, label=split)
+    for ax, title in zip(axes, ("width (px)", "height (px)", "aspect (width / height)")):
+        ax.set(title=title, ylabel="images")
+        ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def _pair_card(items: Sequence[Item], pair: Pair, names: Sequence[str]) -> str:
+    from recbuild.html_report import esc, image
+    parts = []
+    for i in (pair.a, pair.b):
+        d = describe(items[i], names)
+        where = (d["split"] + (f" line {d['line']}" if d["line"] else "")
+                 + (f" id {d['id']}" if d["id"] >= 0 else ""))
+        parts.append(image(_thumbnail(items[i]), d["path"] or d["source"], css="thumb",
+                           title=f"{where}: {d['path'] or d['source']}") +
+                     f"<br>{esc(where)}<br>{esc(d['path'] or Path(d['source']).name)}"
+                     + (f"<br>class {esc(d['class'])}" if d["class"] is not None else ""))
+    return (f'<div class="pair"><b>{esc(pair.kind)}</b> (distance {pair.distance})<br>'
+            + "<br>".join(parts) + "</div>")
+
+
+def render_html(report: dict, items: Sequence[Item], title: str, max_pairs: int = MAX_PAIRS_HTML) -> str:
+    """The self-contained page."""
+    from recbuild import html_report as H
+    names = report["class_names"]
+    leak = report["leakage"]
+    leaked = sum(v["with_copy_in_train"] for v in leak.values())
+    head = "; ".join(f"{v['with_copy_in_train']} of {v['images']} {s} images have a copy in train"
+                     for s, v in leak.items()) or "no held-out split to compare with train"
+    body = [H.paragraph(f"Leakage: {head}.", "headline" + ("" if leaked else " ok")),
+            H.paragraph(f"{report['records']} records in {len(report['splits'])} split(s), read in "
+                        f"{report['seconds']:.1f} s; near-duplicates: perceptual hashes within "
+                        f"{report['threshold']} of 64 bits and 16x16 thumbnails within {report['max_mad']:g} grey "
+                        f"levels. Sizes are those of the packed records.", "muted")]
+    def named(ks: List[int]) -> str:
+        return ", ".join(names[k] for k in ks) or "-"
+    rows = [(s, v["records"], sum(1 for c in v["class_counts"] if c), min([c for c in v["class_counts"] if c] or [0]),
+             named(v["small_classes"]), named(v["empty_classes"])) for s, v in report["splits"].items()]
+    body.append(H.section("Splits", H.table(["split", "records", "classes", "smallest class",
+                                              f"classes < {report['min_class_images']} images",
+                                              "classes empty here but present elsewhere"], rows, left=1)))
+    if report["splits"]:
+        body.append(H.image(_class_histogram_png(report), "class histogram"))
+        size_rows = [(s, v["width"].get("median"), v["height"].get("median"), v["aspect"].get("min"),
+                      v["aspect"].get("median"), v["aspect"].get("max"),
+                      ", ".join(f"{k} ({n})" for k, n in v["common_sizes"])) for s, v in report["splits"].items()]
+        body.append(H.section("Image sizes", H.table(["split", "median width", "median height", "min aspect",
+                                                      "median aspect", "max aspect", "commonest sizes"], size_rows),
+                              H.image(_size_png([it for it in items if it.role != "folder"]), "size histograms")))
+    counts = [(" / ".join(c["splits"]), c["kind"], c["pairs"]) for c in report["pair_counts"]]
+    pairs = sorted(report["pairs"], key=lambda p: (items[p.a].split == items[p.b].split, p.distance))
+    cards = [_pair_card(items, p, names) for p in pairs[:max_pairs]]
+    more = (H.paragraph(f"The first {max_pairs} of {len(pairs)} pairs are shown; all are in the JSON.", "muted")
+            if len(pairs) > max_pairs else "")
+    body.append(H.section("Duplicates", H.table(["splits", "kind", "pairs"], counts, left=2) if counts
+                          else H.paragraph("No exact or near-duplicate pairs."), more, "".join(cards)))
+    if report["failures"]:
+        body.append(H.section("Unreadable records", H.table(["problem"], [(f,) for f in report["failures"]])))
+    return H.page(title, body)
+
+
+def build_report(prefix: str, test_folder: Optional[str] = None, threshold: int = PHASH_THRESHOLD,
+                 min_images: int = MIN_CLASS_IMAGES, max_mad: float = NEAR_MAX_MAD) -> Tuple[dict, List[Item]]:
+    """Read every PREFIX*.rec (and the test folder) and analyse them. Returns (JSON-ready report, items)."""
+    started = time.perf_counter()
+    recs = find_recs(prefix)
+    if not recs:
+        raise ReportError(f"no .rec file starting with {os.path.abspath(prefix)}; pack the lists first")
+    failures: List[str] = []
+    items: List[Item] = []
+    for rec in recs:
+        split, role = split_of(rec, prefix)
+        log.info("reading %s (%s)", rec, split)
+        items += scan_rec(rec, split, role, failures)
+    if test_folder:
+        items += scan_folder(Path(test_folder), failures)
+    cmap = find_class_map(recs[0])
+    names = read_class_map(cmap) if cmap else []
+    report = analyse(items, names, threshold, min_images, max_mad)
+    pairs = report.pop("pairs")
+    report = {"format": FORMAT, "prefix": os.path.abspath(prefix), "recs": [str(r) for r in recs],
+              "test_folder": test_folder, "threshold": threshold, "max_mad": max_mad, "min_class_images": min_images,
+              "records": sum(1 for it in items if it.role != "folder"), **report,
+              "pairs_total": len(pairs), "failures": failures, "seconds": time.perf_counter() - started}
+    report["pairs"] = pairs
+    return report, items
+
+
+def write_report(report: dict, items: Sequence[Item], json_path: Path, html_path: Optional[Path]) -> None:
+    """The JSON (pairs named by split, line and path; at most MAX_PAIRS_JSON) and the HTML page, atomically."""
+    from recbuild.html_report import write_page
+    names = report["class_names"]
+    pairs = sorted(report["pairs"], key=lambda p: (items[p.a].split == items[p.b].split, p.distance))
+    data = {k: v for k, v in report.items() if k != "pairs"}
+    data["pairs"] = [{"kind": p.kind, "distance": p.distance, "a": describe(items[p.a], names),
+                      "b": describe(items[p.b], names)} for p in pairs[:MAX_PAIRS_JSON]]
+    write_json(json_path, data)
+    if html_path is not None:
+        write_page(html_path, render_html(report, items, f"Data report: {Path(report['prefix']).name}"))
+
+
+def default_paths(prefix: str) -> Tuple[Path, Path]:
+    """PREFIX.report.json / .html (inside PREFIX when it is a folder)."""
+    base = Path(prefix) / "report" if os.path.isdir(prefix) else Path(prefix + ".report")
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".html")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m recbuild report PREFIX [--test-folder DIR] ...`."""
+    p = argparse.ArgumentParser(prog="python -m recbuild report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prefix", help="the prefix the .rec files were packed under (every PREFIX*.rec is read)")
+    p.add_argument("--test-folder", default=None, help="also check this image folder against the training set")
+    p.add_argument("--threshold", type=int, default=PHASH_THRESHOLD,
+                   help="near-duplicate: perceptual hashes at most this many of 64 bits apart")
+    p.add_argument("--max-mad", type=float, default=NEAR_MAX_MAD,
+                   help="near-duplicate: and 16x16 grey thumbnails at most this many grey levels apart on average")
+    p.add_argument("--min-class-images", type=int, default=MIN_CLASS_IMAGES,
+                   help="flag classes with fewer images than this in a split")
+    p.add_argument("--json", type=Path, default=None, help="default PREFIX.report.json")
+    p.add_argument("--html", type=Path, default=None, help="default PREFIX.report.html")
+    p.add_argument("--no-html", action="store_true", help="write only the JSON")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not 0 <= a.threshold <= 20:
+        p.error(f"--threshold must be 0..20 bits, got {a.threshold}")
+    json_path, html_path = default_paths(a.prefix)
+    try:
+        report, items = build_report(a.prefix, a.test_folder, a.threshold, a.min_class_images, a.max_mad)
+        write_report(report, items, a.json or json_path, None if a.no_html else (a.html or html_path))
+    except (ReportError, RecordIOError, ListError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for split, v in report["leakage"].items():
+        print(f"leakage: {v['with_copy_in_train']} of {v['images']} {split} images have a copy in train")
+    for split, v in report["splits"].items():
+        print(f"{split}: {v['records']} records" + (f", {len(v['small_classes'])} class(es) under "
+                                                    f"{a.min_class_images} images" if v["small_classes"] else "")
+              + (f", {len(v['empty_classes'])} class(es) empty" if v["empty_classes"] else ""))
+    print(f"{report['pairs_total']} duplicate pair(s); report {a.json or json_path}"
+          + ("" if a.no_html else f" and {a.html or html_path}") + f" ({report['seconds']:.1f} s)")
+    return 0
