@@ -29,7 +29,7 @@ import numpy as np
 from recbuild.atomic import write_json
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import ListError, read_list
-from recbuild.recordio import RecordIOError, iter_records, read_record_at, unpack_header
+from recbuild.recordio import RecordIOError, iter_records, unpack_header
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,8 @@ def _thumbnail(item: Item) -> str:
         img = _decode(Path(item.source).read_bytes())
     else:
         with open(item.source, "rb") as handle:
-            img = _decode(unpack_header(read_record_at(handle, item.offset, os.path.getsize(item.source)))[1])
+            _, payload = next(iter_records(handle, os.path.getsize(item.source), item.offset))
+            img = _decode(unpack_header(payload)[1])
     return thumbnail_uri(img)
 
 
@@ -554,8 +555,8 @@ def default_paths(prefix: str) -> Tuple[Path, Path]:
     return base.with_name(base.name + ".json"), base.with_name(base.name + ".html")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m recbuild report PREFIX [--test-folder DIR] ...`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m recbuild report` command line."""
     p = argparse.ArgumentParser(prog="python -m recbuild report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prefix", help="the prefix the .rec files were packed under (every PREFIX*.rec is read)")
@@ -569,6 +570,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="default PREFIX.report.json")
     p.add_argument("--html", type=Path, default=None, help="default PREFIX.report.html")
     p.add_argument("--no-html", action="store_true", help="write only the JSON")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m recbuild report PREFIX [--test-folder DIR] ...`."""
+    p = build_parser()
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not 0 <= a.threshold <= 20:
         p.error(f"--threshold must be 0..20 bits, got {a.threshold}")

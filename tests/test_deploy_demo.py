@@ -236,16 +236,19 @@ def _parsed(parser, command):
 def test_stage_commands_follow_the_cli_contracts(tmp_path):
     """Each stage's argv means what the demo intends, read by the real parsers of the CLIs it runs."""
     from recbuild.cli import build_parser as recbuild_parser
+    from recbuild.report import build_parser as data_report_parser
     from tools.deploy import build_parser as deploy_parser
     from train.__main__ import build_parser as train_parser
     from train.predict import build_parser as predict_parser
+    from train.report import build_parser as eval_report_parser
 
     cfg = demo.DemoConfig(out=tmp_path / "o", epochs=3)
     stages = {s.name: s for s in demo.build_stages(cfg)}
     assert list(stages) == ["fetch", "pack", "convert", "finetune", "scratch", "predict", "deploy"]
     assert [c[1:3] for s in stages.values() for c in s.commands] == [
         ["-m", "tools.fetch_models"], ["-m", "recbuild"], ["-m", "recbuild"], ["-m", "tools.caffe_converter"],
-        ["-m", "train"], ["-m", "train"], ["-m", "train.predict"], ["-m", "train.predict"], ["-m", "tools.deploy"]]
+        ["-m", "train"], ["-m", "train"], ["-m", "train.predict"], ["-m", "train.predict"], ["-m", "recbuild"],
+        ["-m", "train.predict"], ["-m", "tools.deploy"]]
 
     listing, packing = (_parsed(recbuild_parser(), c) for c in stages["pack"].commands)
     assert listing.list and listing.recursive and listing.train_ratio == cfg.train_ratio
@@ -274,14 +277,24 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
 
     # Both models predict the held-out .rec alike (same options), each into the CSV the stage promises.
-    pred_ft, pred_sc = (_parsed(predict_parser(), c) for c in stages["predict"].commands)
+    pred_ft, pred_sc = (_parsed(predict_parser(), c) for c in stages["predict"].commands[:2])
     for pred, prefix in ((pred_ft, cfg.finetune_prefix), (pred_sc, cfg.scratch_prefix)):
         assert (pred.prefix, pred.epoch, pred.data) == (str(prefix), "3", Path(f"{cfg.rec_prefix}_val.rec"))
         assert pred.classes is None  # the trained models' sidecars name their classes
-    assert [pred_ft.out, pred_sc.out] == stages["predict"].outputs
+    assert [pred_ft.out, pred_sc.out] == stages["predict"].outputs[:2]
     assert {k: v for k, v in vars(pred_ft).items() if k not in ("prefix", "out")} == \
         {k: v for k, v in vars(pred_sc).items() if k not in ("prefix", "out")}
     assert not pred_ft.mirror and pred_ft.resize == -1  # the training run's --resize, from its sidecar/config
+
+    # The two reports: data health of every packed split, and the fine-tuned model evaluated on the held-out split.
+    data_cmd, eval_cmd = stages["predict"].commands[2:]
+    assert data_cmd[3] == "report" and eval_cmd[3] == "report"
+    data_report = data_report_parser().parse_args(data_cmd[4:])
+    assert data_report.prefix == str(cfg.rec_prefix) and not data_report.no_html
+    evaluation = eval_report_parser().parse_args(eval_cmd[4:])
+    assert (evaluation.prefix, evaluation.epoch, evaluation.data) == (str(cfg.finetune_prefix), "3",
+                                                                      Path(f"{cfg.rec_prefix}_val.rec"))
+    assert sorted(stages["predict"].outputs[2:]) == sorted([data_report.html, evaluation.out / "report.html"])
 
     bundle = _parsed(deploy_parser(), stages["deploy"].commands[0])
     assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), 3, cfg.deploy_dir)

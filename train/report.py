@@ -268,20 +268,27 @@ def make_report(model, source: Path, out_dir: Path, top_k: int = 5, mirror: bool
     return {**result, "paths": paths}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m train.predict report PREFIX EPOCH DATA --out DIR` (also `python -m train.report ...`)."""
-    import mxnet as mx
-    from train.data import DataError
-    from train.predict import PredictError, add_model_arguments, latest_epoch, load_model, trained_resize
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m train.predict report` command line: the model arguments of every predict form, then the
+    labelled data and the report's own options."""
+    from train.predict import add_model_arguments
     p = argparse.ArgumentParser(prog="python -m train.predict report", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("data", type=Path, help="labelled .rec (or .lst)")
     p.add_argument("--out", type=Path, required=True, help="folder for report.html, report.json and the PNGs")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--top-losses", type=int, default=TOP_LOSSES, help="images in the top-loss gallery")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m train.predict report PREFIX EPOCH DATA --out DIR` (also `python -m train.report ...`)."""
+    import mxnet as mx
+    from train.data import DataError
+    from train.predict import PredictError, latest_epoch, load_model, trained_resize
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    a = build_parser().parse_args(argv)
     ctx = [mx.gpu(int(g)) for g in a.gpus.split(",")] if a.gpus else None
     try:
         if a.epoch != "latest" and not a.epoch.isdigit():
