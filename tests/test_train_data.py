@@ -95,14 +95,27 @@ def test_mean_image_is_checked_and_applied(tmp_path):
 
 
 def test_workers_read_disjoint_parts(tmp_path):
-    path = write_rec(tmp_path / "d.rec", 4, 8)
+    # Record i is a uniform image of value 3*i, so every batch says exactly which records it holds.
+    path = tmp_path / "d.rec"
+    rec = mx.recordio.MXIndexedRecordIO(str(path.with_suffix(".idx")), str(path), "w")
+    for i in range(32):
+        img = np.full((16, 16, 3), 3 * i, np.uint8)
+        rec.write_idx(i, mx.recordio.pack_img(mx.recordio.IRHeader(0, float(i % 4), i, 0), img, img_fmt=".png"))
+    rec.close()
     pre = Preprocess(input_shape=(3, 16, 16))
     seen = []
     for part in range(2):
         it = record_iter(path, 4, pre, tmp_path, "l", num_parts=2, part_index=part)
-        seen.append([float(x) for b in it for x in b.data[0].asnumpy()[: 4 - b.pad].reshape(4 - b.pad, -1)[:, 0]])
+        got = []
+        for b in it:
+            x = b.data[0].asnumpy()[: 4 - b.pad]
+            assert (x == x[:, :1, :1, :1]).all()          # whole records, never a mix
+            got += [int(v) // 3 for v in x[:, 0, 0, 0]]
+        seen.append(got)
     assert len(seen[0]) + len(seen[1]) == 32 and len(seen[0]) == 16
-    assert seen[0] != seen[1]
+    assert len(set(seen[0])) == len(set(seen[1])) == 16   # no record twice within a part
+    assert not set(seen[0]) & set(seen[1])                # the parts are disjoint ...
+    assert set(seen[0]) | set(seen[1]) == set(range(32))  # ... and together cover every record
 
 
 # ---- the validation view: ImageRecordIter's own geometry, reproduced for raw images ------------------------------
