@@ -141,13 +141,38 @@ def build_head(features: mx.sym.Symbol, num_classes: int, spec: HeadSpec, hidden
     return mx.sym.SoftmaxOutput(x, name=spec.output_name)
 
 
-def _init_array(name: str, shape: Tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
-    """Fresh weights for a new head parameter: Xavier-uniform (fan-avg) weights, zero biases."""
+def xavier_uniform(shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray:
+    """Xavier-uniform (Glorot, fan-avg) weights, float32: U(-b, b) with b = sqrt(6 / (fan_in + fan_out)).
+
+    The one initialisation of new layers (head surgery here, the fused classifier in train.recipes.fusion);
+    numpy-seeded so a run's new head does not depend on MXNet's global random state.
+    """
+    fan_in, fan_out = int(np.prod(shape[1:])), int(shape[0])
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=tuple(shape)).astype(np.float32)
+
+
+def init_array(name: str, shape: Tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
+    """Fresh values for a new parameter: Xavier-uniform weights, zero biases (and anything 1-D)."""
     if name.endswith("_bias") or len(shape) < 2:
         return np.zeros(shape, np.float32)
-    fan_in, fan_out = int(np.prod(shape[1:])), shape[0]
-    bound = np.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return xavier_uniform(shape, rng)
+
+
+def with_lr_mults(symbol: mx.sym.Symbol, mults: Dict[str, float]) -> mx.sym.Symbol:
+    """A copy of `symbol` whose parameter variables carry `__lr_mult__` (those not 1).
+
+    An optimizer that Module creates by name reads these attributes through its `sym` (what
+    mx.sym.var(lr_mult=...) sets), on whatever device/kvstore layout Module chooses; this is how the
+    `--lr-mult` rules reach it. The checkpoint keeps the symbol without them.
+    """
+    import json
+    graph = json.loads(symbol.tojson())
+    for node in graph["nodes"]:
+        mult = mults.get(node["name"], 1.0) if node["op"] == "null" else 1.0
+        if mult != 1.0:
+            node.setdefault("attrs", {})["__lr_mult__"] = repr(float(mult))
+    return mx.sym.load_json(json.dumps(graph))
 
 
 def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], aux_params: Dict[str, mx.nd.NDArray],
@@ -218,7 +243,7 @@ def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], au
     rng = np.random.RandomState(seed)
     args = {n: arg_params[n] for n in arg_names if n not in new_names}
     for name in new_names:
-        args[name] = mx.nd.array(_init_array(name, shapes[name], rng))
+        args[name] = mx.nd.array(init_array(name, shapes[name], rng))
     aux = {n: aux_params[n] for n in aux_shape}
     dropped = sorted((set(arg_params) - set(args)) | (set(aux_params) - set(aux)))
     log.info("new head %s(%d classes) on %s; fresh: %s; pretrained weights kept: %d; left out: %s",

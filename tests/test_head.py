@@ -150,14 +150,30 @@ def test_lr_mult_rules():
         resolve_lr_mults(names, [parse_lr_mult("^res=0")])
 
 
-def test_optimizer_object_applies_lr_mult_on_every_layout():
-    """The trap: symbol __lr_mult__ attrs reach only string optimizers; ours maps indices for the layout."""
-    from train.fit import make_optimizer, param_idx2name
-    names = ["conv1_weight", "fc8_weight"]
-    for contexts, on_kv in ((1, False), (2, True), (2, False)):
-        idx2name = param_idx2name(names, contexts, on_kv)
-        opt = make_optimizer("sgd", 0.1, idx2name, {"conv1_weight": 0.0, "fc8_weight": 10.0}, 1.0, mom=0.0, wd=0.0)
-        for index, name in idx2name.items():
-            assert opt._get_lr(index) == pytest.approx({"conv1_weight": 0.0, "fc8_weight": 1.0}[name])
-    assert param_idx2name(names, 2, False) == {0: "conv1_weight", 1: "conv1_weight", 2: "fc8_weight",
-                                               3: "fc8_weight"}
+@pytest.mark.parametrize("contexts,on_kv", [(1, "1"), (2, "1"), (2, "0")])
+def test_lr_mult_reaches_module_optimizer_on_every_layout(monkeypatch, contexts, on_kv):
+    """The trap: an optimizer object gets no symbol lr_mult attributes and needs the index layout Module will
+    pick; the optimizer Module creates by name reads them from the training symbol on every layout."""
+    from train.config import TrainConfig
+    from train.fit import init_optimizer
+    from symbols.head import with_lr_mults
+    monkeypatch.setenv("MXNET_UPDATE_ON_KVSTORE", on_kv)
+    x = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=4, name="conv1")
+    sym = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=3, name="fc8"), name="prob")
+    mults = {"conv1_weight": 0.5, "fc8_weight": 10.0}
+    mod = mx.mod.Module(with_lr_mults(sym, mults), label_names=["prob_label"],
+                        context=[mx.cpu(i) for i in range(contexts)])
+    mod.bind([("data", (4, 5))], [("prob_label", (4,))])
+    mod.init_params()
+    init_optimizer(mod, "local", TrainConfig(lr=0.1, mom=0.0, wd=0.01), None, 0)
+    opt = mod._optimizer
+    assert mod._update_on_kvstore == (contexts > 1 and on_kv == "1")
+    names = sym.list_arguments()[1:-1]
+    per_param = 1 if mod._update_on_kvstore else contexts
+    assert sorted(opt.idx2name) == list(range(len(names) * per_param))
+    for index, name in opt.idx2name.items():
+        assert opt._get_lr(index) == pytest.approx(0.1 * mults.get(name, 1.0)), name
+        assert opt._get_wd(index) == pytest.approx(0.01 if name.endswith("_weight") else 0.0), name
+    assert opt.rescale_grad == pytest.approx(1 / 4)
+    # The checkpoint's symbol is untouched: the attributes live on the training copy only.
+    assert "__lr_mult__" not in sym.tojson()

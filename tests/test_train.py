@@ -12,7 +12,7 @@ import pytest
 
 from symbols.sidecar import load_sidecar
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
-from train.config import TrainConfig
+from train.config import AUGMENT, TrainConfig, build_parser, config_from_args, load_run_config, option_names
 from train.data import DataError
 from train.fit import TrainError, TrainingDiverged, fit
 
@@ -61,6 +61,8 @@ def test_learns_and_writes_every_output(data, tmp_path):
     assert len((tmp_path / "ft-metrics.csv").read_text().splitlines()) == 5
     assert (tmp_path / "ft-metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.part"))
+    # the recorded config reads back as the very config that ran, every type intact (tuples stay tuples)
+    assert load_run_config(prefix) == config(data, prefix)
     # every pretrained weight below the head was kept: fc6/fc7 too (fine-tune.py drops anything with 'fc')
     sym = mx.sym.load(str(tmp_path / "ft-symbol.json"))
     assert sym.list_outputs() == ["prob_output"]
@@ -230,3 +232,55 @@ def test_float16_on_gpu_with_multi_precision(data, tmp_path):
     assert result.metrics[-1]["val_accuracy"] >= 0.9
     out = params(tmp_path / "ft-0004.params")
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
+
+
+# ---- the one declaration of the options ------------------------------------------------------------------------
+def test_parser_and_augment_derive_from_the_config_declaration():
+    from dataclasses import fields
+    from train.data import Augment
+    parser = build_parser()
+    flags = {a.dest: a.option_strings for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(TrainConfig)}
+    assert config_from_args(parser.parse_args([])) == TrainConfig()  # every default from its one place
+    argv = ["--image-shape", "3,32,32", "--rgb-mean", "1,2,3", "--lr-step-epochs", "2,4", "--lr-mult", "a=1",
+            "--lr-mult", "b=0", "--random-mirror", "1", "--no-progress", "--gpus", "0,1", "--num-classes", "5"]
+    cfg = config_from_args(parser.parse_args(argv))
+    assert (cfg.image_shape, cfg.rgb_mean, cfg.lr_step_epochs) == ((3, 32, 32), (1.0, 2.0, 3.0), (2, 4))
+    assert (cfg.lr_mult, cfg.random_mirror, cfg.progress, cfg.gpus, cfg.num_classes) == (
+        ["a=1", "b=0"], True, False, "0,1", 5)
+    # train.data.Augment holds exactly the augmentation group, with the same defaults
+    assert tuple(Augment.__dataclass_fields__) == option_names(AUGMENT)
+    assert vars(Augment()) == TrainConfig().group(AUGMENT)
+
+
+def test_list_options_errors_name_the_text(capsys):
+    from train.config import parse_gpus
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--image-shape", "3,x,32"])
+    assert "expected comma-separated integers, got '3,x,32'" in capsys.readouterr().err
+    assert parse_gpus("0, 2") == [0, 2] and parse_gpus(None) == []
+    with pytest.raises(ValueError, match=r"--gpus 'a': expected comma-separated GPU ids"):
+        parse_gpus("a")
+
+
+def test_recipes_do_not_import_the_command_line_module():
+    import subprocess
+    import sys
+    code = ("import contextlib, io, sys\nfrom train.recipes.__main__ import main\n"
+            "for command in ('features', 'stages', 'fit'):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main([command, '--help'])\n"
+            "sys.exit('train.__main__' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+def test_no_function_of_the_training_loop_exceeds_100_lines():
+    import ast
+    root = Path(__file__).resolve().parents[1]
+    long = []
+    for rel in ("train/fit.py", "train/config.py", "train/__main__.py", "train/metrics.py", "train/recipes/features.py",
+                "train/recipes/stages.py", "train/recipes/__main__.py", "symbols/head.py", "symbols/vgg.py"):
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.append(f"{rel}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -31,21 +31,23 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
 
-from symbols.head import build_head, parse_lr_mult, resolve_lr_mults
-from symbols.sidecar import Preprocess, copy_mean_file, load_sidecar
-from recbuild.atomic import atomic_path, write_json
-from train.config import TrainConfig, config_path
-from train.data import DataError, record_iter, resolve_classes
-from train.fit import (Checkpointer, FitResult, TrainError, TrainingDiverged, _load_checkpoint, make_optimizer,
-                       param_idx2name, prepare_model, schedule)
-from train.metrics import MetricsLog, Tally
+from recbuild.atomic import atomic_path
+from symbols.checkpoint import states_path
+from symbols.head import build_head, frozen, with_lr_mults
+from symbols.sidecar import Preprocess, load_sidecar
+from train.config import TrainConfig, config_path, load_run_config
+from train.data import DataError, record_iter
+from train.fit import (FitResult, Model, TrainError, TrainingDiverged, init_optimizer, load_checkpoint,
+                       prepare_model, publish_epoch, resolve_mults, resume_point, schedule, start_run,
+                       trained_sidecar, write_run_files)
+from train.metrics import Tally
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +203,9 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
                      class_balance: bool = False, save_every: int = 0) -> FitResult:
     """Train a new head on cached backbone features and write the full model as `cfg.model_prefix`.
 
-    Uses the same head surgery, initialisation (seeded), optimizer, lr_mult rules for head parameters and
-    schedule as `train.fit.fit`, so with no dropout in the backbone and no augmentation it reaches the same
-    head as full forward passes with a frozen backbone.
+    Uses the same set-up as `train.fit.fit` (head surgery and its seeded initialisation, lr_mult rules for the
+    head parameters, schedule, optimizer, run files, checkpoint publishing), so with no dropout in the
+    backbone and no augmentation it reaches the same head as full forward passes with a frozen backbone.
 
     Args:
         cfg: a trainer config (pretrained model, data, schedule, optimizer, output prefix).
@@ -218,151 +220,45 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     """
     cfg.validate()
     _check_cacheable(cfg)
-    if cfg.load_epoch is not None and not cfg.pretrained_model:
-        # Resuming without --pretrained-model (as python -m train allows): the run's own config names it.
-        saved = config_path(cfg.model_prefix)
-        base = json.loads(saved.read_text(encoding="utf-8")).get("pretrained_model") if saved.is_file() else None
-        if not base:
-            raise TrainError(f"{saved}: missing or names no pretrained model; pass --pretrained-model to resume "
-                             f"the feature-cache run")
-        cfg = replace(cfg, pretrained_model=base,
-                      pretrained_epoch=json.loads(saved.read_text(encoding="utf-8")).get("pretrained_epoch", 0))
+    cfg = _with_pretrained_model(cfg)
     mirror = mirror or cfg.random_mirror
-    ckpt = Checkpointer(cfg.model_prefix)
     prefix = cfg.model_prefix
-    classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
-    resume = cfg.load_epoch is not None
-    existing = [e for e in ckpt.existing_epochs() if e > 0]
-    if not resume and existing and not cfg.overwrite:
-        raise TrainError(f"{ckpt.params_path(existing[-1])} exists: resume with --load-epoch {existing[-1]}, or pass "
-                         f"--overwrite, or choose another --model-prefix")
-
+    classes = start_run(cfg, prefix)
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
                              cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
-    spec = prepared.spec
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
-    label_name = f"{spec.output_name}_label"
-    all_params = [n for n in prepared.symbol.list_arguments() if n not in ("data", label_name)]
-    try:
-        mults = resolve_lr_mults(all_params, [parse_lr_mult(t) for t in cfg.lr_mult])
-    except ValueError as err:
-        raise TrainError(str(err)) from None
-    head_params = list(prepared.new_params)
-    trained_backbone = [n for n in all_params if n not in head_params and mults[n] != 0]
-    if cfg.lr_mult and trained_backbone:
-        log.warning("feature cache: the backbone stays frozen; lr_mult rules for %s... are ignored",
-                    trained_backbone[:3])
-    if all(mults[n] == 0 for n in head_params):
-        raise TrainError("--lr-mult freezes every head parameter; nothing would train")
-
-    # The backbone: the pretrained weights below the head, exactly those the full model keeps.
-    backbone = Backbone(prepared.symbol, spec.feature_output, prepared.arg_params, prepared.aux_params, shape,
-                        EXTRACT_BATCH)
-    sidecar_dir = prepared.sidecar_dir
-    common = dict(pre=prepared.pre, sidecar_dir=sidecar_dir, shape=shape, cache_dir=cache_dir, resize=cfg.resize,
-                  threads=cfg.data_nthreads, rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, progress=cfg.progress)
-    train_set = cached_features(backbone, cfg.data_train, mirror=mirror, **common)
-    val_set = cached_features(backbone, cfg.data_val, mirror=False, **common) if cfg.data_val else None
-    del backbone
+    model = Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec,
+                  trained_sidecar(prepared, cfg, prefix, shape, classes, recipe="feature cache"),
+                  prepared.sidecar_dir, list(prepared.new_params), shape)
+    head_mults = _head_mults(model, cfg)
+    train_set, val_set = _feature_sets(cfg, prepared, shape, cache_dir, mirror)
 
     n, dim = train_set.features.shape
-    batch = cfg.batch_size
-    batches_per_epoch = max(1, math.ceil(n / batch))
-    head_sym = build_head(mx.sym.var("data"), classes.num_classes, spec, cfg.hidden, cfg.hidden_dropout)
-    module = mx.mod.Module(head_sym, data_names=["data"], label_names=[label_name], context=mx.cpu(),
-                           fixed_param_names=[p for p in head_params if mults[p] == 0])
-    module.bind(data_shapes=[("data", (batch, dim))], label_shapes=[(label_name, (batch,))], for_training=True)
-    head_args = {p: prepared.arg_params[p] for p in head_params}
-    history = MetricsLog.load(prefix, cfg.load_epoch) if resume else MetricsLog(prefix)
-    begin_epoch = cfg.load_epoch or 0
-    if resume:
-        _, saved_args, _ = _load_checkpoint(prefix, cfg.load_epoch, "resume")
-        head_args = {p: saved_args[p] for p in head_params}
-    module.init_params(arg_params=head_args, aux_params={}, allow_missing=False, allow_extra=False)
-    prev = history.row(begin_epoch) if resume else None
-    begin_num_update = int(prev["num_update"]) if prev and "num_update" in prev else begin_epoch * batches_per_epoch
-    sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
-                     cfg.lr_factor, cfg.warmup_epochs)
-    optimizer = make_optimizer(cfg.optimizer, cfg.lr, param_idx2name(head_params, 1, False),
-                               {p: mults[p] for p in head_params}, 1.0 / batch, sched, cfg.mom, cfg.wd,
-                               begin_num_update)
-    module.init_optimizer(kvstore=None, optimizer=optimizer)
-    if resume:
-        states = ckpt.states_path(cfg.load_epoch)
-        if not states.is_file():
-            raise TrainError(f"{states}: optimizer state missing, cannot resume exactly")
-        module.load_optimizer_states(str(states))
-
-    pre = replace(prepared.pre, input_shape=shape, num_classes=classes.num_classes, classifier=spec.classifier,
-                  feature_output=spec.feature_output, output_name=spec.output_name, class_names=classes.names,
-                  source={"fine_tuned_from": f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}",
-                          "data_train": str(cfg.data_train), "recipe": "feature cache",
-                          "parent": prepared.pre.source})
-    if isinstance(pre.mean, str):
-        pre = copy_mean_file(pre, cfg.pretrained_model, prefix)
-    write_json(config_path(prefix), {**cfg.to_dict(), "resolved": {
-        "recipe": "features", "num_classes": classes.num_classes, "class_names": classes.names,
-        "image_shape": list(shape), "head": asdict(spec), "new_params": head_params,
-        "feature_dim": dim, "mirror": mirror, "class_balance": class_balance,
+    batches_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    history, begin_epoch, begin_num_update, _ = resume_point(cfg, prefix, batches_per_epoch)
+    module, sched = _head_module(model, cfg, dim, head_mults, batches_per_epoch, begin_num_update)
+    write_run_files(cfg, prefix, model, classes, {
+        "recipe": "features", "new_params": model.new_params, "feature_dim": dim, "mirror": mirror,
+        "class_balance": class_balance,
         "cache": {"train": str(train_set.path), "val": str(val_set.path) if val_set else None},
-        "batches_per_epoch": batches_per_epoch, "mxnet": mx.__version__}})
-    ckpt.write_model_files(prepared.symbol, pre, classes.names)
-    backbone_args = {k: v for k, v in prepared.arg_params.items() if k not in head_params}
+        "batches_per_epoch": batches_per_epoch})
+    backbone_args = {k: v for k, v in model.arg_params.items() if k not in model.new_params}
 
     def save(epoch: int) -> None:
-        args, _ = module.get_params()
-        bad = [k for k, v in args.items() if not np.isfinite(v.asnumpy()).all()]
-        if bad:
-            raise TrainingDiverged(f"head weights became non-finite by epoch {epoch} ({bad[0]}); lower --lr")
-        blob = {f"arg:{k}": v for k, v in backbone_args.items()}
-        blob.update({f"arg:{k}": v for k, v in args.items()})
-        blob.update({f"aux:{k}": v for k, v in prepared.aux_params.items()})
-        with atomic_path(ckpt.params_path(epoch)) as tmp:
-            mx.nd.save(str(tmp), blob)
-        with atomic_path(ckpt.states_path(epoch)) as tmp:
-            module.save_optimizer_states(str(tmp))
+        head_args, _ = module.get_params()
+        publish_epoch(prefix, epoch, {**backbone_args, **head_args}, model.aux_params,
+                      module.save_optimizer_states)
         history.write()
 
     from tqdm import tqdm
-    labels_all = train_set.labels
-    tally = Tally(cfg.top_k)
     bar = tqdm(total=cfg.num_epochs - begin_epoch, unit="epoch", desc="head from cache", disable=not cfg.progress)
     started = time.time()
     for epoch in range(begin_epoch, cfg.num_epochs):
-        # Order, mirror choice and dropout replay from (seed, epoch), as in train.fit: exact resume.
-        seed = cfg.seed * 1000 + epoch
-        mx.random.seed(seed)
-        rng = np.random.RandomState(seed)
-        if class_balance:
-            from train.recipes.sampling import balanced_indices
-            order = balanced_indices(labels_all, seed)
-        else:
-            order = rng.permutation(n)
-        use_mirror = rng.rand(n) < 0.5 if mirror else np.zeros(n, bool)
-        pad = batches_per_epoch * batch - n
-        order = np.concatenate([order, order[:pad]]) if pad else order  # ImageRecordIter's round_batch
-        use_mirror = np.concatenate([use_mirror, use_mirror[:pad]]) if pad else use_mirror
-        x = np.where(use_mirror[:, None], train_set.mirrored[order], train_set.features[order]) if mirror \
-            else train_set.features[order]
-        y = labels_all[order]
-        tally.reset()
-        t0 = time.time()
-        x_nd, y_nd = mx.nd.array(x), mx.nd.array(y)  # one copy per epoch; batches are views of it
-        for b in range(batches_per_epoch):
-            sl = slice(b * batch, (b + 1) * batch)
-            module.forward_backward(mx.io.DataBatch([x_nd[sl]], [y_nd[sl]]))
-            probs = module.get_outputs()[0].asnumpy()
-            if not np.isfinite(probs).all():
-                raise TrainingDiverged(f"loss became NaN/inf at epoch {epoch + 1} batch {b + 1}; lower --lr")
-            module.update()
-            keep = batch - (pad if b == batches_per_epoch - 1 else 0)
-            tally.update(probs[:keep], y[sl][:keep])
-        seconds = time.time() - t0
         num_update = begin_num_update + (epoch - begin_epoch + 1) * batches_per_epoch
-        row = {"epoch": epoch + 1, **tally.result("train_"), "img_per_s": n / max(seconds, 1e-9),
-               "seconds": seconds, "lr": float(sched(num_update)), "num_update": num_update}
+        row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch)
+        row.update(lr=float(sched(num_update)), num_update=num_update)
         if val_set is not None:
-            row.update(_evaluate_features(module, val_set, batch, cfg.top_k))
+            row.update(_evaluate_features(module, val_set, cfg.batch_size, cfg.top_k))
         history.rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}",
@@ -372,6 +268,107 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     bar.close()
     log.info("head trained from cache: %d epochs in %.1f s", cfg.num_epochs - begin_epoch, time.time() - started)
     return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names)
+
+
+def _with_pretrained_model(cfg: TrainConfig) -> TrainConfig:
+    """Resuming without --pretrained-model (as python -m train allows): the run's own config names it."""
+    if cfg.load_epoch is None or cfg.pretrained_model:
+        return cfg
+    saved = config_path(cfg.model_prefix)
+    try:
+        recorded = load_run_config(cfg.model_prefix)
+    except FileNotFoundError:
+        recorded = None
+    if recorded is None or not recorded.pretrained_model:
+        raise TrainError(f"{saved}: missing or names no pretrained model; pass --pretrained-model to resume "
+                         f"the feature-cache run")
+    return replace(cfg, pretrained_model=recorded.pretrained_model, pretrained_epoch=recorded.pretrained_epoch)
+
+
+def _head_mults(model: Model, cfg: TrainConfig) -> Dict[str, float]:
+    """The lr multipliers of the new head's parameters; rules for the backbone are reported as ignored."""
+    mults = resolve_mults(model.param_names(), cfg.lr_mult)
+    trained_backbone = [n for n in model.param_names() if n not in model.new_params and mults[n] != 0]
+    if cfg.lr_mult and trained_backbone:
+        log.warning("feature cache: the backbone stays frozen; lr_mult rules for %s... are ignored",
+                    trained_backbone[:3])
+    if all(mults[n] == 0 for n in model.new_params):
+        raise TrainError("--lr-mult freezes every head parameter; nothing would train")
+    return {p: mults[p] for p in model.new_params}
+
+
+def _feature_sets(cfg: TrainConfig, prepared, shape, cache_dir, mirror: bool
+                  ) -> Tuple[FeatureSet, Optional[FeatureSet]]:
+    """Training (and validation) features through the backbone: the pretrained weights below the head."""
+    backbone = Backbone(prepared.symbol, prepared.spec.feature_output, prepared.arg_params, prepared.aux_params,
+                        shape, EXTRACT_BATCH)
+    common = dict(pre=prepared.pre, sidecar_dir=prepared.sidecar_dir, shape=shape, cache_dir=cache_dir,
+                  resize=cfg.resize, threads=cfg.data_nthreads, rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std,
+                  progress=cfg.progress)
+    train_set = cached_features(backbone, cfg.data_train, mirror=mirror, **common)
+    val_set = cached_features(backbone, cfg.data_val, mirror=False, **common) if cfg.data_val else None
+    return train_set, val_set
+
+
+def _head_module(model: Model, cfg: TrainConfig, dim: int, head_mults: Dict[str, float], batches_per_epoch: int,
+                 begin_num_update: int) -> Tuple[mx.mod.Module, mx.lr_scheduler.LRScheduler]:
+    """The head alone (features in), bound on the CPU, weights and optimizer (state on resume) in place; and
+    the lr schedule its optimizer follows."""
+    head_sym = build_head(mx.sym.var("data"), model.pre.num_classes, model.spec, cfg.hidden, cfg.hidden_dropout)
+    module = mx.mod.Module(with_lr_mults(head_sym, head_mults), data_names=["data"],
+                           label_names=[model.label_name], context=mx.cpu(), fixed_param_names=frozen(head_mults))
+    module.bind(data_shapes=[("data", (cfg.batch_size, dim))], label_shapes=[(model.label_name, (cfg.batch_size,))],
+                for_training=True)
+    head_args = {p: model.arg_params[p] for p in model.new_params}
+    if cfg.load_epoch is not None:
+        _, saved_args, _ = load_checkpoint(cfg.model_prefix, cfg.load_epoch, "resume")
+        head_args = {p: saved_args[p] for p in model.new_params}
+    module.init_params(arg_params=head_args, aux_params={}, allow_missing=False, allow_extra=False)
+    sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
+                     cfg.lr_factor, cfg.warmup_epochs)
+    init_optimizer(module, None, cfg, sched, begin_num_update)
+    if cfg.load_epoch is not None:
+        states = states_path(cfg.model_prefix, cfg.load_epoch)
+        if not states.is_file():
+            raise TrainError(f"{states}: optimizer state missing, cannot resume exactly")
+        module.load_optimizer_states(str(states))
+    return module, sched
+
+
+def _train_head_epoch(module: mx.mod.Module, cfg: TrainConfig, epoch: int, train_set: FeatureSet, mirror: bool,
+                      class_balance: bool, batches_per_epoch: int) -> dict:
+    """One epoch over the cached features; its metrics row."""
+    # Order, mirror choice and dropout replay from (seed, epoch), as in train.fit: exact resume.
+    seed = cfg.seed * 1000 + epoch
+    mx.random.seed(seed)
+    rng = np.random.RandomState(seed)
+    labels_all, n, batch = train_set.labels, len(train_set.labels), cfg.batch_size
+    if class_balance:
+        from train.recipes.sampling import balanced_indices
+        order = balanced_indices(labels_all, seed)
+    else:
+        order = rng.permutation(n)
+    use_mirror = rng.rand(n) < 0.5 if mirror else np.zeros(n, bool)
+    pad = batches_per_epoch * batch - n
+    order = np.concatenate([order, order[:pad]]) if pad else order  # ImageRecordIter's round_batch
+    use_mirror = np.concatenate([use_mirror, use_mirror[:pad]]) if pad else use_mirror
+    x = np.where(use_mirror[:, None], train_set.mirrored[order], train_set.features[order]) if mirror \
+        else train_set.features[order]
+    y = labels_all[order]
+    tally = Tally(cfg.top_k)
+    t0 = time.time()
+    x_nd, y_nd = mx.nd.array(x), mx.nd.array(y)  # one copy per epoch; batches are views of it
+    for b in range(batches_per_epoch):
+        sl = slice(b * batch, (b + 1) * batch)
+        module.forward_backward(mx.io.DataBatch([x_nd[sl]], [y_nd[sl]]))
+        probs = module.get_outputs()[0].asnumpy()
+        if not np.isfinite(probs).all():
+            raise TrainingDiverged(f"loss became NaN/inf at epoch {epoch + 1} batch {b + 1}; lower --lr")
+        module.update()
+        keep = batch - (pad if b == batches_per_epoch - 1 else 0)
+        tally.update(probs[:keep], y[sl][:keep])
+    seconds = time.time() - t0
+    return {"epoch": epoch + 1, **tally.result("train_"), "img_per_s": n / max(seconds, 1e-9), "seconds": seconds}
 
 
 def _evaluate_features(module: mx.mod.Module, feats: FeatureSet, batch: int, top_k: int) -> Dict[str, float]:
