@@ -56,7 +56,7 @@ def test_vgg_head_keeps_every_other_weight_exactly():
     assert spec == vgg.HEAD == HeadSpec("fc8", "drop7_output", "prob")
     head = replace_head(sym, args, {}, SHAPE, 3, spec, seed=5)
     assert head.new_params == ["fc8_weight", "fc8_bias"]
-    assert head.dropped == []  # the old fc8 is replaced by name: nothing else left out
+    assert head.dropped == ["fc8_bias", "fc8_weight"]  # the replaced 1000-class fc8 is listed, not hidden
     assert head.arg_params["fc8_weight"].shape == (3, 16)
     for name in args:
         if not name.startswith("fc8"):
@@ -91,7 +91,7 @@ def test_layer_before_fullc_overrides_and_fine_tune_default_fails_clearly():
     assert spec.feature_output == "drop6_output" and spec.classifier == "fc7"
     head = replace_head(sym, args, {}, SHAPE, 4, spec)
     assert "fc8_weight" not in head.symbol.list_arguments() and head.new_params == ["fc7_weight", "fc7_bias"]
-    assert head.dropped == ["fc8_bias", "fc8_weight"]
+    assert head.dropped == ["fc7_bias", "fc7_weight", "fc8_bias", "fc8_weight"]  # replaced fc7 + cut-off fc8
     assert find_head(sym, layer_before_fullc="relu6_output").classifier == "fc"  # no FC consumed it
     with pytest.raises(HeadError, match=r"--layer-before-fullc flatten0: no such layer .*'drop7', 'fc8', 'prob'"):
         find_head(sym, layer_before_fullc="flatten0")
@@ -177,3 +177,15 @@ def test_lr_mult_reaches_module_optimizer_on_every_layout(monkeypatch, contexts,
     assert opt.rescale_grad == pytest.approx(1 / 4)
     # The checkpoint's symbol is untouched: the attributes live on the training copy only.
     assert "__lr_mult__" not in sym.tojson()
+
+
+def test_sidecar_declared_head_wins_over_vgg_names(caplog):
+    """A VGG-named net whose sidecar declares another head: the declaration is used, not the name signature."""
+    sym, args = tiny_vgg()
+    spec = find_head(sym, sidecar_classifier="fc7", sidecar_feature_output="drop6_output", sidecar_output_name="prob")
+    assert spec == HeadSpec("fc7", "drop6_output", "prob")
+    assert find_head(sym) == vgg.HEAD  # no declaration: VGG's names decide
+    with caplog.at_level("WARNING", logger="symbols.head"):
+        head = replace_head(sym, args, {}, SHAPE, 4, spec)
+    assert head.dropped == ["fc7_bias", "fc7_weight", "fc8_bias", "fc8_weight"]
+    assert "fc7_weight (replaced)" in caplog.text and "fc8_weight (cut off)" in caplog.text

@@ -35,8 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        from symbols.checkpoint import list_epochs
-        done = [e for e in list_epochs(cfg.model_prefix) if e > 0]
+        from train.fit import complete_epochs
+        done = complete_epochs(cfg.model_prefix)
         hint = (f"last complete checkpoint {cfg.model_prefix}-{done[-1]:04d}.params; resume with the same command "
                 f"plus --load-epoch {done[-1]}" if done else "no epoch finished")
         print(f"\ninterrupted: {hint}", file=sys.stderr)
@@ -49,6 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{last.get('img_per_s', 0):.1f} img/s. Checkpoints {result.prefix}-NNNN.params"
           f"{'' if 'dist' in cfg.kv_store else '/.states'}, "
           f"metrics {result.prefix}-metrics.csv/.png, config {cfg.model_prefix}-config.json.")
+    if result.dropped:
+        print(f"Pretrained parameters not carried over ({len(result.dropped)}, listed in the config as "
+              f"dropped_pretrained): {', '.join(result.dropped)}.")
     return 0
 
 

@@ -70,12 +70,15 @@ def parse_gpus(text: Optional[str]) -> List[int]:
 #   switch  --name 0|1 (fit.py's style for augmentation switches), stored as bool
 #   on      --name (store_true)          off   --no-name (store_false, the flag is given in `flag`)
 #   append  --name VALUE, repeatable, collected in a list
+#
+# `trajectory=False` marks the options that do not shape the training trajectory (where files are, how much is
+# logged, ...): a resume (--load-epoch) compares every other one with the run's PREFIX-config.json.
 def option(default=MISSING, *, group: str, help: str = "", parse: Optional[Callable] = None, kind: str = "value",
            choices: Optional[Sequence[str]] = None, flag: Optional[str] = None, metavar: Optional[str] = None,
-           default_factory=MISSING):
+           default_factory=MISSING, trajectory: bool = True):
     """A TrainConfig field that also declares its command-line option (see the kinds above)."""
     meta = {"group": group, "help": help, "parse": parse, "kind": kind, "choices": choices, "flag": flag,
-            "metavar": metavar}
+            "metavar": metavar, "trajectory": trajectory}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -102,15 +105,17 @@ class TrainConfig:
     hidden_dropout: float = option(0.5, group=MODEL, help="new: dropout after the hidden head layer")
     # ---- data (fit.py / data.py) -------------------------------------------------------------------------
     data_train: str = option("", group=DATA, help=".rec of the training set")
-    data_val: Optional[str] = option(None, group=DATA, parse=str, help=".rec of the validation set")
+    data_val: Optional[str] = option(None, group=DATA, parse=str, help=".rec of the validation set",
+                                     trajectory=False)
     image_shape: Optional[Tuple[int, int, int]] = option(None, group=DATA, parse=parse_ints,
                                                          help="C,H,W (default: the sidecar's input_shape)")
     batch_size: int = option(32, group=DATA, help="per worker, across all its devices (fine-tune.py's default)")
     num_examples: Optional[int] = option(None, group=DATA, parse=int,
                                          help="fit.py's epoch size; the records are counted, this is only "
-                                              "checked against them")
+                                              "checked against them", trajectory=False)
     resize: int = option(-1, group=DATA, help="shorter side resized to this before cropping (-1: as packed)")
-    data_nthreads: int = option(2, group=DATA, help="decode threads (the CI machine has 2 cores)")
+    data_nthreads: int = option(2, group=DATA, help="decode threads (the CI machine has 2 cores)",
+                                trajectory=False)
     rgb_mean: Optional[Tuple[float, ...]] = option(None, group=DATA, parse=parse_floats,
                                                    help="override the sidecar's mean (R,G,B)")
     rgb_std: Optional[Tuple[float, ...]] = option(None, group=DATA, parse=parse_floats,
@@ -132,7 +137,7 @@ class TrainConfig:
     saturation: float = option(0.0, group=AUGMENT)
     pca_noise: float = option(0.0, group=AUGMENT)
     # ---- schedule and optimizer --------------------------------------------------------------------------
-    num_epochs: int = option(30, group=SCHEDULE, help="fine-tune.py's default")
+    num_epochs: int = option(30, group=SCHEDULE, help="fine-tune.py's default", trajectory=False)
     lr: float = option(0.01, group=SCHEDULE, help="fine-tune.py's default")
     lr_scheduler: str = option("step", group=SCHEDULE, choices=SCHEDULERS, help="new: step (fit.py's) or cosine")
     lr_factor: float = option(0.1, group=SCHEDULE)
@@ -148,23 +153,26 @@ class TrainConfig:
     dtype: str = option("float32", group=SCHEDULE, choices=DTYPES,
                         help="float16 needs a GPU; multi-precision SGD keeps fp32 masters")
     # ---- devices -----------------------------------------------------------------------------------------
-    gpus: Optional[str] = option(None, group=DEVICES, parse=str, help="e.g. 0,1 (default: CPU)")
+    gpus: Optional[str] = option(None, group=DEVICES, parse=str, help="e.g. 0,1 (default: CPU)",
+                                 trajectory=False)
     cpus: int = option(1, group=DEVICES, help="new: CPU contexts to train on without --gpus (data-parallel "
-                                              "like --gpus)")
+                                              "like --gpus)", trajectory=False)
     kv_store: str = option("device", group=DEVICES, choices=KV_STORES, help="fit.py's default")
     # ---- checkpoints and logging -------------------------------------------------------------------------
-    model_prefix: str = option("", group=OUTPUT, help="where checkpoints are written")
+    model_prefix: str = option("", group=OUTPUT, help="where checkpoints are written", trajectory=False)
     load_epoch: Optional[int] = option(None, group=OUTPUT, parse=int,
                                        help="resume MODEL_PREFIX-NNNN (params + optimizer state); not the "
-                                            "pretrained epoch")
+                                            "pretrained epoch", trajectory=False)
     allow_config_change: bool = option(False, group=OUTPUT, kind="on",
                                        help="new: resume although trajectory-shaping options differ from "
-                                            "PREFIX-config.json (the change is recorded there)")
-    overwrite: bool = option(False, group=OUTPUT, kind="on", help="new: start afresh over existing checkpoints")
-    disp_batches: int = option(20, group=OUTPUT, help="Speedometer line every N batches")
-    top_k: int = option(5, group=OUTPUT, help="top-k accuracy reported besides top-1 (0: off)")
+                                            "PREFIX-config.json (the change is recorded there)", trajectory=False)
+    overwrite: bool = option(False, group=OUTPUT, kind="on", help="new: start afresh over existing checkpoints",
+                             trajectory=False)
+    disp_batches: int = option(20, group=OUTPUT, help="Speedometer line every N batches", trajectory=False)
+    top_k: int = option(5, group=OUTPUT, help="top-k accuracy reported besides top-1 (0: off)", trajectory=False)
     seed: int = option(0, group=OUTPUT, help="new: seeds head init, shuffling, augmentation and dropout")
-    progress: bool = option(True, group=OUTPUT, kind="off", flag="--no-progress", help="new: no tqdm bar")
+    progress: bool = option(True, group=OUTPUT, kind="off", flag="--no-progress", help="new: no tqdm bar",
+                            trajectory=False)
 
     def validate(self) -> None:
         """Reject bad values with one clear message each, before any work is done."""
@@ -180,6 +188,8 @@ class TrainConfig:
                               ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 bad(f"{flag_of(name)} {getattr(self, name)}: supported are {', '.join(allowed)}")
+        if self.kv_store == "nccl" and not self.gpus:
+            bad("--kv-store nccl needs --gpus: NCCL runs on GPUs only; on CPU use --kv-store device or local")
         if self.dtype == "float16" and not self.gpus:
             bad("--dtype float16 needs --gpus: MXNet's CPU kernels are float32 only")
         for name in ("batch_size", "num_epochs", "cpus", "disp_batches"):
@@ -220,6 +230,12 @@ class TrainConfig:
 def _tuple_fields() -> set:
     hints = typing.get_type_hints(TrainConfig)
     return {name for name, hint in hints.items() if "Tuple" in str(hint) or "tuple" in str(hint)}
+
+
+def trajectory_options() -> Tuple[str, ...]:
+    """The options that shape the training trajectory (a resume must not change them silently); the device
+    count, which also does, is compared from what the run resolved, and --num-epochs is reported instead."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("trajectory", True))
 
 
 def flag_of(name: str) -> str:

@@ -12,10 +12,12 @@ and rescale_grad come from `Module.init_optimizer`, exactly as in Module.fit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +31,8 @@ from symbols.head import HeadError, find_head, frozen, parse_lr_mult, replace_he
     with_lr_mults
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from symbols.vgg import HeadSpec
-from train.config import AUGMENT, TrainConfig, config_path, parse_gpus
+from train.config import AUGMENT, TrainConfig, config_path, flag_of, load_run_config, parse_gpus, \
+    trajectory_options
 from train.data import Augment, ClassInfo, DataError, record_iter, resolve_classes
 from train.metrics import MetricsLog, Tally
 
@@ -115,6 +118,7 @@ class Prepared:
     pre: Preprocess
     sidecar_dir: Path
     new_params: List[str]
+    dropped: List[str] = field(default_factory=list)
 
 
 def load_checkpoint(prefix: str, epoch: int, what: str):
@@ -145,7 +149,7 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
     except HeadError as err:
         raise TrainError(f"{pretrained_model}: {err}") from None
     return Prepared(head.symbol, head.arg_params, head.aux_params, head.spec, pre,
-                    Path(str(pretrained_model)).parent, head.new_params)
+                    Path(str(pretrained_model)).parent, head.new_params, head.dropped)
 
 
 def trained_sidecar(prepared: Prepared, cfg: TrainConfig, prefix: str, shape: Sequence[int], classes: ClassInfo,
@@ -175,6 +179,7 @@ class Model:
     sidecar_dir: Path         # where a mean image named by `pre` is read from while training
     new_params: List[str]
     shape: Tuple[int, ...]
+    dropped: List[str] = field(default_factory=list)
 
     @property
     def label_name(self) -> str:
@@ -191,7 +196,7 @@ def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
     pre = trained_sidecar(prepared, cfg, prefix, shape, classes)
     sidecar_dir = Path(prefix).parent if isinstance(prepared.pre.mean, str) else prepared.sidecar_dir
     return Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec, pre, sidecar_dir,
-                 prepared.new_params, shape)
+                 prepared.new_params, shape, prepared.dropped)
 
 
 def _resumed_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
@@ -211,17 +216,53 @@ def _resumed_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
 
 # ---- what every training route settles first ------------------------------------------------------------------
 def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
-    """Validate `cfg`, check the data's classes and that a fresh run does not overwrite checkpoints."""
+    """Validate `cfg`, check the data's classes, remove dead runs' `.part` files and check that a fresh run
+    does not overwrite checkpoints."""
     cfg.validate()
     classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
     if cfg.num_examples is not None and cfg.num_examples != classes.num_records:
         log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
                     cfg.data_train, classes.num_records)
-    existing = [e for e in checkpoint.list_epochs(prefix) if e > 0]
-    if cfg.load_epoch is None and existing and not cfg.overwrite:
-        raise TrainError(f"{checkpoint.params_path(prefix, existing[-1])} exists: resume with --load-epoch "
-                         f"{existing[-1]}, or pass --overwrite, or choose another --model-prefix")
+    remove_stale_parts(prefix)
+    done = complete_epochs(prefix)
+    if cfg.load_epoch is None and done and not cfg.overwrite:
+        raise TrainError(f"{checkpoint.params_path(prefix, done[-1])} exists: resume with --load-epoch "
+                         f"{done[-1]}, or pass --overwrite, or choose another --model-prefix")
     return classes
+
+
+def complete_epochs(prefix: str) -> List[int]:
+    """Epochs (> 0) that can be resumed: `.params` (published last) and, where the run keeps optimizer state
+    (every kvstore but a dist one updating on its servers), `.states` beside it."""
+    epochs = [e for e in checkpoint.list_epochs(prefix) if e > 0]
+    with_states = [e for e in epochs if checkpoint.states_path(prefix, e).is_file()]
+    return with_states if with_states else epochs
+
+
+def remove_stale_parts(prefix: str) -> List[Path]:
+    """Delete the temporary `.PREFIX-*.part` files that killed runs left (a VGG16 .params.part is 0.5 GB);
+    those of a process still alive are left alone."""
+    folder, name = Path(prefix).parent, Path(prefix).name
+    removed = []
+    for part in folder.glob(f".{name}[-.]*.part") if folder.is_dir() else []:
+        pid = part.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        part.unlink(missing_ok=True)
+        removed.append(part)
+    if removed:
+        log.info("removed %d unfinished file(s) of an earlier run: %s", len(removed), [p.name for p in removed])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve_mults(param_names: Sequence[str], rules: Sequence[str]) -> Dict[str, float]:
@@ -242,13 +283,80 @@ def resume_point(cfg: TrainConfig, prefix: str, batches_per_epoch: int) -> Tuple
     return history, cfg.load_epoch, done, prev
 
 
+def guard_resume(cfg: TrainConfig, num_contexts: int, batches_per_epoch: int, num_update: int) -> dict:
+    """On --load-epoch, compare every trajectory-shaping option with the run's PREFIX-config.json.
+
+    Returns what the rewritten PREFIX-config.json carries forward: its `config_history` (with this change
+    when --allow-config-change let it through) and the pretrained parameters the run dropped.
+
+    Raises:
+        TrainError: an option differs and --allow-config-change is not given; the message names them all.
+    """
+    path = config_path(cfg.model_prefix)
+    if cfg.load_epoch is None:
+        return {}
+    if not path.is_file():
+        log.warning("%s: missing, so this resume cannot be checked against the run's options", path)
+        return {}
+    recorded = load_run_config(cfg.model_prefix)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    changed = {flag_of(name): (getattr(recorded, name), getattr(cfg, name)) for name in trajectory_options()
+               if getattr(recorded, name) != getattr(cfg, name)
+               and not (name in ("pretrained_model", "pretrained_epoch") and not cfg.pretrained_model)}
+    devices = len(record.get("resolved", {}).get("contexts", [])) or num_contexts
+    if devices != num_contexts:
+        changed["devices"] = (devices, num_contexts)
+    carried = {"config_history": list(record.get("config_history", [])),
+               "dropped_pretrained": record.get("resolved", {}).get("dropped_pretrained", [])}
+    if changed and not cfg.allow_config_change:
+        listed = ", ".join(f"{flag} {_shown(new)} (the run had {_shown(old)})" for flag, (old, new) in changed.items())
+        raise TrainError(f"{path}: resuming with options that change the training trajectory: {listed}; resume "
+                         f"with the run's values, or pass --allow-config-change to continue with these (the change "
+                         f"is recorded in {path.name})")
+    if changed:
+        log.warning("resuming %s at epoch %d with changed options (allowed): %s", cfg.model_prefix, cfg.load_epoch,
+                    {k: {"from": o, "to": n} for k, (o, n) in changed.items()})
+        carried["config_history"].append({"resumed_from_epoch": cfg.load_epoch, "time": time.strftime(
+            "%Y-%m-%dT%H:%M:%S%z"), "changed": {k: {"from": o, "to": n} for k, (o, n) in changed.items()}})
+    if recorded.num_epochs != cfg.num_epochs:
+        log.warning("%s", schedule_change(recorded, cfg, batches_per_epoch, num_update))
+    return carried
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else "(none)"
+    return str(value)
+
+
+def schedule_change(recorded: TrainConfig, cfg: TrainConfig, batches_per_epoch: int, num_update: int) -> str:
+    """What a changed --num-epochs does to the lr schedule from the resumed epoch on, in one sentence."""
+    def plan(c: TrainConfig):
+        return schedule(c.lr_scheduler, c.lr, batches_per_epoch, c.num_epochs, c.lr_step_epochs, c.lr_factor,
+                        c.warmup_epochs)
+    now, before = plan(cfg)(num_update + 1), plan(recorded)(num_update + 1)
+    where = f"--num-epochs {recorded.num_epochs} -> {cfg.num_epochs}, resuming at epoch {cfg.load_epoch + 1}"
+    if cfg.lr_scheduler == "cosine":
+        return (f"{where}: the cosine schedule is re-planned to reach 0 at epoch {cfg.num_epochs}; the lr continues "
+                f"at {now:g} where the {recorded.num_epochs}-epoch plan had {before:g}")
+    old_steps = [e for e in recorded.lr_step_epochs if 0 < e < recorded.num_epochs]
+    new_steps = [e for e in cfg.lr_step_epochs if 0 < e < cfg.num_epochs]
+    steps = "the same lr steps" if old_steps == new_steps else f"lr steps at epochs {new_steps or 'none'} " \
+                                                                 f"(were {old_steps or 'none'})"
+    return f"{where}: step schedule with {steps}; the lr continues at {now:g}"
+
+
 def write_run_files(cfg: TrainConfig, prefix: str, model: Model, classes: ClassInfo, resolved: dict,
-                    record_config: bool = True) -> None:
-    """PREFIX-config.json (the options plus what the run resolved), the symbol, sidecar and class map."""
+                    carried: Optional[dict] = None, record_config: bool = True) -> None:
+    """PREFIX-config.json (the options, what the run resolved, the config history), the symbol, sidecar and
+    class map."""
+    carried = carried or {}
     if record_config:
+        dropped = resolved.pop("dropped_pretrained", None) or carried.get("dropped_pretrained", [])
         write_json(config_path(cfg.model_prefix), {**cfg.to_dict(), "resolved": {
             "num_classes": classes.num_classes, "class_names": classes.names, "image_shape": list(model.shape),
-            "head": asdict(model.spec), **resolved, "mxnet": mx.__version__}})
+            "head": asdict(model.spec), "dropped_pretrained": dropped, **resolved, "mxnet": mx.__version__},
+            "config_history": carried.get("config_history", [])})
     checkpoint.save_symbol(prefix, model.symbol)
     save_sidecar(prefix, model.pre)
     if classes.names:
@@ -256,8 +364,11 @@ def write_run_files(cfg: TrainConfig, prefix: str, model: Model, classes: ClassI
 
 
 def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: Dict[str, mx.nd.NDArray],
-                  write_states: Optional[Callable[[Path], None]]) -> None:
-    """Write PREFIX-NNNN.params (float32) and, with `write_states`, PREFIX-NNNN.states, each atomically.
+                  write_states: Optional[Callable[[str], None]], history: MetricsLog, row: dict) -> None:
+    """Publish one epoch as a unit: PREFIX-NNNN.states (with `write_states`), the metrics row, and last
+    PREFIX-NNNN.params, each atomically. The .params file is what marks an epoch complete (list_epochs,
+    --load-epoch, the resume advice), so a kill at any point leaves either the whole epoch or an epoch that
+    does not exist; the next run rewrites what a killed one left of it.
 
     Raises:
         TrainingDiverged: a weight is not finite; nothing is written.
@@ -266,10 +377,39 @@ def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: 
     if bad:
         raise TrainingDiverged(f"weights became non-finite in epoch {epoch} ({bad[0]}...); not writing "
                                f"{checkpoint.params_path(prefix, epoch)}; lower --lr")
-    checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
     if write_states is not None:
         with atomic_path(checkpoint.states_path(prefix, epoch)) as tmp:
-            write_states(tmp)
+            write_states(str(tmp))
+    history.append(row)
+    checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
+
+
+def log_epoch(epoch_index: int, row: dict, phase: str) -> None:
+    """fine-tune.py's (Module.fit's) epoch lines, which MXNet's tools/parse_log.py reads: `Epoch[N]
+    Train-accuracy=...`, `Epoch[N] Time cost=...`, `Epoch[N] Validation-accuracy=...`, N counted from 0 (the
+    checkpoint of Epoch[0] is -0001)."""
+    side, label = ("train_", "Train") if phase == "train" else ("val_", "Validation")
+    for key, name in _metric_names(row, side):
+        log.info("Epoch[%d] %s-%s=%f", epoch_index, label, name, row[key])
+    if phase == "train":
+        log.info("Epoch[%d] Time cost=%.3f", epoch_index, row["seconds"])
+
+
+def _metric_names(row: dict, side: str) -> List[Tuple[str, str]]:
+    """(row key, MXNet metric name) in fine-tune.py's order: accuracy, top_k_accuracy_K, cross-entropy (the
+    names mx.metric gives them)."""
+    names = []
+    for key in sorted(row, key=lambda k: k.endswith("loss")):
+        if not key.startswith(side):
+            continue
+        metric = key[len(side):]
+        if metric == "loss":
+            names.append((key, "cross-entropy"))
+        elif metric.startswith("top_") and metric.endswith("_accuracy"):
+            names.append((key, f"top_k_accuracy_{metric[4:-9]}"))
+        else:
+            names.append((key, metric))
+    return names
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
@@ -282,15 +422,10 @@ class FitResult:
     metrics: List[dict]
     num_classes: int
     class_names: Optional[List[str]]
+    dropped: List[str] = field(default_factory=list)   # pretrained parameters the new head left out or replaced
 
 
-def _check_finite(probs: np.ndarray, epoch: int, batch: int, last_good: str) -> None:
-    if not np.isfinite(probs).all():
-        raise TrainingDiverged(f"loss became NaN/inf at epoch {epoch} batch {batch}; stopped. Last good checkpoint: "
-                               f"{last_good}. Lower --lr (or raise --warmup-epochs) and resume with --load-epoch")
-
-
-def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int) -> Dict[str, float]:
+def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int, epoch_index: int) -> Dict[str, float]:
     tally = Tally(top_k)
     for batch in data:
         module.forward(batch, is_train=False)
@@ -299,9 +434,54 @@ def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int) -> Dict[s
         labels = batch.label[0].asnumpy()[:keep]
         probs = probs[:keep]
         if not np.isfinite(probs).all():
+            log.warning("Epoch[%d] validation: the network's outputs are NaN/inf, so the validation loss and "
+                        "accuracy are NaN; the weights were finite (lower --lr if this repeats)", epoch_index)
             return {"val_loss": float("nan"), "val_accuracy": float("nan")}
         tally.update(probs, labels)
     return tally.result("val_")
+
+
+class _EpochMeter:
+    """Consumes each batch's outputs on the host, one batch behind the device: the running metrics, the NaN/inf
+    guard, the progress bar and Speedometer's lines (`Epoch[N] Batch [a-b]\tSpeed: ... samples/sec\t...`,
+    every `disp_batches`, as mx.callback.Speedometer writes them)."""
+
+    def __init__(self, epoch_index: int, top_k: int, batch_size: int, disp_batches: int, bar, last_good: str):
+        self.epoch_index, self.batch_size, self.disp_batches = epoch_index, batch_size, disp_batches
+        self.tally, self.window = Tally(top_k), Tally(top_k)
+        self.bar, self.last_good = bar, last_good
+        self.images, self.start = 0, time.time()
+        self.tic = self.start
+
+    def consume(self, index: int, outputs: mx.nd.NDArray, labels: np.ndarray, pad: int) -> None:
+        probs = outputs.asnumpy()
+        if not np.isfinite(probs).all():
+            raise TrainingDiverged(
+                f"loss became NaN/inf at epoch {self.epoch_index + 1} batch {index + 1}; stopped, nothing of this "
+                f"epoch written. Last good checkpoint: {self.last_good}. Lower --lr (or raise --warmup-epochs) "
+                f"and resume with --load-epoch")
+        keep = probs.shape[0] - pad
+        loss = self.tally.update(probs[:keep], labels[:keep])
+        self.window.update(probs[:keep], labels[:keep])
+        self.images += keep
+        if self.bar is not None:
+            self.bar.update(keep)
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{self.tally.result()['accuracy']:.3f}", refresh=False)
+        if index > 0 and index % self.disp_batches == 0:
+            speed = self.disp_batches * self.batch_size / max(time.time() - self.tic, 1e-9)
+            values = self.window.result()
+            pairs = [(name, values[key]) for key, name in _metric_names(values, "")]
+            log.info("Epoch[%d] Batch [%d-%d]\tSpeed: %.2f samples/sec" + "\t%s=%f" * len(pairs), self.epoch_index,
+                     index - self.disp_batches, index, speed, *sum(pairs, ()))
+            self.window.reset()
+            self.tic = time.time()
+        elif index == 0:
+            self.tic = time.time()  # Speedometer starts timing after the first batch
+
+    def row(self) -> dict:
+        seconds = time.time() - self.start
+        return {"epoch": self.epoch_index + 1, **self.tally.result("train_"),
+                "img_per_s": self.images / max(seconds, 1e-9), "seconds": seconds}
 
 
 @dataclass
@@ -315,7 +495,7 @@ class _Loop:
     rank: int
     num_workers: int
     batches_per_epoch: int
-    sched: mx.lr_scheduler.LRScheduler
+    lr_plan: mx.lr_scheduler.LRScheduler   # a copy of the optimizer's schedule, queried for the metrics rows
     begin_epoch: int
     begin_num_update: int
     history: MetricsLog
@@ -336,18 +516,34 @@ class _Loop:
                 "update_on_kvstore": bool(self.module._update_on_kvstore)}  # noqa: SLF001
 
     def run(self, last_good: str) -> None:
-        for epoch in range(self.begin_epoch, self.cfg.num_epochs):
-            row = self.train_epoch(epoch, last_good)
-            if self.cfg.data_val:  # a fresh iterator per pass: ImageRecordIter.reset() skips the wrapped filler
-                row.update(_evaluate(self.module, self.make_iter(self.cfg.data_val, False, self.cfg.seed),
-                                     self.top_k))
-            args, aux = self.module.get_params()
-            publish_epoch(self.prefix, epoch + 1, args, aux,
-                          self.module.save_optimizer_states if self.with_states else None)
-            last_good = str(checkpoint.params_path(self.prefix, epoch + 1))
-            self.history.append(row)
-            log.info("Epoch[%d] %s", epoch + 1, " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                                         if isinstance(v, float)))
+        try:
+            for epoch in range(self.begin_epoch, self.cfg.num_epochs):
+                last_good = self.run_epoch(epoch, last_good)
+        finally:
+            if self.rank == 0:
+                self.history.draw()
+
+    def run_epoch(self, epoch: int, last_good: str) -> str:
+        done_before = _updates_done(self.begin_num_update, epoch - self.begin_epoch, self.batches_per_epoch,
+                                    self.module._optimizer)  # noqa: SLF001 - Module owns the optimizer
+        lr_start = float(self.lr_plan(done_before + 1))
+        row = self.train_epoch(epoch, last_good)
+        num_update = _updates_done(self.begin_num_update, epoch - self.begin_epoch + 1, self.batches_per_epoch,
+                                   self.module._optimizer)  # noqa: SLF001
+        lr_end = float(self.lr_plan(num_update))
+        row.update(lr=lr_end, lr_start=lr_start, lr_end=lr_end, num_update=num_update, layout=self.layout())
+        if not np.isfinite(row["train_loss"]):
+            raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
+        log_epoch(epoch, row, "train")
+        if self.cfg.data_val:  # a fresh iterator per pass: ImageRecordIter.reset() skips the wrapped filler
+            row.update(_evaluate(self.module, self.make_iter(self.cfg.data_val, False, self.cfg.seed), self.top_k,
+                                 epoch))
+            log_epoch(epoch, row, "val")
+        args, aux = self.module.get_params()
+        publish_epoch(self.prefix, epoch + 1, args, aux, self.module.save_optimizer_states if self.with_states
+                      else None, self.history, row)
+        log.info('Saved checkpoint to "%s"', checkpoint.params_path(self.prefix, epoch + 1))
+        return str(checkpoint.params_path(self.prefix, epoch + 1))
 
     def train_epoch(self, epoch: int, last_good: str) -> dict:
         cfg = self.cfg
@@ -357,35 +553,27 @@ class _Loop:
         epoch_rec = self.epoch_train_rec(epoch) if self.epoch_train_rec is not None else cfg.data_train
         train_iter = _batches(lambda k: self.make_iter(epoch_rec, True, epoch_seed + 7919 * k),
                               self.batches_per_epoch if self.num_workers > 1 else None)
-        tally = Tally(self.top_k)
-        start, images = time.time(), 0
         bar = _progress(cfg.progress and self.rank == 0, self.batches_per_epoch * cfg.batch_size, epoch + 1,
                         cfg.num_epochs)
-        for batch_no, batch in enumerate(train_iter, start=1):
-            self.module.forward_backward(batch)
-            probs = self.module.get_outputs()[0].asnumpy()
-            _check_finite(probs, epoch + 1, batch_no, last_good)
-            self.module.update()
-            keep = probs.shape[0] - batch.pad
-            loss = tally.update(probs[:keep], batch.label[0].asnumpy()[:keep])
-            images += keep
+        meter = _EpochMeter(epoch, self.top_k, cfg.batch_size, cfg.disp_batches, bar, last_good)
+        pending = None
+        try:
+            for index, batch in enumerate(train_iter):
+                self.module.forward_backward(batch)
+                self.module.update()
+                # A device-side snapshot of the outputs (the next forward overwrites them). The host reads it only
+                # after the next batch's update is queued, so it never waits for a batch before queueing its
+                # update; a NaN stops the run one batch later, still before anything of the epoch is published.
+                current = (index, self.module.get_outputs()[0].copy(), batch.label[0].asnumpy(), batch.pad)
+                if pending is not None:
+                    meter.consume(*pending)
+                pending = current
+            if pending is not None:
+                meter.consume(*pending)
+        finally:
             if bar is not None:
-                bar.update(keep)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{tally.result()['accuracy']:.3f}", refresh=False)
-            if batch_no % cfg.disp_batches == 0:
-                log.info("Epoch[%d] Batch[%d] Speed: %.1f img/s loss=%.4f accuracy=%.4f", epoch + 1, batch_no,
-                         images / max(time.time() - start, 1e-9), loss, tally.result()["accuracy"])
-        if bar is not None:
-            bar.close()
-        seconds = time.time() - start
-        num_update = _updates_done(self.begin_num_update, epoch - self.begin_epoch + 1, self.batches_per_epoch,
-                                   self.module._optimizer)  # noqa: SLF001 - Module owns the optimizer
-        row = {"epoch": epoch + 1, **tally.result("train_"), "img_per_s": images / max(seconds, 1e-9),
-               "seconds": seconds, "lr": float(self.sched(num_update)), "num_update": num_update,
-               "layout": self.layout()}
-        if not np.isfinite(row["train_loss"]):
-            raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
-        return row
+                bar.close()
+        return meter.row()
 
 
 def _bind(model: Model, cfg: TrainConfig, ctx: List[mx.Context], mults: Dict[str, float]) -> mx.mod.Module:
@@ -450,6 +638,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
 
     batches_per_epoch = max(1, math.ceil(math.ceil(classes.num_records / num_workers) / cfg.batch_size))
     history, begin_epoch, begin_num_update, prev = resume_point(cfg, prefix, batches_per_epoch)
+    carried = {} if restart_optimizer else guard_resume(cfg, len(ctx), batches_per_epoch, begin_num_update)
     module = _bind(model, cfg, ctx, mults)
     sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
                      cfg.lr_factor, cfg.warmup_epochs)
@@ -465,17 +654,19 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
 
     write_run_files(cfg, prefix, model, classes, {
         "frozen": fixed, "lr_mults": {n: m for n, m in mults.items() if m != 1.0}, "new_params": model.new_params,
-        "contexts": [str(c) for c in ctx], "kv_store": cfg.kv_store, "num_workers": num_workers,
-        "batches_per_epoch": batches_per_epoch}, record_config=rank == 0)
+        "dropped_pretrained": model.dropped, "contexts": [str(c) for c in ctx], "kv_store": cfg.kv_store,
+        "num_workers": num_workers, "batches_per_epoch": batches_per_epoch}, carried, record_config=rank == 0)
     log.info("training %s: %d classes, %d records, %d params (%d frozen), on %s",
              prefix, classes.num_classes, classes.num_records, len(param_names), len(fixed), ctx)
 
     last_good = (str(checkpoint.params_path(prefix, begin_epoch)) if resume else
                  f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch finished)")
     top_k = cfg.top_k if cfg.top_k < classes.num_classes else 0  # top-k of all classes is always 1
-    _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, sched, begin_epoch, begin_num_update,
+    lr_plan = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
+                       cfg.lr_factor, cfg.warmup_epochs)
+    _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, lr_plan, begin_epoch, begin_num_update,
           history, not dist_states, top_k, epoch_train_rec).run(last_good)
-    return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names)
+    return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
 
 
 def _batches(make, count: Optional[int]):

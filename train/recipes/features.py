@@ -44,9 +44,9 @@ from symbols.head import build_head, frozen, with_lr_mults
 from symbols.sidecar import Preprocess, load_sidecar
 from train.config import TrainConfig, config_path, load_run_config
 from train.data import DataError, record_iter
-from train.fit import (FitResult, Model, TrainError, TrainingDiverged, init_optimizer, load_checkpoint,
-                       prepare_model, publish_epoch, resolve_mults, resume_point, schedule, start_run,
-                       trained_sidecar, write_run_files)
+from train.fit import (FitResult, Model, TrainError, TrainingDiverged, guard_resume, init_optimizer,
+                       load_checkpoint, log_epoch, prepare_model, publish_epoch, resolve_mults, resume_point,
+                       schedule, start_run, trained_sidecar, write_run_files)
 from train.metrics import Tally
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ def extract(backbone: Backbone, rec_path, pre: Preprocess, sidecar_dir, shape, m
     if count == 0:
         raise DataError(f"{rec_path}: contains no records")
     # ImageRecordIter refuses a batch larger than the file; Module.forward reshapes to the smaller batch.
-    it = record_iter(rec_path, min(backbone.batch_size, count), pre, sidecar_dir, "label", shape, train=False, resize=resize,
-                     threads=threads, rgb_mean=rgb_mean, rgb_std=rgb_std)
+    it = record_iter(rec_path, min(backbone.batch_size, count), pre, sidecar_dir, "label", shape, train=False,
+                     resize=resize, threads=threads, rgb_mean=rgb_mean, rgb_std=rgb_std)
     feats, labels, flipped = [], [], []
     bar = tqdm(unit="img", desc=f"features {Path(rec_path).name}", disable=not progress, leave=False)
     for batch in it:
@@ -229,36 +229,40 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
     model = Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec,
                   trained_sidecar(prepared, cfg, prefix, shape, classes, recipe="feature cache"),
-                  prepared.sidecar_dir, list(prepared.new_params), shape)
+                  prepared.sidecar_dir, list(prepared.new_params), shape, prepared.dropped)
     head_mults = _head_mults(model, cfg)
     train_set, val_set = _feature_sets(cfg, prepared, shape, cache_dir, mirror)
 
     n, dim = train_set.features.shape
     batches_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     history, begin_epoch, begin_num_update, _ = resume_point(cfg, prefix, batches_per_epoch)
+    carried = guard_resume(cfg, 1, batches_per_epoch, begin_num_update)
     module, sched = _head_module(model, cfg, dim, head_mults, batches_per_epoch, begin_num_update)
     write_run_files(cfg, prefix, model, classes, {
         "recipe": "features", "new_params": model.new_params, "feature_dim": dim, "mirror": mirror,
         "class_balance": class_balance,
         "cache": {"train": str(train_set.path), "val": str(val_set.path) if val_set else None},
-        "batches_per_epoch": batches_per_epoch})
+        "batches_per_epoch": batches_per_epoch, "dropped_pretrained": model.dropped}, carried)
     backbone_args = {k: v for k, v in model.arg_params.items() if k not in model.new_params}
 
     def save(epoch: int) -> None:
         head_args, _ = module.get_params()
         publish_epoch(prefix, epoch, {**backbone_args, **head_args}, model.aux_params,
-                      module.save_optimizer_states)
-        history.write()
+                      module.save_optimizer_states, history, history.rows[-1])
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.num_epochs - begin_epoch, unit="epoch", desc="head from cache", disable=not cfg.progress)
     started = time.time()
     for epoch in range(begin_epoch, cfg.num_epochs):
         num_update = begin_num_update + (epoch - begin_epoch + 1) * batches_per_epoch
+        lr_start = float(sched(num_update - batches_per_epoch + 1))  # what the epoch's first update uses
         row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch)
-        row.update(lr=float(sched(num_update)), num_update=num_update)
+        lr_end = float(sched(num_update))
+        row.update(lr=lr_end, lr_start=lr_start, lr_end=lr_end, num_update=num_update)
+        log_epoch(epoch, row, "train")
         if val_set is not None:
             row.update(_evaluate_features(module, val_set, cfg.batch_size, cfg.top_k))
+            log_epoch(epoch, row, "val")
         history.rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}",
@@ -266,8 +270,9 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
         if epoch + 1 == cfg.num_epochs or (save_every and (epoch + 1) % save_every == 0):
             save(epoch + 1)
     bar.close()
+    history.draw()
     log.info("head trained from cache: %d epochs in %.1f s", cfg.num_epochs - begin_epoch, time.time() - started)
-    return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names)
+    return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
 
 
 def _with_pretrained_model(cfg: TrainConfig) -> TrainConfig:
