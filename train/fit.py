@@ -441,7 +441,7 @@ def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int, epoch_ind
     return tally.result("val_")
 
 
-class _EpochMeter:
+class EpochMeter:
     """Consumes each batch's outputs on the host, one batch behind the device: the running metrics, the NaN/inf
     guard, the progress bar and Speedometer's lines (`Epoch[N] Batch [a-b]\tSpeed: ... samples/sec\t...`,
     every `disp_batches`, as mx.callback.Speedometer writes them)."""
@@ -555,7 +555,7 @@ class _Loop:
                               self.batches_per_epoch if self.num_workers > 1 else None)
         bar = _progress(cfg.progress and self.rank == 0, self.batches_per_epoch * cfg.batch_size, epoch + 1,
                         cfg.num_epochs)
-        meter = _EpochMeter(epoch, self.top_k, cfg.batch_size, cfg.disp_batches, bar, last_good)
+        meter = EpochMeter(epoch, self.top_k, cfg.batch_size, cfg.disp_batches, bar, last_good)
         pending = None
         try:
             for index, batch in enumerate(train_iter):

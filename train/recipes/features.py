@@ -39,12 +39,12 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.atomic import atomic_path
-from symbols.checkpoint import states_path
+from symbols.checkpoint import params_path, states_path
 from symbols.head import build_head, frozen, with_lr_mults
 from symbols.sidecar import Preprocess, load_sidecar
 from train.config import TrainConfig, config_path, load_run_config
 from train.data import DataError, record_iter
-from train.fit import (FitResult, Model, TrainError, TrainingDiverged, guard_resume, init_optimizer,
+from train.fit import (EpochMeter, FitResult, Model, TrainError, guard_resume, init_optimizer,
                        load_checkpoint, log_epoch, prepare_model, publish_epoch, resolve_mults, resume_point,
                        schedule, start_run, trained_sidecar, write_run_files)
 from train.metrics import Tally
@@ -245,10 +245,14 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
         "batches_per_epoch": batches_per_epoch, "dropped_pretrained": model.dropped}, carried)
     backbone_args = {k: v for k, v in model.arg_params.items() if k not in model.new_params}
 
-    def save(epoch: int) -> None:
+    last_good = (str(params_path(prefix, cfg.load_epoch)) if cfg.load_epoch else
+                 f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch saved)")
+
+    def save(epoch: int) -> str:
         head_args, _ = module.get_params()
         publish_epoch(prefix, epoch, {**backbone_args, **head_args}, model.aux_params,
                       module.save_optimizer_states, history, history.rows[-1])
+        return str(params_path(prefix, epoch))
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.num_epochs - begin_epoch, unit="epoch", desc="head from cache", disable=not cfg.progress)
@@ -256,7 +260,7 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     for epoch in range(begin_epoch, cfg.num_epochs):
         num_update = begin_num_update + (epoch - begin_epoch + 1) * batches_per_epoch
         lr_start = float(sched(num_update - batches_per_epoch + 1))  # what the epoch's first update uses
-        row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch)
+        row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch, last_good)
         lr_end = float(sched(num_update))
         row.update(lr=lr_end, lr_start=lr_start, lr_end=lr_end, num_update=num_update)
         log_epoch(epoch, row, "train")
@@ -268,7 +272,7 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}",
                         refresh=False)
         if epoch + 1 == cfg.num_epochs or (save_every and (epoch + 1) % save_every == 0):
-            save(epoch + 1)
+            last_good = save(epoch + 1)
     bar.close()
     history.draw()
     log.info("head trained from cache: %d epochs in %.1f s", cfg.num_epochs - begin_epoch, time.time() - started)
@@ -341,7 +345,7 @@ def _head_module(model: Model, cfg: TrainConfig, dim: int, head_mults: Dict[str,
 
 
 def _train_head_epoch(module: mx.mod.Module, cfg: TrainConfig, epoch: int, train_set: FeatureSet, mirror: bool,
-                      class_balance: bool, batches_per_epoch: int) -> dict:
+                      class_balance: bool, batches_per_epoch: int, last_good: str) -> dict:
     """One epoch over the cached features; its metrics row."""
     # Order, mirror choice and dropout replay from (seed, epoch), as in train.fit: exact resume.
     seed = cfg.seed * 1000 + epoch
@@ -360,20 +364,20 @@ def _train_head_epoch(module: mx.mod.Module, cfg: TrainConfig, epoch: int, train
     x = np.where(use_mirror[:, None], train_set.mirrored[order], train_set.features[order]) if mirror \
         else train_set.features[order]
     y = labels_all[order]
-    tally = Tally(cfg.top_k)
-    t0 = time.time()
+    meter = EpochMeter(epoch, cfg.top_k, batch, cfg.disp_batches, None, last_good)
     x_nd, y_nd = mx.nd.array(x), mx.nd.array(y)  # one copy per epoch; batches are views of it
+    pending = None
     for b in range(batches_per_epoch):
         sl = slice(b * batch, (b + 1) * batch)
         module.forward_backward(mx.io.DataBatch([x_nd[sl]], [y_nd[sl]]))
-        probs = module.get_outputs()[0].asnumpy()
-        if not np.isfinite(probs).all():
-            raise TrainingDiverged(f"loss became NaN/inf at epoch {epoch + 1} batch {b + 1}; lower --lr")
         module.update()
-        keep = batch - (pad if b == batches_per_epoch - 1 else 0)
-        tally.update(probs[:keep], y[sl][:keep])
-    seconds = time.time() - t0
-    return {"epoch": epoch + 1, **tally.result("train_"), "img_per_s": n / max(seconds, 1e-9), "seconds": seconds}
+        # As in train.fit: the host reads a batch's outputs after the next update is queued.
+        current = (b, module.get_outputs()[0].copy(), y[sl], pad if b == batches_per_epoch - 1 else 0)
+        if pending is not None:
+            meter.consume(*pending)
+        pending = current
+    meter.consume(*pending)
+    return meter.row()
 
 
 def _evaluate_features(module: mx.mod.Module, feats: FeatureSet, batch: int, top_k: int) -> Dict[str, float]:
