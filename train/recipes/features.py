@@ -14,10 +14,15 @@ Cache files: `<cache-dir>/<rec stem>-<key>.npz` holding `features` (N, D) float3
 (backbone symbol JSON, the bytes of every backbone parameter, the preprocessing and input shape), so a changed
 file or model never reuses stale features. Files are written atomically.
 
-Equivalence: with no dropout below the head and BatchNorm on its stored statistics (use_global_stats, as in
-a deploy prototxt), the head trained here equals the one `python -m train` trains with the backbone frozen
-(tests/test_recipes.py checks it to 1e-5). VGG's drop7 output is cached without its dropout; for that
-regularisation use --hidden N --hidden-dropout P, which trains a dropout layer inside the new head.
+Equivalence with `python -m train` and the backbone frozen (tests/test_recipes.py checks it to 1e-5, several
+batches per epoch): the cache is cut below the lowest Dropout on the way to the head (VGG: relu6, below drop6),
+and the frozen layers from there up (drop6, fc7, relu7, drop7) run in the head graph, so training sees dropped
+activations as full passes do; each epoch visits the records in the order ImageRecordIter's shuffle gives full
+passes (read from a probe file of 1x1 images, see full_pass_order; a .rec without a file-order .idx falls back
+to a seeded permutation). A dropout that cannot be moved above the cache (inside a branch, or below a layer with
+running statistics) is refused with the reason. BatchNorm must use its stored statistics (use_global_stats, as
+in a deploy prototxt): the cache runs the backbone in inference mode. Dropout masks themselves are random, so
+with dropout the two routes agree in distribution, not bit for bit.
 
 The checkpoint written is the whole network (backbone weights untouched + the trained head) with the same
 symbol, sidecar, class map, config and metrics files as `python -m train`, so predict, deploy and resume do
@@ -99,6 +104,121 @@ def cache_key(rec_path, model_hash: str, pre: Preprocess, shape, resize: int, mi
             "rgb_mean": list(rgb_mean) if rgb_mean else None, "rgb_std": list(rgb_std) if rgb_std else None}
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode("utf-8")).hexdigest()[:20]
     return digest, desc
+
+
+# ---- where the cache is cut ----------------------------------------------------------------------------------
+@dataclass
+class CachePoint:
+    """Where the backbone's output is cached, and what of the network runs above it in the head graph.
+
+    Attributes:
+        blob: the internal output that is cached (flattened).
+        upper: the layers from `blob` up to the head's feature output, as a symbol over `data` (None when the
+            blob is the feature output itself); it holds the dropout layers, which train like full passes.
+        dropouts: names of the Dropout layers in `upper`.
+    """
+
+    blob: str
+    upper: Optional[mx.sym.Symbol]
+    dropouts: List[str]
+
+
+def cache_point(symbol: mx.sym.Symbol, feature_output: str, shape) -> CachePoint:
+    """Cut the network below its lowest Dropout, so every dropout between the cached blob and the new head
+    runs in the head graph (in training mode, as in full passes); with no dropout, cache the feature output.
+
+    Raises:
+        TrainError: the layers between the lowest dropout and the head are not a single chain of layers
+            without auxiliary state (a branch, a BatchNorm), so they cannot run above the cache.
+    """
+    internals = symbol.get_internals()
+    graph = json.loads(internals[feature_output].tojson())
+    nodes = graph["nodes"]
+    dropouts = [i for i, n in enumerate(nodes) if n["op"] == "Dropout"]
+    if not dropouts:
+        return CachePoint(feature_output, None, [])
+    names = [nodes[i]["name"] for i in dropouts]
+    refuse = (f"dropout {names} below the head: full passes drop activations there in training, and the layers "
+              f"from {names[0]} up to {feature_output} cannot run above the feature cache")
+    chain, index = [], graph["heads"][0][0]
+    while True:  # down from the feature output to the lowest dropout, one data input at a time
+        chain.append(index)
+        data_inputs = [j for j, _, _ in nodes[index]["inputs"] if nodes[j]["op"] != "null"]
+        if index == dropouts[0] or len(data_inputs) != 1:
+            break
+        index = data_inputs[0]
+    if chain[-1] != dropouts[0] or not set(dropouts) <= set(chain):
+        raise TrainError(f"{refuse} (they are not a single chain of layers); train with `python -m train`")
+    source = nodes[[j for j, _, _ in nodes[dropouts[0]]["inputs"] if nodes[j]["op"] != "null"][0]]
+    blob = f"{source['name']}_output"
+    if blob not in internals.list_outputs():
+        raise TrainError(f"{refuse} ({source['name']} has several outputs); train with `python -m train`")
+    upper = _chain_symbol(nodes, chain[::-1])
+    if upper.list_auxiliary_states():
+        raise TrainError(f"{refuse} (they include layers with running statistics: "
+                         f"{upper.list_auxiliary_states()}); train with `python -m train`")
+    blob_shape = internals[blob].infer_shape(data=(1,) + tuple(shape))[1][0]
+    if len(blob_shape) != 2:  # the cache holds flattened rows; the layers above see the blob's own shape
+        upper = upper(data=mx.sym.reshape(mx.sym.var("data"), shape=(-1,) + tuple(blob_shape[1:])))
+    return CachePoint(blob, upper, [nodes[i]["name"] for i in chain[::-1] if nodes[i]["op"] == "Dropout"])
+
+
+def _chain_symbol(nodes: List[dict], chain: List[int]) -> mx.sym.Symbol:
+    """The layers `chain` (bottom up) of a symbol's JSON nodes as a symbol whose lowest input is `data`."""
+    new_nodes = [{"op": "null", "name": "data", "inputs": []}]
+    previous = 0
+    for index in chain:
+        inputs = []
+        for j, out, version in nodes[index]["inputs"]:
+            if nodes[j]["op"] == "null":  # a parameter of this layer
+                new_nodes.append(dict(nodes[j]))
+                inputs.append([len(new_nodes) - 1, 0, 0])
+            else:
+                inputs.append([previous, out, version])
+        new_nodes.append({**nodes[index], "inputs": inputs})
+        previous = len(new_nodes) - 1
+    arg_nodes = [i for i, n in enumerate(new_nodes) if n["op"] == "null"]
+    return mx.sym.load_json(json.dumps({"nodes": new_nodes, "arg_nodes": arg_nodes, "heads": [[previous, 0, 0]],
+                                        "attrs": {"mxnet_version": ["int", 10901]}}))
+
+
+# ---- the record order of full passes ----------------------------------------------------------------------------
+def full_pass_order(rec_path, num_records: int, batch_size: int, seed: int, batches: int, probe_dir) -> Optional[
+        np.ndarray]:
+    """The file positions of the records, filler included, that `python -m train` feeds in one epoch seeded
+    `seed`, so the head sees the same batches as in full passes.
+
+    ImageRecordIter's shuffle over an indexed .rec depends only on the record count and the seed, so it is
+    read from a probe file of as many 1x1 images labelled with their position (built once, cached). None when
+    the .rec has no .idx in file order (ImageRecordIter then shuffles by chunks of bytes).
+    """
+    idx = Path(rec_path).with_suffix(".idx")
+    if not idx.is_file():
+        return None
+    offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines() if line.strip()]
+    if len(offsets) != num_records or offsets != sorted(offsets):
+        return None
+    probe = Path(probe_dir) / f"order-probe-{num_records}.rec"
+    if not probe.is_file():
+        _write_probe(probe, num_records)
+    it = mx.io.ImageRecordIter(path_imgrec=str(probe), path_imgidx=str(probe.with_suffix(".idx")),
+                               data_shape=(3, 1, 1), batch_size=batch_size, shuffle=True, seed=seed, seed_aug=seed,
+                               round_batch=True, preprocess_threads=1, verbose=False, label_width=1)
+    order = []
+    for _, batch in zip(range(batches), it):
+        order.append(batch.label[0].asnumpy().astype(np.int64))
+    return np.concatenate(order)
+
+
+def _write_probe(path: Path, count: int) -> None:
+    image = mx.recordio.pack_img(mx.recordio.IRHeader(0, 0.0, 0, 0), np.zeros((1, 1, 3), np.uint8), img_fmt=".png")
+    _, payload = mx.recordio.unpack(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as rec_tmp, atomic_path(path.with_suffix(".idx")) as idx_tmp:  # the .rec lands last
+        writer = mx.recordio.MXIndexedRecordIO(str(idx_tmp), str(rec_tmp), "w")
+        for i in range(count):
+            writer.write_idx(i, mx.recordio.pack(mx.recordio.IRHeader(0, float(i), i, 0), payload))
+        writer.close()
 
 
 # ---- extraction -----------------------------------------------------------------------------------------------
@@ -231,15 +351,19 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
                   trained_sidecar(prepared, cfg, prefix, shape, classes, recipe="feature cache"),
                   prepared.sidecar_dir, list(prepared.new_params), shape, prepared.dropped)
     head_mults = _head_mults(model, cfg)
-    train_set, val_set = _feature_sets(cfg, prepared, shape, cache_dir, mirror)
+    point = cache_point(prepared.symbol, prepared.spec.feature_output, shape)
+    if point.dropouts:
+        log.info("feature cache at %s; %s run in the head graph, as in full passes", point.blob, point.dropouts)
+    train_set, val_set = _feature_sets(cfg, prepared, point.blob, shape, cache_dir, mirror)
 
     n, dim = train_set.features.shape
     batches_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     history, begin_epoch, begin_num_update, _ = resume_point(cfg, prefix, batches_per_epoch)
     carried = guard_resume(cfg, 1, batches_per_epoch, begin_num_update)
-    module, sched = _head_module(model, cfg, dim, head_mults, batches_per_epoch, begin_num_update)
+    module, sched = _head_module(model, cfg, point, dim, head_mults, batches_per_epoch, begin_num_update)
     write_run_files(cfg, prefix, model, classes, {
         "recipe": "features", "new_params": model.new_params, "feature_dim": dim, "mirror": mirror,
+        "cache_point": point.blob, "dropout_in_head": point.dropouts,
         "class_balance": class_balance,
         "cache": {"train": str(train_set.path), "val": str(val_set.path) if val_set else None},
         "batches_per_epoch": batches_per_epoch, "dropped_pretrained": model.dropped}, carried)
@@ -260,7 +384,10 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     for epoch in range(begin_epoch, cfg.num_epochs):
         num_update = begin_num_update + (epoch - begin_epoch + 1) * batches_per_epoch
         lr_start = float(sched(num_update - batches_per_epoch + 1))  # what the epoch's first update uses
-        row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch, last_good)
+        order = None if class_balance else full_pass_order(cfg.data_train, n, cfg.batch_size, cfg.seed * 1000 + epoch,
+                                                            batches_per_epoch, cache_dir)
+        row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch, last_good,
+                                order)
         lr_end = float(sched(num_update))
         row.update(lr=lr_end, lr_start=lr_start, lr_end=lr_end, num_update=num_update)
         log_epoch(epoch, row, "train")
@@ -306,11 +433,10 @@ def _head_mults(model: Model, cfg: TrainConfig) -> Dict[str, float]:
     return {p: mults[p] for p in model.new_params}
 
 
-def _feature_sets(cfg: TrainConfig, prepared, shape, cache_dir, mirror: bool
+def _feature_sets(cfg: TrainConfig, prepared, blob: str, shape, cache_dir, mirror: bool
                   ) -> Tuple[FeatureSet, Optional[FeatureSet]]:
-    """Training (and validation) features through the backbone: the pretrained weights below the head."""
-    backbone = Backbone(prepared.symbol, prepared.spec.feature_output, prepared.arg_params, prepared.aux_params,
-                        shape, EXTRACT_BATCH)
+    """Training (and validation) features through the backbone: the pretrained weights below `blob`."""
+    backbone = Backbone(prepared.symbol, blob, prepared.arg_params, prepared.aux_params, shape, EXTRACT_BATCH)
     common = dict(pre=prepared.pre, sidecar_dir=prepared.sidecar_dir, shape=shape, cache_dir=cache_dir,
                   resize=cfg.resize, threads=cfg.data_nthreads, rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std,
                   progress=cfg.progress)
@@ -319,19 +445,22 @@ def _feature_sets(cfg: TrainConfig, prepared, shape, cache_dir, mirror: bool
     return train_set, val_set
 
 
-def _head_module(model: Model, cfg: TrainConfig, dim: int, head_mults: Dict[str, float], batches_per_epoch: int,
-                 begin_num_update: int) -> Tuple[mx.mod.Module, mx.lr_scheduler.LRScheduler]:
-    """The head alone (features in), bound on the CPU, weights and optimizer (state on resume) in place; and
-    the lr schedule its optimizer follows."""
-    head_sym = build_head(mx.sym.var("data"), model.pre.num_classes, model.spec, cfg.hidden, cfg.hidden_dropout)
+def _head_module(model: Model, cfg: TrainConfig, point: CachePoint, dim: int, head_mults: Dict[str, float],
+                 batches_per_epoch: int, begin_num_update: int) -> Tuple[mx.mod.Module, mx.lr_scheduler.LRScheduler]:
+    """The head graph (the frozen layers above the cache point, dropout included, then the new head), bound on
+    the CPU, weights and optimizer (state on resume) in place; and the lr schedule its optimizer follows."""
+    features = point.upper if point.upper is not None else mx.sym.var("data")
+    head_sym = build_head(features, model.pre.num_classes, model.spec, cfg.hidden, cfg.hidden_dropout)
+    frozen_above = [n for n in head_sym.list_arguments() if n not in head_mults and n not in ("data", model.label_name)]
     module = mx.mod.Module(with_lr_mults(head_sym, head_mults), data_names=["data"],
-                           label_names=[model.label_name], context=mx.cpu(), fixed_param_names=frozen(head_mults))
+                           label_names=[model.label_name], context=mx.cpu(),
+                           fixed_param_names=frozen(head_mults) + frozen_above)
     module.bind(data_shapes=[("data", (cfg.batch_size, dim))], label_shapes=[(model.label_name, (cfg.batch_size,))],
                 for_training=True)
-    head_args = {p: model.arg_params[p] for p in model.new_params}
+    source = model.arg_params
     if cfg.load_epoch is not None:
-        _, saved_args, _ = load_checkpoint(cfg.model_prefix, cfg.load_epoch, "resume")
-        head_args = {p: saved_args[p] for p in model.new_params}
+        _, source, _ = load_checkpoint(cfg.model_prefix, cfg.load_epoch, "resume")
+    head_args = {p: source[p] for p in list(model.new_params) + frozen_above}
     module.init_params(arg_params=head_args, aux_params={}, allow_missing=False, allow_extra=False)
     sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
                      cfg.lr_factor, cfg.warmup_epochs)
@@ -345,22 +474,24 @@ def _head_module(model: Model, cfg: TrainConfig, dim: int, head_mults: Dict[str,
 
 
 def _train_head_epoch(module: mx.mod.Module, cfg: TrainConfig, epoch: int, train_set: FeatureSet, mirror: bool,
-                      class_balance: bool, batches_per_epoch: int, last_good: str) -> dict:
-    """One epoch over the cached features; its metrics row."""
+                      class_balance: bool, batches_per_epoch: int, last_good: str,
+                      order: Optional[np.ndarray] = None) -> dict:
+    """One epoch over the cached features in `order` (file positions, filler included: full_pass_order), or
+    a seeded permutation padded as ImageRecordIter's round_batch pads; its metrics row."""
     # Order, mirror choice and dropout replay from (seed, epoch), as in train.fit: exact resume.
     seed = cfg.seed * 1000 + epoch
     mx.random.seed(seed)
     rng = np.random.RandomState(seed)
     labels_all, n, batch = train_set.labels, len(train_set.labels), cfg.batch_size
-    if class_balance:
-        from train.recipes.sampling import balanced_indices
-        order = balanced_indices(labels_all, seed)
-    else:
-        order = rng.permutation(n)
-    use_mirror = rng.rand(n) < 0.5 if mirror else np.zeros(n, bool)
     pad = batches_per_epoch * batch - n
-    order = np.concatenate([order, order[:pad]]) if pad else order  # ImageRecordIter's round_batch
-    use_mirror = np.concatenate([use_mirror, use_mirror[:pad]]) if pad else use_mirror
+    if order is None:
+        if class_balance:
+            from train.recipes.sampling import balanced_indices
+            order = balanced_indices(labels_all, seed)
+        else:
+            order = rng.permutation(n)
+        order = np.concatenate([order, order[:pad]]) if pad else order  # ImageRecordIter's round_batch
+    use_mirror = rng.rand(len(order)) < 0.5 if mirror else np.zeros(len(order), bool)
     x = np.where(use_mirror[:, None], train_set.mirrored[order], train_set.features[order]) if mirror \
         else train_set.features[order]
     y = labels_all[order]
@@ -398,12 +529,13 @@ def _evaluate_features(module: mx.mod.Module, feats: FeatureSet, batch: int, top
 def features_only(pretrained_model: str, pretrained_epoch: int, recs: List[str], cache_dir=DEFAULT_CACHE_DIR,
                   mirror: bool = False, image_shape=None, layer_before_fullc: Optional[str] = None,
                   resize: int = -1, threads: int = 2, progress: bool = True) -> List[FeatureSet]:
-    """Fill the cache for `recs` without training (e.g. to time extraction, or to share a cache)."""
+    """Fill the cache for `recs` without training (e.g. to time extraction, or to share a cache): the same
+    cache point as train_from_cache, so its runs reuse these files."""
     pre = load_sidecar(pretrained_model)
     prepared = prepare_model(pretrained_model, pretrained_epoch, max(pre.num_classes or 2, 2), image_shape,
                              layer_before_fullc)
     shape = tuple(image_shape or prepared.pre.input_shape)
-    backbone = Backbone(prepared.symbol, prepared.spec.feature_output, prepared.arg_params, prepared.aux_params,
-                        shape)
+    point = cache_point(prepared.symbol, prepared.spec.feature_output, shape)
+    backbone = Backbone(prepared.symbol, point.blob, prepared.arg_params, prepared.aux_params, shape)
     return [cached_features(backbone, rec, prepared.pre, prepared.sidecar_dir, shape, cache_dir,
                             mirror=mirror, resize=resize, threads=threads, progress=progress) for rec in recs]
