@@ -454,3 +454,29 @@ def test_host_reads_a_batch_only_after_the_next_update_is_queued(data, tmp_path,
     reads = [i for i, e in enumerate(events) if e == "read"]
     # Each batch is tallied twice (epoch and Speedometer window); the first read comes after 2 updates.
     assert events[:2] == ["update", "update"] and events.count("update") == 10 and len(reads) == 20
+
+
+def test_validation_iterator_is_reused_and_every_record_is_seen_each_pass(data, tmp_path):
+    """ImageRecordIter 1.9's reset() skips the records that padded the last batch (round_batch) or reports
+    pad 0 over stale rows (round_batch=False); the reused iterator must still give each record once per pass."""
+    from symbols.sidecar import load_sidecar as sidecar
+    from train.data import record_iter
+    from train.fit import ReusedPasses
+    write_rec(tmp_path / "v.rec", 27, 1, labels=[float(i) for i in range(27)])
+    built = []
+
+    def make():
+        built.append(1)
+        return record_iter(tmp_path / "v.rec", 8, sidecar(data / "pre"), data, "prob_label", round_batch=False)
+    passes = ReusedPasses(make, 27)
+    for _ in range(3):
+        seen = [label for batch, keep in passes for label in batch.label[0].asnumpy()[:keep]]
+        assert sorted(seen) == list(range(27))
+    assert len(built) == 1
+    # The trainer's validation numbers equal an independent evaluation of each epoch's checkpoint.
+    from train.predict import evaluate, load_model
+    result = fit(config(data, tmp_path / "ft", num_epochs=3))  # 40 val records, batch 16: a padded last batch
+    for row in result.metrics:
+        ev = evaluate(load_model(str(tmp_path / "ft"), row["epoch"], batch_size=16), data / "set_val.rec", top_k=2)
+        assert ev["accuracy"] == pytest.approx(row["val_accuracy"], abs=1e-9)
+        assert ev["log_loss"] == pytest.approx(row["val_loss"], rel=1e-5)

@@ -33,7 +33,7 @@ from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sideca
 from symbols.vgg import HeadSpec
 from train.config import AUGMENT, TrainConfig, config_path, flag_of, load_run_config, parse_gpus, \
     trajectory_options
-from train.data import Augment, ClassInfo, DataError, record_iter, resolve_classes
+from train.data import Augment, ClassInfo, DataError, record_iter, resolve_classes, scan_labels
 from train.metrics import MetricsLog, Tally
 
 log = logging.getLogger(__name__)
@@ -425,12 +425,41 @@ class FitResult:
     dropped: List[str] = field(default_factory=list)   # pretrained parameters the new head left out or replaced
 
 
-def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int, epoch_index: int) -> Dict[str, float]:
+class ReusedPasses:
+    """One ImageRecordIter for every pass over an unshuffled set (validation), instead of one per pass.
+
+    MXNet 1.9's ImageRecordIter cannot simply be reset: with round_batch it pads the last batch with the first
+    records of the next pass and then skips them after reset(); with round_batch=False every pass starts at the
+    first record, but the last batch is filled with stale rows and reported with pad 0. So the iterator runs
+    with round_batch=False and the real rows of each batch are counted here from the record count.
+    """
+
+    def __init__(self, make: Callable[[], mx.io.DataIter], num_records: int):
+        self.make, self.num_records, self.iterator = make, num_records, None
+
+    def __iter__(self):
+        """(batch, number of real rows at its top) for one whole pass."""
+        if self.iterator is None:
+            self.iterator = self.make()
+        else:
+            self.iterator.reset()
+        seen = 0
+        for batch in self.iterator:
+            keep = min(batch.data[0].shape[0], self.num_records - seen)
+            if keep <= 0:
+                break
+            seen += keep
+            yield batch, keep
+
+
+def _evaluate(module: mx.mod.Module, data, top_k: int, epoch_index: int) -> Dict[str, float]:
+    """Validation metrics; `data` yields (batch, real rows) like ReusedPasses, or plain batches (pad used)."""
     tally = Tally(top_k)
-    for batch in data:
+    for item in data:
+        batch, keep = item if isinstance(item, tuple) else (item, None)
         module.forward(batch, is_train=False)
         probs = module.get_outputs()[0].asnumpy()
-        keep = probs.shape[0] - batch.pad
+        keep = probs.shape[0] - batch.pad if keep is None else keep
         labels = batch.label[0].asnumpy()[:keep]
         probs = probs[:keep]
         if not np.isfinite(probs).all():
@@ -502,6 +531,7 @@ class _Loop:
     with_states: bool
     top_k: int
     epoch_train_rec: Optional[Callable[[int], str]]
+    val: Optional[ReusedPasses] = None
 
     def make_iter(self, path, train: bool, seed: int) -> mx.io.DataIter:
         cfg = self.cfg
@@ -510,6 +540,17 @@ class _Loop:
                            seed=seed, resize=cfg.resize, threads=cfg.data_nthreads,
                            num_parts=self.num_workers if train else 1, part_index=self.rank if train else 0,
                            rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std)
+
+    def val_passes(self) -> ReusedPasses:
+        """The validation iterator, built on the first pass and reused by the next ones."""
+        if self.val is None:
+            cfg = self.cfg
+            count = len(scan_labels(cfg.data_val))
+            self.val = ReusedPasses(lambda: record_iter(
+                cfg.data_val, cfg.batch_size, self.model.pre, self.model.sidecar_dir, self.model.label_name,
+                self.model.shape, train=False, seed=cfg.seed, resize=cfg.resize, threads=cfg.data_nthreads,
+                rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=False), count)
+        return self.val
 
     def layout(self) -> dict:
         return {"contexts": len(self.module._context),  # noqa: SLF001 - Module keeps its devices here
@@ -535,9 +576,8 @@ class _Loop:
         if not np.isfinite(row["train_loss"]):
             raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
         log_epoch(epoch, row, "train")
-        if self.cfg.data_val:  # a fresh iterator per pass: ImageRecordIter.reset() skips the wrapped filler
-            row.update(_evaluate(self.module, self.make_iter(self.cfg.data_val, False, self.cfg.seed), self.top_k,
-                                 epoch))
+        if self.cfg.data_val:
+            row.update(_evaluate(self.module, self.val_passes(), self.top_k, epoch))
             log_epoch(epoch, row, "val")
         args, aux = self.module.get_params()
         publish_epoch(self.prefix, epoch + 1, args, aux, self.module.save_optimizer_states if self.with_states
