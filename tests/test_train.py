@@ -3,7 +3,6 @@ errors. Tiny VGG-shaped nets on 16x16 images whose colours encode the class."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import mxnet as mx

@@ -33,7 +33,7 @@ from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sideca
 from symbols.vgg import HeadSpec
 from train.config import AUGMENT, TrainConfig, config_path, flag_of, load_run_config, parse_gpus, \
     trajectory_options
-from train.data import Augment, ClassInfo, DataError, record_iter, resolve_classes, scan_labels
+from train.data import Augment, ClassInfo, record_iter, resolve_classes, scan_labels
 from train.metrics import MetricsLog, Tally
 
 log = logging.getLogger(__name__)
