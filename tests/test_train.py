@@ -479,3 +479,32 @@ def test_validation_iterator_is_reused_and_every_record_is_seen_each_pass(data, 
         ev = evaluate(load_model(str(tmp_path / "ft"), row["epoch"], batch_size=16), data / "set_val.rec", top_k=2)
         assert ev["accuracy"] == pytest.approx(row["val_accuracy"], abs=1e-9)
         assert ev["log_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+def test_training_iterator_is_reused_every_record_each_epoch_and_resume_replays_it(data, tmp_path):
+    """One shuffling ImageRecordIter serves every epoch: each epoch is a complete new permutation (MXNet 1.9's
+    round_batch reset would skip the filler records), the last batch is filled with the epoch's first records,
+    and a stream started at epoch 2 (a resume) gives epoch 2 of the uninterrupted stream."""
+    from symbols.sidecar import load_sidecar as sidecar
+    from train.data import record_iter
+    from train.fit import EpochStream, reusable_train_iter
+    write_rec(tmp_path / "t.rec", 27, 1, labels=[float(i) for i in range(27)])
+    built = []
+
+    def make():
+        built.append(1)
+        return record_iter(tmp_path / "t.rec", 8, sidecar(data / "pre"), data, "prob_label", train=True, seed=5,
+                           round_batch=False)
+    stream = EpochStream(make, 27, 0)
+    epochs = []
+    for _ in range(3):
+        batches = list(stream.epoch())
+        assert [b.pad for b in batches] == [0, 0, 0, 5]
+        labels = np.concatenate([b.label[0].asnumpy() for b in batches]).astype(int)
+        assert sorted(labels[:27]) == list(range(27))  # every record, once
+        assert list(labels[27:]) == list(labels[:5])  # the filler: this epoch's first records
+        epochs.append(labels)
+    assert len(built) == 1 and not np.array_equal(epochs[0], epochs[1])
+    resumed = np.concatenate([b.label[0].asnumpy() for b in EpochStream(make, 27, 2).epoch()]).astype(int)
+    np.testing.assert_array_equal(resumed, epochs[2])
+    assert reusable_train_iter(TrainConfig()) and not reusable_train_iter(TrainConfig(random_mirror=True))

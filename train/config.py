@@ -86,6 +86,10 @@ def option(default=MISSING, *, group: str, help: str = "", parse: Optional[Calla
 
 MODEL, DATA, AUGMENT, SCHEDULE, DEVICES, OUTPUT = ("pretrained model", "data", "augmentation",
                                                   "schedule and optimizer", "devices", "checkpoints and logging")
+# The augmentations that draw random numbers per image (the area and aspect limits only bound
+# random_resized_crop): the trainer rebuilds its iterator per epoch when one is on (see train.fit.EpochStream).
+RANDOM_AUGMENTATIONS = ("random_crop", "random_resized_crop", "random_mirror", "max_random_rotate_angle",
+                        "brightness", "contrast", "saturation", "pca_noise")
 
 
 @dataclass

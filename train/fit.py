@@ -27,12 +27,12 @@ import numpy as np
 from recbuild.atomic import atomic_path, write_json
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
-from symbols.head import HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults, to_float16, \
-    with_lr_mults
+from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults, to_float16,
+                          with_lr_mults)
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from symbols.vgg import HeadSpec
-from train.config import AUGMENT, TrainConfig, config_path, flag_of, load_run_config, parse_gpus, \
-    trajectory_options
+from train.config import (AUGMENT, RANDOM_AUGMENTATIONS, TrainConfig, config_path, flag_of, load_run_config,
+                          parse_gpus, trajectory_options)
 from train.data import Augment, ClassInfo, record_iter, resolve_classes, scan_labels
 from train.metrics import MetricsLog, Tally
 
@@ -425,6 +425,44 @@ class FitResult:
     dropped: List[str] = field(default_factory=list)   # pretrained parameters the new head left out or replaced
 
 
+class EpochStream:
+    """One shuffling ImageRecordIter for every training epoch, instead of one per epoch.
+
+    MXNet 1.9's reset() with round_batch skips the records that padded the last batch, so the iterator runs
+    with round_batch=False, whose reset() starts a fresh, complete permutation; the last batch's stale rows
+    (reported with pad 0) are replaced here by the epoch's first records and reported as pad. Each reset()
+    advances the shuffle the same way whether or not the epoch was read, so a resume at epoch k replays k
+    resets and continues exactly. Random augmentation draws per decoded image and cannot be replayed that way:
+    with it (or a per-epoch file, or distributed parts) the trainer builds a fresh iterator per epoch instead.
+    """
+
+    def __init__(self, make: Callable[[], mx.io.DataIter], num_records: int, begin_epoch: int):
+        self.iterator, self.num_records = make(), num_records
+        for _ in range(begin_epoch):
+            self.iterator.reset()
+        self.fresh = True
+
+    def epoch(self):
+        """The batches of the next epoch: every record once, the last batch filled up with the first ones."""
+        if not self.fresh:
+            self.iterator.reset()
+        self.fresh, seen, first = False, 0, None
+        for batch in self.iterator:
+            size = batch.data[0].shape[0]
+            keep = min(size, self.num_records - seen)
+            if keep <= 0:
+                break
+            seen += keep
+            if first is None:
+                first = (batch.data[0].copy(), batch.label[0].copy())
+            if keep < size:
+                batch = mx.io.DataBatch(
+                    data=[mx.nd.concat(batch.data[0][:keep], first[0][:size - keep], dim=0)],
+                    label=[mx.nd.concat(batch.label[0][:keep], first[1][:size - keep], dim=0)],
+                    pad=size - keep, provide_data=batch.provide_data, provide_label=batch.provide_label)
+            yield batch
+
+
 class ReusedPasses:
     """One ImageRecordIter for every pass over an unshuffled set (validation), instead of one per pass.
 
@@ -531,15 +569,30 @@ class _Loop:
     with_states: bool
     top_k: int
     epoch_train_rec: Optional[Callable[[int], str]]
+    num_records: int = 0
+    stream: Optional[EpochStream] = None
     val: Optional[ReusedPasses] = None
 
-    def make_iter(self, path, train: bool, seed: int) -> mx.io.DataIter:
+    def make_iter(self, path, train: bool, seed: int, round_batch: bool = True) -> mx.io.DataIter:
         cfg = self.cfg
         return record_iter(path, cfg.batch_size, self.model.pre, self.model.sidecar_dir, self.model.label_name,
                            self.model.shape, train=train, augment=Augment(**cfg.group(AUGMENT)),
                            seed=seed, resize=cfg.resize, threads=cfg.data_nthreads,
                            num_parts=self.num_workers if train else 1, part_index=self.rank if train else 0,
-                           rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std)
+                           rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=round_batch)
+
+    def train_batches(self, epoch: int, epoch_seed: int):
+        """This epoch's training batches: from the one reused iterator where that replays exactly (see
+        EpochStream), else from a fresh iterator seeded (seed, epoch)."""
+        cfg = self.cfg
+        if reusable_train_iter(cfg, self.num_workers, self.epoch_train_rec):
+            if self.stream is None:
+                self.stream = EpochStream(lambda: self.make_iter(cfg.data_train, True, cfg.seed * 1000, False),
+                                          self.num_records, self.begin_epoch)
+            return self.stream.epoch()
+        epoch_rec = self.epoch_train_rec(epoch) if self.epoch_train_rec is not None else cfg.data_train
+        return _batches(lambda k: self.make_iter(epoch_rec, True, epoch_seed + 7919 * k),
+                        self.batches_per_epoch if self.num_workers > 1 else None)
 
     def val_passes(self) -> ReusedPasses:
         """The validation iterator, built on the first pass and reused by the next ones."""
@@ -590,9 +643,7 @@ class _Loop:
         # Shuffling, augmentation and dropout replay exactly from (seed, epoch): the basis of exact resume.
         epoch_seed = cfg.seed * 1000 + epoch
         mx.random.seed(epoch_seed)
-        epoch_rec = self.epoch_train_rec(epoch) if self.epoch_train_rec is not None else cfg.data_train
-        train_iter = _batches(lambda k: self.make_iter(epoch_rec, True, epoch_seed + 7919 * k),
-                              self.batches_per_epoch if self.num_workers > 1 else None)
+        train_iter = self.train_batches(epoch, epoch_seed)
         bar = _progress(cfg.progress and self.rank == 0, self.batches_per_epoch * cfg.batch_size, epoch + 1,
                         cfg.num_epochs)
         meter = EpochMeter(epoch, self.top_k, cfg.batch_size, cfg.disp_batches, bar, last_good)
@@ -705,8 +756,14 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
     lr_plan = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
                        cfg.lr_factor, cfg.warmup_epochs)
     _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, lr_plan, begin_epoch, begin_num_update,
-          history, not dist_states, top_k, epoch_train_rec).run(last_good)
+          history, not dist_states, top_k, epoch_train_rec, classes.num_records).run(last_good)
     return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
+
+
+def reusable_train_iter(cfg: TrainConfig, num_workers: int = 1, epoch_train_rec=None) -> bool:
+    """Whether one training iterator can serve every epoch and still replay exactly on resume: no random
+    augmentation (its per-image draws cannot be replayed), one file for every epoch, one worker."""
+    return num_workers == 1 and epoch_train_rec is None and not any(getattr(cfg, k) for k in RANDOM_AUGMENTATIONS)
 
 
 def _batches(make, count: Optional[int]):

@@ -47,11 +47,11 @@ from recbuild.atomic import atomic_path
 from symbols.checkpoint import params_path, states_path
 from symbols.head import build_head, frozen, with_lr_mults
 from symbols.sidecar import Preprocess, load_sidecar
-from train.config import TrainConfig, config_path, load_run_config
+from train.config import RANDOM_AUGMENTATIONS, TrainConfig, config_path, load_run_config
 from train.data import DataError, record_iter
-from train.fit import (EpochMeter, FitResult, Model, TrainError, guard_resume, init_optimizer,
+from train.fit import (EpochMeter, EpochStream, FitResult, Model, TrainError, guard_resume, init_optimizer,
                        load_checkpoint, log_epoch, prepare_model, publish_epoch, resolve_mults, resume_point,
-                       schedule, start_run, trained_sidecar, write_run_files)
+                       reusable_train_iter, schedule, start_run, trained_sidecar, write_run_files)
 from train.metrics import Tally
 
 log = logging.getLogger(__name__)
@@ -183,14 +183,17 @@ def _chain_symbol(nodes: List[dict], chain: List[int]) -> mx.sym.Symbol:
 
 
 # ---- the record order of full passes ----------------------------------------------------------------------------
-def full_pass_order(rec_path, num_records: int, batch_size: int, seed: int, batches: int, probe_dir) -> Optional[
-        np.ndarray]:
-    """The file positions of the records, filler included, that `python -m train` feeds in one epoch seeded
-    `seed`, so the head sees the same batches as in full passes.
+def full_pass_order(rec_path, num_records: int, batch_size: int, seed: int, epoch: int, batches: int, probe_dir,
+                    reused: bool) -> Optional[np.ndarray]:
+    """The file positions of the records, filler included, that `python -m train` feeds in epoch `epoch`
+    (from 0) of a run seeded `seed`, so the head sees the same batches as in full passes.
 
-    ImageRecordIter's shuffle over an indexed .rec depends only on the record count and the seed, so it is
-    read from a probe file of as many 1x1 images labelled with their position (built once, cached). None when
-    the .rec has no .idx in file order (ImageRecordIter then shuffles by chunks of bytes).
+    With `reused` (train.fit.reusable_train_iter), full passes read one iterator seeded seed * 1000 whose
+    epoch e is its e-th reshuffle (train.fit.EpochStream); otherwise a fresh iterator per epoch seeded
+    seed * 1000 + epoch, its last batch filled by round_batch. ImageRecordIter's shuffle over an indexed .rec
+    depends only on the record count and the seed, so the order is read from a probe file of as many 1x1 images
+    labelled with their position (built once, cached). None when the .rec has no .idx in file order
+    (ImageRecordIter then shuffles by chunks of bytes).
     """
     idx = Path(rec_path).with_suffix(".idx")
     if not idx.is_file():
@@ -201,12 +204,18 @@ def full_pass_order(rec_path, num_records: int, batch_size: int, seed: int, batc
     probe = Path(probe_dir) / f"order-probe-{num_records}.rec"
     if not probe.is_file():
         _write_probe(probe, num_records)
-    it = mx.io.ImageRecordIter(path_imgrec=str(probe), path_imgidx=str(probe.with_suffix(".idx")),
-                               data_shape=(3, 1, 1), batch_size=batch_size, shuffle=True, seed=seed, seed_aug=seed,
-                               round_batch=True, preprocess_threads=1, verbose=False, label_width=1)
-    order = []
-    for _, batch in zip(range(batches), it):
-        order.append(batch.label[0].asnumpy().astype(np.int64))
+
+    def probe_iter(probe_seed: int, round_batch: bool) -> mx.io.DataIter:
+        return mx.io.ImageRecordIter(path_imgrec=str(probe), path_imgidx=str(probe.with_suffix(".idx")),
+                                     data_shape=(3, 1, 1), batch_size=batch_size, shuffle=True, seed=probe_seed,
+                                     seed_aug=probe_seed, round_batch=round_batch, preprocess_threads=1,
+                                     verbose=False, label_width=1)
+    if reused:
+        stream = EpochStream(lambda: probe_iter(seed * 1000, False), num_records, epoch)
+        batches_read = stream.epoch()
+    else:
+        batches_read = probe_iter(seed * 1000 + epoch, True)
+    order = [batch.label[0].asnumpy().astype(np.int64) for _, batch in zip(range(batches), batches_read)]
     return np.concatenate(order)
 
 
@@ -304,8 +313,7 @@ def cached_features(backbone: Backbone, rec_path, pre: Preprocess, sidecar_dir, 
 # ---- head training --------------------------------------------------------------------------------------------
 # Augmentations that change every epoch's pixels; a cache holds fixed views (random_mirror: a second view).
 # (min/max_random_area and the aspect limits only matter with random_resized_crop, so they are not listed.)
-_UNCACHEABLE = ("random_crop", "random_resized_crop", "max_random_rotate_angle", "brightness", "contrast",
-                "saturation", "pca_noise")
+_UNCACHEABLE = tuple(k for k in RANDOM_AUGMENTATIONS if k != "random_mirror")
 
 
 def _check_cacheable(cfg: TrainConfig) -> None:
@@ -384,8 +392,9 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     for epoch in range(begin_epoch, cfg.num_epochs):
         num_update = begin_num_update + (epoch - begin_epoch + 1) * batches_per_epoch
         lr_start = float(sched(num_update - batches_per_epoch + 1))  # what the epoch's first update uses
-        order = None if class_balance else full_pass_order(cfg.data_train, n, cfg.batch_size, cfg.seed * 1000 + epoch,
-                                                            batches_per_epoch, cache_dir)
+        order = None if class_balance else full_pass_order(cfg.data_train, n, cfg.batch_size, cfg.seed, epoch,
+                                                            batches_per_epoch, cache_dir,
+                                                            reused=reusable_train_iter(cfg))
         row = _train_head_epoch(module, cfg, epoch, train_set, mirror, class_balance, batches_per_epoch, last_good,
                                 order)
         lr_end = float(sched(num_update))
