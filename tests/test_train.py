@@ -339,6 +339,15 @@ def test_epoch_is_published_as_a_unit_and_the_advice_names_the_last_complete_one
     rows = json.loads((tmp_path / "k-metrics.json").read_text())["epochs"]
     assert [r["epoch"] for r in rows] == [1]
     monkeypatch.setattr(mx.mod.Module, "save_optimizer_states", real)
+    # Killed a step later, between the metrics row and the .params: the next start removes the orphans.
+    from train.fit import drop_unpublished
+    from train.metrics import MetricsLog
+    (tmp_path / "k-0002.states").write_bytes(b"partial epoch")
+    MetricsLog(str(tmp_path / "k"), rows + [dict(rows[0], epoch=2)]).write()
+    drop_unpublished(str(tmp_path / "k"))
+    assert not (tmp_path / "k-0002.states").exists()
+    assert [r["epoch"] for r in json.loads((tmp_path / "k-metrics.json").read_text())["epochs"]] == [1]
+    assert (tmp_path / "k-metrics.csv").read_text().count("\n") == 2  # header + epoch 1
     # A fresh start is refused with the last complete epoch; a dead run's .part leftover is removed on start.
     assert main(argv) == 2
     assert "k-0001.params exists: resume with --load-epoch 1" in capsys.readouterr().err

@@ -224,6 +224,7 @@ def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
         log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
                     cfg.data_train, classes.num_records)
     remove_stale_parts(prefix)
+    drop_unpublished(prefix)
     done = complete_epochs(prefix)
     if cfg.load_epoch is None and done and not cfg.overwrite:
         raise TrainError(f"{checkpoint.params_path(prefix, done[-1])} exists: resume with --load-epoch "
@@ -237,6 +238,20 @@ def complete_epochs(prefix: str) -> List[int]:
     epochs = [e for e in checkpoint.list_epochs(prefix) if e > 0]
     with_states = [e for e in epochs if checkpoint.states_path(prefix, e).is_file()]
     return with_states if with_states else epochs
+
+
+def drop_unpublished(prefix: str) -> None:
+    """Remove what a run killed inside publish_epoch left of an epoch whose .params never came: its .states
+    and its metrics row (they are written first), so the files on disk describe whole epochs only."""
+    published = set(checkpoint.list_epochs(prefix))
+    folder, name = Path(prefix).parent, Path(prefix).name
+    for states in folder.glob(f"{name}-[0-9][0-9][0-9][0-9].states") if folder.is_dir() else []:
+        if int(states.name[len(name) + 1:len(name) + 5]) not in published:
+            log.info("removing %s: its epoch was never published (no .params)", states)
+            states.unlink(missing_ok=True)
+    history = MetricsLog.load(prefix, max(published, default=0))
+    if history.json_path.is_file() and len(history.rows) < len(MetricsLog.load(prefix, 10 ** 9).rows):
+        history.write()
 
 
 def remove_stale_parts(prefix: str) -> List[Path]:
@@ -368,7 +383,7 @@ def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: 
     """Publish one epoch as a unit: PREFIX-NNNN.states (with `write_states`), the metrics row, and last
     PREFIX-NNNN.params, each atomically. The .params file is what marks an epoch complete (list_epochs,
     --load-epoch, the resume advice), so a kill at any point leaves either the whole epoch or an epoch that
-    does not exist; the next run rewrites what a killed one left of it.
+    does not exist, whose leftovers (.states, metrics row) the next start removes (drop_unpublished).
 
     Raises:
         TrainingDiverged: a weight is not finite; nothing is written.
