@@ -340,6 +340,10 @@ def test_stages_apply_each_stage_lr_mult_and_optimizer_and_resume_mid_stage(data
         np.testing.assert_allclose(r5[name], p5[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # Without --resume existing checkpoints are not overwritten.
     assert recipes_main(["stages", *common, "--model-prefix", str(tmp / "r")]) == 2
+    # The replaced classifier stays listed across stage boundaries and resumes.
+    for run in ("s", "r"):
+        assert json.loads((tmp / f"{run}-config.json").read_text())["resolved"]["dropped_pretrained"] == [
+            "fc8_bias", "fc8_weight"]
 
 
 @pytest.mark.parametrize("bad, message", [

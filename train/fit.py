@@ -298,8 +298,10 @@ def resume_point(cfg: TrainConfig, prefix: str, batches_per_epoch: int) -> Tuple
     return history, cfg.load_epoch, done, prev
 
 
-def guard_resume(cfg: TrainConfig, num_contexts: int, batches_per_epoch: int, num_update: int) -> dict:
-    """On --load-epoch, compare every trajectory-shaping option with the run's PREFIX-config.json.
+def guard_resume(cfg: TrainConfig, num_contexts: int, batches_per_epoch: int, num_update: int,
+                 check: bool = True) -> dict:
+    """On --load-epoch, compare every trajectory-shaping option with the run's PREFIX-config.json (unless
+    `check` is False: a new stage of train.recipes.stages, whose options differ by design).
 
     Returns what the rewritten PREFIX-config.json carries forward: its `config_history` (with this change
     when --allow-config-change let it through) and the pretrained parameters the run dropped.
@@ -323,6 +325,8 @@ def guard_resume(cfg: TrainConfig, num_contexts: int, batches_per_epoch: int, nu
         changed["devices"] = (devices, num_contexts)
     carried = {"config_history": list(record.get("config_history", [])),
                "dropped_pretrained": record.get("resolved", {}).get("dropped_pretrained", [])}
+    if not check:
+        return carried
     if changed and not cfg.allow_config_change:
         listed = ", ".join(f"{flag} {_shown(new)} (the run had {_shown(old)})" for flag, (old, new) in changed.items())
         raise TrainError(f"{path}: resuming with options that change the training trajectory: {listed}; resume "
@@ -744,7 +748,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
 
     batches_per_epoch = max(1, math.ceil(math.ceil(classes.num_records / num_workers) / cfg.batch_size))
     history, begin_epoch, begin_num_update, prev = resume_point(cfg, prefix, batches_per_epoch)
-    carried = {} if restart_optimizer else guard_resume(cfg, len(ctx), batches_per_epoch, begin_num_update)
+    carried = guard_resume(cfg, len(ctx), batches_per_epoch, begin_num_update, check=not restart_optimizer)
     module = _bind(model, cfg, ctx, mults)
     sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
                      cfg.lr_factor, cfg.warmup_epochs)
