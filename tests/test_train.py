@@ -300,7 +300,7 @@ def test_resume_with_changed_options_stops_unless_allowed_and_records_it(data, t
     with caplog.at_level("WARNING", logger="train.fit"):
         fit(config(data, prefix, num_epochs=3, load_epoch=2, **common))
     lr_now = 0.05 * (1 + np.cos(np.pi * 21 / 30)) / 2  # CosineScheduler's formula at update 21 of 30
-    assert f"re-planned to reach 0 at epoch 3; the lr continues at {lr_now:g} where the 2-epoch plan had 0" \
+    assert f"re-planned to reach 0 at epoch 3; the lr continues at {lr_now:g} where the 2-epoch plan had 0\n" \
         in caplog.text
     rows = json.loads((tmp_path / "ft-metrics.json").read_text())["epochs"]
     assert rows[2]["lr_start"] == pytest.approx(lr_now)

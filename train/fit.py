@@ -353,7 +353,10 @@ def schedule_change(recorded: TrainConfig, cfg: TrainConfig, batches_per_epoch: 
     def plan(c: TrainConfig):
         return schedule(c.lr_scheduler, c.lr, batches_per_epoch, c.num_epochs, c.lr_step_epochs, c.lr_factor,
                         c.warmup_epochs)
-    now, before = plan(cfg)(num_update + 1), plan(recorded)(num_update + 1)
+    now, recorded_plan = plan(cfg)(num_update + 1), plan(recorded)
+    # MXNet's schedulers hold their last value past their end, so walk the recorded plan to its end first.
+    recorded_plan(min(num_update + 1, recorded.num_epochs * batches_per_epoch))
+    before = recorded_plan(num_update + 1)
     where = f"--num-epochs {recorded.num_epochs} -> {cfg.num_epochs}, resuming at epoch {cfg.load_epoch + 1}"
     if cfg.lr_scheduler == "cosine":
         return (f"{where}: the cosine schedule is re-planned to reach 0 at epoch {cfg.num_epochs}; the lr continues "
