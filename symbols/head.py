@@ -40,7 +40,8 @@ class NewHead:
         aux_params: pretrained auxiliary states (BatchNorm moving statistics).
         spec: classifier / feature_output / output_name of the new network.
         new_params: names of the freshly initialised parameters (the new head).
-        dropped: pretrained parameters left out (the old classifier, and anything the cut removed).
+        dropped: every pretrained parameter that is not carried into the new network as it was: the replaced
+            classifier (same name, fresh values) and anything the cut removed.
     """
 
     symbol: mx.sym.Symbol
@@ -83,8 +84,8 @@ def find_head(symbol: mx.sym.Symbol, sidecar_classifier: Optional[str] = None,
     """Decide which layer is the classifier and where the new head attaches.
 
     Priority: an explicit `layer_before_fullc` (fine-tune.py's flag; the classifier is then whatever layer
-    consumed it, or `fc` when none), then the head VGG declares when the net has VGG's layer names, then the
-    sidecar's classifier / feature_output.
+    consumed it, or `fc` when none), then the head the sidecar declares (classifier / feature_output), then
+    the head VGG declares when the net has VGG's layer names. A declaration outranks a name signature.
 
     Raises:
         HeadError: nothing identifies the head, or a named layer is not in the network.
@@ -100,8 +101,6 @@ def find_head(symbol: mx.sym.Symbol, sidecar_classifier: Optional[str] = None,
         consumers = [name for name in fc_layers(symbol) if _layer_input(symbol, name) == feature]
         classifier = consumers[0] if consumers else (sidecar_classifier or "fc")
         return HeadSpec(classifier=classifier, feature_output=feature, output_name=output_name)
-    if vgg.matches(symbol):
-        return vgg.HEAD
     if sidecar_classifier:
         feature = sidecar_feature_output or _layer_input(symbol, sidecar_classifier)
         if feature is None or feature not in outputs:
@@ -109,6 +108,8 @@ def find_head(symbol: mx.sym.Symbol, sidecar_classifier: Optional[str] = None,
                             f"{sidecar_feature_output!r}), which is not in the network; its FullyConnected "
                             f"layers are {fc_layers(symbol)}; pass --layer-before-fullc")
         return HeadSpec(classifier=sidecar_classifier, feature_output=feature, output_name=output_name)
+    if vgg.matches(symbol):
+        return vgg.HEAD
     raise HeadError(f"cannot tell which layer is the classifier: the network is not VGG-shaped and its sidecar "
                     f"names none; pass --layer-before-fullc (FullyConnected layers: {fc_layers(symbol)})")
 
@@ -141,13 +142,38 @@ def build_head(features: mx.sym.Symbol, num_classes: int, spec: HeadSpec, hidden
     return mx.sym.SoftmaxOutput(x, name=spec.output_name)
 
 
-def _init_array(name: str, shape: Tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
-    """Fresh weights for a new head parameter: Xavier-uniform (fan-avg) weights, zero biases."""
+def xavier_uniform(shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray:
+    """Xavier-uniform (Glorot, fan-avg) weights, float32: U(-b, b) with b = sqrt(6 / (fan_in + fan_out)).
+
+    The one initialisation of new layers (head surgery here, the fused classifier in train.recipes.fusion);
+    numpy-seeded so a run's new head does not depend on MXNet's global random state.
+    """
+    fan_in, fan_out = int(np.prod(shape[1:])), int(shape[0])
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=tuple(shape)).astype(np.float32)
+
+
+def init_array(name: str, shape: Tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
+    """Fresh values for a new parameter: Xavier-uniform weights, zero biases (and anything 1-D)."""
     if name.endswith("_bias") or len(shape) < 2:
         return np.zeros(shape, np.float32)
-    fan_in, fan_out = int(np.prod(shape[1:])), shape[0]
-    bound = np.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return xavier_uniform(shape, rng)
+
+
+def with_lr_mults(symbol: mx.sym.Symbol, mults: Dict[str, float]) -> mx.sym.Symbol:
+    """A copy of `symbol` whose parameter variables carry `__lr_mult__` (those not 1).
+
+    An optimizer that Module creates by name reads these attributes through its `sym` (what
+    mx.sym.var(lr_mult=...) sets), on whatever device/kvstore layout Module chooses; this is how the
+    `--lr-mult` rules reach it. The checkpoint keeps the symbol without them.
+    """
+    import json
+    graph = json.loads(symbol.tojson())
+    for node in graph["nodes"]:
+        mult = mults.get(node["name"], 1.0) if node["op"] == "null" else 1.0
+        if mult != 1.0:
+            node.setdefault("attrs", {})["__lr_mult__"] = repr(float(mult))
+    return mx.sym.load_json(json.dumps(graph))
 
 
 def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], aux_params: Dict[str, mx.nd.NDArray],
@@ -218,12 +244,19 @@ def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], au
     rng = np.random.RandomState(seed)
     args = {n: arg_params[n] for n in arg_names if n not in new_names}
     for name in new_names:
-        args[name] = mx.nd.array(_init_array(name, shapes[name], rng))
+        args[name] = mx.nd.array(init_array(name, shapes[name], rng))
     aux = {n: aux_params[n] for n in aux_shape}
-    dropped = sorted((set(arg_params) - set(args)) | (set(aux_params) - set(aux)))
-    log.info("new head %s(%d classes) on %s; fresh: %s; pretrained weights kept: %d; left out: %s",
-             spec.classifier, num_classes, spec.feature_output, new_names, len(args) - len(new_names) + len(aux),
-             dropped)
+    # Every pretrained parameter that does not reach the new network as it was: left out by the cut, or
+    # replaced by a fresh one of the same name (the old classifier).
+    replaced = sorted(n for n in new_names if n in arg_params)
+    left_out = sorted((set(arg_params) - set(args)) | (set(aux_params) - set(aux)))
+    dropped = sorted(set(replaced) | set(left_out))
+    log.info("new head %s(%d classes) on %s; fresh: %s; pretrained weights kept: %d", spec.classifier,
+             num_classes, spec.feature_output, new_names, len(args) - len(new_names) + len(aux))
+    if dropped:
+        log.warning("head surgery dropped %d pretrained parameter(s): %s%s", len(dropped),
+                    ", ".join(f"{n} (replaced)" for n in replaced),
+                    (", " if replaced and left_out else "") + ", ".join(f"{n} (cut off)" for n in left_out))
     return NewHead(new_sym, args, aux, spec, new_names, dropped)
 
 

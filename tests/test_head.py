@@ -56,7 +56,7 @@ def test_vgg_head_keeps_every_other_weight_exactly():
     assert spec == vgg.HEAD == HeadSpec("fc8", "drop7_output", "prob")
     head = replace_head(sym, args, {}, SHAPE, 3, spec, seed=5)
     assert head.new_params == ["fc8_weight", "fc8_bias"]
-    assert head.dropped == []  # the old fc8 is replaced by name: nothing else left out
+    assert head.dropped == ["fc8_bias", "fc8_weight"]  # the replaced 1000-class fc8 is listed, not hidden
     assert head.arg_params["fc8_weight"].shape == (3, 16)
     for name in args:
         if not name.startswith("fc8"):
@@ -91,7 +91,7 @@ def test_layer_before_fullc_overrides_and_fine_tune_default_fails_clearly():
     assert spec.feature_output == "drop6_output" and spec.classifier == "fc7"
     head = replace_head(sym, args, {}, SHAPE, 4, spec)
     assert "fc8_weight" not in head.symbol.list_arguments() and head.new_params == ["fc7_weight", "fc7_bias"]
-    assert head.dropped == ["fc8_bias", "fc8_weight"]
+    assert head.dropped == ["fc7_bias", "fc7_weight", "fc8_bias", "fc8_weight"]  # replaced fc7 + cut-off fc8
     assert find_head(sym, layer_before_fullc="relu6_output").classifier == "fc"  # no FC consumed it
     with pytest.raises(HeadError, match=r"--layer-before-fullc flatten0: no such layer .*'drop7', 'fc8', 'prob'"):
         find_head(sym, layer_before_fullc="flatten0")
@@ -150,14 +150,42 @@ def test_lr_mult_rules():
         resolve_lr_mults(names, [parse_lr_mult("^res=0")])
 
 
-def test_optimizer_object_applies_lr_mult_on_every_layout():
-    """The trap: symbol __lr_mult__ attrs reach only string optimizers; ours maps indices for the layout."""
-    from train.fit import make_optimizer, param_idx2name
-    names = ["conv1_weight", "fc8_weight"]
-    for contexts, on_kv in ((1, False), (2, True), (2, False)):
-        idx2name = param_idx2name(names, contexts, on_kv)
-        opt = make_optimizer("sgd", 0.1, idx2name, {"conv1_weight": 0.0, "fc8_weight": 10.0}, 1.0, mom=0.0, wd=0.0)
-        for index, name in idx2name.items():
-            assert opt._get_lr(index) == pytest.approx({"conv1_weight": 0.0, "fc8_weight": 1.0}[name])
-    assert param_idx2name(names, 2, False) == {0: "conv1_weight", 1: "conv1_weight", 2: "fc8_weight",
-                                               3: "fc8_weight"}
+@pytest.mark.parametrize("contexts,on_kv", [(1, "1"), (2, "1"), (2, "0")])
+def test_lr_mult_reaches_module_optimizer_on_every_layout(monkeypatch, contexts, on_kv):
+    """The trap: an optimizer object gets no symbol lr_mult attributes and needs the index layout Module will
+    pick; the optimizer Module creates by name reads them from the training symbol on every layout."""
+    from train.config import TrainConfig
+    from train.fit import init_optimizer
+    from symbols.head import with_lr_mults
+    monkeypatch.setenv("MXNET_UPDATE_ON_KVSTORE", on_kv)
+    x = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=4, name="conv1")
+    sym = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=3, name="fc8"), name="prob")
+    mults = {"conv1_weight": 0.5, "fc8_weight": 10.0}
+    mod = mx.mod.Module(with_lr_mults(sym, mults), label_names=["prob_label"],
+                        context=[mx.cpu(i) for i in range(contexts)])
+    mod.bind([("data", (4, 5))], [("prob_label", (4,))])
+    mod.init_params()
+    init_optimizer(mod, "local", TrainConfig(lr=0.1, mom=0.0, wd=0.01), None, 0)
+    opt = mod._optimizer
+    assert mod._update_on_kvstore == (contexts > 1 and on_kv == "1")
+    names = sym.list_arguments()[1:-1]
+    per_param = 1 if mod._update_on_kvstore else contexts
+    assert sorted(opt.idx2name) == list(range(len(names) * per_param))
+    for index, name in opt.idx2name.items():
+        assert opt._get_lr(index) == pytest.approx(0.1 * mults.get(name, 1.0)), name
+        assert opt._get_wd(index) == pytest.approx(0.01 if name.endswith("_weight") else 0.0), name
+    assert opt.rescale_grad == pytest.approx(1 / 4)
+    # The checkpoint's symbol is untouched: the attributes live on the training copy only.
+    assert "__lr_mult__" not in sym.tojson()
+
+
+def test_sidecar_declared_head_wins_over_vgg_names(caplog):
+    """A VGG-named net whose sidecar declares another head: the declaration is used, not the name signature."""
+    sym, args = tiny_vgg()
+    spec = find_head(sym, sidecar_classifier="fc7", sidecar_feature_output="drop6_output", sidecar_output_name="prob")
+    assert spec == HeadSpec("fc7", "drop6_output", "prob")
+    assert find_head(sym) == vgg.HEAD  # no declaration: VGG's names decide
+    with caplog.at_level("WARNING", logger="symbols.head"):
+        head = replace_head(sym, args, {}, SHAPE, 4, spec)
+    assert head.dropped == ["fc7_bias", "fc7_weight", "fc8_bias", "fc8_weight"]
+    assert "fc7_weight (replaced)" in caplog.text and "fc8_weight (cut off)" in caplog.text

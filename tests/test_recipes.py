@@ -56,8 +56,9 @@ def _params(prefix, epoch):
 def test_cache_trains_the_same_head_as_full_forward_passes(data):
     tmp = data
     base = small_net_checkpoint(tmp / "base")
-    # One batch per epoch, so the shuffling order of either path cannot matter; backbone frozen in fit.
-    cfg = _cfg(tmp, base, "full", batch_size=24, num_epochs=4, lr=0.1, lr_mult=["^(?!fc7_)=0"])
+    # Three batches per epoch, the last one filled up as ImageRecordIter fills it: the cache follows the record
+    # order of full passes, filler included; backbone frozen in fit.
+    cfg = _cfg(tmp, base, "full", batch_size=10, num_epochs=4, lr=0.1, lr_mult=["^(?!fc7_)=0"])
     fit(cfg)
     res = features.train_from_cache(replace(cfg, model_prefix=str(tmp / "cached")), cache_dir=tmp / "cache")
     full, cached, pre = _params(tmp / "full", 4), _params(tmp / "cached", 4), _params(base, 0)
@@ -74,6 +75,66 @@ def test_cache_trains_the_same_head_as_full_forward_passes(data):
     assert ev["accuracy"] == pytest.approx(res.metrics[-1]["val_accuracy"], abs=1e-9)
     assert ev["log_loss"] == pytest.approx(res.metrics[-1]["val_loss"], rel=1e-4)
     assert load_sidecar(tmp / "cached").class_names == CLASSES
+
+
+def test_cache_runs_the_dropout_below_the_head_in_the_head_graph(data):
+    """VGG's drop6/drop7 sit between fc6 and the head: the cache is cut below drop6 and drop6 -> fc7 -> drop7 run
+    (frozen) in the head graph, so training sees dropped activations as full passes do."""
+    base = tiny_vgg_checkpoint(data / "vgg")
+    features.train_from_cache(_cfg(data, base, "v", num_epochs=2), cache_dir=data / "cache")
+    resolved = json.loads((data / "v-config.json").read_text())["resolved"]
+    assert resolved["cache_point"] == "relu6_output" and resolved["dropout_in_head"] == ["drop6", "drop7"]
+    assert resolved["feature_dim"] == 16  # fc6's width: relu6 is cached, not drop7
+    tuned, pre = _params(data / "v", 2), _params(base, 0)
+    for name in tuned:
+        if not name.startswith("fc8"):
+            np.testing.assert_array_equal(tuned[name], pre[name], err_msg=f"{name} is frozen")
+    # The layers above the cache drop activations in training mode like the full network, and equal it in
+    # inference mode.
+    sym, args, aux = mx.model.load_checkpoint(str(base), 0)
+    point = features.cache_point(sym, "drop7_output", (3, 16, 16))
+    x = mx.nd.array(np.random.RandomState(0).uniform(0, 2, (64, 3, 16, 16)))
+    full = mx.mod.Module(sym.get_internals()["drop7_output"], label_names=None)
+    full.bind([("data", x.shape)], for_training=True)
+    full.set_params(args, aux, allow_extra=True)
+    relu6 = mx.mod.Module(sym.get_internals()["relu6_output"], label_names=None)
+    relu6.bind([("data", x.shape)], for_training=False)
+    relu6.set_params(args, aux, allow_extra=True)
+    relu6.forward(mx.io.DataBatch([x]), is_train=False)
+    upper = mx.mod.Module(point.upper, label_names=None)
+    upper.bind([("data", (64, 16))], for_training=True)
+    upper.set_params(args, aux, allow_extra=True)
+    outputs = {}
+    for name, mod, inp in (("full", full, x), ("upper", upper, relu6.get_outputs()[0])):
+        for is_train in (False, True):
+            mod.forward(mx.io.DataBatch([inp]), is_train=is_train)
+            outputs[name, is_train] = mod.get_outputs()[0].asnumpy()
+    np.testing.assert_allclose(outputs["upper", False], outputs["full", False], rtol=1e-5, atol=1e-6)
+    active = outputs["full", False] != 0
+    for name in ("full", "upper"):  # drop7 zeroes about half of the active units in training mode
+        dropped = np.mean(outputs[name, True][active] == 0)
+        assert 0.35 < dropped < 0.65, (name, dropped)
+
+
+def test_cache_refuses_a_dropout_it_cannot_move_above_the_cache(data):
+    x = mx.sym.Convolution(mx.sym.var("data"), num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv1")
+    x = mx.sym.Activation(x, act_type="relu", name="relu1")
+    x = mx.sym.elemwise_add(mx.sym.Dropout(x, p=0.5, name="drop1"), x, name="skip")  # dropout inside a branch
+    x = mx.sym.Flatten(mx.sym.Pooling(x, global_pool=True, pool_type="avg", kernel=(1, 1), name="pool"),
+                       name="flat")
+    sym = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=3, name="fc"), name="softmax")
+    shapes = dict(zip(sym.list_arguments(), sym.infer_shape(data=(1, 3, 16, 16))[0]))
+    args = {n: mx.nd.array(np.random.RandomState(0).normal(0, 0.1, s)) for n, s in shapes.items()
+            if n not in ("data", "softmax_label")}
+    mx.model.save_checkpoint(str(data / "res"), 0, sym, args, {})
+    from symbols.sidecar import Preprocess
+    save_sidecar(data / "res", Preprocess(input_shape=(3, 16, 16), channel_order="BGR", mean=[104.0, 117.0, 123.0],
+                                          std=None, scale=1 / 64, num_classes=3, classifier="fc",
+                                          feature_output="flat_output", output_name="softmax"))
+    with pytest.raises(TrainError, match=r"dropout \['drop1'\] below the head: .*not a single chain.*python -m "
+                                         r"train"):
+        features.train_from_cache(_cfg(data, data / "res", "r"), cache_dir=data / "cache")
+    assert not (data / "r-symbol.json").exists()
 
 
 def test_cache_is_reused_and_keyed_by_rec_and_model(data):
@@ -280,6 +341,10 @@ def test_stages_apply_each_stage_lr_mult_and_optimizer_and_resume_mid_stage(data
         np.testing.assert_allclose(r5[name], p5[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # Without --resume existing checkpoints are not overwritten.
     assert recipes_main(["stages", *common, "--model-prefix", str(tmp / "r")]) == 2
+    # The replaced classifier stays listed across stage boundaries and resumes.
+    for run in ("s", "r"):
+        assert json.loads((tmp / f"{run}-config.json").read_text())["resolved"]["dropped_pretrained"] == [
+            "fc8_bias", "fc8_weight"]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,7 +28,7 @@ from symbols import classes
 from symbols.sidecar import Preprocess
 from train import recfile
 from train.recfile import DataError, PackTransform, framing_error  # noqa: F401  (re-exported)
-from train.config import TrainConfig as _DEFAULTS
+from train.config import AUGMENT, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,25 +136,8 @@ def check_same_classes(names: Sequence[str], where: str, other: Sequence[str], o
         raise DataError(str(err)) from None
 
 
-@dataclass
-class Augment:
-    """Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads).
-
-    The defaults (all off) are TrainConfig's: defaults live in train/config.py only.
-    """
-
-    random_crop: bool = _DEFAULTS.random_crop
-    random_resized_crop: bool = _DEFAULTS.random_resized_crop
-    min_random_area: float = _DEFAULTS.min_random_area
-    max_random_area: float = _DEFAULTS.max_random_area
-    min_random_aspect_ratio: float = _DEFAULTS.min_random_aspect_ratio
-    max_random_aspect_ratio: float = _DEFAULTS.max_random_aspect_ratio
-    random_mirror: bool = _DEFAULTS.random_mirror
-    max_random_rotate_angle: int = _DEFAULTS.max_random_rotate_angle
-    brightness: float = _DEFAULTS.brightness
-    contrast: float = _DEFAULTS.contrast
-    saturation: float = _DEFAULTS.saturation
-    pca_noise: float = _DEFAULTS.pca_noise
+class _AugmentMethods:
+    """What Augment does with its settings; its fields are declared once, as TrainConfig's AUGMENT group."""
 
     @classmethod
     def from_config(cls, cfg) -> "Augment":
@@ -172,6 +155,15 @@ class Augment:
                       max_random_area=self.max_random_area, min_aspect_ratio=self.min_random_aspect_ratio,
                       max_aspect_ratio=self.max_random_aspect_ratio)
         return kw
+
+
+# Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads): a dataclass whose fields,
+# types and defaults are TrainConfig's AUGMENT group, so the options are declared in train/config.py only.
+Augment = make_dataclass(
+    "Augment", [(f.name, f.type, field(default=f.default)) for f in fields(TrainConfig)
+                if f.metadata.get("group") == AUGMENT],
+    bases=(_AugmentMethods,))
+Augment.__module__ = __name__
 
 
 def normalisation(pre: Preprocess, sidecar_dir, image_shape: Sequence[int],

@@ -1,40 +1,42 @@
-"""The fit loop: head surgery, lr_mult rules as an optimizer object, atomic per-epoch checkpoints, exact resume.
+"""The fit loop: head surgery, lr_mult rules, atomic per-epoch checkpoints, exact resume.
 
-Reusable pieces (recipes build on them): `contexts`, `schedule`, `make_optimizer`, `prepare_model`,
-`Checkpointer`, `fit`.
+Reusable pieces (train.recipes builds on them): `contexts`, `schedule`, `prepare_model`, `start_run`,
+`resolve_mults`, `resume_point`, `init_optimizer`, `trained_sidecar`, `write_run_files`, `publish_epoch`,
+`fit`.
 
-Why an explicit loop instead of Module.fit: the NaN check must see every batch before its update, checkpoints
-must be atomic and carry the optimizer state, and each epoch reseeds shuffling, augmentation and dropout from
-(seed, epoch), which is what makes "2 epochs + resume 2" equal "4 epochs".
+Why an explicit loop instead of Module.fit: the NaN check must stop a run before a poisoned epoch is
+published, checkpoints must be atomic and carry the optimizer state, and each epoch reseeds shuffling,
+augmentation and dropout from (seed, epoch), which is what makes "2 epochs + resume 2" equal "4 epochs".
+What Module already does is left to it: the kvstore's update placement, the optimizer's index -> name map
+and rescale_grad come from `Module.init_optimizer`, exactly as in Module.fit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
+from recbuild.atomic import atomic_path, write_json
 from recbuild.classmap import write_class_map
-from symbols.head import (HeadError, NewHead, find_head, frozen, parse_lr_mult, replace_head,
-                          resolve_lr_mults, to_float16)
+from symbols import checkpoint
+from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults, to_float16,
+                          with_lr_mults)
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from symbols.vgg import HeadSpec
-from recbuild.atomic import atomic_path, write_json
-from train.config import TrainConfig, config_path
-from train.data import Augment, ClassInfo, DataError, plan_input, record_iter, resolve_classes
+from train.config import (AUGMENT, RANDOM_AUGMENTATIONS, TrainConfig, config_path, flag_of, load_run_config,
+                          parse_gpus, trajectory_options)
+from train.data import Augment, ClassInfo, plan_input, record_count, record_iter, resolve_classes
 from train.metrics import MetricsLog, Tally
 
 log = logging.getLogger(__name__)
-
-# MXNet's 'local' kvstore stops updating on the kvstore for parameters above this size (model._create_kvstore);
-# the optimizer's index -> name map depends on it, so it is mirrored here.
-_KV_LOCAL_MAX_SIZE = 1024 * 1024 * 16
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,41 +47,21 @@ class TrainError(ValueError):
     """Bad input to a training run (files, flags); the message names it."""
 
 
-# ---- devices and optimizer ---------------------------------------------------------------------------------
+# ---- devices, schedule, optimizer ------------------------------------------------------------------------------
 def contexts(gpus: Optional[str], cpus: int = 1) -> List[mx.Context]:
     """`--gpus 0,1` -> [gpu(0), gpu(1)]; no GPUs -> `cpus` CPU contexts (data-parallel the same way)."""
-    if gpus:
-        try:
-            ids = [int(g) for g in str(gpus).split(",") if g.strip()]
-        except ValueError:
-            raise TrainError(f"--gpus {gpus!r}: expected comma-separated GPU ids, e.g. 0,1") from None
-        available = mx.context.num_gpus()
-        missing = [i for i in ids if i >= available]
-        if missing:
-            raise TrainError(f"--gpus {gpus}: GPU {missing[0]} not found ({available} visible; is this the "
-                             f"mxnet-cu112 build? `make install GPU=cu112; source tools/gpu_env.sh`)")
-        return [mx.gpu(i) for i in ids]
-    return [mx.cpu(i) for i in range(cpus)]
-
-
-def updates_on_kvstore(kv_type: Optional[str], num_contexts: int, param_sizes: Sequence[int]) -> bool:
-    """Whether Module will run the optimizer inside the kvstore, mirroring mxnet.model._create_kvstore.
-
-    It decides the optimizer's index layout: one index per parameter on the kvstore, otherwise one per
-    (parameter, device) pair, i.e. index = param * num_devices + device.
-    """
-    if kv_type is None or (num_contexts == 1 and "dist" not in kv_type):
-        return False
-    if kv_type == "local" and param_sizes and max(param_sizes) > _KV_LOCAL_MAX_SIZE:
-        return False
-    return bool(int(os.getenv("MXNET_UPDATE_ON_KVSTORE", "1")))
-
-
-def param_idx2name(param_names: Sequence[str], num_contexts: int, on_kvstore: bool) -> Dict[int, str]:
-    """The optimizer index -> parameter name map Module uses (see updates_on_kvstore)."""
-    if on_kvstore:
-        return dict(enumerate(param_names))
-    return {i * num_contexts + k: name for k in range(num_contexts) for i, name in enumerate(param_names)}
+    try:
+        ids = parse_gpus(gpus)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    if not ids:
+        return [mx.cpu(i) for i in range(cpus)]
+    available = mx.context.num_gpus()
+    missing = [i for i in ids if i >= available]
+    if missing:
+        raise TrainError(f"--gpus {gpus}: GPU {missing[0]} not found ({available} visible; is this the "
+                         f"mxnet-cu112 build? `make install GPU=cu112; source tools/gpu_env.sh`)")
+    return [mx.gpu(i) for i in ids]
 
 
 def schedule(kind: str, lr: float, batches_per_epoch: int, num_epochs: int, step_epochs: Sequence[int] = (),
@@ -100,26 +82,28 @@ def schedule(kind: str, lr: float, batches_per_epoch: int, num_epochs: int, step
                                                 warmup_begin_lr=0.0)
 
 
-def make_optimizer(name: str, lr: float, idx2name: Dict[int, str], lr_mults: Dict[str, float],
-                   rescale_grad: float, lr_scheduler=None, mom: float = 0.9, wd: float = 0.0005,
-                   begin_num_update: int = 0, multi_precision: bool = False, symbol=None) -> mx.optimizer.Optimizer:
-    """An optimizer object whose per-parameter lr multipliers work on any device/kvstore layout.
+def optimizer_params(cfg: TrainConfig, lr_scheduler, begin_num_update: int) -> dict:
+    """Module.init_optimizer's `optimizer_params` for `cfg.optimizer` (rescale_grad is Module's to set).
 
-    Symbol `__lr_mult__` attributes only reach the optimizer when Module creates it from a string; an object
-    needs `param_idx2name` for the layout Module will use and `set_lr_mult` by name, which is done here.
     `begin_num_update` continues the schedule (and Adam's bias correction) on resume.
     """
-    kwargs = dict(learning_rate=lr, wd=wd, rescale_grad=rescale_grad, lr_scheduler=lr_scheduler,
-                  param_idx2name=idx2name, begin_num_update=begin_num_update, sym=symbol)
-    if name in ("sgd", "nag"):
-        kwargs.update(momentum=mom, multi_precision=multi_precision)
-    elif name == "adam":
-        kwargs.update(multi_precision=multi_precision) if multi_precision else None
+    params = dict(learning_rate=cfg.lr, wd=cfg.wd, lr_scheduler=lr_scheduler, begin_num_update=begin_num_update)
+    if cfg.optimizer in ("sgd", "nag"):
+        params.update(momentum=cfg.mom, multi_precision=cfg.dtype == "float16")
+    elif cfg.optimizer == "adam":
+        if cfg.dtype == "float16":
+            params.update(multi_precision=True)
     else:
-        raise TrainError(f"--optimizer {name}: supported are sgd, nag, adam")
-    optimizer = mx.optimizer.create(name, **kwargs)
-    optimizer.set_lr_mult({n: m for n, m in lr_mults.items() if m != 1.0})
-    return optimizer
+        raise TrainError(f"--optimizer {cfg.optimizer}: supported are sgd, nag, adam")
+    return params
+
+
+def init_optimizer(module: mx.mod.Module, kvstore, cfg: TrainConfig, lr_scheduler, begin_num_update: int) -> None:
+    """Let Module create the optimizer by name, as Module.fit does: it builds the index -> name map for the
+    update placement it chooses, sets rescale_grad, and reads the lr multipliers from the training symbol's
+    `__lr_mult__` attributes (see symbols.head.with_lr_mults), so they hold on every device/kvstore layout."""
+    module.init_optimizer(kvstore=kvstore, optimizer=cfg.optimizer,
+                          optimizer_params=optimizer_params(cfg, lr_scheduler, begin_num_update))
 
 
 # ---- the model ------------------------------------------------------------------------------------------------
@@ -134,17 +118,15 @@ class Prepared:
     pre: Preprocess
     sidecar_dir: Path
     new_params: List[str]
+    dropped: List[str] = field(default_factory=list)
 
 
-def _load_checkpoint(prefix: str, epoch: int, what: str):
-    for path in (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-{epoch:04d}.params")):
-        if not path.is_file():
-            raise TrainError(f"{path}: {what} checkpoint file missing (prefix {prefix}, epoch {epoch})")
+def load_checkpoint(prefix: str, epoch: int, what: str):
+    """symbols.checkpoint.load_checkpoint with the trainer's error type."""
     try:
-        return mx.model.load_checkpoint(prefix, epoch)
-    except mx.base.MXNetError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-        raise TrainError(f"{prefix}-{epoch:04d}.params: cannot load {what} checkpoint ({first})") from None
+        return checkpoint.load_checkpoint(prefix, epoch, what)
+    except checkpoint.CheckpointError as err:
+        raise TrainError(str(err)) from None
 
 
 def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int,
@@ -155,7 +137,7 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
         raise TrainError(f"{sidecar_path(pretrained_model)}: no preprocessing sidecar beside the pretrained model; "
                          f"convert it with `python -m tools.caffe_converter`")
     pre = load_sidecar(pretrained_model)
-    sym, args, aux = _load_checkpoint(pretrained_model, pretrained_epoch, "pretrained")
+    sym, args, aux = load_checkpoint(pretrained_model, pretrained_epoch, "pretrained")
     shape = tuple(image_shape or pre.input_shape)
     try:
         spec = find_head(sym, pre.classifier, pre.feature_output, pre.output_name, layer_before_fullc)
@@ -163,52 +145,289 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
     except HeadError as err:
         raise TrainError(f"{pretrained_model}: {err}") from None
     return Prepared(head.symbol, head.arg_params, head.aux_params, head.spec, pre,
-                    Path(str(pretrained_model)).parent, head.new_params)
+                    Path(str(pretrained_model)).parent, head.new_params, head.dropped)
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-class Checkpointer:
-    """Writes PREFIX-symbol.json, PREFIX-NNNN.params, PREFIX-NNNN.states, the sidecar and the class map,
-    each atomically, so a killed run leaves only complete checkpoints."""
+def trained_sidecar(prepared: Prepared, cfg: TrainConfig, prefix: str, shape: Sequence[int], classes: ClassInfo,
+                    **source) -> Preprocess:
+    """The sidecar of the trained model: the pretrained one with the new head, classes and input shape; a mean
+    image is copied beside the new checkpoint."""
+    spec = prepared.spec
+    pre = replace(prepared.pre, input_shape=tuple(shape), num_classes=classes.num_classes,
+                  classifier=spec.classifier, feature_output=spec.feature_output, output_name=spec.output_name,
+                  class_names=classes.names,
+                  source={"fine_tuned_from": f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}",
+                          "data_train": str(cfg.data_train), **source, "parent": prepared.pre.source})
+    if isinstance(pre.mean, str):
+        pre = copy_mean_file(pre, cfg.pretrained_model, prefix)
+    return pre
 
-    def __init__(self, prefix: str):
-        self.prefix = str(prefix)
 
-    def params_path(self, epoch: int) -> Path:
-        return Path(f"{self.prefix}-{epoch:04d}.params")
+@dataclass
+class Model:
+    """What a run trains: the symbol, its weights, its sidecar (as it will be saved) and where it came from."""
 
-    def states_path(self, epoch: int) -> Path:
-        return Path(f"{self.prefix}-{epoch:04d}.states")
+    symbol: mx.sym.Symbol
+    arg_params: Dict[str, mx.nd.NDArray]
+    aux_params: Dict[str, mx.nd.NDArray]
+    spec: HeadSpec
+    pre: Preprocess
+    sidecar_dir: Path         # where a mean image named by `pre` is read from while training
+    new_params: List[str]
+    shape: Tuple[int, ...]
+    dropped: List[str] = field(default_factory=list)
 
-    def existing_epochs(self) -> List[int]:
-        folder, name = Path(self.prefix).parent, Path(self.prefix).name
-        found = []
-        for p in folder.glob(f"{name}-*.params") if folder.is_dir() else []:
-            tail = p.name[len(name) + 1:-len(".params")]
-            if len(tail) == 4 and tail.isdigit():
-                found.append(int(tail))
-        return sorted(found)
+    @property
+    def label_name(self) -> str:
+        return f"{self.spec.output_name}_label"
 
-    def write_model_files(self, symbol: mx.sym.Symbol, pre: Preprocess, class_names: Optional[List[str]]) -> None:
-        with atomic_path(f"{self.prefix}-symbol.json") as tmp:
-            symbol.save(str(tmp))
-        save_sidecar(self.prefix, pre)
-        if class_names:
-            write_class_map(self.prefix, class_names)
+    def param_names(self) -> List[str]:
+        return [n for n in self.symbol.list_arguments() if n not in ("data", self.label_name)]
 
-    def write_epoch(self, epoch: int, module: mx.mod.Module, with_states: bool) -> None:
-        args, aux = module.get_params()
-        bad = [n for n, v in list(args.items()) + list(aux.items()) if not np.isfinite(v.asnumpy()).all()]
-        if bad:
-            raise TrainingDiverged(f"weights became non-finite in epoch {epoch} ({bad[0]}...); not writing "
-                                   f"{self.params_path(epoch)}; lower --lr")
-        blob = {f"arg:{n}": v.astype("float32") for n, v in args.items()}
-        blob.update({f"aux:{n}": v.astype("float32") for n, v in aux.items()})
-        with atomic_path(self.params_path(epoch)) as tmp:
-            mx.nd.save(str(tmp), blob)
-        if with_states:
-            with atomic_path(self.states_path(epoch)) as tmp:
-                module.save_optimizer_states(str(tmp))
+
+def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
+    prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
+                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
+    shape = tuple(cfg.image_shape or prepared.pre.input_shape)
+    pre = trained_sidecar(prepared, cfg, prefix, shape, classes)
+    sidecar_dir = Path(prefix).parent if isinstance(prepared.pre.mean, str) else prepared.sidecar_dir
+    return Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec, pre, sidecar_dir,
+                 prepared.new_params, shape, prepared.dropped)
+
+
+def _resumed_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
+    if not has_sidecar(prefix):
+        raise TrainError(f"{sidecar_path(prefix)}: missing, cannot resume {prefix}")
+    pre = load_sidecar(prefix)
+    symbol, args, aux = load_checkpoint(prefix, cfg.load_epoch, "resume")
+    if pre.num_classes != classes.num_classes:
+        raise TrainError(f"{sidecar_path(prefix)}: the checkpoint has {pre.num_classes} classes, the data "
+                         f"{classes.num_classes}")
+    if pre.class_names and classes.names and pre.class_names != classes.names:
+        raise TrainError(f"{classes.class_map}: class names differ from those the checkpoint was trained with "
+                         f"({sidecar_path(prefix)}); a resume must use the same classes in the same order")
+    spec = HeadSpec(pre.classifier, pre.feature_output or "", pre.output_name)
+    return Model(symbol, args, aux, spec, pre, Path(prefix).parent, [], tuple(cfg.image_shape or pre.input_shape))
+
+
+# ---- what every training route settles first ------------------------------------------------------------------
+def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
+    """Validate `cfg`, check the data's classes, remove dead runs' `.part` files and check that a fresh run
+    does not overwrite checkpoints."""
+    cfg.validate()
+    classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
+    if cfg.num_examples is not None and cfg.num_examples != classes.num_records:
+        log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
+                    cfg.data_train, classes.num_records)
+    remove_stale_parts(prefix)
+    drop_unpublished(prefix)
+    done = complete_epochs(prefix)
+    if cfg.load_epoch is None and done and not cfg.overwrite:
+        raise TrainError(f"{checkpoint.params_path(prefix, done[-1])} exists: resume with --load-epoch "
+                         f"{done[-1]}, or pass --overwrite, or choose another --model-prefix")
+    return classes
+
+
+def complete_epochs(prefix: str) -> List[int]:
+    """Epochs (> 0) that can be resumed: `.params` (published last) and, where the run keeps optimizer state
+    (every kvstore but a dist one updating on its servers), `.states` beside it."""
+    epochs = [e for e in checkpoint.list_epochs(prefix) if e > 0]
+    with_states = [e for e in epochs if checkpoint.states_path(prefix, e).is_file()]
+    return with_states if with_states else epochs
+
+
+def drop_unpublished(prefix: str) -> None:
+    """Remove what a run killed inside publish_epoch left of an epoch whose .params never came: its .states
+    and its metrics row (they are written first), so the files on disk describe whole epochs only."""
+    published = set(checkpoint.list_epochs(prefix))
+    folder, name = Path(prefix).parent, Path(prefix).name
+    for states in folder.glob(f"{name}-[0-9][0-9][0-9][0-9].states") if folder.is_dir() else []:
+        if int(states.name[len(name) + 1:len(name) + 5]) not in published:
+            log.info("removing %s: its epoch was never published (no .params)", states)
+            states.unlink(missing_ok=True)
+    history = MetricsLog.load(prefix, max(published, default=0))
+    if history.json_path.is_file() and len(history.rows) < len(MetricsLog.load(prefix, 10 ** 9).rows):
+        history.write()
+
+
+def remove_stale_parts(prefix: str) -> List[Path]:
+    """Delete the temporary `.PREFIX-*.part` files that killed runs left (a VGG16 .params.part is 0.5 GB);
+    those of a process still alive are left alone."""
+    folder, name = Path(prefix).parent, Path(prefix).name
+    removed = []
+    for part in folder.glob(f".{name}[-.]*.part") if folder.is_dir() else []:
+        pid = part.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        part.unlink(missing_ok=True)
+        removed.append(part)
+    if removed:
+        log.info("removed %d unfinished file(s) of an earlier run: %s", len(removed), [p.name for p in removed])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resolve_mults(param_names: Sequence[str], rules: Sequence[str]) -> Dict[str, float]:
+    """`--lr-mult` rules -> {parameter: multiplier} (TrainError for a bad or unmatched rule)."""
+    try:
+        return resolve_lr_mults(param_names, [parse_lr_mult(text) for text in rules])
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+
+
+def resume_point(cfg: TrainConfig, prefix: str, batches_per_epoch: int) -> Tuple[MetricsLog, int, int, Optional[dict]]:
+    """(metrics so far, first epoch to run, update count so far, the metrics row of the resumed epoch)."""
+    if cfg.load_epoch is None:
+        return MetricsLog(prefix), 0, 0, None
+    history = MetricsLog.load(prefix, cfg.load_epoch)
+    prev = history.row(cfg.load_epoch)
+    done = int(prev["num_update"]) if prev and "num_update" in prev else cfg.load_epoch * batches_per_epoch
+    return history, cfg.load_epoch, done, prev
+
+
+def guard_resume(cfg: TrainConfig, num_contexts: int, batches_per_epoch: int, num_update: int,
+                 check: bool = True) -> dict:
+    """On --load-epoch, compare every trajectory-shaping option with the run's PREFIX-config.json (unless
+    `check` is False: a new stage of train.recipes.stages, whose options differ by design).
+
+    Returns what the rewritten PREFIX-config.json carries forward: its `config_history` (with this change
+    when --allow-config-change let it through) and the pretrained parameters the run dropped.
+
+    Raises:
+        TrainError: an option differs and --allow-config-change is not given; the message names them all.
+    """
+    path = config_path(cfg.model_prefix)
+    if cfg.load_epoch is None:
+        return {}
+    if not path.is_file():
+        log.warning("%s: missing, so this resume cannot be checked against the run's options", path)
+        return {}
+    recorded = load_run_config(cfg.model_prefix)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    changed = {flag_of(name): (getattr(recorded, name), getattr(cfg, name)) for name in trajectory_options()
+               if getattr(recorded, name) != getattr(cfg, name)
+               and not (name in ("pretrained_model", "pretrained_epoch") and not cfg.pretrained_model)}
+    devices = len(record.get("resolved", {}).get("contexts", [])) or num_contexts
+    if devices != num_contexts:
+        changed["devices"] = (devices, num_contexts)
+    carried = {"config_history": list(record.get("config_history", [])),
+               "dropped_pretrained": record.get("resolved", {}).get("dropped_pretrained", [])}
+    if not check:
+        return carried
+    if changed and not cfg.allow_config_change:
+        listed = ", ".join(f"{flag} {_shown(new)} (the run had {_shown(old)})" for flag, (old, new) in changed.items())
+        raise TrainError(f"{path}: resuming with options that change the training trajectory: {listed}; resume "
+                         f"with the run's values, or pass --allow-config-change to continue with these (the change "
+                         f"is recorded in {path.name})")
+    if changed:
+        log.warning("resuming %s at epoch %d with changed options (allowed): %s", cfg.model_prefix, cfg.load_epoch,
+                    {k: {"from": o, "to": n} for k, (o, n) in changed.items()})
+        carried["config_history"].append({"resumed_from_epoch": cfg.load_epoch, "time": time.strftime(
+            "%Y-%m-%dT%H:%M:%S%z"), "changed": {k: {"from": o, "to": n} for k, (o, n) in changed.items()}})
+    if recorded.num_epochs != cfg.num_epochs:
+        log.warning("%s", schedule_change(recorded, cfg, batches_per_epoch, num_update))
+    return carried
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else "(none)"
+    return str(value)
+
+
+def schedule_change(recorded: TrainConfig, cfg: TrainConfig, batches_per_epoch: int, num_update: int) -> str:
+    """What a changed --num-epochs does to the lr schedule from the resumed epoch on, in one sentence."""
+    def plan(c: TrainConfig):
+        return schedule(c.lr_scheduler, c.lr, batches_per_epoch, c.num_epochs, c.lr_step_epochs, c.lr_factor,
+                        c.warmup_epochs)
+    now, recorded_plan = plan(cfg)(num_update + 1), plan(recorded)
+    # MXNet's schedulers hold their last value past their end, so walk the recorded plan to its end first.
+    recorded_plan(min(num_update + 1, recorded.num_epochs * batches_per_epoch))
+    before = recorded_plan(num_update + 1)
+    where = f"--num-epochs {recorded.num_epochs} -> {cfg.num_epochs}, resuming at epoch {cfg.load_epoch + 1}"
+    if cfg.lr_scheduler == "cosine":
+        return (f"{where}: the cosine schedule is re-planned to reach 0 at epoch {cfg.num_epochs}; the lr continues "
+                f"at {now:g} where the {recorded.num_epochs}-epoch plan had {before:g}")
+    old_steps = [e for e in recorded.lr_step_epochs if 0 < e < recorded.num_epochs]
+    new_steps = [e for e in cfg.lr_step_epochs if 0 < e < cfg.num_epochs]
+    steps = "the same lr steps" if old_steps == new_steps else f"lr steps at epochs {new_steps or 'none'} " \
+                                                                 f"(were {old_steps or 'none'})"
+    return f"{where}: step schedule with {steps}; the lr continues at {now:g}"
+
+
+def write_run_files(cfg: TrainConfig, prefix: str, model: Model, classes: ClassInfo, resolved: dict,
+                    carried: Optional[dict] = None, record_config: bool = True) -> None:
+    """PREFIX-config.json (the options, what the run resolved, the config history), the symbol, sidecar and
+    class map."""
+    carried = carried or {}
+    if record_config:
+        dropped = resolved.pop("dropped_pretrained", None) or carried.get("dropped_pretrained", [])
+        write_json(config_path(cfg.model_prefix), {**cfg.to_dict(), "resolved": {
+            "num_classes": classes.num_classes, "class_names": classes.names, "image_shape": list(model.shape),
+            "head": asdict(model.spec), "dropped_pretrained": dropped, **resolved, "mxnet": mx.__version__},
+            "config_history": carried.get("config_history", [])})
+    checkpoint.save_symbol(prefix, model.symbol)
+    save_sidecar(prefix, model.pre)
+    if classes.names:
+        write_class_map(prefix, classes.names)
+
+
+def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: Dict[str, mx.nd.NDArray],
+                  write_states: Optional[Callable[[str], None]], history: MetricsLog, row: dict) -> None:
+    """Publish one epoch as a unit: PREFIX-NNNN.states (with `write_states`), the metrics row, and last
+    PREFIX-NNNN.params, each atomically. The .params file is what marks an epoch complete (list_epochs,
+    --load-epoch, the resume advice), so a kill at any point leaves either the whole epoch or an epoch that
+    does not exist, whose leftovers (.states, metrics row) the next start removes (drop_unpublished).
+
+    Raises:
+        TrainingDiverged: a weight is not finite; nothing is written.
+    """
+    bad = [n for n, v in list(args.items()) + list(aux.items()) if not np.isfinite(v.asnumpy()).all()]
+    if bad:
+        raise TrainingDiverged(f"weights became non-finite in epoch {epoch} ({bad[0]}...); not writing "
+                               f"{checkpoint.params_path(prefix, epoch)}; lower --lr")
+    if write_states is not None:
+        with atomic_path(checkpoint.states_path(prefix, epoch)) as tmp:
+            write_states(str(tmp))
+    history.append(row)
+    checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
+
+
+def log_epoch(epoch_index: int, row: dict, phase: str) -> None:
+    """fine-tune.py's (Module.fit's) epoch lines, which MXNet's tools/parse_log.py reads: `Epoch[N]
+    Train-accuracy=...`, `Epoch[N] Time cost=...`, `Epoch[N] Validation-accuracy=...`, N counted from 0 (the
+    checkpoint of Epoch[0] is -0001)."""
+    side, label = ("train_", "Train") if phase == "train" else ("val_", "Validation")
+    for key, name in _metric_names(row, side):
+        log.info("Epoch[%d] %s-%s=%f", epoch_index, label, name, row[key])
+    if phase == "train":
+        log.info("Epoch[%d] Time cost=%.3f", epoch_index, row["seconds"])
+
+
+def _metric_names(row: dict, side: str) -> List[Tuple[str, str]]:
+    """(row key, MXNet metric name) in fine-tune.py's order: accuracy, top_k_accuracy_K, cross-entropy (the
+    names mx.metric gives them)."""
+    names = []
+    for key in sorted(row, key=lambda k: k.endswith("loss")):
+        if not key.startswith(side):
+            continue
+        metric = key[len(side):]
+        if metric == "loss":
+            names.append((key, "cross-entropy"))
+        elif metric.startswith("top_") and metric.endswith("_accuracy"):
+            names.append((key, f"top_k_accuracy_{metric[4:-9]}"))
+        else:
+            names.append((key, metric))
+    return names
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
@@ -221,26 +440,274 @@ class FitResult:
     metrics: List[dict]
     num_classes: int
     class_names: Optional[List[str]]
+    dropped: List[str] = field(default_factory=list)   # pretrained parameters the new head left out or replaced
 
 
-def _check_finite(probs: np.ndarray, epoch: int, batch: int, last_good: str) -> None:
-    if not np.isfinite(probs).all():
-        raise TrainingDiverged(f"loss became NaN/inf at epoch {epoch} batch {batch}; stopped. Last good checkpoint: "
-                               f"{last_good}. Lower --lr (or raise --warmup-epochs) and resume with --load-epoch")
+class EpochStream:
+    """One shuffling ImageRecordIter for every training epoch, instead of one per epoch.
+
+    MXNet 1.9's reset() with round_batch skips the records that padded the last batch, so the iterator runs
+    with round_batch=False, whose reset() starts a fresh, complete permutation; the last batch's stale rows
+    (reported with pad 0) are replaced here by the epoch's first records and reported as pad. Each reset()
+    advances the shuffle the same way whether or not the epoch was read, so a resume at epoch k replays k
+    resets and continues exactly. Random augmentation draws per decoded image and cannot be replayed that way:
+    with it (or a per-epoch file, or distributed parts) the trainer builds a fresh iterator per epoch instead.
+    """
+
+    def __init__(self, make: Callable[[], mx.io.DataIter], num_records: int, begin_epoch: int):
+        self.iterator, self.num_records = make(), num_records
+        for _ in range(begin_epoch):
+            self.iterator.reset()
+        self.fresh = True
+
+    def epoch(self):
+        """The batches of the next epoch: every record once, the last batch filled up with the first ones."""
+        if not self.fresh:
+            self.iterator.reset()
+        self.fresh, seen, first = False, 0, None
+        for batch in self.iterator:
+            size = batch.data[0].shape[0]
+            keep = min(size, self.num_records - seen)
+            if keep <= 0:
+                break
+            seen += keep
+            if first is None:
+                first = (batch.data[0].copy(), batch.label[0].copy())
+            if keep < size:
+                batch = mx.io.DataBatch(
+                    data=[mx.nd.concat(batch.data[0][:keep], first[0][:size - keep], dim=0)],
+                    label=[mx.nd.concat(batch.label[0][:keep], first[1][:size - keep], dim=0)],
+                    pad=size - keep, provide_data=batch.provide_data, provide_label=batch.provide_label)
+            yield batch
 
 
-def _evaluate(module: mx.mod.Module, data: mx.io.DataIter, top_k: int) -> Dict[str, float]:
+class ReusedPasses:
+    """One ImageRecordIter for every pass over an unshuffled set (validation), instead of one per pass.
+
+    MXNet 1.9's ImageRecordIter cannot simply be reset: with round_batch it pads the last batch with the first
+    records of the next pass and then skips them after reset(); with round_batch=False every pass starts at the
+    first record, but the last batch is filled with stale rows and reported with pad 0. So the iterator runs
+    with round_batch=False and the real rows of each batch are counted here from the record count.
+    """
+
+    def __init__(self, make: Callable[[], mx.io.DataIter], num_records: int):
+        self.make, self.num_records, self.iterator = make, num_records, None
+
+    def __iter__(self):
+        """(batch, number of real rows at its top) for one whole pass."""
+        if self.iterator is None:
+            self.iterator = self.make()
+        else:
+            self.iterator.reset()
+        seen = 0
+        for batch in self.iterator:
+            keep = min(batch.data[0].shape[0], self.num_records - seen)
+            if keep <= 0:
+                break
+            seen += keep
+            yield batch, keep
+
+
+def _evaluate(module: mx.mod.Module, data, top_k: int, epoch_index: int) -> Dict[str, float]:
+    """Validation metrics; `data` yields (batch, real rows) like ReusedPasses, or plain batches (pad used)."""
     tally = Tally(top_k)
-    for batch in data:
+    for item in data:
+        batch, keep = item if isinstance(item, tuple) else (item, None)
         module.forward(batch, is_train=False)
         probs = module.get_outputs()[0].asnumpy()
-        keep = probs.shape[0] - batch.pad
+        keep = probs.shape[0] - batch.pad if keep is None else keep
         labels = batch.label[0].asnumpy()[:keep]
         probs = probs[:keep]
         if not np.isfinite(probs).all():
+            log.warning("Epoch[%d] validation: the network's outputs are NaN/inf, so the validation loss and "
+                        "accuracy are NaN; the weights were finite (lower --lr if this repeats)", epoch_index)
             return {"val_loss": float("nan"), "val_accuracy": float("nan")}
         tally.update(probs, labels)
     return tally.result("val_")
+
+
+class EpochMeter:
+    """Consumes each batch's outputs on the host, one batch behind the device: the running metrics, the NaN/inf
+    guard, the progress bar and Speedometer's lines (`Epoch[N] Batch [a-b]\tSpeed: ... samples/sec\t...`,
+    every `disp_batches`, as mx.callback.Speedometer writes them)."""
+
+    def __init__(self, epoch_index: int, top_k: int, batch_size: int, disp_batches: int, bar, last_good: str):
+        self.epoch_index, self.batch_size, self.disp_batches = epoch_index, batch_size, disp_batches
+        self.tally, self.window = Tally(top_k), Tally(top_k)
+        self.bar, self.last_good = bar, last_good
+        self.images, self.start = 0, time.time()
+        self.tic = self.start
+
+    def consume(self, index: int, outputs: mx.nd.NDArray, labels: np.ndarray, pad: int) -> None:
+        probs = outputs.asnumpy()
+        if not np.isfinite(probs).all():
+            raise TrainingDiverged(
+                f"loss became NaN/inf at epoch {self.epoch_index + 1} batch {index + 1}; stopped, nothing of this "
+                f"epoch written. Last good checkpoint: {self.last_good}. Lower --lr (or raise --warmup-epochs) "
+                f"and resume with --load-epoch")
+        keep = probs.shape[0] - pad
+        loss = self.tally.update(probs[:keep], labels[:keep])
+        self.window.update(probs[:keep], labels[:keep])
+        self.images += keep
+        if self.bar is not None:
+            self.bar.update(keep)
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{self.tally.result()['accuracy']:.3f}", refresh=False)
+        if index > 0 and index % self.disp_batches == 0:
+            speed = self.disp_batches * self.batch_size / max(time.time() - self.tic, 1e-9)
+            values = self.window.result()
+            pairs = [(name, values[key]) for key, name in _metric_names(values, "")]
+            log.info("Epoch[%d] Batch [%d-%d]\tSpeed: %.2f samples/sec" + "\t%s=%f" * len(pairs), self.epoch_index,
+                     index - self.disp_batches, index, speed, *sum(pairs, ()))
+            self.window.reset()
+            self.tic = time.time()
+        elif index == 0:
+            self.tic = time.time()  # Speedometer starts timing after the first batch
+
+    def row(self) -> dict:
+        seconds = time.time() - self.start
+        return {"epoch": self.epoch_index + 1, **self.tally.result("train_"),
+                "img_per_s": self.images / max(seconds, 1e-9), "seconds": seconds}
+
+
+@dataclass
+class _Loop:
+    """The fixed parts of one run's epoch loop."""
+
+    cfg: TrainConfig
+    module: mx.mod.Module
+    model: Model
+    prefix: str
+    rank: int
+    num_workers: int
+    batches_per_epoch: int
+    lr_plan: mx.lr_scheduler.LRScheduler   # a copy of the optimizer's schedule, queried for the metrics rows
+    begin_epoch: int
+    begin_num_update: int
+    history: MetricsLog
+    with_states: bool
+    top_k: int
+    epoch_train_rec: Optional[Callable[[int], str]]
+    num_records: int = 0
+    stream: Optional[EpochStream] = None
+    val: Optional[ReusedPasses] = None
+
+    def make_iter(self, path, train: bool, seed: int, round_batch: bool = True) -> mx.io.DataIter:
+        cfg = self.cfg
+        return record_iter(path, cfg.batch_size, self.model.pre, self.model.sidecar_dir, self.model.label_name,
+                           self.model.shape, train=train, augment=Augment(**cfg.group(AUGMENT)),
+                           seed=seed, resize=cfg.resize, threads=cfg.data_nthreads,
+                           num_parts=self.num_workers if train else 1, part_index=self.rank if train else 0,
+                           rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=round_batch)
+
+    def train_batches(self, epoch: int, epoch_seed: int):
+        """This epoch's training batches: from the one reused iterator where that replays exactly (see
+        EpochStream), else from a fresh iterator seeded (seed, epoch)."""
+        cfg = self.cfg
+        if reusable_train_iter(cfg, self.num_workers, self.epoch_train_rec):
+            if self.stream is None:
+                self.stream = EpochStream(lambda: self.make_iter(cfg.data_train, True, cfg.seed * 1000, False),
+                                          self.num_records, self.begin_epoch)
+            return self.stream.epoch()
+        epoch_rec = self.epoch_train_rec(epoch) if self.epoch_train_rec is not None else cfg.data_train
+        return _batches(lambda k: self.make_iter(epoch_rec, True, epoch_seed + 7919 * k),
+                        self.batches_per_epoch if self.num_workers > 1 else None)
+
+    def val_passes(self) -> ReusedPasses:
+        """The validation iterator, built on the first pass and reused by the next ones."""
+        if self.val is None:
+            cfg = self.cfg
+            count = record_count(cfg.data_val)
+            self.val = ReusedPasses(lambda: record_iter(
+                cfg.data_val, cfg.batch_size, self.model.pre, self.model.sidecar_dir, self.model.label_name,
+                self.model.shape, train=False, seed=cfg.seed, resize=cfg.resize, threads=cfg.data_nthreads,
+                rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=False), count)
+        return self.val
+
+    def layout(self) -> dict:
+        return {"contexts": len(self.module._context),  # noqa: SLF001 - Module keeps its devices here
+                "update_on_kvstore": bool(self.module._update_on_kvstore)}  # noqa: SLF001
+
+    def run(self, last_good: str) -> None:
+        try:
+            for epoch in range(self.begin_epoch, self.cfg.num_epochs):
+                last_good = self.run_epoch(epoch, last_good)
+        finally:
+            if self.rank == 0:
+                self.history.draw()
+
+    def run_epoch(self, epoch: int, last_good: str) -> str:
+        done_before = _updates_done(self.begin_num_update, epoch - self.begin_epoch, self.batches_per_epoch,
+                                    self.module._optimizer)  # noqa: SLF001 - Module owns the optimizer
+        lr_start = float(self.lr_plan(done_before + 1))
+        row = self.train_epoch(epoch, last_good)
+        num_update = _updates_done(self.begin_num_update, epoch - self.begin_epoch + 1, self.batches_per_epoch,
+                                   self.module._optimizer)  # noqa: SLF001
+        lr_end = float(self.lr_plan(num_update))
+        row.update(lr=lr_end, lr_start=lr_start, lr_end=lr_end, num_update=num_update, layout=self.layout())
+        if not np.isfinite(row["train_loss"]):
+            raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
+        log_epoch(epoch, row, "train")
+        if self.cfg.data_val:
+            row.update(_evaluate(self.module, self.val_passes(), self.top_k, epoch))
+            log_epoch(epoch, row, "val")
+        args, aux = self.module.get_params()
+        publish_epoch(self.prefix, epoch + 1, args, aux, self.module.save_optimizer_states if self.with_states
+                      else None, self.history, row)
+        log.info('Saved checkpoint to "%s"', checkpoint.params_path(self.prefix, epoch + 1))
+        return str(checkpoint.params_path(self.prefix, epoch + 1))
+
+    def train_epoch(self, epoch: int, last_good: str) -> dict:
+        cfg = self.cfg
+        # Shuffling, augmentation and dropout replay exactly from (seed, epoch): the basis of exact resume.
+        epoch_seed = cfg.seed * 1000 + epoch
+        mx.random.seed(epoch_seed)
+        train_iter = self.train_batches(epoch, epoch_seed)
+        bar = _progress(cfg.progress and self.rank == 0, self.batches_per_epoch * cfg.batch_size, epoch + 1,
+                        cfg.num_epochs)
+        meter = EpochMeter(epoch, self.top_k, cfg.batch_size, cfg.disp_batches, bar, last_good)
+        pending = None
+        try:
+            for index, batch in enumerate(train_iter):
+                self.module.forward_backward(batch)
+                self.module.update()
+                # A device-side snapshot of the outputs (the next forward overwrites them). The host reads it only
+                # after the next batch's update is queued, so it never waits for a batch before queueing its
+                # update; a NaN stops the run one batch later, still before anything of the epoch is published.
+                current = (index, self.module.get_outputs()[0].copy(), batch.label[0].asnumpy(), batch.pad)
+                if pending is not None:
+                    meter.consume(*pending)
+                pending = current
+            if pending is not None:
+                meter.consume(*pending)
+        finally:
+            if bar is not None:
+                bar.close()
+        return meter.row()
+
+
+def _bind(model: Model, cfg: TrainConfig, ctx: List[mx.Context], mults: Dict[str, float]) -> mx.mod.Module:
+    """A Module over the training symbol (float16 cast, lr multipliers attached), weights loaded."""
+    # float16 trains a cast copy; checkpoints keep the float32 symbol (same names), which runs anywhere.
+    train_symbol = to_float16(model.symbol, model.spec) if cfg.dtype == "float16" else model.symbol
+    module = mx.mod.Module(with_lr_mults(train_symbol, mults), data_names=["data"],
+                           label_names=[model.label_name], context=ctx, fixed_param_names=frozen(mults))
+    module.bind(data_shapes=[("data", (cfg.batch_size,) + model.shape)],
+                label_shapes=[(model.label_name, (cfg.batch_size,))], for_training=True)
+    module.init_params(arg_params=model.arg_params, aux_params=model.aux_params, allow_missing=False,
+                       allow_extra=True)
+    return module
+
+
+def _load_states(module: mx.mod.Module, prefix: str, epoch: int, prev: Optional[dict]) -> None:
+    states = checkpoint.states_path(prefix, epoch)
+    if not states.is_file():
+        raise TrainError(f"{states}: optimizer state missing, cannot resume momentum exactly")
+    layout = prev.get("layout") if prev else None
+    now = {"contexts": len(module._context), "update_on_kvstore": bool(module._update_on_kvstore)}  # noqa: SLF001
+    if layout and layout != now:
+        raise TrainError(f"{states}: written with {layout}, this run has {now}; resume with the same "
+                         f"--gpus/--cpus/--kv-store")
+    module.load_optimizer_states(str(states))
 
 
 def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
@@ -262,175 +729,60 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
     """
     cfg.validate()
     ctx = ctx or contexts(cfg.gpus, cfg.cpus)
-    kv_type = cfg.kv_store
-    if kvstore is None and "dist" in kv_type:
-        kvstore = mx.kv.create(kv_type)
+    if kvstore is None and "dist" in cfg.kv_store:
+        kvstore = mx.kv.create(cfg.kv_store)
     rank, num_workers = (kvstore.rank, kvstore.num_workers) if kvstore is not None else (0, 1)
     prefix = cfg.model_prefix if rank == 0 else f"{cfg.model_prefix}-{rank}"  # fit.py's convention
-    ckpt = Checkpointer(prefix)
-
-    classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
-    if cfg.num_examples is not None and cfg.num_examples != classes.num_records:
-        log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
-                    cfg.data_train, classes.num_records)
+    classes = start_run(cfg, prefix)
     resume = cfg.load_epoch is not None
-    existing = [e for e in ckpt.existing_epochs() if e > 0]
-    if not resume and existing and not cfg.overwrite:
-        raise TrainError(f"{ckpt.params_path(existing[-1])} exists: resume with --load-epoch {existing[-1]}, or pass "
-                         f"--overwrite, or choose another --model-prefix")
-
-    if resume:
-        if not has_sidecar(prefix):
-            raise TrainError(f"{sidecar_path(prefix)}: missing, cannot resume {prefix}")
-        pre = load_sidecar(prefix)
-        symbol, args, aux = _load_checkpoint(prefix, cfg.load_epoch, "resume")
-        spec = HeadSpec(pre.classifier, pre.feature_output or "", pre.output_name)
-        if pre.num_classes != classes.num_classes:
-            raise TrainError(f"{sidecar_path(prefix)}: the checkpoint has {pre.num_classes} classes, the data "
-                             f"{classes.num_classes}")
-        if pre.class_names and classes.names and pre.class_names != classes.names:
-            raise TrainError(f"{classes.class_map}: class names differ from those the checkpoint was trained with "
-                             f"({sidecar_path(prefix)}); a resume must use the same classes in the same order")
-        sidecar_dir, new_params = Path(prefix).parent, []
-        shape = tuple(cfg.image_shape or pre.input_shape)
-    else:
-        prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
-                                 cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
-        symbol, args, aux, spec = prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec
-        shape = tuple(cfg.image_shape or prepared.pre.input_shape)
-        pre = replace(prepared.pre, input_shape=shape, num_classes=classes.num_classes, classifier=spec.classifier,
-                      feature_output=spec.feature_output, output_name=spec.output_name,
-                      class_names=classes.names,
-                      source={"fine_tuned_from": f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}",
-                              "data_train": str(cfg.data_train), "parent": prepared.pre.source})
-        if isinstance(pre.mean, str):
-            pre = copy_mean_file(pre, cfg.pretrained_model, prefix)
-        sidecar_dir, new_params = prepared.sidecar_dir, prepared.new_params
-        if isinstance(prepared.pre.mean, str):
-            sidecar_dir = Path(prefix).parent
-    label_name = f"{spec.output_name}_label"
-    pre = plan_input(pre, sidecar_dir, shape, cfg)  # train/data.py: pack sidecars vs the input, at start-up
-
-    param_names = [n for n in symbol.list_arguments() if n not in ("data", label_name)]
-    missing = [n for n in param_names if n not in args]
+    model = _resumed_model(cfg, prefix, classes) if resume else _fresh_model(cfg, prefix, classes)
+    model.pre = plan_input(model.pre, model.sidecar_dir, model.shape, cfg)  # pack sidecars vs the input
+    param_names = model.param_names()
+    missing = [n for n in param_names if n not in model.arg_params]
     if missing:
         raise TrainError(f"{prefix}: weights for {missing[:5]} are missing from the checkpoint")
-    rules = [parse_lr_mult(text) for text in cfg.lr_mult]
-    try:
-        mults = resolve_lr_mults(param_names, rules)
-    except ValueError as err:
-        raise TrainError(str(err)) from None
+    mults = resolve_mults(param_names, cfg.lr_mult)
     fixed = frozen(mults)
     if len(fixed) == len(param_names):
         raise TrainError("--lr-mult freezes every parameter; nothing would train")
 
-    def make_iter(path, train: bool, seed: int):
-        return record_iter(path, cfg.batch_size, pre, sidecar_dir, label_name, shape, train=train,
-                           augment=Augment(**{k: getattr(cfg, k) for k in Augment.__dataclass_fields__}),
-                           seed=seed, resize=cfg.resize, threads=cfg.data_nthreads,
-                           num_parts=num_workers if train else 1, part_index=rank if train else 0,
-                           rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std)
-
-    records_per_part = math.ceil(classes.num_records / num_workers)
-    batches_per_epoch = max(1, math.ceil(records_per_part / cfg.batch_size))
-    history = MetricsLog.load(prefix, cfg.load_epoch) if resume else MetricsLog(prefix)
-    begin_epoch = cfg.load_epoch or 0
-    prev = history.row(begin_epoch) if resume else None
-    begin_num_update = int(prev["num_update"]) if prev and "num_update" in prev else begin_epoch * batches_per_epoch
-
-    # float16 trains a cast copy; checkpoints keep the float32 symbol (same names), which runs anywhere.
-    train_symbol = to_float16(symbol, spec) if cfg.dtype == "float16" else symbol
-    module = mx.mod.Module(train_symbol, data_names=["data"], label_names=[label_name], context=ctx,
-                           fixed_param_names=fixed)
-    module.bind(data_shapes=[("data", (cfg.batch_size,) + shape)], label_shapes=[(label_name, (cfg.batch_size,))],
-                for_training=True)
-    module.init_params(arg_params=args, aux_params=aux, allow_missing=False, allow_extra=True)
-
-    arg_shapes = dict(zip(symbol.list_arguments(), symbol.infer_shape(data=(1,) + shape)[0]))
-    sizes = [int(np.prod(arg_shapes[n])) for n in param_names]
-    on_kv = updates_on_kvstore(kv_type if kvstore is None else kvstore.type, len(ctx), sizes)
-    rescale = 1.0 / (cfg.batch_size * (num_workers if "_sync" in kv_type else 1))
+    batches_per_epoch = max(1, math.ceil(math.ceil(classes.num_records / num_workers) / cfg.batch_size))
+    history, begin_epoch, begin_num_update, prev = resume_point(cfg, prefix, batches_per_epoch)
+    carried = guard_resume(cfg, len(ctx), batches_per_epoch, begin_num_update, check=not restart_optimizer)
+    module = _bind(model, cfg, ctx, mults)
     sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
                      cfg.lr_factor, cfg.warmup_epochs)
-    optimizer = make_optimizer(cfg.optimizer, cfg.lr, param_idx2name(param_names, len(ctx), on_kv), mults, rescale,
-                               sched, cfg.mom, cfg.wd, begin_num_update, cfg.dtype == "float16")
-    module.init_optimizer(kvstore=kvstore if kvstore is not None else kv_type, optimizer=optimizer)
-    if module._update_on_kvstore != on_kv:  # noqa: SLF001 - the layout must match the optimizer's index map
-        if "dist" in kv_type:
-            raise RuntimeError("the kvstore's update placement differs from the one planned; set "
-                               "MXNET_UPDATE_ON_KVSTORE=1")
-        optimizer.idx2name = param_idx2name(param_names, len(ctx), module._update_on_kvstore)
-    dist_states = "dist" in kv_type and module._update_on_kvstore
+    init_optimizer(module, kvstore if kvstore is not None else cfg.kv_store, cfg, sched, begin_num_update)
+    # A dist kvstore that updates on the servers keeps the optimizer state there, out of reach of a checkpoint.
+    dist_states = "dist" in cfg.kv_store and module._update_on_kvstore  # noqa: SLF001
     if resume and not restart_optimizer:
-        states = ckpt.states_path(cfg.load_epoch)
         if dist_states:
             log.warning("dist kvstore: optimizer state lives on the servers and is not checkpointed; momentum "
                         "restarts from zero on resume")
-        elif not states.is_file():
-            raise TrainError(f"{states}: optimizer state missing, cannot resume momentum exactly")
         else:
-            layout = prev.get("layout") if prev else None
-            now = {"contexts": len(ctx), "update_on_kvstore": bool(module._update_on_kvstore)}
-            if layout and layout != now:
-                raise TrainError(f"{states}: written with {layout}, this run has {now}; resume with the same "
-                                 f"--gpus/--cpus/--kv-store")
-            module.load_optimizer_states(str(states))
+            _load_states(module, prefix, cfg.load_epoch, prev)
 
-    if rank == 0:
-        write_json(config_path(cfg.model_prefix), {**cfg.to_dict(), "resolved": {
-            "num_classes": classes.num_classes, "class_names": classes.names, "image_shape": list(shape),
-            "head": asdict(spec),
-            "frozen": fixed, "lr_mults": {n: m for n, m in mults.items() if m != 1.0}, "new_params": new_params,
-            "contexts": [str(c) for c in ctx], "kv_store": kv_type, "num_workers": num_workers,
-            "batches_per_epoch": batches_per_epoch, "mxnet": mx.__version__}})
-    ckpt.write_model_files(symbol, pre, classes.names)
+    write_run_files(cfg, prefix, model, classes, {
+        "frozen": fixed, "lr_mults": {n: m for n, m in mults.items() if m != 1.0}, "new_params": model.new_params,
+        "dropped_pretrained": model.dropped, "contexts": [str(c) for c in ctx], "kv_store": cfg.kv_store,
+        "num_workers": num_workers, "batches_per_epoch": batches_per_epoch}, carried, record_config=rank == 0)
     log.info("training %s: %d classes, %d records, %d params (%d frozen), on %s",
              prefix, classes.num_classes, classes.num_records, len(param_names), len(fixed), ctx)
 
-    last_good = str(ckpt.params_path(begin_epoch)) if resume else f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch finished)"
+    last_good = (str(checkpoint.params_path(prefix, begin_epoch)) if resume else
+                 f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch finished)")
     top_k = cfg.top_k if cfg.top_k < classes.num_classes else 0  # top-k of all classes is always 1
-    tally = Tally(top_k)
-    for epoch in range(begin_epoch, cfg.num_epochs):
-        # Shuffling, augmentation and dropout replay exactly from (seed, epoch): the basis of exact resume.
-        mx.random.seed(cfg.seed * 1000 + epoch)
-        epoch_rec = epoch_train_rec(epoch) if epoch_train_rec is not None else cfg.data_train
-        epoch_seed = cfg.seed * 1000 + epoch
-        train_iter = _batches(lambda k: make_iter(epoch_rec, True, epoch_seed + 7919 * k),
-                              batches_per_epoch if num_workers > 1 else None)
-        tally.reset()
-        start, images, batch_no = time.time(), 0, 0
-        bar = _progress(cfg.progress and rank == 0, batches_per_epoch * cfg.batch_size, epoch + 1, cfg.num_epochs)
-        for batch_no, batch in enumerate(train_iter, start=1):
-            module.forward_backward(batch)
-            probs = module.get_outputs()[0].asnumpy()
-            _check_finite(probs, epoch + 1, batch_no, last_good)
-            module.update()
-            keep = probs.shape[0] - batch.pad
-            loss = tally.update(probs[:keep], batch.label[0].asnumpy()[:keep])
-            images += keep
-            if bar is not None:
-                bar.update(keep)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{tally.result()['accuracy']:.3f}", refresh=False)
-            if batch_no % cfg.disp_batches == 0:
-                log.info("Epoch[%d] Batch[%d] Speed: %.1f img/s loss=%.4f accuracy=%.4f", epoch + 1, batch_no,
-                         images / max(time.time() - start, 1e-9), loss, tally.result()["accuracy"])
-        if bar is not None:
-            bar.close()
-        seconds = time.time() - start
-        num_update = _updates_done(begin_num_update, epoch - begin_epoch + 1, batches_per_epoch, optimizer)
-        row = {"epoch": epoch + 1, **tally.result("train_"), "img_per_s": images / max(seconds, 1e-9),
-               "seconds": seconds, "lr": float(sched(num_update)), "num_update": num_update,
-               "layout": {"contexts": len(ctx), "update_on_kvstore": bool(module._update_on_kvstore)}}
-        if not np.isfinite(row["train_loss"]):
-            raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
-        if cfg.data_val:  # a fresh iterator per pass: ImageRecordIter.reset() skips the wrapped filler
-            row.update(_evaluate(module, make_iter(cfg.data_val, False, cfg.seed), top_k))
-        ckpt.write_epoch(epoch + 1, module, with_states=not dist_states)
-        last_good = str(ckpt.params_path(epoch + 1))
-        history.append(row)
-        log.info("Epoch[%d] %s", epoch + 1, " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                                     if isinstance(v, float)))
-    return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names)
+    lr_plan = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
+                       cfg.lr_factor, cfg.warmup_epochs)
+    _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, lr_plan, begin_epoch, begin_num_update,
+          history, not dist_states, top_k, epoch_train_rec, classes.num_records).run(last_good)
+    return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
+
+
+def reusable_train_iter(cfg: TrainConfig, num_workers: int = 1, epoch_train_rec=None) -> bool:
+    """Whether one training iterator can serve every epoch and still replay exactly on resume: no random
+    augmentation (its per-image draws cannot be replayed), one file for every epoch, one worker."""
+    return num_workers == 1 and epoch_train_rec is None and not any(getattr(cfg, k) for k in RANDOM_AUGMENTATIONS)
 
 
 def _batches(make, count: Optional[int]):

@@ -112,9 +112,10 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, num_batches
             diverge: float = DIVERGE, beta: float = SMOOTHING) -> LRFindResult:
     """Run the range test for a training configuration (train.config.TrainConfig); nothing is saved."""
     import mxnet as mx
-    from symbols.head import frozen, parse_lr_mult, resolve_lr_mults
+    from dataclasses import replace
+    from symbols.head import frozen, with_lr_mults
     from train.data import Augment, record_iter, resolve_classes
-    from train.fit import TrainError, contexts, make_optimizer, param_idx2name
+    from train.fit import TrainError, contexts, init_optimizer, resolve_mults
     from train.metrics import Tally
     if not 0 < start_lr < end_lr:
         raise TrainError(f"--start-lr {start_lr} / --end-lr {end_lr}: need 0 < start < end")
@@ -125,24 +126,22 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, num_batches
     label_name = f"{output_name}_label"
     shape = tuple(cfg.image_shape or pre.input_shape)
     param_names = [n for n in symbol.list_arguments() if n not in ("data", label_name)]
-    try:
-        mults = resolve_lr_mults(param_names, [parse_lr_mult(t) for t in cfg.lr_mult])
-    except ValueError as err:
-        raise TrainError(str(err)) from None
+    mults = resolve_mults(param_names, cfg.lr_mult)
     fixed = frozen(mults)
     if len(fixed) == len(param_names):
         raise TrainError("--lr-mult freezes every parameter; nothing would train")
-    module = mx.mod.Module(symbol, data_names=["data"], label_names=[label_name], context=ctx,
-                           fixed_param_names=fixed)
+    # The training copy of the symbol carries the --lr-mult rules, as in python -m train (see with_lr_mults).
+    module = mx.mod.Module(with_lr_mults(symbol, mults), data_names=["data"], label_names=[label_name],
+                           context=ctx, fixed_param_names=fixed)
     module.bind(data_shapes=[("data", (cfg.batch_size,) + shape)], label_shapes=[(label_name, (cfg.batch_size,))],
                 for_training=True)
     module.init_params(arg_params=args, aux_params=aux, allow_missing=False, allow_extra=True)  # copies
-    optimizer = make_optimizer(cfg.optimizer, start_lr, param_idx2name(param_names, len(ctx), False), mults,
-                               1.0 / cfg.batch_size, None, cfg.mom, cfg.wd)
-    module.init_optimizer(kvstore="local" if len(ctx) > 1 else None, optimizer=optimizer)
-    optimizer.idx2name = param_idx2name(param_names, len(ctx), bool(module._update_on_kvstore))  # noqa: SLF001
+    # Module creates the optimizer by name exactly as training does (index map, rescale_grad, lr multipliers);
+    # the sweep then moves only its base rate.
+    init_optimizer(module, "local" if len(ctx) > 1 else None, replace(cfg, lr=start_lr), None, 0)
+    optimizer = module._optimizer  # noqa: SLF001 (Module keeps the optimizer it created here)
 
-    augment = Augment(**{k: getattr(cfg, k) for k in Augment.__dataclass_fields__})
+    augment = Augment.from_config(cfg)
     lrs, losses, running, stopped, tally, best, average = [], [], [], "completed", Tally(), math.inf, 0.0
     passes = 0
     while len(lrs) < num_batches and stopped == "completed":

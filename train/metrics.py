@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 from pathlib import Path
@@ -89,6 +88,7 @@ class MetricsLog:
         self.write()
 
     def write(self) -> None:
+        """PREFIX-metrics.json and .csv (the plot is drawn separately: see `draw`)."""
         write_json(self.json_path, {"format": "mxtransfer.metrics/1", "epochs": self.rows})
         columns: List[str] = []
         for r in self.rows:
@@ -97,9 +97,15 @@ class MetricsLog:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
+
+    def draw(self) -> None:
+        """PREFIX-metrics.png, once, when a run ends: a plot is a convenience, so it is never drawn (nor
+        matplotlib imported) while batches wait, and a failure to draw it only warns."""
+        if not self.rows:
+            return
         try:
             self.plot()
-        except Exception as err:  # a plot is a convenience: never lose a checkpointed run over it
+        except Exception as err:  # never lose a checkpointed run over a plot
             log.warning("could not draw %s: %s", self.png_path, err)
 
     def plot(self) -> None:

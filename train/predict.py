@@ -35,6 +35,7 @@ from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
+from train.config import checked_type, parse_gpus
 from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
 from train.metrics import Tally
 
@@ -271,7 +272,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--resize", type=int, default=-1,
                    help="shorter side before the centre crop (default: the training run's --resize)")
-    p.add_argument("--gpus", default=None, help="e.g. 0 (default CPU)")
+    p.add_argument("--gpus", type=checked_type(parse_gpus), default=[], help="e.g. 0 (default CPU)")
     p.add_argument("--classes", default=None,
                    help="class map (or a .lst/.rec beside one) naming the columns of a model whose sidecar has "
                         "no class names; for a model that has them it must agree")
@@ -305,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     evaluating = bool(argv) and argv[0] == "evaluate"
     args = build_parser(evaluating).parse_args(argv[1:] if evaluating else argv)
-    ctx = [mx.gpu(int(g)) for g in args.gpus.split(",")] if args.gpus else None
+    ctx = [mx.gpu(i) for i in args.gpus] or None
     started = time.time()
     try:
         if args.epoch == "latest":

@@ -289,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     a = build_parser().parse_args(argv)
-    ctx = [mx.gpu(int(g)) for g in a.gpus.split(",")] if a.gpus else None
+    ctx = [mx.gpu(i) for i in a.gpus] or None
     try:
         if a.epoch != "latest" and not a.epoch.isdigit():
             raise PredictError(f"epoch {a.epoch!r}: expected a number or 'latest'")

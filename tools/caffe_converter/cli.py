@@ -14,6 +14,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from recbuild.values import parse_floats
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
 
@@ -23,10 +24,11 @@ OPTIONAL_MXNET_IMPORTS = ("cv2", "onnx")
 
 
 def _floats(text: str) -> List[float]:
+    # convert_model.py users also write the mean space-separated ("104 117 123"): both spellings are accepted.
     try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return list(parse_floats(",".join(text.split())))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,17 +17,9 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
-COMMANDS = ("features", "fuse", "stages", "fit", "ensemble", "pseudo")
-
-
-def _train_parser(command: str, description: str) -> argparse.ArgumentParser:
-    from train.__main__ import build_parser
-    p = build_parser()
-    p.prog = f"python -m train.recipes {command}"
-    p.description = description
-    return p
+from train.config import checked_type, add_options, config_from_args, parse_ints
 
 
 def _summary(result, started: float, what: str) -> str:
@@ -39,16 +31,19 @@ def _summary(result, started: float, what: str) -> str:
             f"{result.prefix}-{result.last_epoch:04d}.params (full model), metrics {result.prefix}-metrics.csv.")
 
 
-def _features(argv: List[str]) -> int:
-    from train.__main__ import config_from_args
-    from train.recipes.features import DEFAULT_CACHE_DIR, train_from_cache
-    p = _train_parser("features", "Train a new head on cached backbone features; writes the full model.")
+# ---- the commands: each adds its options to its subparser and runs on the parsed namespace --------------------
+def _features_options(p: argparse.ArgumentParser) -> None:
+    from train.recipes.features import DEFAULT_CACHE_DIR
+    add_options(p)
     g = p.add_argument_group("feature cache")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where feature files are kept")
     g.add_argument("--mirror", action="store_true", help="cache mirrored views too; one per image per epoch")
     g.add_argument("--class-balance", action="store_true", help="class-balanced sampling of each epoch")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N epochs (0: last only)")
-    args = p.parse_args(argv)
+
+
+def _features(args: argparse.Namespace) -> int:
+    from train.recipes.features import train_from_cache
     started = time.time()
     result = train_from_cache(config_from_args(args), args.cache_dir, args.mirror, args.class_balance,
                               args.save_every)
@@ -56,14 +51,15 @@ def _features(argv: List[str]) -> int:
     return 0
 
 
-def _fit(argv: List[str]) -> int:
-    from train.__main__ import config_from_args
-    from train.fit import fit
-    from train.recipes.sampling import epoch_rec_provider
-    p = _train_parser("fit", "`python -m train` with class-balanced sampling.")
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    add_options(p)
     p.add_argument("--class-balance", action="store_true",
                    help="each epoch draws N records with every class equally likely (resampled .rec per epoch)")
-    args = p.parse_args(argv)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from train.fit import fit
+    from train.recipes.sampling import epoch_rec_provider
     cfg = config_from_args(args)
     started = time.time()
     provider = epoch_rec_provider(cfg.data_train, cfg.model_prefix, cfg.seed) if args.class_balance else None
@@ -72,15 +68,16 @@ def _fit(argv: List[str]) -> int:
     return 0
 
 
-def _stages(argv: List[str]) -> int:
-    from train.__main__ import config_from_args
-    from train.recipes.stages import load_schedule, run_stages, stages_path
-    p = _train_parser("stages", "Staged fine-tuning from a JSON schedule (see train/recipes/stages.py).")
+def _stages_options(p: argparse.ArgumentParser) -> None:
+    add_options(p)
     g = p.add_argument_group("stages")
     g.add_argument("--schedule", required=True, help="JSON schedule file")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint, mid-stage or not")
     g.add_argument("--until-epoch", type=int, default=None, help="stop after this global epoch")
-    args = p.parse_args(argv)
+
+
+def _stages(args: argparse.Namespace) -> int:
+    from train.recipes.stages import load_schedule, run_stages, stages_path
     stages = load_schedule(args.schedule)
     cfg = config_from_args(args)
     started = time.time()
@@ -90,29 +87,24 @@ def _stages(argv: List[str]) -> int:
     return 0
 
 
-def _fuse(argv: List[str]) -> int:
-    from train.recipes.ensemble import parse_model
-    from train.recipes.fusion import fuse
-    p = argparse.ArgumentParser(prog="python -m train.recipes fuse",
-                                description="Fuse two converted models into one symbol (input contract in "
-                                            "train/recipes/fusion.py).")
+def _fuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="PREFIX[:EPOCH]",
                    help="twice; EPOCH defaults to 0 (a converted model)")
     p.add_argument("--out", required=True, help="output prefix (epoch 0 + sidecar)")
-    p.add_argument("--input-size", default=None, help="H,W of the fused input (default: the larger model's)")
+    p.add_argument("--input-size", default=None, type=checked_type(parse_ints),
+                   help="H,W of the fused input (default: the larger model's)")
     p.add_argument("--num-classes", type=int, default=2, help="placeholder head width (fine-tuning replaces it)")
     p.add_argument("--layer-before-fullc", action="append", default=None,
                    help="per model, where its features are taken (give twice, or not at all)")
-    args = p.parse_args(argv)
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from train.recipes.ensemble import parse_model
+    from train.recipes.fusion import fuse
     models = [parse_model(m) if ":" in m else (m, 0) for m in args.model]
-    size = None
-    if args.input_size:
-        try:
-            size = tuple(int(v) for v in args.input_size.split(","))
-        except ValueError:
-            size = ()
-        if len(size) != 2:
-            raise ValueError(f"--input-size {args.input_size!r}: expected H,W, e.g. 299,299")
+    size = args.input_size
+    if size is not None and len(size) != 2:
+        raise ValueError(f"--input-size {','.join(map(str, size))}: expected H,W, e.g. 299,299")
     layers = args.layer_before_fullc or [None, None]
     if len(layers) != 2:
         raise ValueError("--layer-before-fullc: give it once per model (twice) or not at all")
@@ -122,10 +114,7 @@ def _fuse(argv: List[str]) -> int:
     return 0
 
 
-def _ensemble(argv: List[str]) -> int:
-    from train.recipes.ensemble import format_report, parse_model, run_ensemble
-    p = argparse.ArgumentParser(prog="python -m train.recipes ensemble",
-                                description="Ensemble checkpoints; weights searched on the validation split only.")
+def _ensemble_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="PREFIX:EPOCH", help="two or more")
     p.add_argument("--val", required=True, help="labelled validation .rec (the only data the weights see)")
     p.add_argument("--test", default=None, help=".rec to predict with the searched weights")
@@ -133,7 +122,10 @@ def _ensemble(argv: List[str]) -> int:
     p.add_argument("--mirror", action="store_true", help="TTA: average each model with the mirror image")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="write the report here")
-    args = p.parse_args(argv)
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from train.recipes.ensemble import format_report, parse_model, run_ensemble
     if args.out and not args.test:
         raise ValueError("--out needs --test")
     report = run_ensemble([parse_model(m) for m in args.model], args.val, args.test, args.out, args.mirror,
@@ -145,10 +137,8 @@ def _ensemble(argv: List[str]) -> int:
     return 0
 
 
-def _pseudo(argv: List[str]) -> int:
-    from train.recipes.pseudo import DEFAULT_THRESHOLD, pseudo_label
-    p = argparse.ArgumentParser(prog="python -m train.recipes pseudo",
-                                description="Add confident test predictions to the training set, retrain, report.")
+def _pseudo_options(p: argparse.ArgumentParser) -> None:
+    from train.recipes.pseudo import DEFAULT_THRESHOLD
     p.add_argument("prefix")
     p.add_argument("epoch", type=int)
     p.add_argument("--test", required=True, help=".rec of unlabelled (or ignored-label) test images")
@@ -160,7 +150,10 @@ def _pseudo(argv: List[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="feature cache of a retrain by the feature-cache route "
                                                      "(default .cache/features)")
-    args = p.parse_args(argv)
+
+
+def _pseudo(args: argparse.Namespace) -> int:
+    from train.recipes.pseudo import pseudo_label
     r = pseudo_label(args.prefix, args.epoch, args.test, args.out_prefix, args.threshold, args.data_val,
                      args.num_epochs, args.mirror, args.batch_size, args.cache_dir)
     print(f"Pseudo-labels: added {r['added']} of {r['test_records']} test images (confidence >= {r['threshold']:g}) "
@@ -171,24 +164,48 @@ def _pseudo(argv: List[str]) -> int:
     return 0
 
 
+# name -> (description, add its options, run it)
+COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
+    "features": ("Train a new head on cached backbone features; writes the full model.", _features_options,
+                 _features),
+    "fuse": ("Fuse two converted models into one symbol (input contract in train/recipes/fusion.py).",
+             _fuse_options, _fuse),
+    "stages": ("Staged fine-tuning from a JSON schedule (see train/recipes/stages.py).", _stages_options, _stages),
+    "fit": ("`python -m train` with class-balanced sampling.", _fit_options, _fit),
+    "ensemble": ("Ensemble checkpoints; weights searched on the validation split only.", _ensemble_options,
+                 _ensemble),
+    "pseudo": ("Add confident test predictions to the training set, retrain, report.", _pseudo_options, _pseudo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m train.recipes`: one argparse subparser per command."""
+    parser = argparse.ArgumentParser(prog="python -m train.recipes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (description, add, run) in COMMANDS.items():
+        sub = commands.add_parser(name, help=description, description=description,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if not argv:
+        parser.print_help()
         return 0
-    if argv[0] not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import mxnet as mx
 
     from train.data import DataError
     from train.fit import TrainError, TrainingDiverged
     from train.predict import PredictError
-    handler = {"features": _features, "fuse": _fuse, "stages": _stages, "fit": _fit, "ensemble": _ensemble,
-               "pseudo": _pseudo}[argv[0]]
     try:
-        return handler(argv[1:])
+        return args.run(args)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -34,7 +34,7 @@ import mxnet as mx
 import numpy as np
 
 from symbols.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from symbols.head import HeadError, find_head
+from symbols.head import HeadError, find_head, xavier_uniform
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from train.fit import TrainError
 
@@ -151,9 +151,7 @@ def fuse(models: Sequence[Tuple[str, int]], out_prefix: str, num_classes: int = 
         aux.update(b.aux_params)
     shapes = dict(zip(symbol.list_arguments(), symbol.infer_shape(data=(1, 3) + hw)[0]))
     rng = np.random.RandomState(seed)
-    w_shape = shapes[f"{CLASSIFIER}_weight"]
-    bound = np.sqrt(6.0 / (w_shape[0] + w_shape[1]))
-    args[f"{CLASSIFIER}_weight"] = mx.nd.array(rng.uniform(-bound, bound, w_shape))
+    args[f"{CLASSIFIER}_weight"] = mx.nd.array(xavier_uniform(shapes[f"{CLASSIFIER}_weight"], rng))
     args[f"{CLASSIFIER}_bias"] = mx.nd.zeros(shapes[f"{CLASSIFIER}_bias"])
     needed = set(symbol.list_arguments()) - {"data", f"{OUTPUT_NAME}_label"}
     if needed != set(args):

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from recbuild.atomic import write_json
-from train.config import OPTIMIZERS, SCHEDULERS, TrainConfig, config_path
-from train.data import Augment
-from train.fit import Checkpointer, FitResult, TrainError, fit
+from train.config import AUGMENT, OPTIMIZERS, SCHEDULERS, TrainConfig, config_path, option_names
+from symbols.checkpoint import list_epochs
+from train.fit import FitResult, TrainError, fit
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def parse_schedule(data: dict, where: str = "schedule") -> List[Stage]:
     """Validate a schedule (see the module docstring); every problem names the file and the stage."""
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise TrainError(f"{where}: expected {{\"stages\": [{{\"epochs\": N, ...}}, ...]}} with at least one stage")
-    aug_keys = set(Augment.__dataclass_fields__)
+    aug_keys = set(option_names(AUGMENT))
     stages = []
     for i, raw in enumerate(data["stages"]):
         at = f"{where}: stage {i + 1}" + (f" ({raw.get('name')})" if isinstance(raw, dict) and raw.get("name") else "")
@@ -126,7 +126,7 @@ def load_schedule(path) -> List[Stage]:
 
 def stage_config(base: TrainConfig, stage: Stage, start: int, end: int) -> TrainConfig:
     """The trainer config of one stage: global epochs, the stage's optimizer, rules and augmentation."""
-    aug = {k: getattr(Augment(), k) for k in Augment.__dataclass_fields__}
+    aug = TrainConfig().group(AUGMENT)  # a stage gets exactly the augmentation it lists
     aug.update(stage.augment)
     values = {"num_epochs": end, "lr_mult": list(stage.lr_mult),
               "lr_step_epochs": tuple(start + s for s in stage.lr_step_epochs), **aug}
@@ -164,7 +164,7 @@ def run_stages(base: TrainConfig, stages: List[Stage], resume: bool = False, unt
         ends.append(total)
     digest = _schedule_digest(stages)
     record_path = stages_path(prefix)
-    existing = [e for e in Checkpointer(prefix).existing_epochs() if e > 0]
+    existing = [e for e in list_epochs(prefix) if e > 0]
     last = existing[-1] if existing else 0
     record = {"format": STAGES_FORMAT, "schedule": [s.__dict__ for s in stages], "digest": digest, "stages": []}
     if resume:
@@ -206,7 +206,7 @@ def run_stages(base: TrainConfig, stages: List[Stage], resume: bool = False, unt
         record["stages"] = [s for s in record["stages"] if s["stage"] != k + 1] + [{
             "stage": k + 1, "name": stage.name, "start": stage_start, "end": end, "done_to": stop,
             "optimizer": cfg.optimizer, "lr": cfg.lr, "lr_mult": cfg.lr_mult, "frozen": resolved.get("frozen"),
-            "lr_mults": resolved.get("lr_mults"), "augment": {k2: getattr(cfg, k2) for k2 in Augment.__dataclass_fields__},
+            "lr_mults": resolved.get("lr_mults"), "augment": cfg.group(AUGMENT),
             "class_balance": stage.class_balance}]
         write_json(record_path, record)
         last = stop
@@ -217,12 +217,3 @@ def run_stages(base: TrainConfig, stages: List[Stage], resume: bool = False, unt
                          f"of {total} epochs)")
     return result
 
-
-def stage_of_epoch(stages: List[Stage], epoch: int) -> int:
-    """1-based stage number that trains global epoch `epoch` (1-based)."""
-    total = 0
-    for k, s in enumerate(stages, start=1):
-        total += s.epochs
-        if epoch <= total:
-            return k
-    raise ValueError(f"epoch {epoch} is past the schedule's {total} epochs")
