@@ -126,7 +126,8 @@ def test_every_stage_hashes_the_code_it_runs(tmp_path):
     assert any("readNetFromCaffe" in (root / p).read_text() for p in code["convert"])
     assert {"train/__main__.py", "train/fit.py", "train/data.py", "symbols/head.py"} <= code["finetune"]
     assert {"tools/demo.py", "symbols/checkpoint.py", "train/fit.py"} <= code["scratch"]  # write_random_init
-    assert {"train/predict.py", "train/data.py"} <= code["predict"] and "train/fit.py" not in code["predict"]
+    assert {"train/predict/__init__.py", "train/predict/cli.py", "train/predict/__main__.py",
+            "train/data.py"} <= code["predict"] and "train/fit.py" not in code["predict"]
     assert {"tools/deploy.py", "tools/onnx_export.py", "tools/inference_graph.py", "tools/c_predict.py"} <= \
         code["deploy"]
     assert not any(p.startswith("train/") for p in code["deploy"] | code["pack"])

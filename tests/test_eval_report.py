@@ -14,7 +14,8 @@ import pytest
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
 from train.fit import fit
-from train.predict import evaluate, load_model, main as predict_main, predict
+from train.predict import evaluate, load_model, predict
+from train.predict.cli import main as predict_main
 
 CLASSES = ["zebra", "apple", "mango", "kiwi", "fig"]
 

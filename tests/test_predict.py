@@ -22,7 +22,8 @@ from tests._train_fixtures import class_image, tiny_vgg_checkpoint, write_rec
 from train.config import TrainConfig
 from train.data import DataError, iterator_view
 from train.fit import fit
-from train.predict import PredictError, build_parser, evaluate, load_model, main, predict
+from train.predict import PredictError, build_parser, evaluate, load_model, predict
+from train.predict.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["zebra", "apple", "mango", "kiwi"]  # not alphabetical: columns must follow the class map

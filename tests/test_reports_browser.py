@@ -30,7 +30,7 @@ def _eval_page(tmp_path: Path) -> Path:
     from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
     from train.config import TrainConfig
     from train.fit import fit
-    from train.predict import main as predict_main
+    from train.predict.cli import main as predict_main
     tmp_path.mkdir(parents=True, exist_ok=True)
     tiny_vgg_checkpoint(tmp_path / "pre", num_classes=3)
     write_rec(tmp_path / "e_train.rec", 3, 16, class_names=["a", "b", "c"])

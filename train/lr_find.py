@@ -203,7 +203,7 @@ def plot_png(result: LRFindResult) -> bytes:
 
 def build_parser() -> argparse.ArgumentParser:
     """`python -m train`'s parser (the same options) plus the sweep's own."""
-    from train.__main__ import build_parser as train_parser
+    from train.config import build_parser as train_parser
     p = train_parser()
     p.prog = "python -m train lr-find"
     p.description = __doc__.split("\n\n")[0]
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from recbuild.atomic import write_json
     from recbuild.html_report import write_png
-    from train.__main__ import config_from_args
+    from train.config import config_from_args
     from train.data import DataError
     from train.fit import TrainError
     a = build_parser().parse_args(argv)

@@ -19,8 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +27,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from recbuild.atomic import atomic_open, write_json
+from recbuild.atomic import atomic_open
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
-from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
+from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint  # noqa: F401 (latest_epoch: for the CLI)
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from train.config import checked_type, parse_gpus
@@ -296,44 +294,3 @@ def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--id", dest="id_mode", choices=("auto", "stem", "path", "index"), default="auto",
                        help="id column: file stem (auto: when unique), relative path, or row index")
     return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        from train.report import main as report_main
-        return report_main(argv[1:])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    evaluating = bool(argv) and argv[0] == "evaluate"
-    args = build_parser(evaluating).parse_args(argv[1:] if evaluating else argv)
-    ctx = [mx.gpu(i) for i in args.gpus] or None
-    started = time.time()
-    try:
-        if args.epoch == "latest":
-            epoch = latest_epoch(args.prefix)
-        elif args.epoch.isdigit():
-            epoch = int(args.epoch)
-        else:
-            raise PredictError(f"epoch {args.epoch!r}: expected a number or 'latest'")
-        model = load_model(args.prefix, epoch, args.batch_size, ctx, args.classes)
-        resize = args.resize if args.resize > 0 else trained_resize(args.prefix)
-        if evaluating:
-            result = evaluate(model, args.data, args.top_k, args.mirror, resize)
-            if args.json:
-                write_json(args.json, result)
-            key = f"top_{args.top_k}_accuracy"
-            topk = f", top-{args.top_k} {result[key]:.4f}" if key in result else ""
-            print(f"{args.data}: {result['images']} images, accuracy {result['accuracy']:.4f}{topk}, "
-                  f"log loss {result['log_loss']:.4f}" + (" (mirror TTA)" if args.mirror else ""))
-            return 0
-        summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root, args.id_mode)
-    except (PredictError, DataError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"Predicted {summary['images']} images in {time.time() - started:.1f} s: probabilities -> "
-          f"{summary['csv']}, top-{args.top_k} labels -> {summary['topk_csv']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

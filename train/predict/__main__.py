@@ -1,0 +1,6 @@
+"""`python -m train.predict ...` runs train.predict.cli."""
+import sys
+
+from train.predict.cli import main
+
+sys.exit(main())
