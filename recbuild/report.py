@@ -10,6 +10,10 @@ path. The headline is the leakage: how many val/test images
 
 Outputs (atomic): PREFIX.report.json for scripts, PREFIX.report.html (one self-contained page: duplicate pairs as
 inline thumbnails, histograms as inline PNGs). Sizes are those of the packed records (after --resize).
+
+A .rec packed with `python -m recbuild --report` has NAME.fingerprints.npy beside it (recbuild/fingerprints.py):
+while NAME.pack.json says it describes the .rec as it is, the report takes every record from it and decodes
+nothing (the JSON's "sources" says so per .rec); a stale one is ignored with a warning.
 """
 from __future__ import annotations
 
