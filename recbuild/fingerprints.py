@@ -17,10 +17,11 @@ against +3.5% for this. The JPEG round trip (quality 95, 224 px) moves the thumb
 (the report confirms within NEAR_MAX_MAD = 6) and the hash of 194 of those 200 photos not at all, of the other 6 by
 2 bits (the report's PHASH_THRESHOLD is 8); flat synthetic images, whose DCT coefficients tie at the median, can
 move by up to 9 bits, which can move a pair near the threshold across it. On the test trees (tests/test_reports.py,
-tests/test_recbuild_pack.py) the pack-time report finds exactly the pairs the decoding report finds. Exact copies: the packer's encoder is deterministic, so two
-records decode to the same pixels exactly when their bytes are the same; their exact-duplicate key is then the
-byte digest. With --pass-through the record is the source file, so the worker decodes those bytes the way the
-report does and stores the true pixel digest (that costs a full decode per image).
+tests/test_recbuild_pack.py) the pack-time report finds exactly the pairs the decoding report finds.
+Exact copies: the packer's encoder is deterministic, so two records decode to the same pixels exactly when their
+bytes are the same; their exact-duplicate key is then the byte digest. With --pass-through the record is the
+source file, so the worker decodes those bytes the way the report does and stores the true pixel digest (that
+costs a full decode per image).
 """
 from __future__ import annotations
 

@@ -606,8 +606,8 @@ def print_summary(report: dict, json_path: Path, html_path: Optional[Path]) -> N
     for split, v in report["leakage"].items():
         print(f"leakage: {v['with_copy_in_train']} of {v['images']} {split} images have a copy in train")
     for split, v in report["splits"].items():
-        print(f"{split}: {v['records']} records" + (f", {len(v['small_classes'])} class(es) under "
-                                                    f"{report['min_class_images']} images" if v["small_classes"] else "")
+        small = f", {len(v['small_classes'])} class(es) under {report['min_class_images']} images"
+        print(f"{split}: {v['records']} records" + (small if v["small_classes"] else "")
               + (f", {len(v['empty_classes'])} class(es) empty" if v["empty_classes"] else ""))
     print(f"{report['pairs_total']} duplicate pair(s); report {json_path}"
           + ("" if html_path is None else f" and {html_path}") + f" ({report['seconds']:.1f} s)")
