@@ -21,6 +21,14 @@ Prints images/s for each and the two ratios the issue sets targets for:
   overhead over floor = ours seconds / floor seconds                  (target <= 1.25)
 and, for a set much larger than this one, the speedup with each packer's start-up (its time on a one-image list;
 for im2rec mostly `import mxnet`) taken off both sides.
+
+The cost of `--report` (issue 17: the hash at pack time adds at most ~5% to packing), timed in the same interleaved
+rounds as the plain pack:
+  ours_hash:   the packer's own pack_list(..., fingerprints=True) under the CLI's options (subprocess): packing
+               plus the pack-time fingerprints, no report; the ratio to the plain pack is the hash's cost;
+  ours_report: `python -m recbuild --report ...`: that, then the data report written from the fingerprints; its
+               extra over ours_hash is the report's own, mostly fixed, cost (matplotlib, the page).
+`--report-cost` times only the plain pack and these two (a quick figure: `--images 200 --repeat 3`).
 """
 from __future__ import annotations
 
@@ -56,6 +64,7 @@ GEN_VERSION = 2           # bump when the generator changes, so the cache is reb
 IM2REC = Path(cv2.__file__).parents[1] / "mxnet" / "tools" / "im2rec.py"
 DEB = "lomiri-wallpapers-16.04"
 WHEELS = ("scikit-image", "scikit-learn")
+REPORT_COST_TARGET = 1.05   # issue 17: the pack-time hash adds at most ~5%
 
 
 # ---- source photos ---------------------------------------------------------------------------------------------
@@ -224,11 +233,35 @@ def quality(paths: List[str], step: int = 5) -> Tuple[float, float, float]:
     return values[0], values[len(values) // 20], sum(values) / len(values)
 
 
+def hash_command(common: List[str], prefix: Path, root: Path) -> List[str]:
+    """The packer with pack-time fingerprints and without the report: the CLI's own parser and PackConfig, then
+    pack_list(..., fingerprints=True) for every PREFIX*.lst, as `python -m recbuild --report` packs them."""
+    code = ("import sys; from recbuild.cli import build_parser, _pack_config; "
+            "from recbuild.packing import find_lists, pack_list; p = build_parser(); a = p.parse_args(sys.argv[1:]); "
+            "work, lists = find_lists(a.prefix); "
+            "[pack_list(l, a.root, _pack_config(a, p), out_dir=work, fingerprints=True) for l in lists]")
+    return [sys.executable, "-c", code, *common, "--no-progress", str(prefix), str(root)]
+
+
+def report_figures(results: dict, cpu: dict, pairs: int) -> Tuple[Tuple[float, float], Tuple[float, float], str]:
+    """(hash cost, whole --report cost) as (wall, CPU) ratios to the plain pack, and the line that says so."""
+    hash_cost = (results["ours_hash"] / results["ours"], cpu["ours_hash"] / cpu["ours"])
+    report_cost = (results["ours_report"] / results["ours"], cpu["ours_report"] / cpu["ours"])
+    line = (f"pack-time hash: {hash_cost[0]:.3f}x the plain pack's wall time, {hash_cost[1]:.3f}x its CPU time "
+            f"(target <= {REPORT_COST_TARGET}); whole --report (the hash, then the data report with {pairs} "
+            f"pair(s) on the page): {report_cost[0]:.3f}x wall, {report_cost[1]:.3f}x CPU, the report itself "
+            f"{results['ours_report'] - results['ours_hash']:+.2f} s wall, "
+            f"{cpu['ours_report'] - cpu['ours_hash']:+.2f} s CPU (fixed, not per image)")
+    return hash_cost, report_cost, line
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=N_IMAGES, help="number of generated photos (>= 500)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes for all three")
     p.add_argument("--repeat", type=int, default=3, help="time each contender this often (interleaved), keep the best")
+    p.add_argument("--report-cost", action="store_true",
+                   help="time only `python -m recbuild` with and without --report (interleaved) and print the ratio")
     p.add_argument("--floor-worker", choices=("reduced", "full"), help=argparse.SUPPRESS)
     p.add_argument("--file-list", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -260,27 +293,39 @@ def main(argv=None) -> int:
         def im2rec_cmd(list_name: str) -> List[str]:
             return [sys.executable, str(IM2REC), *common, str(work / "im2rec" / list_name), str(root)]
 
-        def ours_cmd(list_name: str) -> List[str]:
-            return [sys.executable, "-m", "recbuild", *common, "--no-progress", str(work / "ours" / list_name),
-                    str(root)]
+        def ours_cmd(list_name: str, *extra: str) -> List[str]:
+            return [sys.executable, "-m", "recbuild", *common, *extra, "--no-progress",
+                    str(work / "ours" / list_name), str(root)]
 
+        hash_cmd = hash_command(common, work / "ours" / "set", root)
+        contenders = [("im2rec", im2rec_cmd("set")), ("ours", ours_cmd("set")), ("ours_hash", hash_cmd),
+                      ("ours_report", ours_cmd("set", "--report")),
+                      ("floor", floor_cmd + ["reduced"]), ("floor_full", floor_cmd + ["full"]),
+                      ("im2rec_startup", im2rec_cmd("one")), ("ours_startup", ours_cmd("one"))]
+        if a.report_cost:
+            contenders = contenders[1:4]
         results, cpu = {}, {}
         for rnd in range(a.repeat):                        # interleaved rounds: load changes hit all alike
-            for name, cmd in (("im2rec", im2rec_cmd("set")), ("ours", ours_cmd("set")),
-                              ("floor", floor_cmd + ["reduced"]), ("floor_full", floor_cmd + ["full"]),
-                              ("im2rec_startup", im2rec_cmd("one")), ("ours_startup", ours_cmd("one"))):
+            for name, cmd in contenders:
                 t, c = time_cmd(cmd)
                 print(f"  round {rnd + 1}: {name:14s} {t:6.2f} s wall {c:6.2f} s CPU", flush=True)
                 results[name] = min(t, results.get(name, float("inf")))
                 cpu[name] = min(c, cpu.get(name, float("inf")))
         n_ours = count_records(work / "ours" / "set.idx")
-        n_ref = count_records(work / "im2rec" / "set.idx")
+        n_ref = len(paths) if a.report_cost else count_records(work / "im2rec" / "set.idx")
+        pairs = json.loads((work / "ours" / "set.report.json").read_text())["pairs_total"]
         if n_ours != len(paths) or n_ref != len(paths):
             sys.exit(f"bench.pack: record counts differ: ours {n_ours}, im2rec {n_ref}, images {len(paths)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     n = len(paths)
+    hash_cost, report_cost, report_line = report_figures(results, cpu, pairs)
+    if a.report_cost:
+        print(f"\n{n} JPEGs -> --resize {RESIZE} --quality {QUALITY}, {a.workers} worker(s), best of {a.repeat}:\n"
+              + "\n".join(f"  {k:12s} {results[k]:6.2f} s wall {cpu[k]:6.2f} s CPU"
+                          for k in ("ours", "ours_hash", "ours_report")) + "\n" + report_line)
+        return 0 if min(hash_cost) <= REPORT_COST_TARGET else 1
     rate = {k: n / v for k, v in results.items()}
     speedup = rate["ours"] / rate["im2rec"]
     overhead = results["ours"] / results["floor"]
@@ -301,13 +346,15 @@ def main(argv=None) -> int:
     print(f"start-up (one-image run): im2rec {results['im2rec_startup']:.2f} s, ours {results['ours_startup']:.2f} s; "
           f"speedup with it taken off both: {steady:.2f}x, {steady_cpu:.2f}x in CPU seconds "
           "(per image: what a much larger set converges to)")
+    print(report_line)
     q_min, q_p5, q_mean = quality(paths, step=1)
     print(f"quality of the reduced DCT decode vs full decode + resize, PSNR over {len(paths)} images: "
           f"min {q_min:.1f} dB, 5th percentile {q_p5:.1f} dB, mean {q_mean:.1f} dB")
     with open(CACHE / "last_result.json", "w") as f:
         json.dump({"images": n, "workers": a.workers, "seconds": results, "cpu_seconds": cpu,
                    "speedup": speedup, "overhead": overhead, "speedup_without_startup": steady,
-                   "speedup_without_startup_cpu": steady_cpu}, f, indent=2)
+                   "speedup_without_startup_cpu": steady_cpu, "hash_cost": hash_cost, "report_cost": report_cost},
+                  f, indent=2)
     return 0 if speedup >= 2.0 and overhead <= 1.25 else 1
 
 

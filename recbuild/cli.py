@@ -4,6 +4,7 @@
     python -m recbuild [--resize N] [--num-thread N] ... PREFIX ROOT             pack every PREFIX*.lst
     python -m recbuild verify [--quick] PREFIX.rec [...]                         check packed files
     python -m recbuild report PREFIX [--test-folder DIR]                         data health (recbuild.report)
+    python -m recbuild --report [...] PREFIX ROOT                                pack, then the data report
 """
 from __future__ import annotations
 
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-pixels", type=int, default=defaults.MAX_PIXELS,
                    help="decompression-bomb guard: refuse images that would decode to more pixels")
     x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    x.add_argument("--report", action="store_true",
+                   help="also fingerprint every image while it is packed (NAME.fingerprints.npy) and then write "
+                        "the data report PREFIX.report.json/.html from them, as `python -m recbuild report "
+                        "PREFIX` would, without decoding the records again")
     return p
 
 
@@ -145,8 +150,9 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
     return 0
 
 
-def run_pack(prefix: str, root: str, cfg: PackConfig) -> int:
-    """Pack every PREFIX*.lst (im2rec's rule). Returns the exit status."""
+def run_pack(prefix: str, root: str, cfg: PackConfig, report: bool = False) -> int:
+    """Pack every PREFIX*.lst (im2rec's rule); with `report`, then write the data report. Returns the exit
+    status."""
     from recbuild.packing import find_lists, pack_list
     work, lists = find_lists(prefix)
     if not lists:
@@ -160,14 +166,18 @@ def run_pack(prefix: str, root: str, cfg: PackConfig) -> int:
     failed = 0
     for lst in lists:
         print(f"Creating .rec file from {lst} in {work} ({cfg.workers} worker(s))")
-        report = pack_list(lst, root, cfg, out_dir=work)
-        print(report.summary())
-        failed += len(report.failed)
+        packed = pack_list(lst, root, cfg, out_dir=work, fingerprints=report)
+        print(packed.summary())
+        failed += len(packed.failed)
+    status = 0
+    if report:
+        from recbuild.report import report_after_packing
+        status = report_after_packing(prefix)
     if failed and cfg.strict:
         print(f"error: --strict: {failed} image(s) could not be packed (see the .errors.tsv report(s))",
               file=sys.stderr)
         return 1
-    return 0
+    return status
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -184,12 +194,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from recbuild.recordio import RecordIOError
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.report and a.list:
+        parser.error("--report goes with packing (PREFIX ROOT without --list); list first, then pack with it")
     try:
         if a.list:
             return run_list(a.prefix, a.root, _list_config(a))
         if a.labels or a.unlabelled or a.stratify:
             parser.error("--labels, --unlabelled and --stratify build lists: add --list")
-        return run_pack(a.prefix, a.root, _pack_config(a, parser))
+        return run_pack(a.prefix, a.root, _pack_config(a, parser), a.report)
     except (ListError, RecordIOError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

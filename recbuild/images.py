@@ -585,16 +585,20 @@ def _resize_on_grid(img: np.ndarray, fx: float, fy: float, out_w: int, out_h: in
     return out[:out_h, :out_w]
 
 
+def fit_for_encoding(img: np.ndarray, encoding: str) -> np.ndarray:
+    """The image as the format can hold it: JPEG holds 8 bits (16-bit PNGs under --color -1) and no alpha."""
+    if encoding == ".jpg":
+        if img.dtype != np.uint8:
+            img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else cv2.convertScaleAbs(img)
+        if img.ndim == 3 and img.shape[2] == 4:
+            img = img[:, :, :3]
+    return img
+
+
 def encode(img: np.ndarray, encoding: str, quality: int) -> bytes:
     """Encode like mx.recordio.pack_img (same cv2.imencode parameters), fitting the image to the format."""
-    if encoding == ".jpg":
-        if img.dtype != np.uint8:          # 16-bit PNG under --color -1: JPEG holds 8 bits
-            img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else cv2.convertScaleAbs(img)
-        if img.ndim == 3 and img.shape[2] == 4:   # alpha under --color -1: JPEG has no alpha channel
-            img = img[:, :, :3]
-        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    else:
-        params = [cv2.IMWRITE_PNG_COMPRESSION, quality]
+    img = fit_for_encoding(img, encoding)
+    params = [cv2.IMWRITE_JPEG_QUALITY if encoding == ".jpg" else cv2.IMWRITE_PNG_COMPRESSION, quality]
     ok, buf = cv2.imencode(encoding, img, params)
     if not ok:
         raise ImageError(f"OpenCV cannot encode a {img.shape} {img.dtype} image as {encoding}")
@@ -619,6 +623,15 @@ def load_image_bytes(path: str, cfg: PackConfig) -> bytes:
     Raises:
         ImageError: with the reason, for anything that cannot be packed.
     """
+    return load_image(path, cfg)[0]
+
+
+def load_image(path: str, cfg: PackConfig) -> Tuple[bytes, Optional[np.ndarray]]:
+    """(the encoded image to store for `path`, the array it was encoded from; None with --pass-through).
+
+    Raises:
+        ImageError: with the reason, for anything that cannot be packed.
+    """
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -630,6 +643,6 @@ def load_image_bytes(path: str, cfg: PackConfig) -> bytes:
         raise ImageError(f"cannot read file ({err.strerror})") from None
     if cfg.pass_through:
         check_pass_through(data, path, cfg)
-        return data
-    img = transform(decode(data, path, cfg), cfg.resize, cfg.center_crop)
-    return encode(img, cfg.encoding, cfg.quality)
+        return data, None
+    img = fit_for_encoding(transform(decode(data, path, cfg), cfg.resize, cfg.center_crop), cfg.encoding)
+    return encode(img, cfg.encoding, cfg.quality), img

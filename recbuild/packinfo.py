@@ -15,7 +15,11 @@ file. Content (this exact shape; readers may rely on every key, later versions o
                                      with label_width 1
      "transform": {"resize": 224,    short edge, 0 = size kept
                    "center_crop": false, "color": 1, "encoding": ".jpg", "quality": 95,
-                   "pass_through": false}}
+                   "pass_through": false},
+     "payload_crc32": "NAME.crc32",  the payload checksums (recbuild.recordio), for `verify`
+     "fingerprints": {"file": "NAME.fingerprints.npy", "format": "mxtransfer.fingerprints/1"}}
+                                     only when packed with --report: the data report's per-record fingerprints
+                                     (recbuild/fingerprints.py); optional
 
 Files packed by im2rec.py have no sidecar: `read_pack_info` returns None for them, and the caller falls back to
 scanning the .rec.
@@ -71,6 +75,12 @@ class PackInfo:
     @property
     def transform(self) -> Dict:
         return self.data["transform"]
+
+    @property
+    def fingerprints(self) -> Optional[str]:
+        """The file name of the pack-time fingerprints (beside the sidecar), or None when packed without them."""
+        named = self.data.get("fingerprints")
+        return named["file"] if named else None
 
     @property
     def matches_rec(self) -> bool:
@@ -135,6 +145,10 @@ def read_pack_info(rec_path: PathLike) -> Optional[PackInfo]:
         raise PackInfoError(f"{path}: 'class_counts' must be a list of counts or null, got {counts!r}")
     if counts is not None and sum(counts) != data["records"]:
         raise PackInfoError(f"{path}: 'class_counts' add up to {sum(counts)}, not to 'records' {data['records']}")
+    prints = data.get("fingerprints")
+    if prints is not None and not (isinstance(prints, dict) and isinstance(prints.get("file"), str)
+                                   and prints["file"] and "/" not in prints["file"]):
+        raise PackInfoError(f"{path}: 'fingerprints' must be {{\"file\": NAME}} (a file beside it), got {prints!r}")
     rec = Path(rec_path)
     return PackInfo(path, data, rec.stat().st_size if rec.is_file() else None)
 

@@ -4,8 +4,11 @@ Output for `NAME.lst` (im2rec's naming, in the list's folder):
 - `NAME.rec`, `NAME.idx`: written under temporary names and renamed only when every record is written, so a
   killed run leaves no file that looks complete; a re-run removes the leftovers of dead runs and starts over.
 - `NAME.crc32`: the CRC32 of every record's payload, by key (recbuild.recordio), for `verify`.
+- `NAME.fingerprints.npy` (with --report): every record's size, digests, perceptual hash and thumbnail, computed
+  by the workers from the image they just transformed (recbuild/fingerprints.py), so the data report needs no
+  second decode.
 - `NAME.pack.json`: record count, class histogram, label width and the transform (recbuild/packinfo.py), written
-  last, once the .rec/.idx pair is in place.
+  last, once the .rec/.idx pair is in place; it names NAME.crc32 and NAME.fingerprints.npy.
 - `NAME.errors.tsv`: one line per image that could not be packed (index, path, reason), written whenever
   anything failed; a stale report of an earlier run is removed. Failed images are never silently missing:
   the summary counts them and --strict makes the run fail.
@@ -24,8 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from recbuild import config as defaults
 from recbuild.config import PackConfig
+from recbuild.fingerprints import FORMAT as FINGERPRINTS_FORMAT, ROW, fingerprints_path, image_row, \
+    write_fingerprints
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.packinfo import describe, pack_info_path, write_pack_info
 from recbuild.recordio import RecordWriter, checksums_path, encode_checksums, pack_header
@@ -34,8 +41,8 @@ from recbuild.workers import pid_alive, run_alone, run_tasks
 
 log = logging.getLogger(__name__)
 
-# (position in the list, record payload or None, reason or None)
-Result = Tuple[int, Optional[bytes], Optional[str]]
+# (position in the list, record payload or None, reason or None, fingerprint row part or None)
+Result = Tuple[int, Optional[bytes], Optional[str], Optional[tuple]]
 
 
 @dataclass
@@ -85,11 +92,12 @@ def errors_path_for(rec: Path) -> Path:
 # ---- worker side -----------------------------------------------------------------------------------------------
 
 _worker_cfg: Optional[PackConfig] = None
+_worker_fingerprints = False
 
 
-def _init_worker(cfg: PackConfig) -> None:
-    global _worker_cfg
-    _worker_cfg = cfg
+def _init_worker(cfg: PackConfig, fingerprints: bool = False) -> None:
+    global _worker_cfg, _worker_fingerprints
+    _worker_cfg, _worker_fingerprints = cfg, fingerprints
     import cv2
     # One OpenCV thread per process: the parallelism is the worker processes; OpenCV's own pool would
     # oversubscribe the cores (measured: ~10% slower at 2 workers on 2 cores).
@@ -99,26 +107,29 @@ def _init_worker(cfg: PackConfig) -> None:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
-def _pack_one(pos: int, entry: Entry, root: str, cfg: PackConfig) -> Result:
-    from recbuild.images import ImageError, load_image_bytes
+def _pack_one(pos: int, entry: Entry, root: str, cfg: PackConfig, fingerprints: bool = False) -> Result:
+    """One image: its record, or the reason it has none; with `fingerprints`, also its fingerprint (of the
+    array just encoded: no second decode, see recbuild/fingerprints.py)."""
+    from recbuild.images import ImageError, load_image
     path = os.path.join(root, entry.path)
     try:
         header = pack_header(entry.labels, entry.index, cfg.pack_label)
-        payload = header + load_image_bytes(path, cfg)
+        body, encoded_from = load_image(path, cfg)
+        payload = header + body
         if len(payload) > defaults.MAX_RECORD_BYTES:
-            return pos, None, f"record of {len(payload)} bytes exceeds RecordIO's 512 MiB limit"
-        return pos, payload, None
+            return pos, None, f"record of {len(payload)} bytes exceeds RecordIO's 512 MiB limit", None
+        return pos, payload, None, image_row(body, encoded_from) if fingerprints else None
     except ImageError as err:
-        return pos, None, str(err)
+        return pos, None, str(err), None
     except MemoryError:
-        return pos, None, "out of memory while decoding (lower --max-pixels or use fewer --num-thread)"
+        return pos, None, "out of memory while decoding (lower --max-pixels or use fewer --num-thread)", None
     except Exception as err:  # noqa: BLE001 - one odd file must not kill a million-image run; it is reported
-        return pos, None, f"unexpected {type(err).__name__}: {err}"
+        return pos, None, f"unexpected {type(err).__name__}: {err}", None
 
 
 def _pack_batch(task: Tuple[Sequence[Tuple[int, Entry]], str]) -> List[Result]:
     batch, root = task
-    return [_pack_one(pos, entry, root, _worker_cfg) for pos, entry in batch]
+    return [_pack_one(pos, entry, root, _worker_cfg, _worker_fingerprints) for pos, entry in batch]
 
 
 # ---- parent side -----------------------------------------------------------------------------------------------
@@ -143,7 +154,8 @@ def _start_method() -> str:
     return "fork" if _cv2_imported_here else "forkserver"
 
 
-def _results(entries: Sequence[Entry], root: str, cfg: PackConfig) -> Iterator[Result]:
+def _results(entries: Sequence[Entry], root: str, cfg: PackConfig, fingerprints: bool = False
+             ) -> Iterator[Result]:
     """Yield results in list order, computed by cfg.workers processes with a bounded number in flight.
 
     A worker that dies (a decoder crashing on a hostile file) costs only the batch it held: those images are
@@ -162,12 +174,12 @@ def _results(entries: Sequence[Entry], root: str, cfg: PackConfig) -> Iterator[R
         batch, _ = task
         out: List[Result] = []
         for item in batch:
-            result = run_alone(([item], root), _pack_batch, ctx, _init_worker, (cfg,))
+            result = run_alone(([item], root), _pack_batch, ctx, _init_worker, (cfg, fingerprints))
             out.extend(result if result is not None else
-                       [(item[0], None, "the decoder crashed its worker process (corrupt or hostile file)")])
+                       [(item[0], None, "the decoder crashed its worker process (corrupt or hostile file)", None)])
         return out
 
-    for results in run_tasks(tasks, _pack_batch, cfg.workers, ctx, _init_worker, (cfg,),
+    for results in run_tasks(tasks, _pack_batch, cfg.workers, ctx, _init_worker, (cfg, fingerprints),
                              defaults.IN_FLIGHT_PER_WORKER, one_at_a_time):
         yield from results
 
@@ -190,7 +202,7 @@ def remove_stale_parts(path: Path) -> None:
 
 
 def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = None,
-              progress: Optional[Callable] = None) -> PackReport:
+              progress: Optional[Callable] = None, fingerprints: bool = False) -> PackReport:
     """Pack the images of one .lst into NAME.rec/NAME.idx (in `out_dir`, default the list's folder).
 
     Args:
@@ -199,6 +211,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
         cfg: packing options.
         out_dir: where the outputs go.
         progress: a tqdm-like factory (total=, desc=, unit=) or None for the default (tqdm if cfg.progress).
+        fingerprints: also write NAME.fingerprints.npy for the data report (`--report`).
 
     Returns:
         The report; the caller decides what --strict means for the exit status.
@@ -212,7 +225,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     rec = out_dir / (lst.stem + ".rec")
     idx = out_dir / (lst.stem + ".idx")
     report = PackReport(lst, rec, idx, total=len(entries))
-    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec), checksums_path(rec)):
+    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec), checksums_path(rec), fingerprints_path(rec)):
         remove_stale_parts(path)
 
     if rec.exists() or idx.exists():
@@ -222,21 +235,23 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     try:
         with atomic_open(rec, "wb") as rec_handle:
             writer = RecordWriter(rec_handle, checksums=True)
-            packed_labels = []
-            for pos, payload, reason in _results(entries, root, cfg):
+            packed_labels, rows = [], []
+            for pos, payload, reason, row in _results(entries, root, cfg, fingerprints):
                 if payload is None:
                     report.failed.append((entries[pos], reason))
                     bar.set_postfix(failed=len(report.failed), refresh=False)
                 else:
                     writer.write(entries[pos].index, payload)
                     packed_labels.append(entries[pos].labels)
+                    if fingerprints:
+                        rows.append((entries[pos].index, writer.index[-1][1], entries[pos].labels[0]) + row)
                 bar.update(1)
             rec_tmp_size = rec_handle.tell()
             # The old .idx goes first: killed between the renames, the folder then holds a .rec without
             # .idx (visibly incomplete) rather than a new .rec beside an old .idx.
             with contextlib.suppress(FileNotFoundError):
                 idx.unlink()
-            for stale in (pack_info_path(rec), checksums_path(rec)):    # they describe the old .rec
+            for stale in (pack_info_path(rec), checksums_path(rec), fingerprints_path(rec)):  # of the old .rec
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
             errs = errors_path_for(rec)
@@ -257,6 +272,9 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
             crc_handle.write(encode_checksums(writer.checksums))
         info = describe(rec, rec_tmp_size, packed_labels, cfg)
         info["payload_crc32"] = checksums_path(rec).name
+        if fingerprints:
+            written = write_fingerprints(rec, np.array(rows, ROW) if rows else np.zeros(0, ROW))
+            info["fingerprints"] = {"file": written.name, "format": FINGERPRINTS_FORMAT}
         write_pack_info(rec, info)
     finally:
         bar.close()

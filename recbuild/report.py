@@ -10,6 +10,10 @@ path. The headline is the leakage: how many val/test images
 
 Outputs (atomic): PREFIX.report.json for scripts, PREFIX.report.html (one self-contained page: duplicate pairs as
 inline thumbnails, histograms as inline PNGs). Sizes are those of the packed records (after --resize).
+
+A .rec packed with `python -m recbuild --report` has NAME.fingerprints.npy beside it (recbuild/fingerprints.py):
+while NAME.pack.json says it describes the .rec as it is, the report takes every record from it and decodes
+nothing (the JSON's "sources" says so per .rec); a stale one is ignored with a warning.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 
 from recbuild.atomic import write_json
 from recbuild.classmap import find_class_map, read_class_map
+from recbuild.fingerprints import decode_stored, fingerprint, pixel_digest, read_fresh
 from recbuild.listing import ListError, read_list
 from recbuild.recordio import RecordIOError, iter_records, unpack_header
 
@@ -57,9 +62,7 @@ MAX_PAIRS_JSON = 100_000
 MAX_PAIRS_HTML = 1000
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TRAIN, HELD_OUT = "train", ("val", "test")
-_HASH_SIDE = 32             # pHash: grey image area-resized to 32x32, DCT, the 8x8 lowest frequencies
-_HASH_KEEP = 8
-_THUMB_SIDE = 16
+STORED, DECODED = "pack-time fingerprints", "decoded"   # how a .rec was read (the report's "sources")
 
 
 class ReportError(ValueError):
@@ -102,37 +105,9 @@ class Item:
 
 
 # ---- hashing ------------------------------------------------------------------------------------------------
-def fingerprint(img: np.ndarray) -> Tuple[int, np.ndarray]:
-    """(64-bit DCT perceptual hash, 16x16 grey thumbnail) of a decoded OpenCV image (grey, BGR, BGRA; any depth).
-
-    The image is turned grey, area-resized to 32x32 (which removes the resolution and most JPEG noise), and of
-    its 2-D DCT the 8x8 lowest frequencies are kept; bit k says whether coefficient k exceeds the median of
-    the 63 non-DC coefficients. Comparisons to a median ignore brightness scale, so 8- and 16-bit copies agree.
-    The thumbnail (in 8-bit grey levels) is the 32x32 image area-halved.
-    """
-    import cv2
-    to_8bit = 1 / 257.0 if img.dtype == np.uint16 else 1.0  # the thumbnail compares in 8-bit grey levels
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 3:
-        img = img[:, :, :3].astype(np.float32) @ np.array([0.114, 0.587, 0.299], np.float32)  # BGR luma
-    small = cv2.resize(img.astype(np.float32), (_HASH_SIDE, _HASH_SIDE), interpolation=cv2.INTER_AREA)
-    coeffs = cv2.dct(small)[:_HASH_KEEP, :_HASH_KEEP].ravel()
-    bits = coeffs > np.median(coeffs[1:])
-    thumb = cv2.resize(small, (_THUMB_SIDE, _THUMB_SIDE), interpolation=cv2.INTER_AREA) * to_8bit
-    return int.from_bytes(np.packbits(bits).tobytes(), "big"), thumb.astype(np.float16).ravel()
-
-
 def phash(img: np.ndarray) -> int:
     """The 64-bit DCT perceptual hash of `fingerprint`."""
     return fingerprint(img)[0]
-
-
-def pixel_digest(img: np.ndarray) -> str:
-    """sha1 of the decoded pixels, shape and dtype included (equal digests: identical images)."""
-    h = hashlib.sha1(f"{img.shape}{img.dtype}".encode())
-    h.update(np.ascontiguousarray(img).data)
-    return h.hexdigest()
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
@@ -236,13 +211,20 @@ def list_lines(lst: Path) -> Dict[int, Tuple[int, str]]:
 
 
 def _decode(data: bytes):
-    import cv2
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return decode_stored(data)
 
 
-def scan_rec(rec: Path, split: str, role: str, failures: List[str]) -> List[Item]:
-    """Read a .rec in file order (one sequential pass) and fingerprint every record."""
+def scan_rec(rec: Path, split: str, role: str, failures: List[str], use_stored: bool = True
+             ) -> Tuple[List[Item], str]:
+    """The Items of a .rec and where they came from ('pack-time fingerprints' or 'decoded').
+
+    From the packer's NAME.fingerprints.npy when it still describes the .rec (nothing is read from the .rec
+    then), else by reading the .rec in file order (one sequential pass) and fingerprinting every record."""
     lines = list_lines(rec.with_suffix(".lst"))
+    rows = read_fresh(rec) if use_stored else None
+    if rows is not None:
+        log.info("%s: using the fingerprints computed at pack time", rec)
+        return _stored_items(rec, split, role, rows, lines, failures), STORED
     items: List[Item] = []
     size = rec.stat().st_size
     with open(rec, "rb") as handle:
@@ -252,7 +234,7 @@ def scan_rec(rec: Path, split: str, role: str, failures: List[str]) -> List[Item
         except RecordIOError as err:
             raise ReportError(f"{rec}: {err}; repack it or check it with `python -m recbuild verify {rec}`") \
                 from None
-    return items
+    return items, DECODED
 
 
 def _record_item(rec: Path, split: str, role: str, offset: int, payload: bytes, lines: Dict[int, Tuple[int, str]],
@@ -268,6 +250,28 @@ def _record_item(rec: Path, split: str, role: str, offset: int, payload: bytes, 
     return [Item(split, role, str(rec), offset, int(header.id), label, line, path, int(img.shape[1]),
                  int(img.shape[0]), 1 if img.ndim == 2 else int(img.shape[2]), hashlib.sha1(body).hexdigest(),
                  pixel_digest(img), *fingerprint(img))]
+
+
+def _stored_items(rec: Path, split: str, role: str, rows: np.ndarray, lines: Dict[int, Tuple[int, str]],
+                  failures: List[str]) -> List[Item]:
+    """The Items of a .rec from its fingerprint rows (recbuild/fingerprints.py), as _record_item would make them.
+
+    Where a row has no pixel digest, the packer's deterministic encoder makes equal bytes the exact-duplicate
+    key: the item's pixel key is then derived from its byte digest."""
+    items: List[Item] = []
+    for row in rows:
+        rid, offset = int(row["id"]), int(row["offset"])
+        if not row["decoded"]:
+            failures.append(f"{rec}@{offset}: record {rid} holds no decodable image")
+            continue
+        byte_sha = bytes(row["byte_sha"]).ljust(20, b"\0").hex()
+        pixels = bytes(row["pixel_sha"]).ljust(20, b"\0")
+        pixel_sha = pixels.hex() if pixels.strip(b"\0") else "bytes:" + byte_sha
+        line, path = lines.get(rid, (None, None))
+        items.append(Item(split, role, str(rec), offset, rid, float(row["label"]), line, path, int(row["width"]),
+                          int(row["height"]), int(row["channels"]), byte_sha, pixel_sha, int(row["phash"]),
+                          np.array(row["thumb"], np.float16)))
+    return items
 
 
 def scan_folder(folder: Path, failures: List[str]) -> List[Item]:
@@ -510,18 +514,24 @@ def render_html(report: dict, items: Sequence[Item], title: str, max_pairs: int 
 
 
 def build_report(prefix: str, test_folder: Optional[str] = None, threshold: int = PHASH_THRESHOLD,
-                 min_images: int = MIN_CLASS_IMAGES, max_mad: float = NEAR_MAX_MAD) -> Tuple[dict, List[Item]]:
-    """Read every PREFIX*.rec (and the test folder) and analyse them. Returns (JSON-ready report, items)."""
+                 min_images: int = MIN_CLASS_IMAGES, max_mad: float = NEAR_MAX_MAD, use_stored: bool = True
+                 ) -> Tuple[dict, List[Item]]:
+    """Read every PREFIX*.rec (and the test folder) and analyse them. Returns (JSON-ready report, items).
+
+    With `use_stored` (the default), a .rec packed with --report is read from its fingerprint file instead of
+    being decoded; the report's "sources" says which way each .rec was read."""
     started = time.perf_counter()
     recs = find_recs(prefix)
     if not recs:
         raise ReportError(f"no .rec file starting with {os.path.abspath(prefix)}; pack the lists first")
     failures: List[str] = []
     items: List[Item] = []
+    sources: Dict[str, str] = {}
     for rec in recs:
         split, role = split_of(rec, prefix)
         log.info("reading %s (%s)", rec, split)
-        items += scan_rec(rec, split, role, failures)
+        found, sources[str(rec)] = scan_rec(rec, split, role, failures, use_stored)
+        items += found
     if test_folder:
         items += scan_folder(Path(test_folder), failures)
     cmap = find_class_map(recs[0])
@@ -529,6 +539,7 @@ def build_report(prefix: str, test_folder: Optional[str] = None, threshold: int 
     report = analyse(items, names, threshold, min_images, max_mad)
     pairs = report.pop("pairs")
     report = {"format": FORMAT, "prefix": os.path.abspath(prefix), "recs": [str(r) for r in recs],
+              "sources": sources,
               "test_folder": test_folder, "threshold": threshold, "max_mad": max_mad, "min_class_images": min_images,
               "records": sum(1 for it in items if it.role != "folder"), **report,
               "pairs_total": len(pairs), "failures": failures, "seconds": time.perf_counter() - started}
@@ -586,12 +597,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ReportError, RecordIOError, ListError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print_summary(report, a.json or json_path, None if a.no_html else (a.html or html_path))
+    return 0
+
+
+def print_summary(report: dict, json_path: Path, html_path: Optional[Path]) -> None:
+    """The lines a run prints: the leakage headline, each split, the pair count and where the files are."""
     for split, v in report["leakage"].items():
         print(f"leakage: {v['with_copy_in_train']} of {v['images']} {split} images have a copy in train")
     for split, v in report["splits"].items():
-        print(f"{split}: {v['records']} records" + (f", {len(v['small_classes'])} class(es) under "
-                                                    f"{a.min_class_images} images" if v["small_classes"] else "")
+        small = f", {len(v['small_classes'])} class(es) under {report['min_class_images']} images"
+        print(f"{split}: {v['records']} records" + (small if v["small_classes"] else "")
               + (f", {len(v['empty_classes'])} class(es) empty" if v["empty_classes"] else ""))
-    print(f"{report['pairs_total']} duplicate pair(s); report {a.json or json_path}"
-          + ("" if a.no_html else f" and {a.html or html_path}") + f" ({report['seconds']:.1f} s)")
+    print(f"{report['pairs_total']} duplicate pair(s); report {json_path}"
+          + ("" if html_path is None else f" and {html_path}") + f" ({report['seconds']:.1f} s)")
+
+
+def report_after_packing(prefix: str) -> int:
+    """`python -m recbuild --report PREFIX ROOT`: the data report of every PREFIX*.rec, written to the default
+    paths right after packing; the .recs just packed are read from their fingerprint files (no decode)."""
+    json_path, html_path = default_paths(prefix)
+    try:
+        report, items = build_report(prefix)
+        write_report(report, items, json_path, html_path)
+    except (ReportError, RecordIOError, ListError, OSError) as err:
+        print(f"error: data report: {err}", file=sys.stderr)
+        return 1
+    print_summary(report, json_path, html_path)
     return 0

@@ -107,14 +107,14 @@ METHOD, CRASH_ON = {method!r}, {crash_on!r}
 if METHOD:
     packing._start_method = lambda: METHOD
 if CRASH_ON:
-    real = images.load_image_bytes
+    real = images.load_image                 # what the packer's workers call (load_image_bytes wraps it)
     def crashing(path, cfg):
         if CRASH_ON in path:
             with open(os.path.join({folder!r}, "crash-parents"), "a") as note:
                 note.write(f"{{os.getppid()}}\\n")   # who started the worker: the CLI (fork) or a forkserver
             os.kill(os.getpid(), signal.SIGSEGV)     # what a decoder bug in C does to its worker
         return real(path, cfg)
-    images.load_image_bytes = crashing
+    images.load_image = crashing
 '''
 
 

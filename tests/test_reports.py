@@ -33,12 +33,13 @@ def _resized_copy(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
 
 
-def make_split_tree(root: Path, leaky: bool):
+def make_split_tree(root: Path, leaky: bool, pack_args=()):
     """12 training images (3 classes), 6 val images and a 2-image test folder.
 
     With `leaky`: val 3 is train 1 resized to 1/2 and re-encoded at JPEG quality 60, val 4 is train 5 at 0.7
     (PNG), val 5 is train 9's file byte for byte; test-folder image 0 is train 2 at 0.6, quality 70.
-    Returns {val or folder path: train path} of the planted copies."""
+    `pack_args` are added to the pack command (e.g. --report). Returns {val or folder path: train path} of the
+    planted copies."""
     images = root / "images"
     train, val, copies = [], [], {}
     for i in range(12):
@@ -68,7 +69,7 @@ def make_split_tree(root: Path, leaky: bool):
     for name, rows in (("train", train), ("val", val)):
         (root / f"set_{name}.lst").write_text("".join(f"{i}\t{c}.000000\t{p}\n" for i, c, p in rows))
     (root / "set.classes.json").write_text(json.dumps({"format": "mxtransfer.classmap/1", "classes": CLASSES}))
-    assert recbuild_main([str(root / "set"), str(images), "--num-thread", "1", "--no-progress"]) == 0
+    assert recbuild_main([str(root / "set"), str(images), "--num-thread", "1", "--no-progress", *pack_args]) == 0
     return copies
 
 
@@ -206,3 +207,107 @@ def test_an_undecodable_record_is_listed_not_dropped(tmp_path):
     data = json.loads((tmp_path / "u.report.json").read_text())
     assert data["records"] == 1 and len(data["failures"]) == 1
     assert "record 1 holds no decodable image" in data["failures"][0]
+
+
+# ---- the data report at pack time (--report) --------------------------------------------------------------------
+def _pairs(data: dict) -> set:
+    return {(p["a"]["path"], p["b"]["path"], p["kind"]) for p in data["pairs"]}
+
+
+def _rec_copies(copies: dict) -> set:
+    """The planted pairs between packed splits (the test-folder copy is not packed), as (train, copy) paths."""
+    return {(src, copy) for copy, src in copies.items() if "/" in copy}
+
+
+@pytest.mark.parametrize("leaky", [True, False], ids=["leaky", "clean"])
+def test_pack_time_report_finds_the_same_pairs_as_the_standalone_report(tmp_path, leaky, capsys):
+    """`--report` writes the report from the workers' fingerprints (of the image before its JPEG re-encode); the
+    standalone report decodes every record. Same pairs, kinds, leakage and split figures; distances within the
+    re-encode's tolerance (2 bits; measured 0 on this tree)."""
+    from recbuild.report import build_report
+    copies = make_split_tree(tmp_path, leaky, pack_args=("--report",))
+    assert f"leakage: {3 if leaky else 0} of 6 val images have a copy in train" in capsys.readouterr().out
+    at_pack = json.loads((tmp_path / "set.report.json").read_text())
+    assert set(at_pack["sources"].values()) == {"pack-time fingerprints"}
+    decoded, items = build_report(str(tmp_path / "set"), use_stored=False)
+    assert set(decoded["sources"].values()) == {"decoded"}
+    decoded_pairs = {(p.a, p.b, p.kind) for p in decoded["pairs"]}
+    assert len(decoded_pairs) == len(at_pack["pairs"]) == (3 if leaky else 0)
+    assert {(a, b) for a, b, _ in _pairs(at_pack)} == _rec_copies(copies)
+    write_dir = tmp_path / "standalone"
+    write_dir.mkdir()
+    from recbuild.report import write_report
+    write_report(decoded, items, write_dir / "r.json", None)
+    standalone = json.loads((write_dir / "r.json").read_text())
+    assert _pairs(standalone) == _pairs(at_pack)
+    for a, b in zip(sorted(standalone["pairs"], key=lambda p: p["b"]["path"]),
+                    sorted(at_pack["pairs"], key=lambda p: p["b"]["path"])):
+        assert abs(a["distance"] - b["distance"]) <= 2
+    for key in ("leakage", "splits", "pair_counts", "records", "failures", "class_names"):
+        assert at_pack[key] == standalone[key], key
+    assert (tmp_path / "set.report.html").read_text().count('class="pair"') == len(at_pack["pairs"])
+
+
+def test_the_report_reads_stored_fingerprints_without_decoding(tmp_path, monkeypatch, capsys):
+    """Packed with --report, `python -m recbuild report` takes every record's fingerprint from the file: with
+    the decoder made to fail, it still finds the planted copies (the old code decoded every record)."""
+    copies = make_split_tree(tmp_path, True, pack_args=("--report",))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("the report decoded an image although pack-time fingerprints were there")
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    monkeypatch.setattr(cv2, "imread", no_decode)
+    (tmp_path / "set.report.json").unlink()
+    assert recbuild_main(["report", str(tmp_path / "set"), "--no-html"]) == 0
+    assert "leakage: 3 of 6 val images have a copy in train" in capsys.readouterr().out
+    data = json.loads((tmp_path / "set.report.json").read_text())
+    assert set(data["sources"].values()) == {"pack-time fingerprints"}
+    assert {(a, b) for a, b, _ in _pairs(data)} == _rec_copies(copies)
+    assert data["splits"]["train"]["width"]["min"] == 120 and data["splits"]["train"]["height"]["max"] == 90 + 77
+    found = {p["b"]["path"]: p for p in data["pairs"]}
+    assert found["eel/v05.jpg"]["kind"] == "bytes" and found["cat/v03.jpg"]["kind"] == "near"
+    assert found["cat/v03.jpg"]["a"]["line"] == 2 and found["cat/v03.jpg"]["a"]["class"] == "dog"
+
+
+def test_a_stale_fingerprint_file_is_ignored_with_a_warning(tmp_path, caplog):
+    """A .rec replaced after packing (another quality, packed elsewhere and copied over): its fingerprints
+    describe another file, so the report warns and decodes it; a truncated file likewise; packing again without
+    --report removes the file."""
+    import shutil
+    from recbuild.fingerprints import fingerprints_path
+    from recbuild.report import build_report
+    copies = make_split_tree(tmp_path, True, pack_args=("--report",))
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(tmp_path / "set_val.lst", other / "set_val.lst")
+    assert recbuild_main([str(other / "set"), str(tmp_path / "images"), "--num-thread", "1", "--no-progress",
+                          "--quality", "80"]) == 0
+    for suffix in (".rec", ".idx"):
+        shutil.copy(other / f"set_val{suffix}", tmp_path / f"set_val{suffix}")
+    with caplog.at_level("WARNING", logger="recbuild.fingerprints"):
+        data, items = build_report(str(tmp_path / "set"))
+    assert any("set_val.fingerprints.npy: ignored" in r.getMessage() and "decoding the records" in r.getMessage()
+               for r in caplog.records)
+    assert data["sources"] == {str(tmp_path / "set_train.rec"): "pack-time fingerprints",
+                               str(tmp_path / "set_val.rec"): "decoded"}
+    assert {(items[p.a].path, items[p.b].path) for p in data["pairs"]} == _rec_copies(copies)
+
+    rows = np.load(fingerprints_path(tmp_path / "set_train.rec"))
+    with open(fingerprints_path(tmp_path / "set_train.rec"), "wb") as handle:
+        np.save(handle, rows[:-1])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recbuild.fingerprints"):
+        data, _ = build_report(str(tmp_path / "set"))
+    assert any("set_train.fingerprints.npy: ignored, expected 12 rows" in r.getMessage() for r in caplog.records)
+    assert set(data["sources"].values()) == {"decoded"} and len(data["pairs"]) == 3
+
+    assert recbuild_main([str(tmp_path / "set"), str(tmp_path / "images"), "--num-thread", "1",
+                          "--no-progress"]) == 0
+    assert not fingerprints_path(tmp_path / "set_train.rec").exists()
+    assert "fingerprints" not in json.loads((tmp_path / "set_train.pack.json").read_text())
+
+
+def test_report_flag_belongs_to_packing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        recbuild_main(["--list", "--report", str(tmp_path / "x"), str(tmp_path)])
+    assert "--report goes with packing" in capsys.readouterr().err
