@@ -255,7 +255,7 @@ def report_figures(results: dict, cpu: dict, pairs: int) -> Tuple[Tuple[float, f
     return hash_cost, report_cost, line
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=N_IMAGES, help="number of generated photos (>= 500)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes for all three")
@@ -264,7 +264,11 @@ def main(argv=None) -> int:
                    help="time only `python -m recbuild` with and without --report (interleaved) and print the ratio")
     p.add_argument("--floor-worker", choices=("reduced", "full"), help=argparse.SUPPRESS)
     p.add_argument("--file-list", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     if a.floor_worker:
         run_floor(a.floor_worker, a.file_list, a.workers)
         return 0
