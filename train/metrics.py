@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 LOG_LOSS_EPS = 1e-15
 
 
+def sample_losses(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each sample's cross-entropy, -log p(true class), with p clipped at LOG_LOSS_EPS (the one formula)."""
+    labels = labels.astype(np.int64)
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], LOG_LOSS_EPS, 1.0))
+
+
 class Tally:
     """Running cross-entropy, top-1 and top-k accuracy over (probabilities, labels) batches."""
 
@@ -33,8 +39,7 @@ class Tally:
     def update(self, probs: np.ndarray, labels: np.ndarray) -> float:
         """Add a batch; returns its mean loss. Probabilities must be finite (check before calling)."""
         labels = labels.astype(np.int64)
-        picked = probs[np.arange(len(labels)), labels]
-        losses = -np.log(np.clip(picked, LOG_LOSS_EPS, 1.0))
+        losses = sample_losses(probs, labels)
         self.n += len(labels)
         self.loss += float(losses.sum())
         self.correct += int((probs.argmax(axis=1) == labels).sum())

@@ -26,7 +26,7 @@ import numpy as np
 
 from recbuild import html_report as H
 from recbuild.atomic import write_json
-from train.metrics import LOG_LOSS_EPS, Tally
+from train.metrics import Tally, sample_losses
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def summarise(c: Collected, class_names: Sequence[str], top_losses: int = TOP_LO
     support = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
     off = [(int(counts[t, p]), t, p) for t in range(k) for p in range(k) if t != p and counts[t, p]]
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], LOG_LOSS_EPS, 1.0))
+    losses = sample_losses(probs, labels)
     worst = np.argsort(-losses, kind="stable")[:top_losses]
     result = {"format": FORMAT, "images": tally.n, "accuracy": tally.correct / tally.n,
               "log_loss": tally.loss / tally.n}
