@@ -143,11 +143,14 @@ def write_net(prefix: Path, stages: Sequence[Tuple[int, int]], fc_width: int, si
 # ---- timed processes ---------------------------------------------------------------------------------------------
 @dataclass
 class Timed:
-    """One finished process: wall-clock seconds, peak resident memory, where its output went."""
+    """One finished process: wall-clock seconds, CPU seconds (user + system, all its threads), peak resident
+    memory, where its output went. CPU seconds are less sensitive than wall time to neighbours on a shared
+    machine, but count any busy-waiting of the engine's threads."""
 
     wall_s: float
     max_rss_mb: float
     log: Path
+    cpu_s: float = 0.0
 
 
 def run_timed(cmd: Sequence[str], log: Path, cwd: Path = ROOT) -> Timed:
@@ -166,7 +169,8 @@ def run_timed(cmd: Sequence[str], log: Path, cwd: Path = ROOT) -> Timed:
     if proc.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise BenchError(f"{' '.join(cmd[1:3])} exited {proc.returncode}; log {log}: {tail}")
-    return Timed(wall, usage.ru_maxrss / 1024.0, log)  # Linux reports ru_maxrss in KiB
+    # Linux reports ru_maxrss in KiB
+    return Timed(wall, usage.ru_maxrss / 1024.0, log, usage.ru_utime + usage.ru_stime)
 
 
 def epoch_seconds(ours: bool, prefix: Path, log: Path) -> List[float]:

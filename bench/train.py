@@ -97,7 +97,7 @@ def step_seconds(epochs: Sequence[float], steps: int) -> float:
 def run_rounds(schedule: List[List[str]], setup: Setup, runs: Path, epochs: int, steps: int,
                recipe: Recipe) -> Dict[str, Dict[str, List[float]]]:
     """Per arm: step seconds and whole-process wall seconds, in round order."""
-    out: Dict[str, Dict[str, List[float]]] = {arm: {"step": [], "wall": []} for arm in ARMS}
+    out: Dict[str, Dict[str, List[float]]] = {arm: {"step": [], "wall": [], "cpu": []} for arm in ARMS}
     for number, order in enumerate(schedule, start=1):
         for arm in order:
             folder = runs / f"r{number}-{arm.replace(' ', '-').replace(chr(39), 'b')}"
@@ -107,18 +107,20 @@ def run_rounds(schedule: List[List[str]], setup: Setup, runs: Path, epochs: int,
             step = step_seconds(epoch_seconds(arm.startswith("ours"), prefix, timed.log), steps)
             out[arm]["step"].append(step)
             out[arm]["wall"].append(timed.wall_s)
-            print(f"  round {number} {arm:<13} {1e3 * step:8.1f} ms/step  ({timed.wall_s:6.1f} s process)",
-                  flush=True)
+            out[arm]["cpu"].append(timed.cpu_s)
+            print(f"  round {number} {arm:<13} {1e3 * step:8.1f} ms/step  (process {timed.wall_s:6.1f} s, CPU "
+                  f"{timed.cpu_s:6.1f} s)", flush=True)
     return out
 
 
 def report(results: Dict[str, Dict[str, List[float]]], batch: int) -> None:
     steps = {arm: results[arm]["step"] for arm in ARMS}
-    print(f"\n{'arm':<14} {'ms/step':<24} {'img/s':<10} {'process s':<22}")
+    print(f"\n{'arm':<14} {'ms/step':<24} {'img/s':<10} {'process wall s':<22} {'process CPU s':<22}")
     for arm in ARMS:
         step = Spread.of(steps[arm])
         print(f"{arm:<14} {Spread.of([1e3 * s for s in steps[arm]]).format('{:.1f}'):<24} "
-              f"{batch / step.median:<10.2f} {Spread.of(results[arm]['wall']).format('{:.1f}'):<22}")
+              f"{batch / step.median:<10.2f} {Spread.of(results[arm]['wall']).format('{:.1f}'):<22} "
+              f"{Spread.of(results[arm]['cpu']).format('{:.1f}'):<22}")
     control = Spread.of(paired_ratios(steps["stock'"], steps["stock"])).format("{:.3f}")
     lines = (("ours / stock, every layer trained", "ours", "stock"),
              ("ours frozen / stock frozen", "ours frozen", "stock frozen"),

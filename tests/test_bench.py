@@ -199,3 +199,9 @@ def test_stock_script_fine_tunes_one_tiny_epoch_and_keeps_frozen_weights(tmp_pat
     for name in ("conv2_1_weight", "fc6_weight", "fc7_weight"):  # kept from the checkpoint (not re-initialised)
         old, new = before[name].asnumpy().ravel(), after[name].asnumpy().ravel()   # ... and trained
         assert np.corrcoef(old, new)[0, 1] > 0.99 and not np.array_equal(old, new)
+
+
+def test_run_timed_counts_the_cpu_seconds_of_the_child(tmp_path):
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    done = run_timed([sys.executable, "-c", spin], tmp_path / "spin.log")
+    assert done.cpu_s >= 0.3                       # at least the CPU time the child itself counted
