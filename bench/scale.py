@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--seed", type=int, default=0, help="seeds the order of the runs")
+    p.add_argument("--gpus", default=None, help="e.g. 0: both arms train there (default: CPU)")
     p.add_argument("--workdir", type=Path, default=WORKDIR, help="cache of the data and the run logs")
     p.add_argument("--no-reading", action="store_true", help="skip the ImageRecordIter reading rates")
     p.add_argument("--vgg16-memory", action="store_true",
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     epochs = sorted(int(v) for v in args.epochs.split(","))
     if len(sizes) < 2 or len(epochs) < 2 or args.rounds < 1:
         p.error("need two sizes, two epoch counts and at least one round")
-    recipe = Recipe(batch_size=args.batch_size)
+    recipe = Recipe(batch_size=args.batch_size, gpus=args.gpus)
     import mxnet as mx
     print(f"bench.scale: python -m train vs stock Module.fit (python -m bench.stock_fit), whole-process wall time; "
           f"VGG-named net {STAGES} fc {FC_WIDTH}, input 3x{SIDE}x{SIDE}, {CLASSES} classes, batch "

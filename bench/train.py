@@ -125,9 +125,13 @@ def report(results: Dict[str, Dict[str, List[float]]], batch: int) -> None:
     lines = (("ours / stock, every layer trained", "ours", "stock"),
              ("ours frozen / stock frozen", "ours frozen", "stock frozen"),
              ("ours frozen / stock (the gain of freezing)", "ours frozen", "stock"))
-    print(f"\nstep-time ratios, paired per round (median [range]); control stock'/stock: {control}")
+    cpu = {arm: results[arm]["cpu"] for arm in ARMS}
+    cpu_control = Spread.of(paired_ratios(cpu["stock'"], cpu["stock"])).format("{:.3f}")
+    print(f"\nratios paired per round, median [range]: step time (control stock'/stock {control}); whole-process "
+          f"CPU seconds, start-up included (control {cpu_control})")
     for label, a, b in lines:
-        print(f"  {label:<44} {Spread.of(paired_ratios(steps[a], steps[b])).format('{:.3f}')}")
+        print(f"  {label:<44} {Spread.of(paired_ratios(steps[a], steps[b])).format('{:.3f}'):<22} "
+              f"CPU {Spread.of(paired_ratios(cpu[a], cpu[b])).format('{:.3f}')}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
