@@ -166,7 +166,7 @@ def print_costs(results: Dict[Job, List[Measured]], sizes, epochs, batch_size: i
 def report(results: Dict[Job, List[Measured]], sizes: Sequence[int], epochs: Sequence[int], rounds: int,
            batch_size: int) -> bool:
     """Print the tables; returns whether both targets are met."""
-    def walls(arm, n, e, attr="wall_s"):
+    def walls(arm, n, e, attr="wall_s"):  # or CPU seconds, with attr="cpu_s"
         return [getattr(m, attr) for m in results[Job(arm, n, e)]]
 
     print(f"\n{'records':>8} {'epochs':>6}   {'ours s':<20} {'stock s':<20} {'stock2 s':<20} "
@@ -180,8 +180,8 @@ def report(results: Dict[Job, List[Measured]], sizes: Sequence[int], epochs: Seq
     ratio = Spread.of(paired_ratios(walls("ours", large, last), walls("stock", large, last)))
     control = Spread.of(paired_ratios(walls("stock'", large, last), walls("stock", large, last)))
 
-    def growth(arm):
-        return [b - a for a, b in zip(walls(arm, small, last), walls(arm, large, last))]
+    def growth(arm, attr="wall_s"):
+        return [b - a for a, b in zip(walls(arm, small, last, attr), walls(arm, large, last, attr))]
     grow_ours, grow_stock, grow_control = growth("ours"), growth("stock"), growth("stock'")
     grow_ratio = Spread.of(paired_ratios(grow_ours, grow_stock))
     grow_control_ratio = Spread.of(paired_ratios(grow_control, grow_stock))
@@ -195,6 +195,10 @@ def report(results: Dict[Job, List[Measured]], sizes: Sequence[int], epochs: Seq
           f"+{Spread.of(grow_stock).format()} s; ours/stock growth {grow_ratio.format('{:.3f}')} (control "
           f"{grow_control_ratio.format('{:.3f}')}); target: no faster than stock (<= {TARGET}): "
           f"{'met' if growth_met else 'NOT met'}")
+    cpu_growth = Spread.of(paired_ratios(growth("ours", "cpu_s"), growth("stock", "cpu_s")))
+    cpu_growth_control = Spread.of(paired_ratios(growth("stock'", "cpu_s"), growth("stock", "cpu_s")))
+    print(f"  in CPU seconds: ours/stock growth {cpu_growth.format('{:.3f}')} (control "
+          f"{cpu_growth_control.format('{:.3f}')})")
     print_costs(results, sizes, epochs, batch_size, rounds)
     print("\npeak RSS (median over rounds, MB):")
     for arm in ARMS:

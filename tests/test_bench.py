@@ -205,3 +205,21 @@ def test_run_timed_counts_the_cpu_seconds_of_the_child(tmp_path):
     spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
     done = run_timed([sys.executable, "-c", spin], tmp_path / "spin.log")
     assert done.cpu_s >= 0.3                       # at least the CPU time the child itself counted
+
+
+def _scale_results(ours_factor: float, rounds: int = 3):
+    """Synthetic bench.scale results: stock costs 1 s + 1 ms per record per epoch, ours `ours_factor` times that."""
+    results = {}
+    for arm, n, e in itertools.product(scale.ARMS, (1000, 10000), (1, 2)):
+        base = 1.0 + 0.5 * e + 1e-3 * n * e
+        factor = ours_factor if arm == "ours" else 1.0
+        results[scale.Job(arm, n, e)] = [scale.Measured(base * factor * (1 + 0.01 * k), 100.0, 0.8 * base, base)
+                                         for k in range(rounds)]
+    return results
+
+
+@pytest.mark.parametrize("factor, met", [(1.0, True), (1.04, True), (1.2, False)])
+def test_scale_verdict_follows_the_ratio_at_the_larger_size(factor, met, capsys):
+    assert scale.report(_scale_results(factor), (1000, 10000), (1, 2), 3, 128) is met
+    out = capsys.readouterr().out
+    assert f"ours/stock {factor:.3f}" in out and ("NOT met" in out) is not met
