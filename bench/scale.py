@@ -27,7 +27,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -121,17 +121,29 @@ def run_schedule(schedule: List[List[Job]], net: Path, recs: Dict[int, Path], ru
     return results
 
 
+def save_results(results: Dict[Job, List[Measured]], path: Path) -> None:
+    """Every run's figures, so a report can be printed again (`--from-results`) without re-running."""
+    rows = [{**asdict(job), "runs": [asdict(m) for m in runs]} for job, runs in results.items()]
+    path.write_text(json.dumps(rows, indent=1))
+
+
+def load_results(path: Path) -> Dict[Job, List[Measured]]:
+    return {Job(r["arm"], r["records"], r["epochs"]): [Measured(**m) for m in r["runs"]]
+            for r in json.loads(Path(path).read_text())}
+
+
 def batches(records: int, batch_size: int) -> int:
     return -(-records // batch_size)
 
 
 def cost_fits(results: Dict[Job, List[Measured]], arm: str, sizes: Sequence[int], epochs: Sequence[int],
-              batch_size: int, rounds: int, with_loop_clock: bool) -> Tuple[Costs, List[Costs]]:
-    """One arm's cost split from the per-config medians, and from each round alone (for the spread)."""
+              batch_size: int, rounds: int, with_loop_clock: bool, attr: str = "wall_s") -> Tuple[Costs, List[Costs]]:
+    """One arm's cost split from the per-config medians, and from each round alone (for the spread); of wall
+    times (`attr` "wall_s"), optionally with the loop clock, or of CPU seconds ("cpu_s", without it)."""
     configs = list(itertools.product(sizes, epochs))
 
     def fitted(pick) -> Costs:
-        rows = [(n, e, batches(n, batch_size), pick(results[Job(arm, n, e)], "wall_s"),
+        rows = [(n, e, batches(n, batch_size), pick(results[Job(arm, n, e)], attr),
                  pick(results[Job(arm, n, e)], "loop_s")) for n, e in configs]
         return split_costs(rows) if with_loop_clock else fit_costs([r[:4] for r in rows])
 
@@ -142,16 +154,18 @@ def cost_fits(results: Dict[Job, List[Measured]], arm: str, sizes: Sequence[int]
 
 def print_costs(results: Dict[Job, List[Measured]], sizes, epochs, batch_size: int, rounds: int) -> None:
     columns = (("start-up s", "start_s", 1, "{:.2f}"), ("start/1k rec ms", "per_record_s", 1e6, "{:.1f}"),
-               ("per epoch s", "per_epoch_s", 1, "{:.3f}"), ("of it outside loop s", "outside_per_epoch_s", 1, "{:.3f}"),
+               ("per epoch s", "per_epoch_s", 1, "{:.3f}"),
+               ("of it outside loop s", "outside_per_epoch_s", 1, "{:.3f}"),
                ("per batch ms", "per_batch_s", 1e3, "{:.2f}"))
-    for with_clock, title in ((True, "from wall times and each program's own epoch clock (Module.fit's 'Time cost', "
-                                     "ours' metrics 'seconds')"),
-                              (False, "from wall times alone (per-epoch costs in one column)")):
+    for with_clock, measure, title in ((True, "wall_s", "from wall times and each program's own epoch clock "
+                                                      "(Module.fit's 'Time cost', ours' metrics 'seconds')"),
+                                       (False, "wall_s", "from wall times alone (per-epoch costs in one column)"),
+                                       (False, "cpu_s", "of CPU seconds (user + system, all threads) alone")):
         print(f"\ncost split {title}; least squares over the (size, epochs) medians; [range] = the same fit on "
               f"each round alone")
         print(f"{'arm':<7} " + " ".join(f"{c[0]:<23}" for c in columns) + " residual s")
         for arm in ARMS:
-            median, per_round = cost_fits(results, arm, sizes, epochs, batch_size, rounds, with_clock)
+            median, per_round = cost_fits(results, arm, sizes, epochs, batch_size, rounds, with_clock, measure)
             cells = []
             for _, attr, scale, fmt in columns:
                 if attr == "outside_per_epoch_s" and not with_clock:
@@ -274,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", default=None, help="e.g. 0: both arms train there (default: CPU)")
     p.add_argument("--workdir", type=Path, default=WORKDIR, help="cache of the data and the run logs")
     p.add_argument("--no-reading", action="store_true", help="skip the ImageRecordIter reading rates")
+    p.add_argument("--from-results", type=Path, default=None,
+                   help="print the report of an earlier run's results.json (same --sizes/--epochs) and stop")
     p.add_argument("--vgg16-memory", action="store_true",
                    help="also measure peak RSS of the real VGG16 at two batch sizes (2+ GB, a minute or two)")
     args = p.parse_args(argv)
@@ -287,10 +303,15 @@ def main(argv=None) -> int:
           f"VGG-named net {STAGES} fc {FC_WIDTH}, input 3x{SIDE}x{SIDE}, {CLASSES} classes, batch "
           f"{recipe.batch_size}, sizes {sizes}, epochs {epochs}, {args.rounds} rounds in random order; "
           f"mxnet {mx.__version__}, python {sys.version.split()[0]}")
+    if args.from_results:
+        results = load_results(args.from_results)
+        rounds = min(len(runs) for runs in results.values())
+        return 0 if report(results, sizes, epochs, rounds, recipe.batch_size) else 1
     recs = {n: dataset(args.workdir, n) for n in sizes}
     net = network(args.workdir)
     jobs = [Job(arm, n, e) for arm in ARMS for n in sizes for e in epochs]
     results = run_schedule(interleaved(jobs, args.rounds, args.seed), net, recs, args.workdir / "runs", recipe)
+    save_results(results, args.workdir / "runs" / "results.json")
     met = report(results, sizes, epochs, args.rounds, recipe.batch_size)
     if not args.no_reading:
         report_reading(args.workdir, recs[max(sizes)], recipe.batch_size)

@@ -27,7 +27,7 @@ from train.__main__ import build_parser as train_parser, config_from_args
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---- statistics and schedules -------------------------------------------------------------------------------------
+# ---- statistics and schedules ------------------------------------------------------------------------------------
 def test_spread_is_median_and_full_range():
     s = Spread.of([3.0, 1.0, 10.0, 2.0])
     assert (s.median, s.low, s.high, s.n) == (2.5, 1.0, 10.0, 4)
@@ -51,7 +51,7 @@ def test_interleaved_rounds_are_permutations_in_differing_seeded_orders():
     assert jobs == list(range(8))                           # the input is not shuffled in place
 
 
-# ---- cost fits -------------------------------------------------------------------------------------------------------
+# ---- cost fits ---------------------------------------------------------------------------------------------------
 TRUE = dict(start=1.3, per_record=2e-5, outside=0.4, loop=0.05, batch=0.008)
 
 
@@ -96,7 +96,7 @@ def test_step_seconds_leave_out_the_warm_up_epoch():
         bench_train.step_seconds([9.0], steps=10)
 
 
-# ---- commands ----------------------------------------------------------------------------------------------------------
+# ---- commands ----------------------------------------------------------------------------------------------------
 def test_ours_command_is_a_valid_train_command_line_with_the_recipe():
     recipe = Recipe(batch_size=64, lr=0.02, mom=0.8, wd=1e-4, data_nthreads=2, disp_batches=7, seed=5)
     cmd = ours_command(Path("n/net"), Path("d/x.rec"), Path("o/ft"), 3, recipe, ["^conv1_=0"])
@@ -143,7 +143,7 @@ def test_bench_train_frozen_arms_freeze_the_same_parameters(tmp_path):
     assert "--fixed-params" not in bench_train.arm_command("stock", setup, tmp_path / "s", 2, Recipe())
 
 
-# ---- processes and logs ------------------------------------------------------------------------------------------------
+# ---- processes and logs ------------------------------------------------------------------------------------------
 def test_run_timed_reports_peak_memory_and_names_a_failure(tmp_path):
     grow = "import numpy as np; a = np.ones(80 * 2**20 // 8); print('ok')"
     done = run_timed([sys.executable, "-c", grow], tmp_path / "ok.log")
@@ -223,3 +223,9 @@ def test_scale_verdict_follows_the_ratio_at_the_larger_size(factor, met, capsys)
     assert scale.report(_scale_results(factor), (1000, 10000), (1, 2), 3, 128) is met
     out = capsys.readouterr().out
     assert f"ours/stock {factor:.3f}" in out and ("NOT met" in out) is not met
+
+
+def test_scale_results_round_trip_through_results_json(tmp_path):
+    results = _scale_results(1.1, rounds=2)
+    scale.save_results(results, tmp_path / "results.json")
+    assert scale.load_results(tmp_path / "results.json") == results
