@@ -18,7 +18,8 @@ epoch in ours' PREFIX-metrics.json. Both run from the epoch's first batch fetch 
 leave out checkpoint writing; ours also includes whatever it does per epoch beyond the batches (its iterator
 set-up). Per round each arm gives epochs-1 timed epochs of `--steps` batches; the step time is their mean.
 Ratios are paired within a round; medians and full ranges over rounds are printed, with the control's ratio
-beside them. The whole-process wall times are printed too.
+beside them. Each whole process's wall time and CPU seconds (user + system) are printed too, and the ratios
+of the CPU seconds, which neighbours on a shared machine disturb less.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ ROUNDS = 5
 BATCH = 32
 CLASSES = 10
 CPU_SIZE, GPU_SIZE = 64, 224
-CPU_WIDTH, GPU_WIDTH = 4, 1   # channel divisor: 1/4 width keeps a CPU step ~0.3 s; a GPU runs the real VGG16
+CPU_WIDTH, GPU_WIDTH = 4, 1   # channel divisor: 1/4 width keeps 5 rounds of 5 arms in minutes on 2 cores
 WORKDIR = ROOT / ".cache" / "bench_train"
 GEN_VERSION = 1
 ARMS = ("stock", "stock'", "ours", "stock frozen", "ours frozen")
