@@ -43,7 +43,7 @@ PREDICT_OPTS ?=
 DEMO_OPTS    ?=
 
 .PHONY: install test test-fast demo rec convert train predict fetch-models bench bench-pack bench-convert \
-        bench-train check-gpu-install check-reports clean
+        bench-train bench-scale check-gpu-install check-reports clean
 
 install: $(STAMP)
 
@@ -81,7 +81,7 @@ predict: install
 demo: install
 	$(PY) -m tools.demo $(DEMO_OPTS)
 
-bench: bench-pack bench-convert bench-train
+bench: bench-pack bench-convert bench-train bench-scale
 
 bench-pack: install
 	$(PY) -m bench.pack
@@ -91,6 +91,10 @@ bench-convert: install
 
 bench-train: install
 	$(PY) -m bench.train
+
+# python -m train against a stock Module.fit script at two dataset sizes 10x apart (whole processes)
+bench-scale: install
+	$(PY) -m bench.scale
 
 # A GPU install is checked without a GPU: every library libmxnet.so links must resolve except the driver.
 # It fails when libmxnet.so is missing, when any library but libcuda.so.1 is unresolved, or when the CUDA runtime
