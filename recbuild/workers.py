@@ -116,7 +116,14 @@ def run_tasks(tasks: Sequence[Any], work: Callable, workers: int, ctx, init: Cal
     next_out = 0
     clean = False
     try:
-        while next_out < len(tasks):
+        while True:
+            # Hand out what is ready first: the window below moves with next_out, and refilling before it
+            # moved could leave every worker idle, with nothing for _collect to wait on.
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+            if next_out >= len(tasks):
+                break
             for worker in pool:
                 while todo and len(worker.held) < in_flight_per_worker and todo[0] < next_out + window:
                     number = todo.popleft()
@@ -125,11 +132,8 @@ def run_tasks(tasks: Sequence[Any], work: Callable, workers: int, ctx, init: Cal
                         worker.conn.send((number, tasks[number]))
                     except OSError:
                         break          # it died: _collect sees its sentinel and settles what it held
-            while next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
-            if next_out >= len(tasks):
-                break
+            if not any(w.held for w in pool):   # cannot happen (task next_out is held or done); never hang on it
+                raise RuntimeError(f"internal: task {next_out} of {len(tasks)} is neither done nor handed out")
             _collect(pool, done, ctx, init, init_args, work, on_crash)
         clean = True
     finally:

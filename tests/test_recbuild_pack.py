@@ -880,3 +880,32 @@ def test_pack_time_fingerprints_describe_the_records(tmp_path, args):
         pixel_sha = bytes(row["pixel_sha"])
         assert pixel_sha.ljust(20, b"\0").hex() == pixel_digest(img) if "--pass-through" in args else not pixel_sha
     reader.close()
+
+
+# ---- the worker pool never waits on nothing ------------------------------------------------------------------------
+_POOL_SCRIPT = """
+import multiprocessing as mp, sys
+from recbuild.workers import run_tasks
+def init(): pass
+def work(x): return x * 2
+def crash(task): raise AssertionError("no worker should die")
+if __name__ == "__main__":
+    ctx = mp.get_context(sys.argv[1])
+    for workers, in_flight in ((1, 2), (2, 1), (2, 3)):
+        out = list(run_tasks(list(range(300)), work, workers, ctx, init, (), in_flight, crash))
+        assert out == [2 * i for i in range(300)], (workers, in_flight)
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_worker_pool_finishes_when_every_answer_arrives_at_once(tmp_path, method):
+    """Instant tasks: a worker answers everything it holds before the packer looks again. The pool used to refill
+    before moving its window, found nothing to hand out and waited on no worker at all, forever (a 60,000-image
+    pack hung so)."""
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), method], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
