@@ -58,6 +58,9 @@ def test_learns_and_writes_every_output(data, tmp_path):
                 "val_top_2_accuracy", "img_per_s"):
         assert col in header
     assert len((tmp_path / "ft-metrics.csv").read_text().splitlines()) == 5
+    assert not (tmp_path / "ft-metrics.png").exists()  # drawn on demand only (--plot-metrics, python -m train.metrics)
+    from train.metrics import main as draw_metrics
+    assert draw_metrics([str(prefix)]) == 0
     assert (tmp_path / "ft-metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.part"))
     # the recorded config reads back as the very config that ran, every type intact (tuples stay tuples)
@@ -517,3 +520,9 @@ def test_training_iterator_is_reused_every_record_each_epoch_and_resume_replays_
     resumed = np.concatenate([b.label[0].asnumpy() for b in EpochStream(make, 27, 2).epoch()]).astype(int)
     np.testing.assert_array_equal(resumed, epochs[2])
     assert reusable_train_iter(TrainConfig()) and not reusable_train_iter(TrainConfig(random_mirror=True))
+
+
+def test_plot_metrics_draws_the_png_when_the_run_ends(data, tmp_path):
+    prefix = tmp_path / "p"
+    fit(config(data, prefix, num_epochs=1, data_val=None, plot_metrics=True))
+    assert (tmp_path / "p-metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -419,7 +419,8 @@ def train_command(cfg: DemoConfig, pretrained: Path, prefix: Path, freeze: Optio
                "--data-train", f"{cfg.rec_prefix}_train.rec", "--data-val", f"{cfg.rec_prefix}_val.rec",
                "--model-prefix", str(prefix), "--num-epochs", str(cfg.epochs),
                "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--lr-scheduler", cfg.lr_scheduler,
-               "--warmup-epochs", str(cfg.warmup_epochs), "--lr-mult", f"{cfg.head}={cfg.head_lr_mult:g}"]
+               "--warmup-epochs", str(cfg.warmup_epochs), "--lr-mult", f"{cfg.head}={cfg.head_lr_mult:g}",
+               "--plot-metrics"]
     if freeze:
         command += ["--lr-mult", f"{freeze}=0"]
     return command

@@ -159,6 +159,11 @@ class TrainConfig:
     seed: int = option(0, group=OUTPUT, help="new: seeds head init, shuffling, augmentation and dropout")
     progress: bool = option(True, group=OUTPUT, kind="off", flag="--no-progress", help="new: no tqdm bar",
                             trajectory=False)
+    # Off by default: matplotlib's import and one figure cost ~0.6 s at the end of every run, a fixed cost
+    # fine-tune.py does not have (bench.scale); the CSV/JSON are always written and plot any time later.
+    plot_metrics: bool = option(False, group=OUTPUT, kind="on",
+                                help="new: draw PREFIX-metrics.png when the run ends (or later: "
+                                     "python -m train.metrics PREFIX)", trajectory=False)
 
     def validate(self) -> None:
         """Reject bad values with one clear message each, before any work is done."""

@@ -632,7 +632,7 @@ class _Loop:
             for epoch in range(self.begin_epoch, self.cfg.num_epochs):
                 last_good = self.run_epoch(epoch, last_good)
         finally:
-            if self.rank == 0:
+            if self.rank == 0 and self.cfg.plot_metrics:
                 self.history.draw()
 
     def run_epoch(self, epoch: int, last_good: str) -> str:

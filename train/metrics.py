@@ -135,3 +135,24 @@ class MetricsLog:
         with atomic_path(self.png_path) as tmp:
             fig.savefig(tmp, format="png", dpi=80)
         plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m train.metrics PREFIX`: draw PREFIX-metrics.png from a run's PREFIX-metrics.json, at any time
+    (during a run too: the JSON is rewritten atomically after every epoch)."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m train.metrics", description=main.__doc__.split("\n")[0])
+    p.add_argument("prefix", help="the run's --model-prefix")
+    a = p.parse_args(argv)
+    history = MetricsLog.load(a.prefix, up_to_epoch=10 ** 9)
+    if not history.rows:
+        print(f"error: {history.json_path}: no epochs recorded", file=sys.stderr)
+        return 2
+    history.plot()
+    print(f"{history.png_path}: {len(history.rows)} epoch(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

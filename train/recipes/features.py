@@ -412,7 +412,8 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
         if epoch + 1 == cfg.num_epochs or (save_every and (epoch + 1) % save_every == 0):
             last_good = save(epoch + 1)
     bar.close()
-    history.draw()
+    if cfg.plot_metrics:
+        history.draw()
     log.info("head trained from cache: %d epochs in %.1f s", cfg.num_epochs - begin_epoch, time.time() - started)
     return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
 
