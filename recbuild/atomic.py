@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Union
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -45,6 +48,38 @@ def atomic_open(path: PathLike, mode: str = "w", **kwargs) -> Iterator:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_parts(folder: PathLike, name_glob: str) -> List[Path]:
+    """Delete the `.NAME.PID.part` files (see part_path) of a NAME matching `name_glob` whose writer no longer
+    runs: what killed runs left (a VGG16 .params.part is 0.5 GB). Those of a live process are left alone.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    removed: List[Path] = []
+    for part in sorted(folder.glob(f".{name_glob}.*.part")) if folder.is_dir() else []:
+        pid = part.name[:-len(".part")].rpartition(".")[2]
+        if not pid.isdigit() or (int(pid) != os.getpid() and pid_alive(int(pid))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+            removed.append(part)
+    if removed:
+        log.info("removed %d unfinished file(s) of an interrupted run: %s", len(removed), [p.name for p in removed])
+    return removed
 
 
 def write_json(path: PathLike, obj) -> None:

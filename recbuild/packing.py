@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,8 +36,8 @@ from recbuild.fingerprints import FORMAT as FINGERPRINTS_FORMAT, ROW, fingerprin
 from recbuild.listing import Entry, ListError, read_list
 from recbuild.packinfo import describe, pack_info_path, write_pack_info
 from recbuild.recordio import RecordWriter, checksums_path, encode_checksums, pack_header
-from recbuild.atomic import atomic_open
-from recbuild.workers import pid_alive, run_alone, run_tasks
+from recbuild.atomic import atomic_open, remove_stale_parts
+from recbuild.workers import run_alone, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +184,6 @@ def _results(entries: Sequence[Entry], root: str, cfg: PackConfig, fingerprints:
         yield from results
 
 
-def remove_stale_parts(path: Path) -> None:
-    """Delete temporary files a killed run left for `path` (their pid no longer runs)."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.part$")
-    if not path.parent.is_dir():
-        return
-    for leftover in path.parent.iterdir():
-        m = pattern.match(leftover.name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and pid_alive(pid):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-            log.info("removed %s left by an interrupted run", leftover)
-
-
 def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = None,
               progress: Optional[Callable] = None, fingerprints: bool = False) -> PackReport:
     """Pack the images of one .lst into NAME.rec/NAME.idx (in `out_dir`, default the list's folder).
@@ -226,7 +209,7 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     idx = out_dir / (lst.stem + ".idx")
     report = PackReport(lst, rec, idx, total=len(entries))
     for path in (rec, idx, errors_path_for(rec), pack_info_path(rec), checksums_path(rec), fingerprints_path(rec)):
-        remove_stale_parts(path)
+        remove_stale_parts(path.parent, glob.escape(path.name))
 
     if rec.exists() or idx.exists():
         log.info("%s will replace the existing %s/%s once it is complete", lst.name, rec.name, idx.name)

@@ -21,23 +21,14 @@ import signal
 import sys
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence
 
+from recbuild.atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 # <linux/prctl.h>: "send this signal to me when my parent dies".
 _PR_SET_PDEATHSIG = 1
 # Seconds a worker gets to leave after the last task before it is terminated.
 _JOIN_TIMEOUT_S = 5.0
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def die_with_parent(packer_pid: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import glob
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from recbuild.atomic import atomic_path, write_json
+from recbuild.atomic import atomic_path, remove_stale_parts, write_json
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
 from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults, to_float16,
@@ -219,7 +219,8 @@ def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     if cfg.num_examples is not None and cfg.num_examples != classes.num_records:
         log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
                     cfg.data_train, classes.num_records)
-    remove_stale_parts(prefix)
+    # .PREFIX-0003.params.PID.part, .PREFIX.classes.json.PID.part, ...
+    remove_stale_parts(Path(prefix).parent, glob.escape(Path(prefix).name) + "[-.]*")
     drop_unpublished(prefix)
     done = complete_epochs(prefix)
     if cfg.load_epoch is None and done and not cfg.overwrite:
@@ -248,32 +249,6 @@ def drop_unpublished(prefix: str) -> None:
     history = MetricsLog.load(prefix, max(published, default=0))
     if history.json_path.is_file() and len(history.rows) < len(MetricsLog.load(prefix, 10 ** 9).rows):
         history.write()
-
-
-def remove_stale_parts(prefix: str) -> List[Path]:
-    """Delete the temporary `.PREFIX-*.part` files that killed runs left (a VGG16 .params.part is 0.5 GB);
-    those of a process still alive are left alone."""
-    folder, name = Path(prefix).parent, Path(prefix).name
-    removed = []
-    for part in folder.glob(f".{name}[-.]*.part") if folder.is_dir() else []:
-        pid = part.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
-        part.unlink(missing_ok=True)
-        removed.append(part)
-    if removed:
-        log.info("removed %d unfinished file(s) of an earlier run: %s", len(removed), [p.name for p in removed])
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def resolve_mults(param_names: Sequence[str], rules: Sequence[str]) -> Dict[str, float]:
