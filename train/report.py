@@ -52,17 +52,13 @@ def collect(model, source: Path, top_k: int = 5, mirror: bool = False, resize: i
             root: Optional[Path] = None) -> Collected:
     """Run the model over labelled data the way `train.predict.evaluate` does (same iterator, same batches, the
     same `Tally` updated batch by batch, so its sums round alike) and keep every prediction."""
-    from train.predict import PredictError, iterate
+    from train.predict import PredictError, labelled_batches
     top_k = top_k if top_k < len(model.class_names) else 0  # evaluate's rule: top-k of all classes is always 1
     tally = Tally(top_k)
     names: List[str] = []
     probs, labels = [], []
-    for batch_names, batch_probs, batch_labels in iterate(model, source, mirror, resize, root):
-        if batch_labels is None:
-            raise PredictError(f"{source}: the report needs labels (a .rec or .lst)")
-        if batch_labels.max(initial=0) >= len(model.class_names):
-            raise PredictError(f"{source}: label {int(batch_labels.max())} is outside the model's "
-                               f"{len(model.class_names)} classes")
+    for batch_names, batch_probs, batch_labels in labelled_batches(model, source, mirror, resize, root,
+                                                                   needs="the report"):
         tally.update(batch_probs, batch_labels)
         names += batch_names
         probs.append(batch_probs)

@@ -224,17 +224,29 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
     return {"images": len(ids), "csv": str(out), "topk_csv": str(topk_path)}
 
 
+def labelled_batches(model: Model, source: Path, mirror: bool = False, resize: int = -1,
+                     root: Optional[Path] = None, needs: str = "evaluate"
+                     ) -> Iterator[Tuple[List[str], np.ndarray, np.ndarray]]:
+    """`iterate` over labelled data, each batch's labels checked: present, and classes of the model.
+
+    Raises:
+        PredictError: `source` has no labels (`needs` says who needed them), or a label is not a model class.
+    """
+    for names, probs, labels in iterate(model, source, mirror, resize, root):
+        if labels is None:
+            raise PredictError(f"{source}: {needs} needs labels (a .rec or .lst)")
+        if labels.max(initial=0) >= len(model.class_names):
+            raise PredictError(f"{source}: label {int(labels.max())} is outside the model's "
+                               f"{len(model.class_names)} classes")
+        yield names, probs, labels
+
+
 def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, resize: int = -1) -> dict:
     """Accuracy, top-k accuracy and log loss (Kaggle's, probabilities clipped to 1e-15) on labelled data."""
     top_k = top_k if top_k < len(model.class_names) else 0  # top-k of all classes is always 1
     tally = Tally(top_k)
     per_class = np.zeros((len(model.class_names), 2), np.int64)
-    for _, probs, labels in iterate(model, source, mirror, resize):
-        if labels is None:
-            raise PredictError(f"{source}: evaluate needs labels (a .rec or .lst)")
-        if labels.max(initial=0) >= len(model.class_names):
-            raise PredictError(f"{source}: label {int(labels.max())} is outside the model's "
-                               f"{len(model.class_names)} classes")
+    for _, probs, labels in labelled_batches(model, source, mirror, resize):
         tally.update(probs, labels)
         hits = probs.argmax(1) == labels.astype(np.int64)
         np.add.at(per_class, (labels.astype(np.int64), 0), hits.astype(np.int64))
