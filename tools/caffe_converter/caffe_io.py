@@ -65,6 +65,15 @@ _V1_SHARED_FIELDS = ("include", "exclude", "loss_weight", "transform_param", "lo
                      "exp_param", "mvn_param", "threshold_param")
 
 
+def _copy_shared_fields(src, dst) -> None:
+    """Copy the fields V1LayerParameter and LayerParameter share (same names, same messages), either way."""
+    for name in _V1_SHARED_FIELDS:
+        if name in ("include", "exclude", "loss_weight"):   # repeated fields
+            getattr(dst, name).extend(getattr(src, name))
+        elif src.HasField(name):
+            getattr(dst, name).CopyFrom(getattr(src, name))
+
+
 @dataclass
 class Layer:
     """One Caffe layer in the current format, with its weights.
@@ -152,11 +161,7 @@ def v1_to_v2(v1: caffe_pb2.V1LayerParameter, where: str = "prototxt") -> caffe_p
     layer.type = V1_TYPE_NAMES.get(type_enum, type_enum)
     layer.bottom.extend(v1.bottom)
     layer.top.extend(v1.top)
-    for name in _V1_SHARED_FIELDS:
-        if name in ("include", "exclude", "loss_weight"):
-            getattr(layer, name).extend(getattr(v1, name))
-        elif v1.HasField(name):
-            getattr(layer, name).CopyFrom(getattr(v1, name))
+    _copy_shared_fields(v1, layer)
     layer.blobs.extend(v1.blobs)
     return layer
 
@@ -504,11 +509,7 @@ def to_v1(layer: caffe_pb2.LayerParameter) -> caffe_pb2.V1LayerParameter:
     v1.type = caffe_pb2.V1LayerParameter.LayerType.Value(_V1_TYPE_ENUMS[layer.type])
     v1.bottom.extend(layer.bottom)
     v1.top.extend(layer.top)
-    for name in _V1_SHARED_FIELDS:
-        if name in ("include", "exclude", "loss_weight"):
-            getattr(v1, name).extend(getattr(layer, name))
-        elif layer.HasField(name):
-            getattr(v1, name).CopyFrom(getattr(layer, name))
+    _copy_shared_fields(layer, v1)
     for name, _ in layer.ListFields():
         if name.name.endswith("_param") and name.name not in _V1_SHARED_FIELDS:
             raise CaffeFormatError(f"layer '{layer.name}': {name.name} has no V1 encoding")
