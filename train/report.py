@@ -281,15 +281,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m train.predict report PREFIX EPOCH DATA --out DIR` (also `python -m train.report ...`)."""
     import mxnet as mx
     from train.data import DataError
-    from train.predict import PredictError, latest_epoch, load_model, trained_resize
+    from train.predict import PredictError, load_model, resolve_epoch, trained_resize
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     a = build_parser().parse_args(argv)
     ctx = [mx.gpu(i) for i in a.gpus] or None
     try:
-        if a.epoch != "latest" and not a.epoch.isdigit():
-            raise PredictError(f"epoch {a.epoch!r}: expected a number or 'latest'")
-        epoch = latest_epoch(a.prefix) if a.epoch == "latest" else int(a.epoch)
+        epoch = resolve_epoch(a.prefix, a.epoch)
         model = load_model(a.prefix, epoch, a.batch_size, ctx, a.classes)
         resize = a.resize if a.resize > 0 else trained_resize(a.prefix)
         result = make_report(model, a.data, a.out, a.top_k, a.mirror, resize, a.top_losses,

@@ -14,7 +14,8 @@ import mxnet as mx
 
 from recbuild.atomic import write_json
 from train.data import DataError
-from train.predict import PredictError, build_parser, evaluate, latest_epoch, load_model, predict, trained_resize
+from train.predict import (PredictError, build_parser, evaluate, load_model, predict, resolve_epoch,
+                           trained_resize)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,12 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ctx = [mx.gpu(i) for i in args.gpus] or None
     started = time.time()
     try:
-        if args.epoch == "latest":
-            epoch = latest_epoch(args.prefix)
-        elif args.epoch.isdigit():
-            epoch = int(args.epoch)
-        else:
-            raise PredictError(f"epoch {args.epoch!r}: expected a number or 'latest'")
+        epoch = resolve_epoch(args.prefix, args.epoch)
         model = load_model(args.prefix, epoch, args.batch_size, ctx, args.classes)
         resize = args.resize if args.resize > 0 else trained_resize(args.prefix)
         if evaluating:
