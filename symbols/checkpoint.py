@@ -86,20 +86,6 @@ def params_blob(args: Mapping[str, object], aux: Mapping[str, object],
     return blob
 
 
-def split_blob(blob: Mapping[str, object]) -> Tuple[Dict[str, object], Dict[str, object]]:
-    """The inverse of params_blob: (args, aux) without their prefixes; other keys are an error."""
-    args, aux = {}, {}
-    for key, value in blob.items():
-        kind, _, name = key.partition(":")
-        if kind == "arg":
-            args[name] = value
-        elif kind == "aux":
-            aux[name] = value
-        else:
-            raise CheckpointError(f"parameter key {key!r}: expected 'arg:NAME' or 'aux:NAME'")
-    return args, aux
-
-
 def save_params(path: PathLike, args: Mapping[str, mx.nd.NDArray], aux: Mapping[str, mx.nd.NDArray],
                 dtype: Optional[str] = "float32") -> Path:
     """Write an `arg:`/`aux:` `.params` file atomically with mx.nd.save; numpy values are wrapped."""
