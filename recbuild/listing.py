@@ -527,6 +527,15 @@ def write_list_source(lst: PathLike, root: str, unlabelled: bool) -> None:
                                        "unlabelled": bool(unlabelled)})
 
 
+def listed_unlabelled(lst: PathLike) -> bool:
+    """Whether `lst` was listed with --unlabelled (its labels are placeholders, not classes)."""
+    try:
+        data = json.loads(list_source_path(lst).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == LIST_SOURCE_FORMAT and data.get("unlabelled") is True
+
+
 def listed_root(lst: PathLike) -> Optional[str]:
     """The folder `lst` was listed from, or None for a list without a record (im2rec's, or one written by hand).
     A recorded folder that moved with the list (same relative place) is found there."""
