@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -25,7 +26,6 @@ from train.__main__ import main as train_main
 from train.predict.cli import main as predict_main
 from train.recipes.__main__ import main as recipes_main
 
-pytestmark = pytest.mark.slow
 SIZE = 16
 # Every run is one or two epochs of a few images: what is checked is the files, not the accuracy.
 FAST = ["--batch-size", "4", "--no-progress", "--data-nthreads", "1", "--lr-step-epochs", "100"]
@@ -65,6 +65,7 @@ def _hex_ids(n: int, salt: int) -> List[str]:
 
 
 # ---- 1. Kaggle dog breeds: labels.csv (BOM, CRLF) + flat train/ + flat test/, two fused backbones ----------------
+@pytest.mark.slow
 def test_kaggle_dog_breeds_fused_backbones_to_probability_submission(tmp_path):
     breeds = ["beagle", "chow", "pug"]                      # sample_submission.csv's columns: sorted names
     train_ids, test_ids = _hex_ids(18, 7), _hex_ids(6, 99)
@@ -100,6 +101,7 @@ def test_kaggle_dog_breeds_fused_backbones_to_probability_submission(tmp_path):
 
 
 # ---- 2. Baidu dogs: `<id> <typeid>` train.txt, two models averaged, pseudo-labels, `<typeid>\t<id>` output -------
+@pytest.mark.slow
 def test_baidu_dogs_ensemble_and_pseudo_labels_to_typeid_tab_id_lines(tmp_path):
     type_ids = ["3", "17", "42"]                             # not contiguous, must come back as they are
     train_ids, test_ids = _hex_ids(18, 5), _hex_ids(6, 77)
@@ -141,6 +143,7 @@ def test_baidu_dogs_ensemble_and_pseudo_labels_to_typeid_tab_id_lines(tmp_path):
 
 
 # ---- 3. BOT 2016: im2rec lists of class folders, a Caffe VGG16, stock-loadable checkpoints ---------------------
+@pytest.mark.slow
 def test_bot_im2rec_lists_caffe_vgg_fine_tuned_to_stock_checkpoints(tmp_path):
     from tests._caffe_nets import make_tiny_vgg
     from tools.caffe_converter.cli import main as convert_main
@@ -175,6 +178,7 @@ def test_bot_im2rec_lists_caffe_vgg_fine_tuned_to_stock_checkpoints(tmp_path):
 
 
 # ---- 4. Kaggle CIFAR-10: numbered ids in both train/ and test/, a net from scratch, `id,label` in numeric order --
+@pytest.mark.slow
 def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp_path):
     classes = ["airplane", "cat", "dog"]
     labels = {i: (i - 1) % 3 for i in range(1, 19)}
@@ -230,6 +234,7 @@ def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp
 
 
 # ---- 5. Food: train/<class>/ and test/<class>/, fine-tuning against the same net from scratch -------------------
+@pytest.mark.slow
 def test_food_fine_tuning_against_scratch_compares_test_accuracy_per_epoch(tmp_path):
     from tools.demo import write_random_init
     classes = ["bread", "dessert", "soup"]
@@ -263,3 +268,62 @@ def test_food_fine_tuning_against_scratch_compares_test_accuracy_per_epoch(tmp_p
                              str(tmp_path / f"{name}.json")]) == 0
         assert json.loads((tmp_path / f"{name}.json").read_text())["accuracy"] == pytest.approx(table[name], abs=1e-6)
     assert set(table) == {"ft", "scratch"}
+
+
+# ---- the pieces the workflows rest on, each against a hand-made reference ---------------------------------------
+def test_submission_rows_sort_delimiter_header_and_columns():
+    from train.predict.submission import SubmissionError, SubmissionFormat, submission_rows, submission_text
+    names = ["10.png", "2.png", "1.png"]
+    probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    classes = ["cat", "dog"]
+    assert submission_rows(names, probs, classes) == [["id", "cat", "dog"], ["10", "0.1", "0.9"],
+                                                      ["2", "0.8", "0.2"], ["1", "0.3", "0.7"]]
+    numeric = SubmissionFormat(kind="label", sort="numeric")
+    assert submission_rows(names, probs, classes, numeric) == [["id", "label"], ["1", "dog"], ["2", "cat"],
+                                                               ["10", "dog"]]
+    by_name = SubmissionFormat(kind="label", sort="name", header=False, label_first=True, delimiter="\t")
+    rows = submission_rows(names, probs, classes, by_name)
+    assert rows == [["dog", "1"], ["dog", "10"], ["cat", "2"]]
+    assert submission_text(rows, by_name) == "dog\t1\ndog\t10\ncat\t2\n"
+    with pytest.raises(SubmissionError, match="not integers, e.g. 'a1'"):
+        submission_rows(["a1.jpg"], probs[:1], classes, numeric)
+
+
+@pytest.mark.parametrize("text, flags, error", [
+    ("a 3\nb  17 \nc 3\n", ["--delimiter", "space", "--no-header"], None),
+    ("a\t3\nb\t17\nc\t3\n", ["--delimiter", "tab", "--no-header"], None),
+    ("id\tlabel\na\t3\nb\t17\nc\t3\n", ["--delimiter", "tab"], None),
+    ("a 3\nb 17\nc 3\n", [], ":1: expected 'id,label', got 'a 3'; the line looks space-separated: pass --delimiter space"),
+    ("a 3\nb 17\nc 3\n", ["--delimiter", "space"], ":1: the first row is data, not a header"),
+    ("a 3\nb 17 x\nc 3\n", ["--delimiter", "space", "--no-header"], ":2: expected 'id,label' \\(2 fields"),
+    ("a 3\nb 17\n", ["--delimiter", "space", "--no-header"], r"1 image\(s\) in .* without a row: 'c.png'"),
+])
+def test_labels_files_space_tab_headerless_with_the_same_strictness(tmp_path, capsys, text, flags, error):
+    _write_images(tmp_path / "img", {"a.png": 0, "b.png": 1, "c.png": 0}, 2, seed=0)
+    (tmp_path / "train.txt").write_text(text)
+    code = recbuild_main(["--list", "--labels", str(tmp_path / "train.txt"), *flags, str(tmp_path / "l"),
+                          str(tmp_path / "img")])
+    if error:
+        assert code == 1
+        assert re.search(error, capsys.readouterr().err)
+        return
+    assert code == 0
+    # the class map keeps the original type ids as the names, so predictions give them back
+    assert json.loads((tmp_path / "l.classes.json").read_text())["classes"] == ["3", "17"]
+    assert sorted((tmp_path / "l.lst").read_text().splitlines()) == ["0\t0.000000\ta.png", "1\t1.000000\tb.png",
+                                                                     "2\t0.000000\tc.png"]
+
+
+def test_top_losses_are_mistakes_only_or_none(tmp_path):
+    from train.metrics import Tally
+    from train.report import Collected, summarise
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    labels = np.array([0, 0, 1, 0])
+    tally = Tally()
+    tally.update(probs, labels.astype(np.float32))
+    result = summarise(Collected(["a", "b", "c", "d"], probs, labels, tally, 0), ["x", "y"], top_losses=3)
+    assert [t["name"] for t in result["top_losses"]] == ["d"]   # b's loss is second highest, but b is right
+    right = np.array([0, 0, 1, 1])
+    tally = Tally()
+    tally.update(probs, right.astype(np.float32))
+    assert summarise(Collected(list("abcd"), probs, right, tally, 0), ["x", "y"])["top_losses"] == []
