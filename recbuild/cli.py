@@ -21,7 +21,9 @@ _EPILOG = """\
 Beyond im2rec: a class map PREFIX.classes.json is written beside the lists; --labels, --unlabelled and
 --stratify build lists from a Kaggle layout, an unlabelled test folder, or per class; packing never drops an
 image silently (NAME.errors.tsv beside NAME.rec lists each one with its reason, including images the decoder
-reads only with a warning about damaged data) and writes atomically; NAME.pack.json records the record count,
+reads only with a warning about damaged data) and writes atomically; each list records the folder it was listed
+from (NAME.lst.json) and is packed from that folder, so a test list made from test/ is never packed against
+train/; NAME.pack.json records the record count,
 class histogram and transform. Check packed files record by record with: python -m recbuild verify [--quick]
 NAME.rec"""
 

@@ -215,8 +215,9 @@ def _numbered_classes(csv_path: str, file_label: Dict[str, str], line_of: Dict[s
     label_of = {c: i for i, c in enumerate(classes)}
     moved = [f"{c}->{i}" for c, i in label_of.items() if c.isdigit() and int(c) != i]
     if moved and all(c.isdigit() for c in classes):
-        log.warning("%s: integer class ids renumbered 0..%d in numeric order (%s); pass --keep-numeric-labels "
-                    "to keep them as the labels", csv_path, len(classes) - 1, _names(moved))
+        log.warning("%s: integer class ids renumbered 0..%d in numeric order (%s); the class map keeps the ids "
+                    "as the class names, so predictions give them back; pass --keep-numeric-labels to keep them "
+                    "as the labels", csv_path, len(classes) - 1, _names(moved))
     return classes, label_of
 
 

@@ -202,6 +202,8 @@ def find_recs(prefix: str) -> List[Path]:
         raise ReportError(f"{folder}: folder of PREFIX {prefix} does not exist")
     if os.path.isdir(prefix):
         return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".rec"))
+    if prefix.endswith(".lst"):  # a list as the prefix (im2rec's other form) packs exactly NAME.rec
+        return [p for p in [Path(prefix[:-len(".lst")] + ".rec")] if p.is_file()]
     split = re.compile(re.escape(os.path.basename(prefix)) + r"(_\d+)?(_(train|val|test))?\.rec")
     return sorted(p for p in folder.iterdir() if p.is_file() and split.fullmatch(p.name))
 
