@@ -179,7 +179,7 @@ def test_bot_im2rec_lists_caffe_vgg_fine_tuned_to_stock_checkpoints(tmp_path):
 
 # ---- 4. Kaggle CIFAR-10: numbered ids in both train/ and test/, a net from scratch, `id,label` in numeric order --
 @pytest.mark.slow
-def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp_path):
+def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp_path, capsys):
     classes = ["airplane", "cat", "dog"]
     labels = {i: (i - 1) % 3 for i in range(1, 19)}
     _write_images(tmp_path / "train", {f"{i}.png": c for i, c in labels.items()}, 3, seed=6)
@@ -192,6 +192,7 @@ def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp
     # The natural command: every list, ROOT train/. The test list is packed from test/, the folder it was listed
     # from: each record is test/<id>.png pixel for pixel (lossless PNG), never train/<id>.png.
     _recbuild("--encoding", ".png", "--num-thread", "1", "--no-progress", out, tmp_path / "train")
+    assert f"cifar_test.lst: packing from {tmp_path / 'test'}, the folder it was listed from" in capsys.readouterr().out
     test = _records(Path(f"{out}_test.rec"))
     assert sorted(test) == list(range(1, 12))
     for rid, img in test.items():
@@ -200,6 +201,8 @@ def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp
     # Moved away, the test folder is not replaced by ROOT: the run refuses naming both.
     (tmp_path / "test").rename(tmp_path / "test-moved")
     assert recbuild_main([str(out) + "_test.lst", str(tmp_path / "train"), "--no-progress"]) == 1
+    refusal = capsys.readouterr().err
+    assert f"listed from {tmp_path / 'test'}, which no longer exists" in refusal and str(tmp_path / "train") in refusal
     (tmp_path / "test-moved").rename(tmp_path / "test")
 
     # The data report: the unlabelled test split has no classes; test/ given as --test-folder is its own split and
