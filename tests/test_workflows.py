@@ -161,7 +161,7 @@ def test_bot_im2rec_lists_caffe_vgg_fine_tuned_to_stock_checkpoints(tmp_path):
     for split in ("val", "train"):                           # a .lst as the prefix, as the post does
         _recbuild("--resize", "32", "--quality", "100", "--num-thread", "1", "--no-progress",
                   tmp_path / f"bot_{split}.lst", tmp_path / "data")
-    prototxt, caffemodel = make_tiny_vgg(tmp_path / "caffe", num_classes=10, input_size=32, fc_width=16)
+    prototxt, caffemodel = make_tiny_vgg(tmp_path / "caffe", num_classes=10, input_size=32, fc_width=16, fmt="v1")
     assert convert_main([str(prototxt), str(caffemodel), str(tmp_path / "vgg16"), "--mean", "104,117,123"]) == 0
     assert train_main(["--pretrained-model", str(tmp_path / "vgg16"), "--data-train", str(tmp_path / "bot_train.rec"),
                        "--data-val", str(tmp_path / "bot_val.rec"), "--model-prefix", str(tmp_path / "bot"),
