@@ -257,7 +257,8 @@ def test_food_fine_tuning_against_scratch_compares_test_accuracy_per_epoch(tmp_p
     common = ["--data-train", str(tmp_path / "food_train.rec"), "--data-val", str(tmp_path / "food_test.rec"),
               "--random-resized-crop", "1", "--random-mirror", "1", "--lr", "0.01", "--wd", "0.001",
               "--num-epochs", "2", *FAST]
-    for name, pretrained, extra in (("ft", base, ["--lr-mult", "^fc7_=10"]), ("scratch", tmp_path / "resnet-random", [])):
+    runs = (("ft", base, ["--lr-mult", "^fc7_=10"]), ("scratch", tmp_path / "resnet-random", []))
+    for name, pretrained, extra in runs:
         assert train_main(["--pretrained-model", str(pretrained), "--model-prefix", str(tmp_path / name), *extra,
                            *common]) == 0
     table = {}
@@ -296,7 +297,8 @@ def test_submission_rows_sort_delimiter_header_and_columns():
     ("a 3\nb  17 \nc 3\n", ["--delimiter", "space", "--no-header"], None),
     ("a\t3\nb\t17\nc\t3\n", ["--delimiter", "tab", "--no-header"], None),
     ("id\tlabel\na\t3\nb\t17\nc\t3\n", ["--delimiter", "tab"], None),
-    ("a 3\nb 17\nc 3\n", [], ":1: expected 'id,label', got 'a 3'; the line looks space-separated: pass --delimiter space"),
+    ("a 3\nb 17\nc 3\n", [], ":1: expected 'id,label', got 'a 3'; the line looks space-separated: pass "
+                              "--delimiter space"),
     ("a 3\nb 17\nc 3\n", ["--delimiter", "space"], ":1: the first row is data, not a header"),
     ("a 3\nb 17 x\nc 3\n", ["--delimiter", "space", "--no-header"], ":2: expected 'id,label' \\(2 fields"),
     ("a 3\nb 17\n", ["--delimiter", "space", "--no-header"], r"1 image\(s\) in .* without a row: 'c.png'"),
