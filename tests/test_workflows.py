@@ -234,6 +234,12 @@ def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp
     assert rows[0] == ["id", "label"] and [r[0] for r in rows[1:]] == [str(i) for i in range(1, 12)]
     assert all(r[1] in classes for r in rows[1:])
     assert _rows(tmp_path / "folder.csv") == rows            # the folder gives the same file (lossless PNG)
+    # Listed under a prefix of its own, the test folder has an empty class map (no classes): predicted all the same.
+    _recbuild("--list", "--unlabelled", tmp_path / "alone", tmp_path / "test")
+    _recbuild("--encoding", ".png", "--num-thread", "1", "--no-progress", tmp_path / "alone", tmp_path / "test")
+    assert predict_main([str(tmp_path / "cifar-net"), "1", str(tmp_path / "alone_test.rec"), "--out",
+                         str(tmp_path / "alone.csv"), "--format", "label", "--sort", "numeric"]) == 0
+    assert _rows(tmp_path / "alone.csv") == rows
 
 
 # ---- 5. Food: train/<class>/ and test/<class>/, fine-tuning against the same net from scratch -------------------
