@@ -1,8 +1,9 @@
 """Data health of a packed set: `python -m recbuild report PREFIX [--test-folder DIR]`.
 
-Reads every PREFIX*.rec in order (one pass, one decode per record) and reports, per split: the record count, the
-class histogram (classes with fewer than --min-class-images images, and classes that are empty in a split while
-present in another), the image size and aspect distribution; then exact duplicates (same image bytes, or same
+Reads the splits of PREFIX (find_recs) in order (one pass, one decode per record) and reports, per split: the
+record count, the class histogram (classes with fewer than --min-class-images images, and classes that are empty in
+a split while present in another; none for a split listed --unlabelled), the image size and aspect distribution;
+--test-folder is a split of its own; then exact duplicates (same image bytes, or same
 decoded pixels) and near-duplicates (a 64-bit DCT perceptual hash within PHASH_THRESHOLD bits, confirmed by 16x16
 thumbnails within NEAR_MAX_MAD grey levels) within and across splits, each listed by split, .lst line and source
 path. The headline is the leakage: how many val/test images
@@ -607,8 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The `python -m recbuild report` command line."""
     p = argparse.ArgumentParser(prog="python -m recbuild report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prefix", help="the prefix the .rec files were packed under (every PREFIX*.rec is read)")
-    p.add_argument("--test-folder", default=None, help="also check this image folder against the training set")
+    p.add_argument("prefix", help="the prefix the .rec files were packed under (PREFIX.rec, "
+                                  "PREFIX_train/_val/_test.rec and chunk files PREFIX_N[_split].rec are read)")
+    p.add_argument("--test-folder", default=None,
+                   help="also check this image folder against the training set (a split of its own)")
     p.add_argument("--threshold", type=int, default=PHASH_THRESHOLD,
                    help="near-duplicate: perceptual hashes at most this many of 64 bits apart")
     p.add_argument("--max-mad", type=float, default=NEAR_MAX_MAD,
@@ -644,7 +647,8 @@ def print_summary(report: dict, json_path: Path, html_path: Optional[Path]) -> N
         print(f"leakage: {v['with_copy_in_train']} of {v['images']} {split} images have a copy in train")
     for split, v in report["splits"].items():
         small = f", {len(v['small_classes'])} class(es) under {report['min_class_images']} images"
-        print(f"{split}: {v['records']} records" + (small if v["small_classes"] else "")
+        print(f"{split}: {v['records']} records" + ("" if v["labelled"] else " (unlabelled)")
+              + (small if v["small_classes"] else "")
               + (f", {len(v['empty_classes'])} class(es) empty" if v["empty_classes"] else ""))
     print(f"{report['pairs_total']} duplicate pair(s); report {json_path}"
           + ("" if html_path is None else f" and {html_path}") + f" ({report['seconds']:.1f} s)")

@@ -338,3 +338,14 @@ def test_top_losses_are_mistakes_only_or_none(tmp_path):
     tally = Tally()
     tally.update(probs, right.astype(np.float32))
     assert summarise(Collected(list("abcd"), probs, right, tally, 0), ["x", "y"])["top_losses"] == []
+
+
+def test_data_report_finds_the_splits_of_a_prefix_exactly(tmp_path):
+    from recbuild.report import find_recs
+    names = ["k.rec", "k_train.rec", "k_val.rec", "k_test.rec", "k_0_train.rec", "k_1.rec", "ktest_test.rec",
+             "k_extra.rec", "k_train.rec.tmp", "k_train.idx"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in find_recs(str(tmp_path / "k"))] == sorted(
+        ["k.rec", "k_train.rec", "k_val.rec", "k_test.rec", "k_0_train.rec", "k_1.rec"])
+    assert [p.name for p in find_recs(str(tmp_path / "k_val.lst"))] == ["k_val.rec"]
