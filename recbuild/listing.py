@@ -21,6 +21,7 @@ against `train/`, whose numbered files may have the same names (list_source, pac
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -520,37 +521,60 @@ def list_source_path(lst: PathLike) -> Path:
     return Path(str(lst) + ".json")
 
 
+def _list_digest(lst: PathLike) -> str:
+    digest = hashlib.sha1()
+    with open(lst, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_list_source(lst: PathLike, root: str, unlabelled: bool) -> None:
-    """Record `root` (absolute, and relative to the list's folder so a tree moved as a whole still resolves)."""
+    """Record `root` (absolute, and relative to the list's folder so a tree moved as a whole still resolves) and
+    the list's digest (a list rewritten since, e.g. by im2rec.py, is no longer described by the record)."""
     root = os.path.abspath(root)
     write_json(list_source_path(lst), {"format": LIST_SOURCE_FORMAT, "root": root,
                                        "root_from_list": os.path.relpath(root, os.path.dirname(os.path.abspath(lst))),
-                                       "unlabelled": bool(unlabelled)})
+                                       "unlabelled": bool(unlabelled), "list_sha1": _list_digest(lst)})
 
 
-def listed_unlabelled(lst: PathLike) -> bool:
-    """Whether `lst` was listed with --unlabelled (its labels are placeholders, not classes)."""
-    try:
-        data = json.loads(list_source_path(lst).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == LIST_SOURCE_FORMAT and data.get("unlabelled") is True
-
-
-def listed_root(lst: PathLike) -> Optional[str]:
-    """The folder `lst` was listed from, or None for a list without a record (im2rec's, or one written by hand).
-    A recorded folder that moved with the list (same relative place) is found there."""
+def _list_source(lst: PathLike) -> Optional[dict]:
+    """The record beside `lst` when it describes the list as it is now; None when there is none, or when the list
+    was rewritten since (then it is im2rec's or a hand-made list again, and a warning says so)."""
     path = list_source_path(lst)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        root = data["root"] if data.get("format") == LIST_SOURCE_FORMAT else None
+        valid = data.get("format") == LIST_SOURCE_FORMAT and isinstance(data["root"], str)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        root = None
-    if not isinstance(root, str):
+        valid = False
+    if not valid:
         raise ListError(f"{path}: not a list-source record; expected {{\"format\": \"{LIST_SOURCE_FORMAT}\", "
                         f"\"root\": ...}} (delete it to pack {lst} against ROOT as im2rec would)")
+    if data.get("list_sha1") != _list_digest(lst):
+        log.warning("%s: %s was rewritten since it was listed from %s; packing it against ROOT as im2rec would",
+                    path, os.path.basename(str(lst)), data["root"])
+        return None
+    return data
+
+
+def listed_unlabelled(lst: PathLike) -> bool:
+    """Whether `lst` was listed with --unlabelled (its labels are placeholders, not classes)."""
+    try:
+        data = _list_source(lst)
+    except (ListError, OSError):
+        return False
+    return data is not None and data.get("unlabelled") is True
+
+
+def listed_root(lst: PathLike) -> Optional[str]:
+    """The folder `lst` was listed from, or None for a list without a record (im2rec's, or one written by hand).
+    A recorded folder that moved with the list (same relative place) is found there."""
+    data = _list_source(lst)
+    if data is None:
+        return None
+    root = data["root"]
     if not os.path.isdir(root) and isinstance(data.get("root_from_list"), str):
         moved = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(lst)), data["root_from_list"]))
         root = moved if os.path.isdir(moved) else root

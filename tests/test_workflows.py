@@ -349,3 +349,21 @@ def test_data_report_finds_the_splits_of_a_prefix_exactly(tmp_path):
     assert [p.name for p in find_recs(str(tmp_path / "k"))] == sorted(
         ["k.rec", "k_train.rec", "k_val.rec", "k_test.rec", "k_0_train.rec", "k_1.rec"])
     assert [p.name for p in find_recs(str(tmp_path / "k_val.lst"))] == ["k_val.rec"]
+
+
+def test_pack_root_follows_the_record_until_the_list_is_rewritten(tmp_path, caplog):
+    from recbuild.listing import ListError, list_source_path, pack_root
+    _write_images(tmp_path / "train", {"1.png": 0}, 2, seed=0)
+    _write_images(tmp_path / "test", {"1.png": 0}, 2, seed=1, test=True)
+    _recbuild("--list", "--unlabelled", tmp_path / "p", tmp_path / "test")
+    lst = tmp_path / "p_test.lst"
+    assert lst.read_text() == "1\t0.000000\t1.png\n"                  # im2rec's format, nothing added
+    root, note = pack_root(lst, str(tmp_path / "train"))
+    assert root == str(tmp_path / "test") and "packing from" in note
+    assert pack_root(lst, str(tmp_path / "test")) == (str(tmp_path / "test"), None)
+    lst.write_text("1\t0.000000\t1.png\n2\t0.000000\t1.png\n")     # rewritten by hand (or by im2rec.py)
+    assert pack_root(lst, str(tmp_path / "train")) == (str(tmp_path / "train"), None)
+    assert "rewritten since it was listed" in caplog.text
+    list_source_path(lst).write_text("{}")
+    with pytest.raises(ListError, match="not a list-source record"):
+        pack_root(lst, str(tmp_path / "train"))
