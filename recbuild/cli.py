@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -145,8 +146,13 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
     cmap = class_map_path(os.path.abspath(prefix))
     total = sum(n for _, n in written)
     if cfg.unlabelled:
+        kept = read_class_map(cmap)
         print(f"Listed {total} unlabelled images (label 0) in {written[0][0]}; class map {cmap} "
-              f"({'kept' if read_class_map(cmap) else 'empty'}).")
+              + (f"(kept: the {len(kept)} classes listed under this prefix)." if kept else
+                 "(empty: these images have no classes; the model's class names name the predictions)."))
+        print(f"Pack it with the other lists of this prefix (it is read from {os.path.abspath(root)}, the folder "
+              f"it was listed from), or alone: python -m recbuild [options] {shlex.quote(written[0][0])} "
+              f"{shlex.quote(root)}")
         return 0
     classes = read_class_map(cmap)
     for label, name in enumerate(classes):
