@@ -119,7 +119,9 @@ def summarise(c: Collected, class_names: Sequence[str], top_losses: int = TOP_LO
     normalised = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
     off = [(int(counts[t, p]), t, p) for t in range(k) for p in range(k) if t != p and counts[t, p]]
     losses = sample_losses(probs, labels)
-    worst = np.argsort(-losses, kind="stable")[:top_losses]
+    # Only mistakes: with few errors, the highest losses would otherwise include correct predictions.
+    wrong = np.flatnonzero(predicted != labels)
+    worst = wrong[np.argsort(-losses[wrong], kind="stable")][:top_losses]
     result = {"format": FORMAT, "images": tally.n, "accuracy": tally.correct / tally.n,
               "log_loss": tally.loss / tally.n}
     if top_k > 1:
@@ -230,8 +232,9 @@ def render_html(result: dict, title: str, pngs: dict, thumbs: dict) -> str:
             H.section("Per class", H.table(["class", "precision", "recall", "F1", "support", "predicted"], rows)),
             H.section("Most confused pairs", H.table(["true", "predicted as", "images", "fraction of true"], confused,
                                                      left=2) if confused else H.paragraph("No confusions.")),
-            H.section("Top losses", H.paragraph("The images the model is most wrong about: mislabelled, ambiguous "
-                                                "or hard examples.", "muted"), "".join(cards)),
+            H.section("Top losses", H.paragraph("The misclassified images the model is most wrong about: "
+                                                "mislabelled, ambiguous or hard examples.", "muted")
+                      if cards else H.paragraph("No misclassified images."), "".join(cards)),
             H.section("Calibration", H.image(pngs["reliability"], "reliability diagram"),
                       H.table(["confidence bin", "images", "mean confidence", "accuracy"], bins))]
     return H.page(title, body)

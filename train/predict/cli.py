@@ -16,6 +16,7 @@ from recbuild.atomic import write_json
 from train.data import DataError
 from train.predict import (PredictError, build_parser, evaluate, load_model, predict, resolve_epoch,
                            trained_resize)
+from train.predict.submission import submission_format
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -41,7 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{args.data}: {result['images']} images, accuracy {result['accuracy']:.4f}{topk}, "
                   f"log loss {result['log_loss']:.4f}" + (" (mirror TTA)" if args.mirror else ""))
             return 0
-        summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root, args.id_mode)
+        summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root,
+                          fmt=submission_format(args))
     except (PredictError, DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
