@@ -1,0 +1,268 @@
+"""Damaged inputs are refused before training: the seeded fuzzers' shapes (a .rec cut short, a shifted or empty
+.idx, a bad magic, flipped bits in JPEG data, a header label changed, pack.json counts x10, a .crc32 entry lost)
+applied to a small valid pack, then `python -m train` run as a user runs it. Each must end with one line naming
+the damaged file: no signal (MXNet's C++ reader aborts on some of them), no traceback, no checkpoint.
+
+The reference for "damaged" is independent of our reader: every damage below is also checked to be one that
+mx.recordio reads differently from the original (or that makes MXNet's reader crash), so none is a no-op.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import pytest
+
+from recbuild.config import PackConfig
+from recbuild.integrity import main as verify_main, reader_problems, verify_rec
+from recbuild.recordio import CHECKSUM_MAGIC
+from tests._pack_fixtures import pack_tree
+from tests._train_fixtures import tiny_vgg_checkpoint
+from train import recfile
+from train.recfile import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["ant", "bee", "cow"]
+NAME = "s_train"
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """A valid recbuild pack (24 JPEG records, .idx, .crc32, .pack.json, class map) and a tiny net for it."""
+    d = tmp_path_factory.mktemp("pack")
+    tiny_vgg_checkpoint(d / "pre", num_classes=len(CLASSES))
+    pack_tree(d, NAME, CLASSES, 8, PackConfig(resize=20, encoding=".jpg", quality=90, workers=1, progress=False))
+    shutil.rmtree(d / "images")
+    return d
+
+
+def _copy(pack: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in pack.iterdir():
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _offsets(d: Path):
+    return [int(line.split("\t")[1]) for line in (d / f"{NAME}.idx").read_text().splitlines()]
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _sidecar(d: Path, **changes) -> None:
+    path = d / f"{NAME}.pack.json"
+    data = json.loads(path.read_text())
+    for key, change in changes.items():
+        data[key] = change(data[key]) if callable(change) else change
+    path.write_text(json.dumps(data))
+
+
+def _without_checksums(d: Path) -> None:
+    """What an im2rec-packed file has: no .crc32 and no pack sidecar."""
+    (d / f"{NAME}.crc32").unlink()
+    (d / f"{NAME}.pack.json").unlink()
+
+
+def damage(kind: str, d: Path) -> str:
+    """Apply one damage to the pack in `d`; returns the suffix of the file the error must name."""
+    rec, idx = d / f"{NAME}.rec", d / f"{NAME}.idx"
+    offsets = _offsets(d)
+    if kind == "cut short":
+        rec.write_bytes(rec.read_bytes()[:offsets[-1] + 40])
+    elif kind == "cut by one byte":
+        rec.write_bytes(rec.read_bytes()[:-1])
+    elif kind.startswith("shifted idx offset"):
+        lines = idx.read_text().splitlines()
+        lines[5] = f"5\t{offsets[5] + 4}"
+        idx.write_text("\n".join(lines) + "\n")
+    elif kind.startswith("empty idx"):
+        idx.write_text("")
+    elif kind.startswith("bad magic"):
+        _patch(rec, offsets[7], b"\x0b")
+    elif kind == "bits flipped in JPEG data":
+        length = struct.unpack_from("<I", rec.read_bytes(), offsets[3] + 4)[0] & ((1 << 29) - 1)
+        middle = offsets[3] + 8 + 24 + (length - 24) * 3 // 4
+        _patch(rec, middle, bytes([rec.read_bytes()[middle] ^ 0x04]))
+    elif kind.startswith("header label to another class"):
+        _patch(rec, offsets[3] + 8 + 4, struct.pack("<f", 2.0))   # record 3 is class 0
+    elif kind.startswith("header label outside the class map"):
+        _patch(rec, offsets[3] + 8 + 4, struct.pack("<f", 7.0))
+    elif kind == "pack.json counts x10":
+        _sidecar(d, records=lambda n: n * 10, class_counts=lambda c: [n * 10 for n in c])
+        return ".pack.json"
+    elif kind == "pack.json count x10, no histogram":
+        _sidecar(d, records=lambda n: n * 10, class_counts=None)
+        return ".pack.json"
+    elif kind == "pack.json not JSON":
+        (d / f"{NAME}.pack.json").write_text('{"format": "mxtransfer.pack/1", "records": 2')
+        return ".pack.json"
+    elif kind == "a .crc32 entry dropped":
+        crc = d / f"{NAME}.crc32"
+        data = crc.read_bytes()
+        crc.write_bytes(data[:len(CHECKSUM_MAGIC) + 12 * 4] + data[len(CHECKSUM_MAGIC) + 12 * 5:])
+    elif kind == ".crc32 cut short":
+        crc = d / f"{NAME}.crc32"
+        crc.write_bytes(crc.read_bytes()[:-5])
+    else:
+        raise AssertionError(kind)
+    if kind.endswith("(im2rec file)"):
+        _without_checksums(d)
+    return ".rec"
+
+
+DAMAGE = ["cut short", "cut by one byte", "shifted idx offset", "empty idx", "bad magic", "bits flipped in JPEG data",
+          "header label to another class", "header label outside the class map", "pack.json counts x10",
+          "pack.json count x10, no histogram", "pack.json not JSON", "a .crc32 entry dropped", ".crc32 cut short",
+          "shifted idx offset (im2rec file)", "empty idx (im2rec file)", "bad magic (im2rec file)",
+          "header label outside the class map (im2rec file)"]
+
+
+# Run as a separate `python -m train` process: the shapes that kill the process inside MXNet's reader when
+# unguarded, and one of each silent kind. The others run the same main() in this process (no mxnet start-up).
+IN_A_PROCESS = {"shifted idx offset", "empty idx", "bad magic", "bits flipped in JPEG data",
+                "header label to another class", "pack.json counts x10", "empty idx (im2rec file)"}
+
+
+def _args(d: Path):
+    return ["--pretrained-model", str(d / "pre"), "--data-train", str(d / f"{NAME}.rec"), "--model-prefix",
+            str(d / "ft"), "--num-epochs", "1", "--batch-size", "4", "--no-progress"]
+
+
+def train(d: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *_args(d)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_refused(d: Path, suffix: str, returncode: int, stderr: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert returncode > 0, (returncode, stderr[-2000:])                       # an error, not a signal
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert lines[-1].startswith("error: ") and str(d / f"{NAME}{suffix}") in lines[-1], lines[-1]
+    assert not list(d.glob("ft-*.params")), "a checkpoint was written from damaged data"
+
+
+@pytest.mark.slow
+def test_the_undamaged_pack_trains(pack, tmp_path):
+    """The control: the same command on the intact copy trains and checkpoints."""
+    d = _copy(pack, tmp_path / "ok")
+    done = train(d)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (d / "ft-0001.params").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(IN_A_PROCESS))
+def test_damaged_input_is_one_line_before_training(pack, tmp_path, kind):
+    d = _copy(pack, tmp_path / "d")
+    suffix = damage(kind, d)
+    done = train(d)
+    _assert_refused(d, suffix, done.returncode, done.stderr)
+    assert f"python -m recbuild verify {d / NAME}.rec" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if k not in IN_A_PROCESS])
+def test_damaged_input_is_one_line_before_training_in_process(pack, tmp_path, kind, capsys):
+    from train.__main__ import main
+    d = _copy(pack, tmp_path / "d")
+    suffix = damage(kind, d)
+    code = main(_args(d))
+    _assert_refused(d, suffix, code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if "pack.json" not in k and "crc32" not in k])
+def test_each_damage_changes_what_mx_recordio_reads(pack, tmp_path, kind):
+    """The reference: each .rec/.idx damage is real for MXNet's own reader (so a test above cannot pass on a
+    no-op). Damage that would abort the process in C++ is not read here; it is the framing the fuzzers found."""
+    d = _copy(pack, tmp_path / "d")
+    damage(kind, d)
+    if any(k in kind for k in ("shifted idx", "empty idx", "bad magic", "cut")):
+        assert reader_problems(d / f"{NAME}.rec"), kind                      # framing or index: our walk's own
+        return
+    reader = mx.recordio.MXIndexedRecordIO(str(d / f"{NAME}.idx"), str(d / f"{NAME}.rec"), "r")
+    original = mx.recordio.MXIndexedRecordIO(str(pack / f"{NAME}.idx"), str(pack / f"{NAME}.rec"), "r")
+    changed = [k for k in original.keys if reader.read_idx(k) != original.read_idx(k)]
+    assert changed == [3], changed
+
+
+def test_checked_scan_is_remembered_and_redone_when_a_companion_changes(pack, tmp_path, monkeypatch):
+    """The check runs once per file content: an .idx damaged later beside an unchanged .rec is checked again
+    (the cache key covers the .idx, the pack sidecar and the .crc32), also through the disk cache."""
+    monkeypatch.setattr(recfile, "REC_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(recfile, "DISK_CACHE_MIN_RECORDS", 10)
+    d = _copy(pack, tmp_path / "d")
+    recfile.forget()
+    assert recfile.summary(d / f"{NAME}.rec")[0] == 24
+    recfile.forget()                                   # a new process: the disk cache answers
+    assert recfile.scan(d / f"{NAME}.rec").records == 24
+    damage("shifted idx offset", d)
+    recfile.forget()
+    with pytest.raises(DataError, match=r"s_train.rec: damaged: \[idx-not-record\] record key 5"):
+        recfile.summary(d / f"{NAME}.rec")
+    recfile.forget()
+
+
+def test_a_large_file_gets_a_sampled_checksum_check(pack, tmp_path, monkeypatch, caplog):
+    """Above CRC_FULL_CHECK_BYTES every n-th record's CRC32 is compared, and a warning says so: damage in a
+    sampled record is still refused."""
+    d = _copy(pack, tmp_path / "d")
+    monkeypatch.setattr(recfile, "CRC_FULL_CHECK_BYTES", (d / f"{NAME}.rec").stat().st_size // 4 + 1)
+    recfile.forget()
+    with caplog.at_level("WARNING"):
+        recfile.check_records(d / f"{NAME}.rec")
+    assert "checksums of 1 record in 4 were compared" in caplog.text
+    damage("bits flipped in JPEG data", d)               # record 3: not in the sample (0, 4, 8, ...)
+    recfile.check_records(d / f"{NAME}.rec")
+    _patch(d / f"{NAME}.rec", _offsets(d)[4] + 8 + 30, b"\x00\x01")
+    with pytest.raises(DataError, match=r"\[checksum\] record key 4"):
+        recfile.check_records(d / f"{NAME}.rec")
+
+
+# ---- verify on damaged sidecar files: a problem line, never a crash ----------------------------------------------
+SIDECARS = {
+    "errors.tsv without ids": (".errors.tsv", b"index\tpath\treason\nnot-a-number\tx.jpg\tbroken\n\xff\xfe\n",
+                               "errors-file"),
+    "errors.tsv one column": (".errors.tsv", b"index\tpath\treason\n12\n", None),
+    "pack.json not JSON": (".pack.json", b"{\"format\": ", "pack-info"),
+    "pack.json deeply nested": (".pack.json", b"[" * 100000, "pack-info"),
+    "pack.json wrong types": (".pack.json", b'{"format": "mxtransfer.pack/1", "rec": 1}', "pack-info"),
+    "pack.json binary": (".pack.json", bytes(range(256)), "pack-info"),
+    ".crc32 cut short": (".crc32", None, "checksum-file"),
+    ".crc32 entry dropped": (".crc32", None, "checksum-file"),
+    ".crc32 missing": (".crc32", None, "checksum-file"),
+    ".crc32 not ours": (".crc32", b"garbage", "checksum-file"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIDECARS))
+def test_verify_reports_a_damaged_sidecar_instead_of_crashing(pack, tmp_path, case, capsys):
+    d = _copy(pack, tmp_path / "d")
+    suffix, content, kind = SIDECARS[case]
+    path = d / f"{NAME}{suffix}"
+    if case == ".crc32 cut short":
+        content = path.read_bytes()[:-5]
+    elif case == ".crc32 entry dropped":
+        data = path.read_bytes()
+        content = data[:len(CHECKSUM_MAGIC)] + data[len(CHECKSUM_MAGIC) + 12:]
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
+    res = verify_rec(d / f"{NAME}.rec", progress=False)
+    kinds = [p.kind for p in res.problems]
+    if kind is None:           # an id with no path: still an id, accounted for
+        assert res.ok, [p.message for p in res.problems]
+    else:
+        assert kind in kinds and all("\n" not in p.message for p in res.problems), kinds
+        named = next(p.message for p in res.problems if p.kind == kind)
+        assert f"{NAME}{suffix}" in named, named
+    assert verify_main(["--no-progress", str(d / f"{NAME}.rec")]) == (0 if kind is None else 1)
+    capsys.readouterr()
