@@ -249,29 +249,28 @@ def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry],
                   res: VerifyResult, crc: Optional[int] = None) -> bool:
     """Header, labels, image and (when the packer recorded one) checksum of one indexed record; True when it is
     intact. A checksum mismatch is reported only when no other check explains it: one problem per damage."""
-    name = where(key, span.offset)
     try:
         header, body = unpack_header(payload)
     except RecordIOError as err:
-        res.add("header", f"{name}: {err}", key, span.offset)
+        res.add("header", f"{where(key, span.offset)}: {err}", key, span.offset)
         return False
     intact = True
     if checks.ids and header.id != key:
-        res.add("header-id", f"{name}: header id {header.id} != .idx key {key}", key, span.offset)
+        res.add("header-id", f"{where(key, span.offset)}: header id {header.id} != .idx key {key}", key, span.offset)
         intact = False
     labels = [float(header.label)] if header.flag == 0 else [float(v) for v in header.label]
     res.per_class[labels[0]] += 1
     # The header stores float32: compare the list's labels as the packer stored them (0.1 is not float32(0.1)).
     listed = [float(v) for v in np.float32(entry.labels)] if entry is not None else []
     if entry is not None and (labels != listed[:len(labels)] or header.flag not in (0, len(listed))):
-        res.add("label", f"{name}: header flag {header.flag} labels {labels} != list labels {list(entry.labels)}",
+        res.add("label", f"{where(key, span.offset)}: header flag {header.flag} labels {labels} != list labels {list(entry.labels)}",
                 key, span.offset)
         intact = False
     if checks.decode:
-        intact &= _check_image(body, name, key, span.offset, res)
+        intact &= _check_image(body, where(key, span.offset), key, span.offset, res)
     if intact and crc is not None and zlib.crc32(payload) != crc:
         still = " although it still decodes" if checks.decode else ""
-        res.add("checksum", f"{name}: the payload differs from what the packer wrote (CRC32 {zlib.crc32(payload):08x}"
+        res.add("checksum", f"{where(key, span.offset)}: the payload differs from what the packer wrote (CRC32 {zlib.crc32(payload):08x}"
                             f", recorded {crc:08x}){still}", key, span.offset)
         intact = False
     return intact
