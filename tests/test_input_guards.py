@@ -266,3 +266,109 @@ def test_verify_reports_a_damaged_sidecar_instead_of_crashing(pack, tmp_path, ca
         assert f"{NAME}{suffix}" in named, named
     assert verify_main(["--no-progress", str(d / f"{NAME}.rec")]) == (0 if kind is None else 1)
     capsys.readouterr()
+
+
+# ---- the decompression-bomb guard: every format's own header, read before decoding -------------------------------
+def tiff_bytes(width: int, height: int, endian: str = "<", big: bool = False, pixels: bytes = b"",
+               deflate: bool = False) -> bytes:
+    """A minimal 8-bit greyscale TIFF (classic or BigTIFF, either byte order) with one strip of `pixels`."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8 if deflate else 1), (262, 3, 1),
+            (273, 4, 0), (277, 3, 1), (278, 4, height), (279, 4, len(pixels))]
+    count_fmt, entry, value, head = ("Q", "HHQ", "Q", 16) if big else ("H", "HHI", "I", 8)
+    entry_size = struct.calcsize(endian + entry + value)
+    ifd_size = struct.calcsize(endian + count_fmt) + len(tags) * entry_size + struct.calcsize(endian + value)
+    strip_at = head + ifd_size
+    magic = (b"II" if endian == "<" else b"MM") + struct.pack(endian + "H", 43 if big else 42)
+    out = magic + (struct.pack(endian + "HHQ", 8, 0, head) if big else struct.pack(endian + "I", head))
+    out += struct.pack(endian + count_fmt, len(tags))
+    for tag, kind, val in tags:
+        val = strip_at if tag == 273 else val
+        # A value sits in the first bytes of the value field (left-justified), whatever the byte order.
+        field = struct.pack(endian + ("H" if kind == 3 else "I"), val)
+        field += b"\0" * (struct.calcsize(endian + value) - len(field))
+        out += struct.pack(endian + entry, tag, kind, 1) + field
+    return out + struct.pack(endian + value, 0) + pixels
+
+
+def deflate_bomb(width: int, height: int) -> bytes:
+    """A TIFF of width x height black pixels whose strip is deflated: a few hundred KB that decode to w*h bytes."""
+    import zlib
+    packer = zlib.compressobj(9)
+    row = bytes(width)
+    strip = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return tiff_bytes(width, height, pixels=strip, deflate=True)
+
+
+@pytest.mark.parametrize("endian,big", [("<", False), (">", False), ("<", True), (">", True)],
+                         ids=["II", "MM", "II-BigTIFF", "MM-BigTIFF"])
+def test_tiff_size_is_read_from_its_directory(endian, big):
+    import cv2
+    import numpy as np
+    from PIL import Image
+    import io
+    from recbuild.images import sniff
+    pixels = np.arange(30 * 41, dtype=np.uint8).reshape(30, 41)
+    data = tiff_bytes(41, 30, endian, big, pixels.tobytes())
+    assert (sniff(data).fmt, sniff(data).width, sniff(data).height) == ("tiff", 41, 30)
+    if not (big and endian == ">"):       # Pillow 9-13 cannot open big-endian BigTIFF; libtiff (below) can
+        assert Image.open(io.BytesIO(data)).size == (41, 30)                       # Pillow reads the same header
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)     # and OpenCV decodes that size
+    assert decoded is not None and np.array_equal(decoded, pixels)
+    assert sniff(tiff_bytes(14000, 14000, endian, big)).width == 14000
+
+
+def _refuse_decoding(monkeypatch):
+    """cv2's decoders fail the test if called: the guard must act on the header alone."""
+    import recbuild.images as images
+
+    def called(*_args, **_kwargs):
+        raise AssertionError("the image was handed to the decoder")
+    monkeypatch.setattr(images.cv2, "imdecode", called)
+    monkeypatch.setattr(images.cv2, "VideoCapture", called)
+
+
+@pytest.mark.parametrize("ext", [".tif", ".webp", ".png", ".bmp", ".jpg"])
+def test_pixel_guard_applies_to_every_format_from_its_header(ext, monkeypatch):
+    """A 41x30 image encoded by OpenCV in each format it writes, under a file name that says .jpg: the guard reads
+    the size from the format's own header (as the encoder wrote it) and refuses one pixel over the limit before
+    decoding; at the limit it decodes."""
+    import cv2
+    import numpy as np
+    from recbuild.images import ImageError, decode, sniff
+    img = np.random.RandomState(1).randint(0, 255, (30, 41, 3)).astype(np.uint8)
+    data = cv2.imencode(ext, img)[1].tobytes()
+    assert (sniff(data).width, sniff(data).height) == (41, 30)
+    assert decode(data, "x.jpg", PackConfig(max_pixels=41 * 30, workers=1)).image.shape[:2] == (30, 41)
+    _refuse_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=r"41x30 .* exceeds the decompression-bomb guard"):
+        decode(data, "x.jpg", PackConfig(max_pixels=41 * 30 - 1, workers=1))
+
+
+def test_a_tiff_bomb_named_jpg_is_refused_unread(tmp_path, monkeypatch):
+    """The issue's case: a 14000x14000 TIFF (196 MP; deflated, a few hundred KB) named x.jpg is refused from its
+    header under the default 100 MP guard, and the pack reports it naming the file."""
+    from recbuild.images import ImageError, decode
+    bomb = deflate_bomb(14000, 14000)
+    assert len(bomb) < 1 << 20
+    with monkeypatch.context() as patched:
+        _refuse_decoding(patched)
+        with pytest.raises(ImageError, match=r"TIFF of 14000x14000 \(196 MP to decode\) exceeds"):
+            decode(bomb, "x.jpg", PackConfig(workers=1))
+    root = tmp_path / "img"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.jpg").write_bytes(bomb)
+    (root / "a" / "fine.tif").write_bytes(tiff_bytes(8, 8, pixels=bytes(64)))
+    (tmp_path / "s.lst").write_text("0\t0.000000\ta/x.jpg\n1\t0.000000\ta/fine.tif\n")
+    done = subprocess.run([sys.executable, "-m", "recbuild", "--num-thread", "1", "--no-progress",
+                           str(tmp_path / "s"), str(root)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    errors = (tmp_path / "s.errors.tsv").read_text().splitlines()[1:]
+    assert len(errors) == 1 and errors[0].startswith("0\ta/x.jpg\t") and "decompression-bomb" in errors[0]
+
+
+def test_a_header_that_does_not_state_the_size_is_not_decoded(monkeypatch):
+    from recbuild.images import ImageError, decode
+    no_size = tiff_bytes(8, 8, pixels=bytes(64)).replace(struct.pack("<HHI", 256, 4, 1), struct.pack("<HHI", 999, 4, 1))
+    _refuse_decoding(monkeypatch)
+    with pytest.raises(ImageError, match="TIFF header does not state the image size"):
+        decode(no_size, "y.png", PackConfig(workers=1))
