@@ -372,3 +372,30 @@ def test_a_header_that_does_not_state_the_size_is_not_decoded(monkeypatch):
     _refuse_decoding(monkeypatch)
     with pytest.raises(ImageError, match="TIFF header does not state the image size"):
         decode(no_size, "y.png", PackConfig(workers=1))
+
+
+# ---- --list --recursive and symbolic links ----------------------------------------------------------------------
+def test_recursive_list_does_not_follow_links_that_leave_root_or_loop(tmp_path):
+    """A tree with a link back to ROOT (a loop), a link to a folder outside ROOT, a link to a sibling folder inside
+    ROOT and a link to a file: the list is im2rec's list of the same tree without the two bad links (byte for
+    byte), and each bad link is warned about once, by name."""
+    import tests._recbuild_fixtures as fx
+    outside = tmp_path / "elsewhere"
+    fx.make_tree(outside, classes=("secret",), per_class=2)
+    for name in ("tree", "ref"):
+        root = tmp_path / name
+        fx.make_tree(root, classes=("cat", "dog"), per_class=2)
+        (root / "dog" / "twin").symlink_to(root / "cat", target_is_directory=True)       # inside: followed
+        (root / "cat" / "linked.jpg").symlink_to(outside / "secret" / "img 0.jpg")       # a file: kept
+    (tmp_path / "tree" / "dog" / "loop").symlink_to(tmp_path / "tree", target_is_directory=True)
+    (tmp_path / "tree" / "cat" / "out").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "tree" / "cat" / "deeper").mkdir()
+    (tmp_path / "tree" / "cat" / "deeper" / "up").symlink_to(tmp_path / "tree" / "cat", target_is_directory=True)
+    done = fx.run_recbuild("--list", "--recursive", "--no-shuffle", str(tmp_path / "ours"), str(tmp_path / "tree"))
+    fx.run_im2rec("--list", "--recursive", "--no-shuffle", str(tmp_path / "theirs"), str(tmp_path / "ref"),
+                  cwd=tmp_path)
+    ours = (tmp_path / "ours.lst").read_text()
+    assert ours == (tmp_path / "theirs.lst").read_text() and "secret" not in ours and len(ours.splitlines()) == 8
+    for link, what in (("dog/loop", "a loop"), ("cat/out", "outside ROOT"), ("cat/deeper/up", "a loop")):
+        said = [line for line in done.stderr.splitlines() if f"{link}: a symbolic link to" in line]
+        assert len(said) == 1 and what in said[0] and "not followed" in said[0], done.stderr
