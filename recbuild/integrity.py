@@ -46,6 +46,7 @@ import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
+from recbuild.names import display_name
 from recbuild.recordio import IR_HEADER, MAGIC, RecordIOError, checksums_path, read_checksums, unpack_header
 
 # Problems printed in full before "... and N more"; ids listed in one problem line.
@@ -241,7 +242,7 @@ class _Where:
             bits.append(f"offset {offset}")
         entry = self.listed.get(key) if key is not None else None
         if entry is not None:
-            bits.append(f"{self.lst.name} line {entry.line}: {entry.path}")
+            bits.append(f"{self.lst.name} line {entry.line}: {display_name(entry.path)}")
         return "record " + ", ".join(bits)
 
 

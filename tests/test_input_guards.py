@@ -399,3 +399,46 @@ def test_recursive_list_does_not_follow_links_that_leave_root_or_loop(tmp_path):
     for link, what in (("dog/loop", "a loop"), ("cat/out", "outside ROOT"), ("cat/deeper/up", "a loop")):
         said = [line for line in done.stderr.splitlines() if f"{link}: a symbolic link to" in line]
         assert len(said) == 1 and what in said[0] and "not followed" in said[0], done.stderr
+
+
+# ---- file names that are not valid UTF-8 ----------------------------------------------------------------------
+def test_predict_writes_a_non_utf8_file_name_escaped_and_names_it(pack, tmp_path, caplog):
+    """A folder with a file whose name is the bytes b'bad\\xff\\xfe.jpg': the CSVs are valid UTF-8, the id is the
+    name with each non-UTF-8 byte as \\xNN (os.fsencode of the real name gives back those bytes), and a warning
+    names it. The other ids are untouched."""
+    import os
+    import cv2
+    import numpy as np
+    from train.predict import load_model, predict
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    jpeg = cv2.imencode(".jpg", np.full((20, 20, 3), 90, np.uint8))[1].tobytes()
+    (folder / "plain.jpg").write_bytes(jpeg)
+    with open(os.path.join(os.fsencode(folder), b"bad\xff\xfe.jpg"), "wb") as handle:
+        handle.write(jpeg)
+    model = load_model(str(pack / "pre"), 0, batch_size=2)
+    with caplog.at_level("WARNING"):
+        predict(model, folder, tmp_path / "p.csv", id_mode="path", progress=False)
+    for csv_file in (tmp_path / "p.csv", tmp_path / "p.topk.csv"):
+        rows = csv_file.read_bytes().decode("utf-8").splitlines()          # strict: valid UTF-8
+        assert sorted(r.split(",")[0] for r in rows[1:]) == ["bad\\xff\\xfe.jpg", "plain.jpg"]
+    said = [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("bad\\xff\\xfe.jpg:") and str(tmp_path / "p.csv") in said[0]
+    real = next(n for n in os.listdir(os.fsencode(folder)) if n != b"plain.jpg")
+    assert real == b"bad\xff\xfe.jpg"
+
+
+def test_verify_names_a_non_utf8_listed_path_escaped(pack, tmp_path, capsys):
+    """verify's problem line names the .lst path of a damaged record; a path that is not UTF-8 is escaped."""
+    d = _copy(pack, tmp_path / "d")
+    lst = d / f"{NAME}.lst"
+    lines = lst.read_bytes().split(b"\n")
+    lines[3] = lines[3].rsplit(b"\t", 1)[0] + b"\tant/bad\xff.png"
+    lst.write_bytes(b"\n".join(lines))
+    damage("header label to another class", d)                       # record 3
+    assert verify_main(["--no-progress", str(d / f"{NAME}.rec")]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "[label]" in x)
+    assert "s_train.lst line 4: ant/bad\\xff.png:" in line, line
+    from recbuild.names import display_name
+    assert display_name("caf\u00e9.jpg") == "caf\u00e9.jpg"

@@ -30,6 +30,7 @@ import numpy as np
 from recbuild.atomic import atomic_open
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
+from recbuild.names import escaped_names
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
@@ -207,7 +208,7 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
         bar.update(len(batch_names))
     bar.close()
     probs = np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)), np.float32)
-    ids = _ids(names, id_mode)
+    ids = escaped_names(_ids(names, id_mode), str(out))   # a name that is not UTF-8 cannot be written as it is
     with atomic_open(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id"] + model.class_names)
