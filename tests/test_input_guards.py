@@ -442,3 +442,26 @@ def test_verify_names_a_non_utf8_listed_path_escaped(pack, tmp_path, capsys):
     assert "s_train.lst line 4: ant/bad\\xff.png:" in line, line
     from recbuild.names import display_name
     assert display_name("caf\u00e9.jpg") == "caf\u00e9.jpg"
+
+
+# ---- tools.deploy --name ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "sub/x", "..", ".", "", ".hidden", "a\\b"])
+def test_deploy_name_must_be_a_plain_name(tmp_path, name, capsys):
+    """--name ../x once wrote the bundle's files beside OUTDIR; now it is a one-line error and nothing is
+    written anywhere."""
+    from tests import _deploy_fixtures as dfx
+    from tools import deploy
+    prefix = dfx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert deploy.main([str(prefix), "1", str(tmp_path / "out" / "bundle"), "--name", name, "--no-check"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--name {name!r}: expected a plain file name" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_deploy_plain_name_is_used(tmp_path):
+    from tests import _deploy_fixtures as dfx
+    from tools import deploy
+    prefix = dfx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)
+    bundle, _ = deploy.write_bundle(prefix, 1, tmp_path / "out", name="birds-v2", check=False)
+    assert (tmp_path / "out" / "birds-v2-symbol.json").is_file() and bundle.name == "birds-v2"
