@@ -223,7 +223,7 @@ def check_records(rec_path) -> None:
     stride = max(1, -(-size // CRC_FULL_CHECK_BYTES))
     progress = size >= _PROGRESS_MIN_BYTES and sys.stderr.isatty()
     if size >= _PROGRESS_MIN_BYTES:
-        log.info("%s: checking its framing, .idx and checksums before training (%.1f GB, once per file)", path,
+        log.info("%s: checking its framing, .idx and checksums before it is read (%.1f GB, once per file)", path,
                  size / 1e9)
     problems = reader_problems(path, progress=progress, crc_stride=stride)
     if problems:
