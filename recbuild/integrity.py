@@ -264,15 +264,15 @@ def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry],
     # The header stores float32: compare the list's labels as the packer stored them (0.1 is not float32(0.1)).
     listed = [float(v) for v in np.float32(entry.labels)] if entry is not None else []
     if entry is not None and (labels != listed[:len(labels)] or header.flag not in (0, len(listed))):
-        res.add("label", f"{where(key, span.offset)}: header flag {header.flag} labels {labels} != list labels {list(entry.labels)}",
-                key, span.offset)
+        res.add("label", f"{where(key, span.offset)}: header flag {header.flag} labels {labels} != list labels "
+                         f"{list(entry.labels)}", key, span.offset)
         intact = False
     if checks.decode:
         intact &= _check_image(body, where(key, span.offset), key, span.offset, res)
     if intact and crc is not None and zlib.crc32(payload) != crc:
         still = " although it still decodes" if checks.decode else ""
-        res.add("checksum", f"{where(key, span.offset)}: the payload differs from what the packer wrote (CRC32 {zlib.crc32(payload):08x}"
-                            f", recorded {crc:08x}){still}", key, span.offset)
+        res.add("checksum", f"{where(key, span.offset)}: the payload differs from what the packer wrote (CRC32 "
+                            f"{zlib.crc32(payload):08x}, recorded {crc:08x}){still}", key, span.offset)
         intact = False
     return intact
 
