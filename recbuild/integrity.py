@@ -320,6 +320,7 @@ def verify_rec(rec: Path, decode: bool = True, progress: bool = True, quick: boo
             res.add("missing-file", f"{path}: {hint}")
             return res
     listed, lst = _read_lst(rec, res)
+    _check_class_map(rec, res)
     packed_ids, in_file_order = _check_file(rec, res, _Where(listed, lst), _Checks(decode and not quick, quick),
                                             progress)
     _check_against_list(rec, lst, listed, packed_ids, in_file_order, res)
@@ -582,6 +583,7 @@ def _ids(ids: Sequence[int]) -> str:
 
 
 def _class_names(rec: Path) -> Optional[List[str]]:
+    """The class names for the per-class counts, or None (a damaged class map is reported by _check_class_map)."""
     path = find_class_map(rec)
     if path is None:
         return None
@@ -589,6 +591,18 @@ def _class_names(rec: Path) -> Optional[List[str]]:
         return read_class_map(path)
     except ValueError:
         return None
+
+
+def _check_class_map(rec: Path, res: VerifyResult) -> None:
+    """`class-map`: the class map that belongs to the .rec, when there is one, is readable (the trainer and the
+    predictor refuse a damaged one, so verify says so first)."""
+    path = find_class_map(rec)
+    if path is None:
+        return
+    try:
+        read_class_map(path)
+    except ValueError as err:
+        res.add("class-map", str(err))
 
 
 def _report(rec: str, res: VerifyResult) -> None:

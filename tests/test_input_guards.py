@@ -239,6 +239,8 @@ SIDECARS = {
     ".crc32 entry dropped": (".crc32", None, "checksum-file"),
     ".crc32 missing": (".crc32", None, "checksum-file"),
     ".crc32 not ours": (".crc32", b"garbage", "checksum-file"),
+    "class map deeply nested": (".classes.json", b"[" * 100000, "class-map"),
+    "class map of another shape": (".classes.json", b'{"format": "mxtransfer.classmap/1", "classes": 3}', "class-map"),
 }
 
 
@@ -246,7 +248,7 @@ SIDECARS = {
 def test_verify_reports_a_damaged_sidecar_instead_of_crashing(pack, tmp_path, case, capsys):
     d = _copy(pack, tmp_path / "d")
     suffix, content, kind = SIDECARS[case]
-    path = d / f"{NAME}{suffix}"
+    path = d / (f"s{suffix}" if suffix == ".classes.json" else f"{NAME}{suffix}")   # the class map is per set
     if case == ".crc32 cut short":
         content = path.read_bytes()[:-5]
     elif case == ".crc32 entry dropped":
@@ -263,7 +265,7 @@ def test_verify_reports_a_damaged_sidecar_instead_of_crashing(pack, tmp_path, ca
     else:
         assert kind in kinds and all("\n" not in p.message for p in res.problems), kinds
         named = next(p.message for p in res.problems if p.kind == kind)
-        assert f"{NAME}{suffix}" in named, named
+        assert path.name in named, named
     assert verify_main(["--no-progress", str(d / f"{NAME}.rec")]) == (0 if kind is None else 1)
     capsys.readouterr()
 
