@@ -18,9 +18,8 @@ on an empty .idx, and nothing in RecordIO notices a changed byte. recbuild.integ
 framing and the .idx (verify --quick's walk) and, where the packer recorded them in NAME.crc32, compares the
 payload CRC32s: all of them for files up to CRC_FULL_CHECK_BYTES, an evenly spaced sample of about that many
 bytes beyond. The pack sidecar's record count and class histogram are then compared with the headers. Any
-mismatch is a DataError naming the file and `python -m recbuild verify`. Measured (bench figures in
-docs/reliability-inputs.md): ~8 us a record for the walk, plus ~1.6 ms per MB for the checksums from the page
-cache (224-px JPEG records).
+mismatch is a DataError naming the file and `python -m recbuild verify`. Measured (docs/reliability-inputs.md):
+12-17 us a record for the walk, plus ~1.3 ms per MB for the checksums (224-px JPEG records, page cache).
 
 The disk cache lives in `REC_CACHE_DIR` (default `.cache/recinfo`, beside the feature cache, git-ignored;
 `MXTRANSFER_REC_CACHE` moves it): not beside the data, which is often on a read-only or shared volume. One
@@ -59,9 +58,9 @@ REC_CACHE_DIR = Path(os.environ.get("MXTRANSFER_REC_CACHE", ".cache/recinfo"))
 _MEMORY_ENTRIES = 16          # files remembered per process: train, val, test, a few epochs' copies
 # /2: a cached scan also means "checked" (reader_problems and the sidecar counts); /1 entries were not.
 _SCAN_FORMAT = "mxtransfer.recscan/2"
-# Up to this size every record's payload CRC32 is compared at start-up (a whole read of the file, ~7 s from the
-# page cache at the measured ~0.6 GB/s); a larger file gets an evenly spaced sample of about this many bytes, and
-# a warning that `python -m recbuild verify` checks them all.
+# Up to this size every record's payload CRC32 is compared at start-up (a whole read of the file: ~6 s from the
+# page cache at the measured ~1.3 ms per MB); a larger file gets an evenly spaced sample of about this many bytes,
+# and a warning that `python -m recbuild verify` checks them all.
 CRC_FULL_CHECK_BYTES = 4 << 30
 # The check shows a progress bar (on a terminal) from this size.
 _PROGRESS_MIN_BYTES = 256 << 20
