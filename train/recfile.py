@@ -224,7 +224,10 @@ def check_records(rec_path) -> None:
     if size >= _PROGRESS_MIN_BYTES:
         log.info("%s: checking its framing, .idx and checksums before it is read (%.1f GB, once per file)", path,
                  size / 1e9)
-    problems = reader_problems(path, progress=progress, crc_stride=stride)
+    try:
+        problems = reader_problems(path, progress=progress, crc_stride=stride)
+    except OSError as err:          # an unreadable .idx or .crc32 (permissions, I/O error): named, not a traceback
+        raise DataError(f"{err.filename or path}: cannot be read ({err.strerror or err})") from None
     if problems:
         raise damage_error(path, problems)
     if stride > 1 and checksums_path(path).is_file():
