@@ -96,6 +96,8 @@ def damage(kind: str, d: Path) -> str:
         _patch(rec, offsets[3] + 8 + 4, struct.pack("<f", 2.0))   # record 3 is class 0
     elif kind.startswith("header label outside the class map"):
         _patch(rec, offsets[3] + 8 + 4, struct.pack("<f", 7.0))
+    elif kind.startswith("header label 1e9"):                       # bincount up to it would take 8 GB
+        _patch(rec, offsets[3] + 8 + 4, struct.pack("<f", 1e9))
     elif kind == "pack.json counts x10":
         _sidecar(d, records=lambda n: n * 10, class_counts=lambda c: [n * 10 for n in c])
         return ".pack.json"
@@ -116,11 +118,15 @@ def damage(kind: str, d: Path) -> str:
         raise AssertionError(kind)
     if kind.endswith("(im2rec file)"):
         _without_checksums(d)
+    if kind.endswith("(no checksums)"):                              # the pack sidecar's histogram is the guard
+        (d / f"{NAME}.crc32").unlink()
+        _sidecar(d, payload_crc32=None)
     return ".rec"
 
 
 DAMAGE = ["cut short", "cut by one byte", "shifted idx offset", "empty idx", "bad magic", "bits flipped in JPEG data",
-          "header label to another class", "header label outside the class map", "pack.json counts x10",
+          "header label to another class", "header label outside the class map",
+          "header label to another class (no checksums)", "header label 1e9 (no checksums)", "pack.json counts x10",
           "pack.json count x10, no histogram", "pack.json not JSON", "a .crc32 entry dropped", ".crc32 cut short",
           "shifted idx offset (im2rec file)", "empty idx (im2rec file)", "bad magic (im2rec file)",
           "header label outside the class map (im2rec file)"]

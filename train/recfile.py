@@ -261,14 +261,14 @@ def _check_sidecar_counts(path: Path, info: PackInfo, found: "RecScan") -> None:
     if info.class_counts is None:
         return
     labels = found.labels
-    if labels.size and ((labels != np.round(labels)) | (labels < 0)).any():
-        bad = labels[(labels != np.round(labels)) | (labels < 0)][0]
-        raise DataError(f"{path}: a record header has label {bad:g}, which {info.path} does not count (its labels "
-                        f"are class indices); {verify}")
-    headers = np.bincount(labels.astype(np.int64)) if labels.size else np.zeros(0, np.int64)
     counted = np.asarray(info.class_counts, np.int64)
-    width = max(headers.size, counted.size)
-    headers, counted = (np.pad(a, (0, width - a.size)) for a in (headers, counted))
+    # Not a class index, or one past what the sidecar counts (checked before bincount, which would allocate up to
+    # the largest label: a header label changed to 1e9 must not cost 8 GB).
+    bad = labels[~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0) | (labels >= counted.size)]
+    if bad.size:
+        raise DataError(f"{path}: a record header has label {bad[0]:g}, which {info.path} does not count (its "
+                        f"labels are class indices 0..{counted.size - 1}); {verify}")
+    headers = np.bincount(labels.astype(np.int64), minlength=counted.size)
     if not np.array_equal(headers, counted):
         uncounted = np.flatnonzero((headers > 0) & (counted == 0))
         label = int(uncounted[-1] if uncounted.size else np.flatnonzero(headers != counted)[0])
