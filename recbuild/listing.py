@@ -98,8 +98,10 @@ def scan_tree(root: str, recursive: bool, exts: Sequence[str]) -> Tuple[List[Ent
     entries: List[Entry] = []
     if recursive:
         labels: Dict[str, int] = {}
+        walk_links = _LinkGuard(root)
         for folder, dirs, files in os.walk(root, followlinks=True):
             dirs.sort()
+            dirs[:] = walk_links.followed(folder, dirs)
             files.sort()
             for name in files:
                 full = os.path.join(folder, name)
@@ -114,6 +116,40 @@ def scan_tree(root: str, recursive: bool, exts: Sequence[str]) -> Tuple[List[Ent
                 entries.append(Entry(len(entries), (0.0,), os.path.relpath(full, root)))
         classes = ["."]
     return entries, classes
+
+
+class _LinkGuard:
+    """Which sub-folders a recursive walk enters. Like im2rec (os.walk(followlinks=True)) it follows symbolic links
+    to folders, except two kinds, each warned about once, naming the link: a link whose target lies outside ROOT
+    (its images are not part of the tree the user named), and a link to a folder already on the path from ROOT
+    to it (a loop, which os.walk would follow until the path is too long: 5 images became 204 entries in 122
+    classes). Links to files are kept as im2rec keeps them: a list may well be a farm of links into an image
+    store, and the path written stays inside ROOT."""
+
+    def __init__(self, root: str):
+        self.real_root = os.path.realpath(root)
+        self.chains: Dict[str, frozenset] = {root: frozenset([self.real_root])}   # folder -> real folders above
+        self.warned: set = set()
+
+    def followed(self, folder: str, dirs: List[str]) -> List[str]:
+        chain = self.chains.pop(folder, frozenset([os.path.realpath(folder)]))
+        kept = []
+        for name in dirs:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            outside = os.path.commonpath([self.real_root, real]) != self.real_root
+            if outside or real in chain:
+                self._warn(path, real, "outside ROOT" if outside else "a folder that contains it (a loop)")
+                continue
+            self.chains[path] = chain | {real}
+            kept.append(name)
+        return kept
+
+    def _warn(self, path: str, real: str, what: str) -> None:
+        link = (os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # the same link, however reached
+        if link not in self.warned:
+            self.warned.add(link)
+            log.warning("%s: a symbolic link to %s, %s: not followed", path, real, what)
 
 
 def _flat_images(root: str, exts: Sequence[str]) -> List[str]:

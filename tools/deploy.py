@@ -178,6 +178,17 @@ then `MXPredSetInput`, `MXPredForward`, `MXPredGetOutput`.
 {onnx_load}"""
 
 
+def check_bundle_name(name: str) -> None:
+    """--name is a plain file name inside OUTDIR: `../x` or `/tmp/x` would write the bundle's files outside it.
+
+    Raises:
+        DeployError: the name is empty, holds a path separator or NUL, or starts with '.' ('.', '..', hidden).
+    """
+    if not name or name.startswith(".") or any(c in name for c in ("/", "\\", "\0", os.sep)):
+        raise DeployError(f"--name {name!r}: expected a plain file name (no '/', '\\', not starting with '.'), "
+                          f"e.g. {DEFAULT_NAME}; the files are written inside OUTDIR as NAME-symbol.json, ...")
+
+
 def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME, classes: Optional[str] = None,
                  onnx: bool = False, force: bool = False, check: bool = True) -> Tuple[Bundle, dict]:
     """Write the deploy bundle of checkpoint `prefix`/`epoch` into `outdir`, atomically.
@@ -196,6 +207,7 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
     Returns:
         The bundle and a summary dict (classes, dropped params, parity figures).
     """
+    check_bundle_name(name)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise DeployError(f"{outdir}: exists and is not a folder")

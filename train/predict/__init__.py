@@ -206,7 +206,7 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
         bar.update(len(batch_names))
     bar.close()
     probs = np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)), np.float32)
-    ids = submission_ids(names, fmt.id_mode)
+    ids = submission_ids(names, fmt.id_mode, where=str(out))
     write_submission(out, names, probs, model.class_names, fmt)
     k = min(top_k, len(model.class_names))
     order = np.argsort(-probs, axis=1)[:, :k]

@@ -27,6 +27,7 @@ from typing import List, Sequence
 import numpy as np
 
 from recbuild.atomic import atomic_open
+from recbuild.names import escaped_names
 
 FORMATS = ("probs", "label")
 SORTS = ("none", "numeric", "name")
@@ -61,15 +62,15 @@ class SubmissionFormat:
     id_mode: str = "auto"
 
 
-def submission_ids(names: Sequence[str], mode: str = "auto") -> List[str]:
+def submission_ids(names: Sequence[str], mode: str = "auto", where: str = "the submission") -> List[str]:
     """The id of each image: its file stem (auto: when the stems are unique, else the path), its relative path,
-    or its row index."""
+    or its row index. A name that is not valid UTF-8 is written escaped (recbuild.names), warned naming `where`."""
     stems = [Path(n).with_suffix("").name for n in names]
     if mode == "stem" or (mode == "auto" and len(set(stems)) == len(stems)):
-        return stems
+        return escaped_names(stems, where)
     if mode == "index":
         return [str(i) for i in range(len(names))]
-    return list(names)
+    return escaped_names(names, where)
 
 
 def _order(ids: Sequence[str], sort: str) -> List[int]:
@@ -84,12 +85,12 @@ def _order(ids: Sequence[str], sort: str) -> List[int]:
 
 
 def submission_rows(names: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
-                    fmt: SubmissionFormat = SubmissionFormat()) -> List[List[str]]:
+                    fmt: SubmissionFormat = SubmissionFormat(), where: str = "the submission") -> List[List[str]]:
     """The rows of the submission (header first when fmt.header) for images `names` with probabilities `probs`
     (N x K, columns in `class_names` order)."""
     if len(names) != len(probs):
         raise SubmissionError(f"{len(names)} ids but {len(probs)} rows of probabilities")
-    ids = submission_ids(names, fmt.id_mode)
+    ids = submission_ids(names, fmt.id_mode, where)
     rows: List[List[str]] = []
     if fmt.kind == "probs":
         if fmt.header:
@@ -114,7 +115,7 @@ def submission_text(rows: List[List[str]], fmt: SubmissionFormat = SubmissionFor
 def write_submission(path, names: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
                      fmt: SubmissionFormat = SubmissionFormat()) -> int:
     """Write the submission atomically (readers see the old file or the new one); returns the data rows."""
-    rows = submission_rows(names, probs, class_names, fmt)
+    rows = submission_rows(names, probs, class_names, fmt, str(path))
     with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         handle.write(submission_text(rows, fmt))
     return len(rows) - int(fmt.header)
