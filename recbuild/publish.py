@@ -24,8 +24,10 @@ folder aside to `.NAME.old.PID` first; that aside name is in the journal, so a r
 **One writer per prefix**: `writer_lock(prefix)` takes `fcntl.flock` on `.PREFIX.lock` beside the outputs (the file
 holds the holder's pid and command line, for the refusal message). A second writer is refused at once with one line
 naming the holder; readers never take the lock for long (they settle only when it is free) and never wait for it.
-The kernel drops a flock when its holder dies, so a killed run never leaves a stale lock; the lock file itself is
-never removed (removing it would let two writers lock two different files).
+The kernel drops a flock when its holder dies, so a killed run never leaves a stale lock (its empty-looking lock
+file stays until the next writer, which takes it over). The holder removes the file on release while still holding
+the lock, and a process that locked a file which is no longer at that path retries, so two writers never hold two
+different files.
 
 Limits: stock MXNet readers do not settle. In the microseconds of a roll-forward, or after a crash inside one and
 before the next command of ours touches the prefix, such a reader can see part of the new set beside part of the
@@ -94,16 +96,33 @@ def _command_line() -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _try_flock(fd: int, patience: float) -> bool:
+def _acquire(path: Path, patience: float) -> Optional[int]:
+    """An fd holding flock on `path`, or None if another process holds it for `patience` seconds. The lock file
+    is removed on release, so a lock taken on a file that was unlinked meanwhile does not count: retry."""
     deadline = time.monotonic() + patience
     while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
         except BlockingIOError:
+            os.close(fd)
             if time.monotonic() >= deadline:
-                return False
+                return None
             time.sleep(0.02)
+            continue
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # while still locked: a waiter that opened it sees it is gone (see _acquire)
+    os.close(fd)
 
 
 def _holder(path: Path) -> str:
@@ -133,12 +152,12 @@ def writer_lock(prefix: PathLike, settle_first: bool = True) -> Iterator[Path]:
             _HELD[key][1] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, _LOCK_PATIENCE_S)
+    if fd is None:
+        raise PrefixBusy(f"{prefix}: another run is writing it ({_holder(path)}); wait for it or stop it "
+                         f"(lock {path})")
     try:
-        if not _try_flock(fd, _LOCK_PATIENCE_S):
-            raise PrefixBusy(f"{prefix}: another run is writing it ({_holder(path)}); wait for it or stop it "
-                             f"(lock {path.name})")
-        os.ftruncate(fd, 0)
+        os.ftruncate(fd, 0)  # a killed holder's line
         os.write(fd, f"{os.getpid()} {_command_line()}\n".encode("utf-8", "replace"))
         _HELD[key] = [fd, 1]
         try:
@@ -147,10 +166,8 @@ def writer_lock(prefix: PathLike, settle_first: bool = True) -> Iterator[Path]:
             yield path
         finally:
             del _HELD[key]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
     finally:
-        os.close(fd)  # releases the flock
+        _release(path, fd)
 
 
 def holds_lock(prefix: PathLike) -> bool:
@@ -174,15 +191,15 @@ def settle(prefix: PathLike, writer: bool = False) -> bool:
         if not journal.exists() or holds_lock(prefix):
             return _roll_forward_file(journal) if journal.exists() else False
         try:
-            fd = os.open(lock_path(prefix), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _acquire(lock_path(prefix), 0)
         except OSError:
             return False  # a read-only folder: nobody can have written a journal we could finish
+        if fd is None:
+            return False
         try:
-            if not _try_flock(fd, 0):
-                return False
             return _roll_forward_file(journal)
         finally:
-            os.close(fd)
+            _release(lock_path(prefix), fd)
     rolled = _roll_forward_file(journal)
     remove_dead_leftovers(prefix)
     return rolled
@@ -343,6 +360,9 @@ class Publication:
         base = self.journal.parent
         renames, removals = [], [p for p in self.removals if all(p != f for _, f in self.staged)]
         for tmp, final in self.staged:
+            if final.is_dir() and not final.is_symlink() and not tmp.is_dir():
+                # checked before the commit: a journal whose rename cannot be done would never settle
+                raise IsADirectoryError(errno.EISDIR, "is a folder", str(final))
             _fsync_tree(tmp)
             step = {"src": os.path.relpath(tmp, base), "dst": os.path.relpath(final, base)}
             if tmp.is_dir():
@@ -424,3 +444,8 @@ def describe_os_error(err: OSError, fallback: Optional[PathLike] = None) -> str:
     path = err.filename if err.filename is not None else fallback
     where = f"{os.fsdecode(path)}: " if path is not None else ""
     return f"{where}{name} ({what})"
+
+
+def output_error_line(err: OSError, fallback: Optional[PathLike] = None) -> str:
+    """The CLIs' one line for a failed write: what failed, and that earlier outputs are as they were."""
+    return f"error: {describe_os_error(err, fallback)}; earlier outputs are left as they were"
