@@ -28,6 +28,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.atomic import atomic_open
+from recbuild.publish import publish
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
@@ -196,7 +197,15 @@ def _ids(names: Sequence[str], mode: str) -> List[str]:
 
 def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, mirror: bool = False,
             resize: int = -1, root: Optional[Path] = None, id_mode: str = "auto", progress: bool = True) -> dict:
-    """Write the Kaggle CSV (id + probabilities in class-map order) and the top-k CSV; return a summary."""
+    """Write the Kaggle CSV (id + probabilities in class-map order) and the top-k CSV as one unit
+    (recbuild.publish: both or neither replace the earlier pair; one writer per OUT); return a summary."""
+    out = Path(out)
+    with publish(out.with_name(out.stem)):  # OUT.csv and OUT.topk.csv, staged in OUT's folder
+        return _predict(model, source, out, top_k, mirror, resize, root, id_mode, progress)
+
+
+def _predict(model: Model, source: Path, out: Path, top_k: int, mirror: bool, resize: int, root: Optional[Path],
+             id_mode: str, progress: bool) -> dict:
     from tqdm import tqdm
     names: List[str] = []
     chunks: List[np.ndarray] = []
