@@ -210,7 +210,8 @@ def remove_dead_leftovers(prefix: PathLike) -> List[Path]:
     (staged files, deploy's staged bundle), `.NAME.staging-PID/` (the converter's --verify staging) and
     `.NAME.old.PID/` (a bundle moved aside). Those of a live process are left alone."""
     folder, name = _split(prefix)
-    removed = remove_stale_parts(folder, glob.escape(name) + "[-.]*") + remove_stale_parts(folder, glob.escape(name))
+    removed = (remove_stale_parts(folder, glob.escape(name) + "[-.]*") + remove_stale_parts(folder, glob.escape(name))
+               + remove_stale_parts(folder, glob.escape(journal_path(prefix).name)))  # an unfinished commit
     for pattern in (f".{glob.escape(name)}.staging-*", f".{glob.escape(name)}.old.*"):
         for path in sorted(folder.glob(pattern)) if folder.is_dir() else []:
             pid = path.name.rpartition("-" if ".staging-" in path.name else ".")[2]
