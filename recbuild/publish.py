@@ -42,6 +42,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -443,7 +444,10 @@ def describe_os_error(err: OSError, fallback: Optional[PathLike] = None) -> str:
     name = errno.errorcode.get(err.errno or 0, "E?")
     what = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
     path = err.filename if err.filename is not None else fallback
-    where = f"{os.fsdecode(path)}: " if path is not None else ""
+    if path is not None:  # a staged temporary is named by the file it stands for: .NAME.PID.part -> NAME
+        parts = [re.sub(r"^\.(.+)\.\d+\.part$", r"\1", part) for part in Path(os.fsdecode(path)).parts]
+        path = Path(*parts)
+    where = f"{path}: " if path is not None else ""
     return f"{where}{name} ({what})"
 
 
