@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACK_SUFFIXES = (".rec", ".idx", ".crc32", ".pack.json", ".errors.tsv", ".fingerprints.npy")
 
 
-def outputs(folder: Path, names: Sequence[str]) -> Dict[str, bytes]:
-    return {n: (folder / n).read_bytes() for n in names if (folder / n).is_file()}
+def outputs(folder: Path, names: Sequence[str], *roots: Path) -> Dict[str, bytes]:
+    """The files present, with the folders they were made in (`roots`: a report names its input) written <DIR>."""
+    found = {n: (folder / n).read_bytes() for n in names if (folder / n).is_file()}
+    for root in roots:
+        found = {n: data.replace(str(root).encode(), b"<DIR>") for n, data in found.items()}
+    return found
 
 
 def sweep(tmp_path: Path, old: Path, run: Callable[[Path], int], names: Sequence[str], prefix_name: str,
@@ -40,7 +44,7 @@ def sweep(tmp_path: Path, old: Path, run: Callable[[Path], int], names: Sequence
         injector = inject(patch, None)
         assert run(clean) == 0, capsys.readouterr().err
     capsys.readouterr()
-    before, after = outputs(old, names), outputs(clean, names)
+    before, after = outputs(old, names, old), outputs(clean, names, clean)
     assert before != after
     seen = set()
     for k in ks or range(1, injector.calls + 1):
@@ -55,7 +59,7 @@ def sweep(tmp_path: Path, old: Path, run: Callable[[Path], int], names: Sequence
             assert len(lines) == 1 and "ENOSPC" in lines[0] and ".part" not in lines[0], (k, err)
             assert "Traceback" not in err, (k, err)
         settle(folder / prefix_name, writer=True)
-        state = outputs(folder, names)
+        state = outputs(folder, names, folder, old)
         assert state in (before, after), (k, sorted(state), err)
         seen.add("old" if state == before else "new")
     return seen
@@ -104,6 +108,27 @@ def test_pack_output_that_is_a_folder_is_one_line_and_keeps_the_old_set(tmp_path
     assert err.startswith(f"error: {tmp_path / 'x.crc32'}: EISDIR") and "\n" not in err
     del before["x.crc32"]
     assert outputs(tmp_path, [f"x{s}" for s in PACK_SUFFIXES]) == before
+
+
+@pytest.mark.slow
+def test_data_report_fault_at_every_publish_point_leaves_old_or_new(tmp_path, images, monkeypatch, capsys):
+    import recbuild.report as data_report
+    from recbuild.cli import main
+    root, lst = images
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "x_train.lst").write_text(lst)
+    monkeypatch.setattr(data_report.time, "perf_counter", lambda: 0.0)  # the report's timing: same bytes each run
+    assert main(["--num-thread", "1", "--no-progress", "--report", str(old / "x"), str(root)]) == 0
+    run = lambda f: main(["report", str(f / "x"), "--threshold", "0"])  # noqa: E731
+    clean = tmp_path / "count"
+    shutil.copytree(old, clean)
+    with monkeypatch.context() as patch:
+        injector = inject(patch, None)
+        assert run(clean) == 0
+    seen = sweep(tmp_path, old, run, ["x.report.json", "x.report.html"], "x.report", monkeypatch, capsys,
+                 publish_points(injector.calls, 6, 1))
+    assert seen == {"old", "new"}
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
