@@ -1,7 +1,8 @@
 """Outputs appear atomically: written to a temporary file in the same folder, then renamed.
 
 A killed run therefore never leaves a file that looks complete; the temporary name carries a `.part`
-suffix plus the pid so a re-run can recognise and remove leftovers.
+suffix plus the pid so a re-run can recognise and remove leftovers. A file is atomic on its own; a set of files
+that must agree is published with recbuild.publish, whose Publication these writers stage into (staging_into).
 """
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ def test_pack_killed_at_every_publish_point_leaves_old_or_new(tmp_path, images):
     total = int((tmp_path / "count").read_text())
     before, after = outputs(old, names), outputs(tmp_path / "clean", names)
     seen = set()
-    for k in range(max(1, total - 14), total + 1):  # the publication: the last calls of the run
+    for k in range(max(1, total - 10), total + 1):  # the publication: the last calls of the run
         folder = tmp_path / f"k{k}"
         shutil.copytree(old, folder)
         assert killed(folder, at=k) == 137
