@@ -35,7 +35,7 @@ from recbuild.config import PackConfig
 from recbuild.fingerprints import FORMAT as FINGERPRINTS_FORMAT, ROW, fingerprints_path, image_row, \
     write_fingerprints
 from recbuild.listing import Entry, ListError, read_list
-from recbuild.packinfo import describe, pack_info_path, write_pack_info
+from recbuild.packinfo import describe, write_pack_info
 from recbuild.recordio import RecordWriter, checksums_path, encode_checksums, pack_header
 from recbuild.atomic import atomic_open
 from recbuild.publish import publish
