@@ -331,7 +331,7 @@ def test_overwrite_removes_the_whole_earlier_run(tmp_path, train_data):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_a_second_trainer_is_refused_naming_the_first(tmp_path, train_data, capsys):
+def test_a_second_trainer_is_refused_naming_the_first_and_predict_reads_meanwhile(tmp_path, train_data, capsys):
     from train.__main__ import main
     prefix = tmp_path / "r"
     first = subprocess.Popen([sys.executable, "-m", "train", *_train_args(train_data, prefix, 500)], cwd=ROOT,
@@ -341,6 +341,13 @@ def test_a_second_trainer_is_refused_naming_the_first(tmp_path, train_data, caps
         assert main(_train_args(train_data, prefix, 2)) == 2
         err = capsys.readouterr().err.strip()
         assert f"pid {first.pid}:" in err and "-m train" in err and "\n" not in err
+        # A reader (predict on the latest epoch) does not wait for the trainer, which holds the prefix.
+        from train.predict.cli import main as predict_main
+        _wait_for(tmp_path / "r-0001.params", first)
+        started = time.monotonic()
+        assert predict_main([str(prefix), "latest", str(train_data / "set_train.rec"), "--out",
+                             str(tmp_path / "p.csv")]) == 0
+        assert time.monotonic() - started < 30 and first.poll() is None
     finally:
         first.kill()
         first.wait()
