@@ -210,6 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from recbuild.report import main as report_main
         return report_main(argv[1:])
     from recbuild.listing import ListError
+    from recbuild.publish import PrefixBusy, PublishError, output_error_line
     from recbuild.recordio import RecordIOError
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -221,8 +222,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.labels or a.unlabelled or a.stratify:
             parser.error("--labels, --unlabelled and --stratify build lists: add --list")
         return run_pack(a.prefix, a.root, _pack_config(a, parser), a.report)
-    except (ListError, RecordIOError) as err:
+    except (ListError, RecordIOError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, read-only folder, an output path that is a folder, ...
+        print(output_error_line(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no .rec/.idx was completed by this run; run the same command again",

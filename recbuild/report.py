@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from recbuild.atomic import write_json
+from recbuild.publish import PrefixBusy, PublishError, output_error_line, publish
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.fingerprints import decode_stored, fingerprint, pixel_digest, read_fresh
 from recbuild.listing import ListError, listed_root, listed_unlabelled, read_list
@@ -586,7 +587,14 @@ def build_report(prefix: str, test_folder: Optional[str] = None, threshold: int 
 
 
 def write_report(report: dict, items: Sequence[Item], json_path: Path, html_path: Optional[Path]) -> None:
-    """The JSON (pairs named by split, line and path; at most MAX_PAIRS_JSON) and the HTML page, atomically."""
+    """The JSON (pairs named by split, line and path; at most MAX_PAIRS_JSON) and the HTML page, published as one
+    unit when they share a folder (recbuild.publish, under the writer lock of PREFIX.report): a kill leaves both
+    old or both new."""
+    with publish(Path(json_path).with_suffix("")):
+        _write_report(report, items, Path(json_path), html_path)
+
+
+def _write_report(report: dict, items: Sequence[Item], json_path: Path, html_path: Optional[Path]) -> None:
     from recbuild.html_report import write_page
     names = report["class_names"]
     pairs = sorted(report["pairs"], key=lambda p: (items[p.a].split == items[p.b].split, p.distance))
@@ -634,8 +642,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report, items = build_report(a.prefix, a.test_folder, a.threshold, a.min_class_images, a.max_mad)
         write_report(report, items, a.json or json_path, None if a.no_html else (a.html or html_path))
-    except (ReportError, RecordIOError, ListError, OSError) as err:
+    except (ReportError, RecordIOError, ListError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(output_error_line(err), file=sys.stderr)
         return 1
     print_summary(report, a.json or json_path, None if a.no_html else (a.html or html_path))
     return 0
@@ -661,8 +672,11 @@ def report_after_packing(prefix: str) -> int:
     try:
         report, items = build_report(prefix)
         write_report(report, items, json_path, html_path)
-    except (ReportError, RecordIOError, ListError, OSError) as err:
+    except (ReportError, RecordIOError, ListError, PrefixBusy, PublishError) as err:
         print(f"error: data report: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: data report: {output_error_line(err)[len('error: '):]}", file=sys.stderr)
         return 1
     print_summary(report, json_path, html_path)
     return 0

@@ -3,7 +3,8 @@
     python -m tools.caffe_converter deploy.prototxt weights.caffemodel out/model/vgg16 [--verify]
 
 Parses the arguments, calls pipeline.convert, prints a one-paragraph summary and, with --verify, the OpenCV
-comparison (opencv_check is imported only then). Exit status: 0 done, 1 verification failed, 2 bad input.
+comparison (opencv_check is imported only then). Exit status: 0 done, 1 verification failed, 2 bad input (or an
+output that cannot be written: one line naming the file and the errno; the earlier model is left whole).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from recbuild.publish import PrefixBusy, PublishError, output_error_line, writer_lock
 from recbuild.values import parse_floats
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
@@ -134,6 +136,18 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:  # one converter per prefix, for the whole run (recbuild.publish); it also settles a killed run's files
+        with writer_lock(args.prefix):
+            return _convert(args)
+    except (PrefixBusy, PublishError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, an output path that is a folder, ...
+        print(output_error_line(err), file=sys.stderr)
+        return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
     verify = args.verify or args.verify_layers
     with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
         from tools.caffe_converter.pipeline import convert  # imports mxnet

@@ -29,6 +29,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.atomic import atomic_open
+from recbuild.publish import publish
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
@@ -194,9 +195,17 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
             resize: int = -1, root: Optional[Path] = None, id_mode: str = "auto", progress: bool = True,
             fmt: Optional[SubmissionFormat] = None) -> dict:
     """Write the submission (train.predict.submission: by default id + probabilities in class-map order) and
-    the top-k CSV; return a summary. `fmt` (its id_mode wins over `id_mode`) chooses the submission's layout."""
+    the top-k CSV as one unit (recbuild.publish: both or neither replace the earlier pair; one writer per OUT);
+    return a summary. `fmt` (its id_mode wins over `id_mode`) chooses the submission's layout."""
+    out = Path(out)
+    with publish(out.with_name(out.stem)):  # OUT.csv and OUT.topk.csv, staged in OUT's folder
+        return _predict(model, source, out, top_k, mirror, resize, root, fmt or SubmissionFormat(id_mode=id_mode),
+                        progress)
+
+
+def _predict(model: Model, source: Path, out: Path, top_k: int, mirror: bool, resize: int, root: Optional[Path],
+             fmt: SubmissionFormat, progress: bool) -> dict:
     from tqdm import tqdm
-    fmt = fmt or SubmissionFormat(id_mode=id_mode)
     names: List[str] = []
     chunks: List[np.ndarray] = []
     bar = tqdm(unit="img", desc="predict", disable=not progress)

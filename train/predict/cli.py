@@ -13,6 +13,7 @@ from typing import List, Optional
 import mxnet as mx
 
 from recbuild.atomic import write_json
+from recbuild.publish import PrefixBusy, PublishError, output_error_line
 from train.data import DataError
 from train.predict import (PredictError, build_parser, evaluate, load_model, predict, resolve_epoch,
                            trained_resize)
@@ -44,8 +45,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root,
                           fmt=submission_format(args))
-    except (PredictError, DataError, ValueError, OSError) as err:
+    except (PredictError, DataError, ValueError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, --out naming a folder, ...
+        print(output_error_line(err), file=sys.stderr)
         return 2
     print(f"Predicted {summary['images']} images in {time.time() - started:.1f} s: probabilities -> "
           f"{summary['csv']}, top-{args.top_k} labels -> {summary['topk_csv']}")
