@@ -15,7 +15,7 @@ import numpy as np
 from tools.caffe_converter import passes
 from tools.caffe_converter.caffe_io import CaffeNet, Layer
 from tools.caffe_converter.errors import ConversionError, UnsupportedLayerError
-from tools.caffe_converter.layers import LAYER_CONVERTERS, Tensor
+from tools.caffe_converter.layers import LAYER_CONVERTERS, Tensor, infer_quietly
 from tools.caffe_converter.passes import Reads, Value
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,12 @@ def _walk(net: CaffeNet, reads: Reads, order: Sequence[int], values: Dict[Value,
 def _convert_layer(layer: Layer, ins: List[Tensor], args: Dict[str, np.ndarray],
                    aux: Dict[str, np.ndarray]) -> List[mx.sym.Symbol]:
     """One table look-up; the layer's parameters join `args`/`aux` (a name used twice is an error)."""
-    converted = LAYER_CONVERTERS[layer.type](layer, ins)
+    try:
+        converted = LAYER_CONVERTERS[layer.type](layer, ins)
+    except (mx.base.MXNetError, ArithmeticError) as err:  # a setting MXNet refuses that no converter check caught
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ConversionError(f"layer '{layer.name}' ({layer.type}): cannot convert it with bottom shape(s) "
+                              f"{', '.join(str(tuple(t.shape)) for t in ins)}: {first.strip()[:200]}") from None
     if len(converted.outputs) != len(layer.tops):
         raise ConversionError(f"layer '{layer.name}' ({layer.type}): {len(layer.tops)} tops, converter made "
                               f"{len(converted.outputs)} outputs")
@@ -160,8 +165,10 @@ def _infer(layer: Layer, outs: List[mx.sym.Symbol], ins: List[Tensor],
     """MXNet's output shapes for the layer's symbols; a rejection names the layer and its input shapes."""
     try:
         group = mx.sym.Group(outs)
-        return group.infer_shape(**passes.used_inputs(group, input_shapes))[1]
+        return infer_quietly(group, **passes.used_inputs(group, input_shapes))[1]
     except mx.base.MXNetError as err:
         first = next((ln for ln in str(err).splitlines() if "Error" in ln or "Check failed" in ln), str(err))
-        raise ConversionError(f"layer '{layer.name}' ({layer.type}): MXNet rejects the shapes "
-                              f"{[t.shape for t in ins]}: {first.strip()[:300]}") from None
+        declared = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in input_shapes.items())
+        raise ConversionError(f"layer '{layer.name}' ({layer.type}): cannot compute its output from bottom shape(s) "
+                              f"{', '.join(str(tuple(t.shape)) for t in ins)} ({first.strip()[:200]}); the net's "
+                              f"input is declared as {declared}: --input-shape NAME=N,C,H,W sets another") from None

@@ -88,7 +88,10 @@ def take_blobs(layer: Layer, specs: Sequence[Tuple[str, Shape]]) -> List[np.ndar
             f"expected {len(specs)} ({roles})"
             + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else "")
             + (f" (it has unused weights for {list(layer.unused_weights)[:5]})"
-               if not layer.blobs and layer.unused_weights else ""))
+               if not layer.blobs and layer.unused_weights else "")
+            + (f"; it is a later layer named '{layer.caffe_name}', and Caffe copies a caffemodel's weights into the "
+               f"first layer of a name only (this one would keep its filler values): give the layers unique names"
+               if layer.caffe_name and not layer.blobs else ""))
     out = []
     for i, (blob, (role, shape)) in enumerate(zip(layer.blobs, specs)):
         shape = tuple(int(d) for d in shape)
@@ -119,6 +122,23 @@ def _pairs(layer: Layer, repeated: Sequence[int], h: int, w: int, has_hw: bool, 
     if len(repeated) != ndim:
         raise _fail(layer, f"{len(repeated)} {what} values for {ndim} spatial axes")
     return tuple(int(v) for v in repeated)
+
+
+def _at_least(layer: Layer, field: str, values: Sequence[int], minimum: int = 1) -> None:
+    """Caffe CHECKs these settings (a zero stride divides by zero, a zero kernel or output count has no
+    meaning); here they are one line naming the layer and the field instead of an MXNet traceback."""
+    bad = [int(v) for v in values if int(v) < minimum]
+    if bad:
+        raise _fail(layer, f"{field} must be >= {minimum}, got {bad[0]}")
+
+
+def _fits(layer: Layer, spatial: Sequence[int], kernel: Sequence[int], pad: Sequence[int],
+          dilate: Sequence[int]) -> None:
+    """A window larger than the padded input has no output position: a one-line shape error."""
+    for size, k, pd, d in zip(spatial, kernel, pad, dilate):
+        if size + 2 * pd < d * (k - 1) + 1:
+            raise _fail(layer, f"kernel {tuple(kernel)} (dilation {tuple(dilate)}) is larger than the bottom's "
+                               f"spatial shape {tuple(spatial)} padded by {tuple(pad)}")
 
 
 def _reshape_checked(x: mx.sym.Symbol, shape: Shape, keep_batch: bool, name: str) -> mx.sym.Symbol:
@@ -217,12 +237,15 @@ def _conv_settings(layer: Layer, x: Tensor):
     nd = len(x.shape) - 2
     kernel = _pairs(layer, p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h") or p.HasField("kernel_w"),
                     0, "kernel", nd)
-    if min(kernel) <= 0:
-        raise _fail(layer, "no kernel size given")
+    _at_least(layer, "kernel_size", kernel)
     stride = _pairs(layer, p.stride, p.stride_h, p.stride_w, p.HasField("stride_h") or p.HasField("stride_w"),
                     1, "stride", nd)
+    _at_least(layer, "stride", stride)
     pad = _pairs(layer, p.pad, p.pad_h, p.pad_w, p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
     dilate = _pairs(layer, p.dilation, 0, 0, False, 1, "dilation", nd)
+    _at_least(layer, "dilation", dilate)
+    _at_least(layer, "num_output", [p.num_output])
+    _at_least(layer, "group", [p.group])
     return p, kernel, stride, pad, dilate
 
 
@@ -249,6 +272,7 @@ def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
     """
     x = inputs[0]
     p, kernel, stride, pad, dilate = _conv_settings(layer, x)
+    _fits(layer, x.shape[2:], kernel, pad, dilate)
     channels, group = x.shape[1], p.group
     args = _conv_weights(layer, channels, (p.num_output, channels // group) + kernel)
     sym = mx.sym.Convolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
@@ -310,6 +334,8 @@ def convert_dropout(layer: Layer, inputs: List[Tensor]) -> Converted:
     Both frameworks scale at training time (inverted dropout), so no weight rescaling is needed.
     """
     ratio = float(layer.param.dropout_param.dropout_ratio)
+    if not 0.0 <= ratio < 1.0:  # Caffe scales kept values by 1 / (1 - ratio); MXNet bounds p to [0, 1]
+        raise _fail(layer, f"dropout_ratio must be in [0, 1), got {ratio:g}")
     return Converted([mx.sym.Dropout(inputs[0].sym, p=ratio, name=layer.name)])
 
 
@@ -374,6 +400,7 @@ def convert_innerproduct(layer: Layer, inputs: List[Tensor]) -> Converted:
     axis = _axis(layer, p.axis, len(x.shape))
     k = int(np.prod(x.shape[axis:]))
     n = int(p.num_output)
+    _at_least(layer, "num_output", [n])
     specs = [("weight", (k, n) if p.transpose else (n, k))]
     if p.bias_term:
         specs.append(("bias", (n,)))
@@ -465,9 +492,11 @@ def pooling_window(layer: Layer, nd: int) -> Tuple[Shape, Shape, Shape, bool]:
     kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
                     p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
     if min(kernel) <= 0:
-        raise _fail(layer, "no kernel size given (and global_pooling is off)")
+        raise _fail(layer, "kernel_size must be >= 1 (or global_pooling: true), got "
+                           f"{min(kernel) if p.HasField('kernel_size') or p.HasField('kernel_h') else 'none'}")
     stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
                     p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
+    _at_least(layer, "stride", stride)
     pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
                  p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
     if any(pd >= k for pd, k in zip(pad, kernel)):
@@ -496,6 +525,9 @@ def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     kernel, stride, pad, ceil = pooling_window(layer, nd)
     spatial = x.shape[2:]
     want = [caffe_pool_size(s, k, st, pd, ceil) for s, k, st, pd in zip(spatial, kernel, stride, pad)]
+    if min(want) < 1:
+        raise _fail(layer, f"kernel {kernel} leaves no output position on the bottom's spatial shape "
+                           f"{tuple(spatial)} (pad {pad}, stride {stride})")
     full = [int(math.ceil((s + 2 * pd - k) / st)) + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     valid = [(s + 2 * pd - k) // st + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     if want == full:
