@@ -244,6 +244,14 @@ CASES = [
          lambda b: (b.layer("r", "Reduction", ["data"], ["r"], params="reduction_param { operation: ASUM axis: 2 }"),
                     b.layer("m", "Reduction", ["r"], params="reduction_param { operation: MEAN axis: -1 }")),
          expected=lambda x, w: np.abs(x["data"].astype(np.float64)).sum(axis=(2, 3)).mean(axis=1)),
+    # SENet's Axpy: a * x + y (more in test_converter_dialects.py, with OpenCV, which exchanges x and y)
+    Case("axpy", "Axpy", lambda b: b.layer("ax", "Axpy", ["data", "x", "y"]),
+         inputs=(("data", (2, 4, 1, 1)), ("x", (2, 4, 5, 5)), ("y", (2, 4, 5, 5))),
+         expected=lambda x, w: x["data"] * x["x"] + x["y"]),
+    # py-faster-rcnn's ROIPooling (rois drawn in [0, 2): batch 0 or 1, small boxes; more in test_converter_dialects)
+    Case("roipooling", "ROIPooling", lambda b: b.layer("roi", "ROIPooling", ["data", "rois"],
+                                                       params="roi_pooling_param { pooled_h: 2 pooled_w: 3 }"),
+         inputs=(("data", (2, 4, 6, 6)), ("rois", (5, 5))), value_range=(0.0, 1.99)),
 ]
 
 

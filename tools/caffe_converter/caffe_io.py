@@ -393,7 +393,9 @@ def read_caffemodel(path: PathLike) -> Dict[str, _ModelLayer]:
                 except DecodeError as err:
                     raise CaffeFormatError(f"{path}: layer '{name}' blob {i} is corrupt ({err})") from None
             if name in layers and (layers[name].blobs or parsed):
-                raise CaffeFormatError(f"{path}: two layers named '{name}' carry weights; names must be unique")
+                raise CaffeFormatError(f"{path}: two layers named '{name}' carry weights: Caffe would copy both into "
+                                       f"the first layer of that name (the later overwriting the earlier) and leave "
+                                       f"the later layer at its filler values; give the layers unique names")
             layers[name] = _ModelLayer(name, type_name, parsed)
     except _Truncated as err:
         raise CaffeFormatError(f"{path}: truncated or corrupt caffemodel (data ends early at byte {err.args[0]} "

@@ -127,8 +127,13 @@ def _walk(net: CaffeNet, reads: Reads, order: Sequence[int], values: Dict[Value,
         if layer.folded_into:
             outs = [ins[0].sym]  # computed by the BatchNorm it was folded into
         else:
-            outs = _convert_layer(layer, ins, args, aux)
-        shapes = _infer(layer, outs, ins, input_shapes)
+            try:
+                outs = _convert_layer(layer, ins, args, aux)
+            except UnsupportedLayerError as err:
+                if getattr(err, "shape_failure", False):
+                    raise ConversionError(f"{err}; {_input_hint(net.inputs)}") from None
+                raise
+        shapes = _infer(layer, outs, ins, input_shapes, net.inputs)
         for k, (sym, shape) in enumerate(zip(outs, shapes)):
             values[(i, k)] = Tensor(sym, tuple(shape), values[reads[i][0]].probe_inputs if reads[i] else None)
         if ins:
@@ -160,15 +165,20 @@ def _convert_layer(layer: Layer, ins: List[Tensor], args: Dict[str, np.ndarray],
     return converted.outputs
 
 
-def _infer(layer: Layer, outs: List[mx.sym.Symbol], ins: List[Tensor],
-           input_shapes: Dict[str, Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+def _infer(layer: Layer, outs: List[mx.sym.Symbol], ins: List[Tensor], input_shapes: Dict[str, Tuple[int, ...]],
+           caffe_inputs: Dict[str, Tuple[int, ...]]) -> List[Tuple[int, ...]]:
     """MXNet's output shapes for the layer's symbols; a rejection names the layer and its input shapes."""
     try:
         group = mx.sym.Group(outs)
         return infer_quietly(group, **passes.used_inputs(group, input_shapes))[1]
     except mx.base.MXNetError as err:
         first = next((ln for ln in str(err).splitlines() if "Error" in ln or "Check failed" in ln), str(err))
-        declared = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in input_shapes.items())
         raise ConversionError(f"layer '{layer.name}' ({layer.type}): cannot compute its output from bottom shape(s) "
-                              f"{', '.join(str(tuple(t.shape)) for t in ins)} ({first.strip()[:200]}); the net's "
-                              f"input is declared as {declared}: --input-shape NAME=N,C,H,W sets another") from None
+                              f"{', '.join(str(tuple(t.shape)) for t in ins)} ({first.strip()[:200]}); "
+                              f"{_input_hint(caffe_inputs)}") from None
+
+
+def _input_hint(caffe_inputs: Dict[str, Tuple[int, ...]]) -> str:
+    """Where a shape fails, the declared input may not be the size the net runs at (OpenPose declares 1x1)."""
+    declared = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in caffe_inputs.items())
+    return f"the net's input is declared as {declared}: --input-shape NAME=N,C,H,W sets another"

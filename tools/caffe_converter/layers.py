@@ -69,6 +69,14 @@ def _fail(layer: Layer, message: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(f"layer '{layer.name}' ({layer.type}): {message}")
 
 
+def shape_failure(layer: Layer, inputs: Sequence["Tensor"], message: str) -> UnsupportedLayerError:
+    """A layer that cannot run on its bottoms' shapes: the message names them; the walker adds the declared
+    input shapes and the --input-shape option (a net declared at a size it is not run at, as OpenPose)."""
+    err = _fail(layer, f"{message}; bottom shape(s) {', '.join(str(tuple(t.shape)) for t in inputs)}")
+    err.shape_failure = True
+    return err
+
+
 def _axis(layer: Layer, axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise _fail(layer, f"axis {axis} is out of range for a {ndim}-D input")
@@ -132,13 +140,12 @@ def _at_least(layer: Layer, field: str, values: Sequence[int], minimum: int = 1)
         raise _fail(layer, f"{field} must be >= {minimum}, got {bad[0]}")
 
 
-def _fits(layer: Layer, spatial: Sequence[int], kernel: Sequence[int], pad: Sequence[int],
-          dilate: Sequence[int]) -> None:
+def _fits(layer: Layer, x: "Tensor", kernel: Sequence[int], pad: Sequence[int], dilate: Sequence[int]) -> None:
     """A window larger than the padded input has no output position: a one-line shape error."""
-    for size, k, pd, d in zip(spatial, kernel, pad, dilate):
+    for size, k, pd, d in zip(x.shape[2:], kernel, pad, dilate):
         if size + 2 * pd < d * (k - 1) + 1:
-            raise _fail(layer, f"kernel {tuple(kernel)} (dilation {tuple(dilate)}) is larger than the bottom's "
-                               f"spatial shape {tuple(spatial)} padded by {tuple(pad)}")
+            raise shape_failure(layer, [x], f"kernel {tuple(kernel)} (dilation {tuple(dilate)}, pad {tuple(pad)}) "
+                                            f"is larger than the padded input")
 
 
 def _reshape_checked(x: mx.sym.Symbol, shape: Shape, keep_batch: bool, name: str) -> mx.sym.Symbol:
@@ -161,6 +168,21 @@ def _var(name: str, shape: Shape) -> mx.sym.Symbol:
 def convert_absval(layer: Layer, inputs: List[Tensor]) -> Converted:
     """|x|."""
     return Converted([mx.sym.abs(inputs[0].sym, name=layer.name)])
+
+
+def convert_axpy(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SENet's Axpy: a * x + y, with bottoms (a, x, y) and a of shape N x C (x 1 x 1): a per-channel scale of x."""
+    if len(inputs) != 3:
+        raise _fail(layer, f"needs three bottoms (a, x, y), got {len(inputs)}")
+    a, x, y = inputs
+    if x.shape != y.shape:
+        raise _fail(layer, f"x {x.shape} and y {y.shape} must have the same shape")
+    if a.shape[:2] != x.shape[:2] or any(d != 1 for d in a.shape[2:]) or len(a.shape) not in (2, len(x.shape)):
+        raise _fail(layer, f"a {a.shape} must be N x C or N x C x 1 x 1 for x {x.shape}")
+    scale = a.sym if len(a.shape) == len(x.shape) else \
+        mx.sym.reshape(a.sym, shape=(0, 0) + (1,) * (len(x.shape) - 2), name=f"{layer.name}_a")
+    scaled = mx.sym.broadcast_mul(scale, x.sym, name=f"{layer.name}_ax")
+    return Converted([mx.sym.elemwise_add(scaled, y.sym, name=layer.name)])
 
 
 def convert_batchnorm(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -272,7 +294,7 @@ def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
     """
     x = inputs[0]
     p, kernel, stride, pad, dilate = _conv_settings(layer, x)
-    _fits(layer, x.shape[2:], kernel, pad, dilate)
+    _fits(layer, x, kernel, pad, dilate)
     channels, group = x.shape[1], p.group
     args = _conv_weights(layer, channels, (p.num_output, channels // group) + kernel)
     sym = mx.sym.Convolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
@@ -501,7 +523,19 @@ def pooling_window(layer: Layer, nd: int) -> Tuple[Shape, Shape, Shape, bool]:
                  p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
     if any(pd >= k for pd, k in zip(pad, kernel)):
         raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
-    return kernel, stride, pad, p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    return kernel, stride, pad, pooling_rounds_up(layer)
+
+
+def pooling_rounds_up(layer: Layer) -> bool:
+    """BVLC's `round_mode: CEIL/FLOOR`, or the forks' `ceil_mode: true/false` (DenseNet, ResNeXt deploy files);
+    both default to rounding up. A file giving both must agree with itself."""
+    p = layer.param.pooling_param
+    if not p.HasField("ceil_mode"):
+        return p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    if p.HasField("round_mode") and (p.round_mode == caffe_pb2.PoolingParameter.CEIL) != p.ceil_mode:
+        raise _fail(layer, f"ceil_mode: {str(p.ceil_mode).lower()} contradicts round_mode: "
+                           f"{caffe_pb2.PoolingParameter.RoundMode.Name(p.round_mode)}")
+    return bool(p.ceil_mode)
 
 
 def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -526,8 +560,7 @@ def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     spatial = x.shape[2:]
     want = [caffe_pool_size(s, k, st, pd, ceil) for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     if min(want) < 1:
-        raise _fail(layer, f"kernel {kernel} leaves no output position on the bottom's spatial shape "
-                           f"{tuple(spatial)} (pad {pad}, stride {stride})")
+        raise shape_failure(layer, [x], f"kernel {kernel} (pad {pad}, stride {stride}) leaves no output position")
     full = [int(math.ceil((s + 2 * pd - k) / st)) + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     valid = [(s + 2 * pd - k) // st + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     if want == full:
@@ -623,6 +656,26 @@ def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
         target = [0] * start + spec + [0] * trailing
         return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
     return Converted([_reshape_checked(inputs[0].sym, tuple(out), keeps_batch, layer.name)])
+
+
+def convert_roipooling(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """py-faster-rcnn's ROI max pooling: bottoms (features, rois R x 5: batch index, x1, y1, x2, y2 in image
+    pixels). MXNet's ROIPooling follows Caffe's rules exactly: corners scaled by spatial_scale and rounded, the
+    region at least 1 x 1 (end inclusive), bins from floor(i * h / ph) to ceil((i + 1) * h / ph) clipped to the
+    map, an empty bin gives 0."""
+    p = layer.param.roi_pooling_param
+    if len(inputs) != 2:
+        raise _fail(layer, f"needs two bottoms (features, rois), got {len(inputs)}")
+    _at_least(layer, "pooled_h", [p.pooled_h])
+    _at_least(layer, "pooled_w", [p.pooled_w])
+    feats, rois = inputs
+    if len(feats.shape) != 4 or len(rois.shape) != 2 or rois.shape[1] != 5:
+        raise _fail(layer, f"needs N x C x H x W features and R x 5 rois, got {feats.shape} and {rois.shape}")
+    if not p.spatial_scale > 0:
+        raise _fail(layer, f"spatial_scale must be > 0, got {p.spatial_scale:g}")
+    sym = mx.sym.ROIPooling(feats.sym, rois.sym, pooled_size=(int(p.pooled_h), int(p.pooled_w)),
+                            spatial_scale=float(p.spatial_scale), name=layer.name)
+    return Converted([sym])
 
 
 def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -885,4 +938,6 @@ LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Swish": convert_swish,
     "Threshold": convert_threshold,
     "Tile": convert_tile,
+    "Axpy": convert_axpy,
+    "ROIPooling": convert_roipooling,
 }
