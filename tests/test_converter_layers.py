@@ -252,6 +252,20 @@ CASES = [
     Case("roipooling", "ROIPooling", lambda b: b.layer("roi", "ROIPooling", ["data", "rois"],
                                                        params="roi_pooling_param { pooled_h: 2 pooled_w: 3 }"),
          inputs=(("data", (2, 4, 6, 6)), ("rois", (5, 5))), value_range=(0.0, 1.99)),
+    # SSD's head (more in test_converter_ssd.py, including the real res10 face detector)
+    Case("priorbox", "PriorBox", lambda b: b.layer("p", "PriorBox", ["data", "img"], params="prior_box_param { "
+                                                   "min_size: 8 max_size: 14 aspect_ratio: 2 clip: false "
+                                                   "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }"),
+         inputs=(("data", (1, 4, 3, 4)), ("img", (1, 3, 24, 32)))),
+    Case("detectionoutput", "DetectionOutput",
+         lambda b: (b.layer("p", "PriorBox", ["data", "img"], params="prior_box_param { min_size: 8 max_size: 14 "
+                            "aspect_ratio: 2 clip: false variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }"),
+                    b.layer("det", "DetectionOutput", ["loc", "conf", "p"], params="detection_output_param { "
+                            "num_classes: 2 share_location: true background_label_id: 0 code_type: CENTER_SIZE "
+                            "keep_top_k: 20 confidence_threshold: 0.2 "
+                            "nms_param { nms_threshold: 0.45 top_k: 30 } }")),
+         inputs=(("data", (1, 4, 3, 4)), ("img", (1, 3, 24, 32)), ("loc", (1, 12 * 4 * 4)), ("conf", (1, 12 * 4 * 2))),
+         value_range=(0.0, 1.0)),
 ]
 
 

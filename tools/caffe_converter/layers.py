@@ -386,6 +386,70 @@ def convert_eltwise(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([out])
 
 
+def convert_detectionoutput(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SSD's DetectionOutput as MXNet's MultiBoxDetection, for nets with one class besides the background.
+
+    Caffe decodes each prior (CENTER_SIZE, the prior blob's variances), keeps the scores above
+    confidence_threshold, takes the nms top_k per class, runs greedy NMS per class and keeps the keep_top_k best
+    over all classes. MultiBoxDetection does the same steps, but gives each prior only its best class: with one
+    foreground class that is the same candidate set; with more it is not, and the layer is refused. The
+    variances are applied to the location predictions beforehand (MultiBoxDetection runs with variances 1), so
+    per-prior variances hold as in Caffe. Output: Caffe's [N, 1, K, 7] rows (image, label, score, xmin, ymin,
+    xmax, ymax), best first, K = keep_top_k (or every prior); where Caffe's blob stops after its last
+    detection, the remaining rows are 0, as in OpenCV's output.
+    """
+    p = layer.param.detection_output_param
+    kinds = caffe_pb2.PriorBoxParameter
+    refusals = [(len(inputs) != 3, f"{len(inputs)} bottoms (only loc, conf, priors are supported)"),
+                (p.num_classes != 2, f"num_classes {p.num_classes}: Caffe keeps every class of each prior, MXNet's "
+                                     f"MultiBoxDetection only each prior's best class, which agree only for one class "
+                                     f"besides the background"),
+                (p.background_label_id != 0, f"background_label_id {p.background_label_id} (MXNet's is 0)"),
+                (not p.share_location, "share_location: false (MXNet decodes one box per prior)"),
+                (p.code_type != kinds.CENTER_SIZE, f"code_type {kinds.CodeType.Name(p.code_type)} (MXNet decodes "
+                                                   f"CENTER_SIZE only)"),
+                (p.nms_param.eta != 1.0, f"nms_param.eta {p.nms_param.eta:g} (adaptive NMS; MXNet's is fixed)"),
+                (not 0 < p.nms_param.nms_threshold <= 1, f"nms_threshold {p.nms_param.nms_threshold:g} outside (0, 1]")]
+    for refused, why in refusals:
+        if refused:
+            raise _fail(layer, f"{why}; cut the net before it with --output-layer and decode its inputs yourself")
+    loc, conf, priors = inputs
+    count = priors.shape[-1] // 4
+    if len(priors.shape) != 3 or priors.shape[:2] != (1, 2) or loc.shape[0] != conf.shape[0] or \
+            int(np.prod(loc.shape[1:])) != 4 * count or int(np.prod(conf.shape[1:])) != 2 * count:
+        raise shape_failure(layer, inputs, f"expects loc N x {4 * count}, conf N x {2 * count} and priors 1 x 2 x "
+                                           f"{4 * count}")
+    boxes = mx.sym.reshape(mx.sym.slice_axis(priors.sym, axis=1, begin=0, end=1), shape=(1, -1, 4))
+    deltas = mx.sym.reshape(loc.sym, shape=(0, -1))
+    if not p.variance_encoded_in_target:  # Caffe multiplies each delta by its prior's variance before decoding
+        variances = mx.sym.reshape(mx.sym.slice_axis(priors.sym, axis=1, begin=1, end=2), shape=(1, -1))
+        deltas = mx.sym.broadcast_mul(deltas, variances, name=f"{layer.name}_scaled_loc")
+    scores = mx.sym.transpose(mx.sym.reshape(conf.sym, shape=(0, -1, 2)), axes=(0, 2, 1))
+    top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
+    det = mx.sym.contrib.MultiBoxDetection(scores, deltas, boxes, clip=False, threshold=float(p.confidence_threshold),
+                                           nms_threshold=float(p.nms_param.nms_threshold), force_suppress=False,
+                                           variances=(1.0, 1.0, 1.0, 1.0), nms_topk=top_k, name=f"{layer.name}_nms")
+    return Converted([_caffe_detections(det, count, int(p.keep_top_k), layer.name)])
+
+
+def _caffe_detections(det: mx.sym.Symbol, count: int, keep: int, name: str) -> mx.sym.Symbol:
+    """MultiBoxDetection's N x A x 6 rows (class - 1 or -1 when dropped, score, box) as Caffe's N x 1 x K x 7,
+    the rows after the last detection 0 as OpenCV writes them."""
+    k = count if keep < 0 or keep > count else keep
+    cls = mx.sym.slice_axis(det, axis=2, begin=0, end=1)
+    kept = cls >= 0
+    key = mx.sym.where(kept, mx.sym.slice_axis(det, axis=2, begin=1, end=2), mx.sym.ones_like(cls) * -2.0)
+    order = mx.sym.topk(mx.sym.reshape(key, shape=(0, -1)), axis=1, k=k, ret_typ="indices", is_ascend=False)
+    rows = mx.sym.batch_dot(mx.sym.one_hot(order, depth=count), det)  # N x K x 6, gathered exactly
+    valid = mx.sym.slice_axis(rows, axis=2, begin=0, end=1) >= 0
+    image = mx.sym.broadcast_like(mx.sym.reshape(mx.sym.contrib.arange_like(rows, axis=0), shape=(-1, 1, 1)),
+                                  valid)
+    label = mx.sym.slice_axis(rows, axis=2, begin=0, end=1) + 1.0  # Caffe counts the background as class 0
+    table = mx.sym.concat(image, label, mx.sym.slice_axis(rows, axis=2, begin=1, end=6), dim=2)
+    table = mx.sym.where(mx.sym.broadcast_like(valid, table), table, mx.sym.zeros_like(table))
+    return mx.sym.expand_dims(table, axis=1, name=name)
+
+
 def convert_elu(layer: Layer, inputs: List[Tensor]) -> Converted:
     """ELU with Caffe's alpha (MXNet calls it slope)."""
     alpha = float(layer.param.elu_param.alpha)
@@ -585,6 +649,112 @@ def convert_power(layer: Layer, inputs: List[Tensor]) -> Converted:
     if p.power != 1.0:
         y = y ** float(p.power)
     return Converted([mx.sym.identity(y, name=layer.name)])
+
+
+def _prior_boxes(layer: Layer) -> Tuple[List[Tuple[float, float]], List[float]]:
+    """Caffe SSD's PriorBox: the (width, height) in pixels of each prior at a position, in Caffe's order, and the
+    four variances. Order per min_size: the min_size square, the sqrt(min_size * max_size) square, then each
+    aspect ratio (not 1, duplicates dropped, 1/ar after ar with flip) at min_size."""
+    p = layer.param.prior_box_param
+    if not p.min_size:
+        raise _fail(layer, "min_size is required")
+    if p.max_size and len(p.max_size) != len(p.min_size):
+        raise _fail(layer, f"{len(p.max_size)} max_size values for {len(p.min_size)} min_size values")
+    for field_name, values in (("min_size", p.min_size), ("max_size", p.max_size)):
+        for v in values:
+            if not (v > 0 and v == int(v)):  # Caffe SSD stores sizes in an int there; OpenCV keeps the fraction
+                raise _fail(layer, f"{field_name} {v:g}: only positive whole numbers are supported (Caffe SSD's "
+                                   f"PriorBox truncates a fraction, OpenCV's does not)")
+    ratios = [1.0]
+    for ar in p.aspect_ratio:
+        if not ar > 0:
+            raise _fail(layer, f"aspect_ratio must be > 0, got {ar:g}")
+        if not any(abs(ar - r) < 1e-6 for r in ratios):
+            ratios += [ar, 1.0 / ar] if p.flip else [ar]
+    boxes = []
+    for i, low in enumerate(p.min_size):
+        boxes.append((low, low))
+        if p.max_size:
+            if not p.max_size[i] > low:
+                raise _fail(layer, f"max_size {p.max_size[i]:g} must be larger than min_size {low:g}")
+            side = math.sqrt(int(low) * int(p.max_size[i]))
+            boxes.append((side, side))
+        boxes += [(low * math.sqrt(r), low / math.sqrt(r)) for r in ratios[1:]]
+    variances = list(p.variance) or [0.1]
+    if len(variances) not in (1, 4) or min(variances) <= 0:
+        raise _fail(layer, f"variance must be one or four positive values, got {variances}")
+    return boxes, variances * 4 if len(variances) == 1 else variances
+
+
+def _prior_geometry(layer: Layer, feature: Shape, image: Shape) -> Tuple[float, float, float, float]:
+    """(image height, image width, step_h, step_w) in pixels, from the settings or, as Caffe, the bottoms."""
+    p = layer.param.prior_box_param
+    if p.img_h or p.img_w:
+        img_h, img_w = float(p.img_h), float(p.img_w)
+    elif p.img_size:
+        img_h = img_w = float(p.img_size)
+    else:
+        img_h, img_w = float(image[2]), float(image[3])
+    if p.step_h or p.step_w:
+        step_h, step_w = float(p.step_h), float(p.step_w)
+    elif p.step:
+        step_h = step_w = float(p.step)
+    else:
+        step_h, step_w = img_h / feature[2], img_w / feature[3]
+    if min(img_h, img_w, step_h, step_w) <= 0:
+        raise _fail(layer, "img_h/img_w and step_h/step_w must be given together and be > 0")
+    return img_h, img_w, step_h, step_w
+
+
+def convert_priorbox(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SSD's PriorBox: Caffe's 1 x 2 x (H * W * priors * 4) blob (boxes normalised to the image, then the
+    variances), built from parameter-free operators for the feature map and image sizes of the conversion.
+
+    MXNet's MultiBoxPrior cannot express it (sizes relative to the feature map's aspect, no separate max_size
+    box per min_size, no pixel step), so the priors are computed here. They depend on the sizes only: the
+    output is tied to its bottoms' shapes, so binding the model at another input size fails at bind time
+    rather than giving the priors of the declared size (the sidecar records the model as fixed-size).
+    """
+    if len(inputs) != 2 or len(inputs[0].shape) != 4 or len(inputs[1].shape) != 4:
+        raise _fail(layer, "needs two 4-D bottoms (the feature map and the image)")
+    feature, image = inputs
+    boxes, variances = _prior_boxes(layer)
+    img_h, img_w, step_h, step_w = _prior_geometry(layer, feature.shape, image.shape)
+    height, width, count = feature.shape[2], feature.shape[3], len(boxes)
+    offset = float(layer.param.prior_box_param.offset)
+
+    def centres(n: int, step: float, size: float) -> mx.sym.Symbol:  # (i + offset) * step / size, i < n
+        return (mx.sym.arange(0, n, dtype="float32") + offset) * (step / size)
+
+    def constants(values: Sequence[float]) -> mx.sym.Symbol:
+        return mx.sym.concat(*[mx.sym.full(shape=(1,), val=float(v)) for v in values], dim=0)
+
+    def halves(sizes: Sequence[float], image_size: float) -> mx.sym.Symbol:  # each prior's half extent
+        return constants([s / 2.0 / image_size for s in sizes])
+
+    cx = mx.sym.broadcast_to(mx.sym.reshape(centres(width, step_w, img_w), shape=(1, width, 1)),
+                             shape=(height, width, count))
+    cy = mx.sym.broadcast_to(mx.sym.reshape(centres(height, step_h, img_h), shape=(height, 1, 1)),
+                             shape=(height, width, count))
+    hw = mx.sym.reshape(halves([b[0] for b in boxes], img_w), shape=(1, 1, count))
+    hh = mx.sym.reshape(halves([b[1] for b in boxes], img_h), shape=(1, 1, count))
+    corners = [mx.sym.broadcast_sub(cx, hw), mx.sym.broadcast_sub(cy, hh),
+               mx.sym.broadcast_add(cx, hw), mx.sym.broadcast_add(cy, hh)]
+    coords = mx.sym.stack(*corners, axis=3)
+    if layer.param.prior_box_param.clip:
+        coords = mx.sym.clip(coords, 0.0, 1.0)
+    total = height * width * count * 4
+    rows = [mx.sym.reshape(coords, shape=(1, 1, total)),
+            mx.sym.reshape(mx.sym.broadcast_to(constants(variances).reshape((1, 4)),
+                                               shape=(height * width * count, 4)), shape=(1, 1, total))]
+    priors = mx.sym.concat(*rows, dim=1)
+    # zero, but only where the bottoms have the conversion's shapes: another input size fails at bind time
+    # (mx.sym.slice with a partial begin on a 4-D input stops MXNet 1.9.1 with SIGFPE: one axis at a time)
+    firsts = [mx.sym.slice_axis(mx.sym.slice_axis(t.sym, axis=0, begin=0, end=1), axis=1, begin=0, end=1)
+              for t in inputs]
+    ties = [mx.sym.sum(mx.sym.zeros_like(f) + mx.sym.zeros(shape=(1, 1) + tuple(t.shape[2:])))
+            for f, t in zip(firsts, inputs)]
+    return Converted([mx.sym.broadcast_add(priors, ties[0] + ties[1], name=layer.name)])
 
 
 def convert_prelu(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -939,5 +1109,7 @@ LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Threshold": convert_threshold,
     "Tile": convert_tile,
     "Axpy": convert_axpy,
+    "PriorBox": convert_priorbox,
+    "DetectionOutput": convert_detectionoutput,
     "ROIPooling": convert_roipooling,
 }

@@ -20,12 +20,14 @@ from tools.caffe_converter import caffe_pb2
 # LayerParameter fields of BVLC Caffe and the SSD fork (weiliu89/caffe) for layer types this converter does not
 # model. Accepted without looking inside: a layer using them is refused by name unless the net is cut before it.
 OTHER_CAFFE_PARAMS = frozenset({
-    "annotated_data_param", "contrastive_loss_param", "detection_evaluate_param",
-    "detection_output_param", "dummy_data_param", "embed_param", "hdf5_data_param", "hdf5_output_param",
+    "annotated_data_param", "contrastive_loss_param", "detection_evaluate_param", "dummy_data_param",
+    "embed_param", "hdf5_data_param", "hdf5_output_param",
     "hinge_loss_param", "infogain_loss_param", "multibox_loss_param",
-    "parameter_param", "prior_box_param", "python_param", "recurrent_param", "spp_param",
+    "parameter_param", "python_param", "recurrent_param", "spp_param",
     "video_data_param", "window_data_param",
 })
+# Fields of a converted layer's message accepted without looking inside: they only matter outside inference.
+UNREAD_FIELDS = frozenset({("DetectionOutputParameter", "save_output_param")})
 # V1 `layers {}` fields with no V2 counterpart here: shared-blob modes and a wrapped V0 layer (refused on loading).
 _V1_ONLY = frozenset({"blob_share_mode", "layer"})
 
@@ -110,7 +112,8 @@ class _Scan:
                 self.pos += 1
             field = desc.fields_by_name.get(name) if desc is not None else None
             accepted = (desc is not None and desc.name in _LAYER_MESSAGES and name in OTHER_CAFFE_PARAMS) or \
-                (desc is not None and desc.name == "V1LayerParameter" and name in _V1_ONLY)
+                (desc is not None and desc.name == "V1LayerParameter" and name in _V1_ONLY) or \
+                (desc is not None and (desc.name, name) in UNREAD_FIELDS)
             if desc is not None and field is None and not accepted:
                 self.problems.append((line, f"unknown field '{name}' in {desc.name}", layer))
             if desc is not None and desc.name in _LAYER_MESSAGES and name == "name":
