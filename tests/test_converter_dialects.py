@@ -271,21 +271,23 @@ def test_a_later_weighted_layer_of_a_repeated_name_is_refused_as_caffe_leaves_it
 
 
 # ---- --input-shape -------------------------------------------------------------------------------------
-def _openpose_like(tmp_path):
+def _openpose_like(tmp_path, kernel=3):
     """Declared 1 x 3 x 1 x 1 and reshaped at run time, as OpenPose's deploy file."""
     b = NetBuilder(seed=2)
     b.input("image", (1, 3, 1, 1))
     b.layer("conv1_1", "Convolution", ["image"], params="convolution_param { num_output: 4 kernel_size: 3 pad: 1 }",
             blobs=[b.rand(4, 3, 3, 3), b.rand(4, scale=0.3)])
     b.layer("relu1_1", "ReLU", ["conv1_1"], ["conv1_1"])
-    b.layer("pool1_stage1", "Pooling", ["conv1_1"], params="pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
+    b.layer("pool1_stage1", "Pooling", ["conv1_1"], params=f"pooling_param {{ pool: MAX kernel_size: {kernel} "
+                                                           f"stride: 2 }}")
     b.layer("conv2", "Convolution", ["pool1_stage1"], params="convolution_param { num_output: 2 kernel_size: 3 }",
             blobs=[b.rand(2, 4, 3, 3), b.rand(2, scale=0.3)])
     return b.write(tmp_path)
 
 
-def test_a_one_pixel_declaration_fails_in_one_line_naming_layer_shapes_and_the_option(tmp_path, capsys):
-    prototxt, caffemodel = _openpose_like(tmp_path)
+@pytest.mark.parametrize("kernel", [3, 2])  # 3: no window fits (our check); 2: Caffe clips it, MXNet refuses
+def test_a_one_pixel_declaration_fails_in_one_line_naming_layer_shapes_and_the_option(tmp_path, capsys, kernel):
+    prototxt, caffemodel = _openpose_like(tmp_path, kernel)
     rc = cli.main([str(prototxt), str(caffemodel), str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert rc == 2

@@ -50,7 +50,8 @@ layer { name: "conv_relu" type: "ReLU" bottom: "conv" top: "conv" }
 layer { name: "norm" type: "Normalize" bottom: "conv" top: "norm"
   norm_param { across_spatial: false scale_filler { type: "constant" value: 20 } channel_shared: false } }
 layer { name: "loc" type: "Convolution" bottom: "norm" top: "loc" convolution_param { num_output: 16 kernel_size: 1 } }
-layer { name: "loc_perm" type: "Permute" bottom: "loc" top: "loc_perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "loc_perm" type: "Permute" bottom: "loc" top: "loc_perm"
+  permute_param { order: 0 order: 2 order: 3 order: 1 } }
 layer { name: "loc_flat" type: "Flatten" bottom: "loc_perm" top: "loc_flat" flatten_param { axis: 1 } }
 layer { name: "prior" type: "PriorBox" bottom: "norm" bottom: "data" top: "prior"
   prior_box_param { min_size: 30.0 max_size: 60.0 aspect_ratio: 2 flip: true clip: false
@@ -64,6 +65,7 @@ def _vgg_text(tmp_path, fmt):
     return prototxt.read_bytes(), caffemodel
 
 
+@pytest.mark.slow
 def test_every_truncation_of_real_shaped_prototxts_ends_with_one_line(tmp_path):
     texts = {"vgg_v2": _vgg_text(tmp_path, "v2")[0], "vgg_v1": _vgg_text(tmp_path, "v1")[0],
              "ssd": SSD_HEAD.encode()}

@@ -33,7 +33,8 @@ def _head(b, feature, channels, k, settings, num_classes, name):
     for kind, n in (("loc", 4), ("conf", num_classes)):
         scale = 0.05 if kind == "loc" else None  # box deltas of a trained net's size; scores spread over (0, 1)
         b.layer(f"{name}_{kind}", "Convolution", [feature], params=f"convolution_param {{ num_output: {k * n} "
-                f"kernel_size: 3 pad: 1 }}", blobs=[b.rand(k * n, channels, 3, 3, scale=scale), b.rand(k * n, scale=0.3)])
+                f"kernel_size: 3 pad: 1 }}",
+                blobs=[b.rand(k * n, channels, 3, 3, scale=scale), b.rand(k * n, scale=0.3)])
         b.layer(f"{name}_{kind}_perm", "Permute", [f"{name}_{kind}"], params="permute_param { order: 0 order: 2 "
                                                                             "order: 3 order: 1 }")
         b.layer(f"{name}_{kind}_flat", "Flatten", [f"{name}_{kind}_perm"], params="flatten_param { axis: 1 }")

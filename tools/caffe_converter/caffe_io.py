@@ -60,9 +60,9 @@ V1_TYPE_NAMES = {
 # V1 layer fields that carry over to LayerParameter unchanged (same message types, same names).
 _V1_SHARED_FIELDS = ("include", "exclude", "loss_weight", "transform_param", "loss_param", "accuracy_param",
                      "concat_param", "convolution_param", "data_param", "dropout_param", "eltwise_param",
-                     "image_data_param", "memory_data_param", "inner_product_param", "lrn_param", "pooling_param", "power_param",
-                     "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param", "argmax_param",
-                     "exp_param", "mvn_param", "threshold_param")
+                     "image_data_param", "memory_data_param", "inner_product_param", "lrn_param", "pooling_param",
+                     "power_param", "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param",
+                     "argmax_param", "exp_param", "mvn_param", "threshold_param")
 
 
 def _copy_shared_fields(src, dst) -> None:
