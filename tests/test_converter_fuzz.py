@@ -132,6 +132,8 @@ def test_single_byte_changes_convert_or_fail_with_one_line(tmp_path):
     ('"Pooling" pooling_param { pool: MAX kernel_size: 0 }', "kernel"),
     ('"Pooling" pooling_param { pool: MAX kernel_size: 99 }', "kernel"),
     ('"LRN" lrn_param { local_size: 4 }', "local_size"),
+    ('"ArgMax" argmax_param { top_k: 0 }', "top_k"),
+    ('"Tile" tile_param { tiles: 0 }', "tiles"),
     ('"InnerProduct" inner_product_param { num_output: 0 }', "num_output"),
     ('"Convolution" convolution_param { num_output: 4 kernel_size: 3 group: 0 }', "group"),
 ])

@@ -953,6 +953,7 @@ def convert_argmax(layer: Layer, inputs: List[Tensor]) -> Converted:
     p = layer.param.argmax_param
     x = inputs[0]
     k = int(p.top_k)
+    _at_least(layer, "top_k", [k])
     if p.HasField("axis"):
         axis = _axis(layer, p.axis, len(x.shape))
         if k > x.shape[axis]:
