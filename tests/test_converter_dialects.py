@@ -129,7 +129,8 @@ def test_axpy_with_mismatched_shapes_is_one_line(tmp_path):
 
 # ---- ROIPooling ----------------------------------------------------------------------------------------
 ROIS = np.array([[0, 0, 0, 31, 31], [1, 3.4, 5.6, 20.2, 12.7], [0, 10, 10, 10, 10],   # whole map, fractional, 1 px
-                 [1, 2.5, 6.5, 9.5, 13.5], [0, -8, -8, 70, 40], [1, 30, 30, 60, 60]],  # halves, beyond the map
+                 [1, 2.5, 6.5, 9.5, 13.5], [0, -8, -8, 70, 40], [1, 30, 30, 60, 60],   # beyond the map
+                 [0, 3, 5, 9, 11], [1, -3, -1, 7, 1]],  # corners at k + 0.5 once scaled: C's round, half away from 0
                 np.float32)
 
 
