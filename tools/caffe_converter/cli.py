@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from recbuild.publish import PrefixBusy, PublishError, output_error_line, writer_lock
 from recbuild.values import parse_floats
@@ -33,6 +33,18 @@ def _floats(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
+    """NAME=N,C,H,W (the --input-shape value)."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W with positive integers, got '{text}'")
+    return name, shape
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.caffe_converter",
@@ -50,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, help="input scale after mean/std (default: transform_param or 1)")
     parser.add_argument("--output-layer", action="append", metavar="NAME",
                         help="cut the net at this layer or blob (repeat for several outputs)")
+    parser.add_argument("--input-shape", action="append", type=_input_shape, metavar="NAME=N,C,H,W",
+                        help="replace the shape the prototxt declares for input NAME (repeatable), e.g. for a net "
+                             "declared at 1x1 and reshaped at run time: --input-shape data=1,3,368,368")
     parser.add_argument("--verify", action="store_true",
                         help="re-load the written files with mx.model.load_checkpoint and compare their outputs with "
                              "OpenCV's Caffe importer on random input; the files are published only if they agree")
@@ -155,7 +170,8 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,
                          mean_file=args.mean_file, mean=args.mean, std=args.std, scale=args.scale,
-                         output_layer=args.output_layer, strict=args.strict)
+                         output_layer=args.output_layer, strict=args.strict,
+                         input_shape=dict(args.input_shape or ()))
     except (CaffeFormatError, ConversionError, UnsupportedLayerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -82,7 +82,8 @@ class ConversionResult:
 def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike] = None, *, keep_bgr: bool = False,
             mean_file: Optional[PathLike] = None, mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, scale: Optional[float] = None,
-            output_layer: Optional[Sequence[str]] = None, strict: bool = False) -> ConversionResult:
+            output_layer: Optional[Sequence[str]] = None, strict: bool = False,
+            input_shape: Optional[Dict[str, Sequence[int]]] = None) -> ConversionResult:
     """Convert a Caffe model; when `prefix` is given also write the checkpoint (epoch 0) and sidecar.
 
     Args:
@@ -96,6 +97,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
         scale: Caffe's transform_param.scale (default: read from the prototxt, else 1).
         output_layer: cut the net at these layers or blobs.
         strict: fail instead of skipping training-only layers or ignoring weights the prototxt lacks.
+        input_shape: {input name: shape} replacing the shapes the prototxt declares (`--input-shape`).
 
     Returns:
         ConversionResult (symbol, parameters, preprocessing, per-layer symbols).
@@ -105,7 +107,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
     """
     if isinstance(output_layer, str):
         output_layer = [output_layer]
-    net = load_net(prototxt, caffemodel)
+    net = load_net(prototxt, caffemodel, input_shapes=input_shape)
     net.caffemodel = str(caffemodel)
     conv = convert_net(net, keep_bgr=keep_bgr, output_layer=output_layer, strict=strict)
     pre, mean_image = build_preprocess(net, conv, mean_file, mean, std, scale)
