@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="walk sub-folders and give each folder its own label; otherwise only ROOT's files, "
                         "label 0")
     c.add_argument("--no-shuffle", dest="shuffle", action="store_false",
-                   help="keep the listing order instead of shuffling")
+                   help="keep the listing order instead of shuffling (default: shuffled)%(default).0s")
     r = p.add_argument_group("Options for creating database")
     r.add_argument("--pass-through", action="store_true",
                    help="store the files as they are, without decoding or transforming them")

@@ -475,7 +475,7 @@ def _head_module(model: Model, cfg: TrainConfig, point: CachePoint, dim: int, he
     head_args = {p: source[p] for p in list(model.new_params) + frozen_above}
     module.init_params(arg_params=head_args, aux_params={}, allow_missing=False, allow_extra=False)
     sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
-                     cfg.lr_factor, cfg.warmup_epochs)
+                     cfg.lr_factor, cfg.lr_warmup_epochs)
     init_optimizer(module, None, cfg, sched, begin_num_update)
     if cfg.load_epoch is not None:
         states = states_path(cfg.model_prefix, cfg.load_epoch)
