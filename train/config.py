@@ -364,6 +364,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
         tuples = _tuple_fields()
+        if "warmup_epochs" in options and "lr_warmup_epochs" not in options:  # recorded before issue 21, when
+            options["lr_warmup_epochs"] = options.pop("warmup_epochs")       # the warm-up was any optimizer's
         if isinstance(options.get("lr_step_epochs"), list):  # recorded before 'powN' was accepted: a list
             options["lr_step_epochs"] = ",".join(str(e) for e in options["lr_step_epochs"])
         return cls(**{k: (tuple(v) if k in tuples and isinstance(v, list) else v) for k, v in options.items()})

@@ -128,6 +128,19 @@ def init_optimizer(module: mx.mod.Module, kvstore, cfg: TrainConfig, lr_schedule
                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
+def check_optimizer(name: str, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Refuse an optimizer that cannot update these parameters, before training starts.
+
+    Raises:
+        TrainError: groupadagrad (row-wise AdaGrad for embeddings) with a parameter that is not 2-D.
+    """
+    if name == "groupadagrad":
+        other = [n for n, shape in shapes.items() if len(shape) != 2]
+        if other:
+            raise TrainError(f"--optimizer groupadagrad updates 2-D weights only (embedding rows); {other[0]} has "
+                             f"shape {shapes[other[0]]}; use adagrad")
+
+
 def check_kv_store(name: str, gpus: Optional[str]) -> None:
     """Refuse, in one line each, the kvstores fit.py could name that cannot run here.
 
@@ -161,7 +174,7 @@ def make_kvstore(cfg: TrainConfig):
     if cfg.gc_type != "none":
         try:
             kv.set_gradient_compression({"type": cfg.gc_type, "threshold": cfg.gc_threshold})
-        except mx.base.MXNetError as err:
+        except Exception as err:  # noqa: BLE001 - MXNet raises a bare Exception for the stores without it
             raise TrainError(f"--gc-type {cfg.gc_type}: --kv-store {cfg.kv_store} cannot compress gradients "
                              f"({str(err).splitlines()[0][:120]}); use --kv-store device or a dist store") from None
     return kv
@@ -864,6 +877,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
         return FitResult(prefix, 0, [], classes.num_classes, classes.names, model.dropped)
     history, begin_epoch, begin_num_update, prev = resume_point(cfg, prefix, batches_per_epoch)
     carried = guard_resume(cfg, len(ctx), epoch_size, begin_num_update, check=not restart_optimizer)
+    check_optimizer(cfg.optimizer, {n: tuple(v.shape) for n, v in model.arg_params.items() if n not in fixed})
     module = _bind(model, cfg, ctx, mults)
     monitor = None
     if cfg.monitor > 0:
