@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 if any image could not be packed (the report is still written)")
     x.add_argument("--max-pixels", type=int, default=defaults.MAX_PIXELS,
                    help="decompression-bomb guard: refuse images that would decode to more pixels")
-    x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: shown)%(default).0s")
     x.add_argument("--report", action="store_true",
                    help="also fingerprint every image while it is packed (NAME.fingerprints.npy) and then write "
                         "the data report PREFIX.report.json/.html from them, as `python -m recbuild report "
