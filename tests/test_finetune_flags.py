@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ftdata")
     tiny_vgg_checkpoint(d / "pre")
-    write_rec(d / "s_train.rec", 4, 20, size=16)
+    write_rec(d / "s_train.rec", 4, 20, size=16, class_names=["a", "b", "c", "d"])
     write_rec(d / "s_val.rec", 4, 5, size=16, seed=1)
     return d
 
@@ -240,6 +240,45 @@ def test_fine_tune_command_lines_run_unchanged(data, tmp_path):
             assert float(val_acc) == pytest.approx(row["val_accuracy"], abs=1e-6)
         assert "Speed:" in text and "metrics.png" not in done.stdout
     assert "--network vgg: the network is the pretrained checkpoint's" in log.read_text()
+    # the fc -> softmax checkpoint deploys: bundle + ONNX, with the Module / Gluon / C API / onnxruntime parity check
+    from tools.deploy import main as deploy_main
+    assert deploy_main([str(prefix), "2", str(tmp_path / "bundle"), "--onnx"]) == 0
+    assert (tmp_path / "bundle").is_dir() and list((tmp_path / "bundle").glob("*.onnx"))
+
+
+def test_on_a_terminal_every_log_record_keeps_a_line_of_its_own(data, tmp_path):
+    """The bar is drawn on a terminal only, and there the records are written through it: split the raw terminal
+    stream at newlines, drop what each line's carriage returns overwrote, and every record is whole."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    command = [sys.executable, "-m", "train", "--pretrained-model", str(data / "pre"), "--data-train",
+               str(data / "s_train.rec"), "--model-prefix", str(tmp_path / "t"), "--batch-size", "8",
+               "--num-epochs", "2", "--disp-batches", "3"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        raw += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(master)
+    text = raw.decode("utf-8", "replace")
+    assert "epoch 1/2" in text  # the bar was drawn
+    records = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    speed = [r for r in records if "Speed:" in r]
+    assert len(speed) == 6 and all(re.match(r"\d{4}-\d\d-\d\d [\d:,]+ INFO train.fit: Epoch\[\d\] Batch ", r)
+                                   for r in speed), speed
+    assert sum(bool(re.match(r"\d{4}-\d\d-\d\d .* Epoch\[\d\] Train-accuracy=[\d.]+$", r)) for r in records) == 2
 
 
 def test_a_run_recorded_before_the_change_reads_back_with_its_meaning():
