@@ -178,6 +178,14 @@ def test_augmentation_reaches_image_record_iter_as_data_py_passes_it(data):
     assert jittered.shape == (8, 3, 16, 16) and not np.array_equal(jittered, first())
     # the jitter also applies without --random-resized-crop, as in data.py
     assert not np.array_equal(first(max_random_aspect_ratio=0.25), first())
+    # --pad-size/--fill-value reach the iterator: a random crop of the padded image shows fill-value pixels
+    padded = next(iter(record_iter(rec, 8, pre, data, "softmax_label", train=True, augment=Augment(random_crop=True),
+                                   seed=3, pad=4, fill_value=255))).data[0].asnumpy()
+    assert not np.array_equal(padded, first(random_crop=True))
+    # --data-train-idx names the index read; a missing one is refused, naming it
+    from train.data import DataError
+    with pytest.raises(DataError, match="nope.idx: no such .idx file"):
+        record_iter(rec, 8, pre, data, "softmax_label", idx_path=data / "nope.idx")
 
 
 # ---- items 1, 6, 7: a run with the run-time flags ---------------------------------------------------------------
@@ -199,6 +207,12 @@ def test_save_period_monitor_gc_initializer_and_names(data, tmp_path, caplog):
                     model_prefix=str(tmp_path / "io"), batch_size=8, disp_batches=2, test_io=True, progress=False))
     assert "Batch [1]\tSpeed:" in caplog.text and "Batch [3]\tSpeed:" in caplog.text  # fit.py's --test-io lines
     assert not list(tmp_path.glob("io*"))
+    # --profile-worker-suffix: MXNet's profiler writes this worker's trace there when training ends
+    trace = tmp_path / "worker.json"
+    fit(TrainConfig(pretrained_model=str(data / "pre"), data_train=str(data / "s_train.rec"),
+                    model_prefix=str(tmp_path / "p"), batch_size=16, num_epochs=1, progress=False,
+                    profile_worker_suffix=str(trace)))
+    assert json.loads(trace.read_text())["traceEvents"]
 
 
 # ---- item 9: fine-tune.py's own command lines, only the program name changed -------------------------------------
