@@ -953,7 +953,8 @@ class profiling:
     (a worker of several writes rankN_SUFFIX); the worker's trace is dumped when training ends."""
 
     def __init__(self, cfg: TrainConfig, kvstore, rank: int, num_workers: int):
-        self.worker = (f"rank{rank}_{cfg.profile_worker_suffix}" if num_workers > 1 else cfg.profile_worker_suffix)
+        suffix = cfg.profile_worker_suffix
+        self.worker = (f"rank{rank}_{suffix}" if num_workers > 1 else suffix) if suffix else ""
         self.server = cfg.profile_server_suffix if kvstore is not None and "dist" in cfg.kv_store else ""
 
     def __enter__(self):
