@@ -213,6 +213,9 @@ def test_save_period_monitor_gc_initializer_and_names(data, tmp_path, caplog):
                     model_prefix=str(tmp_path / "p"), batch_size=16, num_epochs=1, progress=False,
                     profile_worker_suffix=str(trace)))
     assert json.loads(trace.read_text())["traceEvents"]
+    from train.fit import profiling  # a distributed worker: rankN_ before the suffix, and no trace without one
+    assert (profiling(TrainConfig(profile_worker_suffix="w.json"), None, 1, 2).worker,
+            profiling(TrainConfig(), None, 1, 2).worker) == ("rank1_w.json", "")
 
 
 # ---- item 9: fine-tune.py's own command lines, only the program name changed -------------------------------------
