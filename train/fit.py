@@ -691,7 +691,6 @@ class _Loop:
     top_k: int
     epoch_train_rec: Optional[Callable[[int], str]]
     num_records: int = 0
-    epoch_size: int = 0                    # updates per epoch as the lr schedule counts them (--num-examples)
     monitor: Optional[mx.mon.Monitor] = None
     stream: Optional[EpochStream] = None
     val: Optional[ReusedPasses] = None
@@ -911,7 +910,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
     with profiling(cfg, kvstore, rank, num_workers):
         _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, lr_plan, begin_epoch,
               begin_num_update, history, not dist_states, top_k, epoch_train_rec, classes.num_records,
-              epoch_size=epoch_size, monitor=monitor).run(last_good)
+              monitor=monitor).run(last_good)
     return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
 
 
