@@ -302,3 +302,28 @@ def test_a_run_recorded_before_the_change_reads_back_with_its_meaning():
     # PREFIX-config.json of an older run: warmup_epochs was the warm-up of any optimizer, the steps a list
     old = TrainConfig.from_dict({"warmup_epochs": 0.5, "lr_step_epochs": [3, 4], "mom": 0.9})
     assert (old.lr_warmup_epochs, old.warmup_epochs, old.lr_step_epochs, old.mom) == (0.5, 5, "3,4", 0.9)
+
+
+def test_the_bar_counts_the_real_images_of_an_epoch(data, tmp_path, monkeypatch):
+    """80 records in batches of 24: 4 batches, 96 slots, 16 of them filler; the bar runs 0..80 (not 0/96 -> 83 %)."""
+    import train.fit as fit_module
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.done = total, 0
+
+        def update(self, n):
+            self.done += n
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(fit_module, "_progress", lambda enabled, total, epoch, epochs: bars.append(Bar(total)) or
+                        bars[-1])
+    fit(TrainConfig(pretrained_model=str(data / "pre"), data_train=str(data / "s_train.rec"),
+                    model_prefix=str(tmp_path / "b"), batch_size=24, num_epochs=2))
+    assert [(b.total, b.done) for b in bars] == [(80, 80), (80, 80)]
