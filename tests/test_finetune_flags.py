@@ -138,6 +138,8 @@ def test_pow_steps_and_num_examples_are_fit_py_s():
     sched = schedule("step", 0.1, 10, 4, "pow2", 0.1)  # 40 updates, PolyScheduler of power 2
     assert sched(0) == pytest.approx(0.1) and sched(20) == pytest.approx(0.1 * 0.5 ** 2)
     assert sched(40) == pytest.approx(0.0, abs=1e-12)
+    assert schedule("step", 0.1, 10, 4, "pow2", 1.0)(20) == pytest.approx(0.1)  # --lr-factor 1: constant (fit.py)
+    assert schedule("step", 0.1, 10, 4, "2", 1.0)(30) == pytest.approx(0.1)
     cfg = TrainConfig(num_examples=1000, batch_size=128)
     assert schedule_epoch_size(cfg, 3, 1) == 8 and schedule_epoch_size(cfg, 3, 2) == 4  # ceil(int(N/w)/B)
     assert schedule_epoch_size(TrainConfig(batch_size=128), 3, 1) == 3

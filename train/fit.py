@@ -72,7 +72,7 @@ def schedule(kind: str, lr: float, batches_per_epoch: int, num_epochs: int, step
     fit.py's polynomial decay to 0 over the run; a resumed run starts the count where it stopped."""
     warmup = int(round(warmup_epochs * batches_per_epoch))
     text = steps_text if isinstance(steps_text, str) else ",".join(str(int(e)) for e in steps_text)
-    power = poly_power(text)
+    power = poly_power(text) if factor < 1 else None  # fit.py: --lr-factor >= 1 means a constant lr, powN too
     if power is not None and kind != "cosine":
         total = max(num_epochs * batches_per_epoch, warmup + 1)
         return mx.lr_scheduler.PolyScheduler(max_update=total, base_lr=lr, pwr=power, final_lr=0.0,
