@@ -257,7 +257,9 @@ def test_fine_tune_command_lines_run_unchanged(data, tmp_path):
             assert int(epoch) == row["epoch"]
             assert float(train_acc) == pytest.approx(row["train_accuracy"], abs=1e-6)
             assert float(val_acc) == pytest.approx(row["val_accuracy"], abs=1e-6)
+        # the summary names only files that exist: no PNG (not asked for), the last checkpoint, the metrics files
         assert "Speed:" in text and "metrics.png" not in done.stdout
+        assert f"(last {out}-0002.params), metrics {out}-metrics.csv/.json, config {out}-config.json." in done.stdout
     assert "--network vgg: the network is the pretrained checkpoint's" in log.read_text()
     # the fc -> softmax checkpoint deploys: bundle + ONNX, with the Module / Gluon / C API / onnxruntime parity check
     from tools.deploy import main as deploy_main

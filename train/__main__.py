@@ -85,9 +85,10 @@ def summary(cfg, result, seconds: float) -> str:
         files.append(f"metrics {result.prefix}-metrics.{'/.'.join(metrics)}")
     if Path(f"{cfg.model_prefix}-config.json").is_file():
         files.append(f"config {cfg.model_prefix}-config.json")
+    written = ", ".join(files) or "no files written"
     return (f"Trained {result.num_classes} classes for {cfg.num_epochs} epochs in {seconds:.0f} s: "
             f"train accuracy {last.get('train_accuracy', float('nan')):.3f}{val}, "
-            f"{last.get('img_per_s', 0):.1f} img/s. {', '.join(files) or 'No files written'}.")
+            f"{last.get('img_per_s', 0):.1f} img/s. {written[:1].upper()}{written[1:]}.")
 
 
 if __name__ == "__main__":
