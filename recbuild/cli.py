@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="walk sub-folders and give each folder its own label; otherwise only ROOT's files, "
                         "label 0")
     c.add_argument("--no-shuffle", dest="shuffle", action="store_false",
-                   help="keep the listing order instead of shuffling")
+                   help="keep the listing order instead of shuffling (default: shuffled)%(default).0s")
     r = p.add_argument_group("Options for creating database")
     r.add_argument("--pass-through", action="store_true",
                    help="store the files as they are, without decoding or transforming them")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 if any image could not be packed (the report is still written)")
     x.add_argument("--max-pixels", type=int, default=defaults.MAX_PIXELS,
                    help="decompression-bomb guard: refuse images that would decode to more pixels")
-    x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    x.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: shown)%(default).0s")
     x.add_argument("--report", action="store_true",
                    help="also fingerprint every image while it is packed (NAME.fingerprints.npy) and then write "
                         "the data report PREFIX.report.json/.html from them, as `python -m recbuild report "

@@ -114,6 +114,28 @@ def find_head(symbol: mx.sym.Symbol, sidecar_classifier: Optional[str] = None,
                     f"names none; pass --layer-before-fullc (FullyConnected layers: {fc_layers(symbol)})")
 
 
+# fine-tune.py's names for the new classifier and its SoftmaxOutput (label `softmax_label`, Module's default).
+FINE_TUNE_HEAD = ("fc", "softmax")
+
+
+def fine_tune_names(symbol: mx.sym.Symbol, spec: HeadSpec) -> HeadSpec:
+    """`spec` with fine-tune.py's names for the new head: classifier `fc`, output `softmax`.
+
+    Raises:
+        HeadError: a layer the new network keeps (below the cut) already has one of those names.
+    """
+    classifier, output = FINE_TUNE_HEAD
+    kept = {name[:-len("_output")] for name in symbol.get_internals()[spec.feature_output].get_internals()
+            .list_outputs() if name.endswith("_output")}
+    kept |= set(symbol.get_internals()[spec.feature_output].list_arguments())
+    taken = [n for n in (classifier, f"{classifier}_weight", f"{classifier}_hidden", output) if n in kept]
+    if taken:
+        raise HeadError(f"the network below {spec.feature_output} already has a layer named {taken[0]!r}, the name "
+                        f"fine-tune.py gives the new head; pass --keep-head-names to name it {spec.classifier} -> "
+                        f"{spec.output_name}")
+    return HeadSpec(classifier=classifier, feature_output=spec.feature_output, output_name=output)
+
+
 def to_float16(symbol: mx.sym.Symbol, spec: HeadSpec) -> mx.sym.Symbol:
     """The training network in float16: the input is cast to float16 (so every weight infers as float16) and
     the classifier's logits back to float32, so the softmax and its gradient stay accurate.
@@ -178,7 +200,8 @@ def with_lr_mults(symbol: mx.sym.Symbol, mults: Dict[str, float]) -> mx.sym.Symb
 
 def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], aux_params: Dict[str, mx.nd.NDArray],
                  input_shape: Sequence[int], num_classes: int, spec: HeadSpec, hidden: int = 0,
-                 hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32") -> NewHead:
+                 hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32",
+                 initializer: Optional[mx.init.Initializer] = None) -> NewHead:
     """Swap the classifier of a pretrained network for a new one with `num_classes` outputs.
 
     Args:
@@ -192,6 +215,8 @@ def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], au
         seed: seeds the new head's initialisation, so runs are repeatable.
         dtype: "float16" casts the input to float16 (GPU mixed precision; weights stay float32 masters
             in the optimizer).
+        initializer: an mx.init initializer for the new weights (fit.py's --initializer), drawn after
+            mx.random.seed(seed); None: `init_array`'s numpy-seeded Xavier-uniform.
 
     Returns:
         NewHead with the new symbol and a complete set of parameters.
@@ -243,8 +268,14 @@ def replace_head(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray], au
 
     rng = np.random.RandomState(seed)
     args = {n: arg_params[n] for n in arg_names if n not in new_names}
+    if initializer is not None:
+        mx.random.seed(seed)
     for name in new_names:
-        args[name] = mx.nd.array(init_array(name, shapes[name], rng))
+        if initializer is None:
+            args[name] = mx.nd.array(init_array(name, shapes[name], rng))
+        else:
+            args[name] = mx.nd.zeros(shapes[name])
+            initializer(mx.init.InitDesc(name), args[name])
     aux = {n: aux_params[n] for n in aux_shape}
     # Every pretrained parameter that does not reach the new network as it was: left out by the cut, or
     # replaced by a fresh one of the same name (the old classifier).

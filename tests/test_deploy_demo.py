@@ -240,6 +240,7 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     from recbuild.report import build_parser as data_report_parser
     from tools.deploy import build_parser as deploy_parser
     from train.__main__ import build_parser as train_parser
+    from train.config import parse_with_recipe
     from train.predict import build_parser as predict_parser
     from train.report import build_parser as eval_report_parser
 
@@ -262,18 +263,21 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
                                                 str(cfg.model_cache / demo.CAFFEMODEL))
     assert conv.prefix == str(cfg.model_prefix)
 
-    ft, sc = (_parsed(train_parser(), stages[n].commands[0]) for n in ("finetune", "scratch"))
+    # `python -m train` applies a --recipe before parsing the rest (train.config.parse_with_recipe)
+    ft, sc = (parse_with_recipe(train_parser(), stages[n].commands[0][3:]) for n in ("finetune", "scratch"))
     assert (ft.pretrained_model, ft.pretrained_epoch, ft.model_prefix) == (str(cfg.model_prefix), 0,
                                                                           str(cfg.finetune_prefix))
     assert (sc.pretrained_model, sc.pretrained_epoch, sc.model_prefix) == (str(cfg.scratch_init_prefix), 0,
                                                                           str(cfg.scratch_prefix))
-    assert ft.lr_mult == ["^fc_nsfw_=5", f"{cfg.freeze}=0"] and sc.lr_mult == ["^fc_nsfw_=5"]
+    assert ft.lr_mult == [f"{cfg.head}=5", f"{cfg.freeze}=0"] and sc.lr_mult == [f"{cfg.head}=5"]
     # Same recipe for both runs: only the start weights, the output prefix and the freezing differ.
     differ = {"pretrained_model", "model_prefix", "lr_mult"}
     assert {k: v for k, v in vars(ft).items() if k not in differ} == \
         {k: v for k, v in vars(sc).items() if k not in differ}
-    assert (ft.num_epochs, ft.batch_size, ft.lr, ft.lr_scheduler, ft.warmup_epochs) == (
+    assert (ft.num_epochs, ft.batch_size, ft.lr, ft.lr_scheduler, ft.lr_warmup_epochs) == (
         3, cfg.batch_size, cfg.lr, cfg.lr_scheduler, cfg.warmup_epochs)
+    # the recipe the README's figures were measured with, by name: momentum 0.9, wd 5e-4, Xavier head
+    assert (ft.recipe, ft.mom, ft.wd, ft.initializer) == ("transfer", 0.9, 0.0005, "xavier")
     assert (ft.data_train, ft.data_val) == (f"{cfg.rec_prefix}_train.rec", f"{cfg.rec_prefix}_val.rec")
     assert stages["finetune"].outputs == [Path(f"{cfg.finetune_prefix}-0003.params")]
 
@@ -307,10 +311,12 @@ def test_freeze_regex_keeps_only_the_last_stage_and_head_trainable():
     frozen = ["conv_1_weight", "bn_1_gamma", "scale_1_beta", "conv_stage0_block0_proj_shortcut_weight",
               "bn_stage1_block3_branch2b_moving_var", "conv_stage2_block5_branch2c_weight"]
     trainable = ["conv_stage3_block0_branch2a_weight", "bn_stage3_block2_branch2c_gamma",
-                 "scale_stage3_block1_branch2b_beta", "fc_nsfw_weight", "fc_nsfw_bias"]
+                 "scale_stage3_block1_branch2b_beta", "fc_weight", "fc_bias"]
     rule = re.compile(demo.DemoConfig().freeze)
     assert all(rule.search(n) for n in frozen)
     assert not any(rule.search(n) for n in trainable)
+    head = re.compile(demo.DemoConfig().head)  # the new head, fine-tune.py's `fc`, and nothing else
+    assert [n for n in frozen + trainable if head.search(n)] == ["fc_weight", "fc_bias"]
 
 
 def test_table_lists_accuracies_times_and_outputs():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
-from train.config import TrainConfig
+from train.config import RECIPES, TrainConfig
 from train.fit import fit
 from train.predict import evaluate, load_model, predict
 from train.predict.cli import main as predict_main
@@ -126,7 +126,8 @@ def test_lr_find_changes_nothing_on_disk_and_its_suggestion_trains(tmp_path, cap
     before = _snapshot(d)
     assert train_main(["lr-find", "--pretrained-model", str(d / "pre"), "--data-train", str(d / "s_train.rec"),
                        "--model-prefix", str(d / "ft"), "--batch-size", "16", "--num-batches", "60",
-                       "--start-lr", "1e-5", "--end-lr", "1000", "--lr-mult", "^conv1_=0", "--no-progress"]) == 0
+                       "--start-lr", "1e-5", "--end-lr", "1000", "--lr-mult", "^conv1_=0", "--no-progress",
+                       "--recipe", "transfer", "--batch-size", "16"]) == 0
     assert "Suggested --lr" in capsys.readouterr().out
     after = _snapshot(d)
     assert set(after) - set(before) == {"ft-lr-find.png", "ft-lr-find.json"}  # no checkpoint, config or sidecar
@@ -139,7 +140,9 @@ def test_lr_find_changes_nothing_on_disk_and_its_suggestion_trains(tmp_path, cap
     assert lr == pytest.approx(found["min_loss_lr"] / 10) and 1e-5 < lr < 1000
 
     def train(rate, prefix, epochs):
-        return fit(TrainConfig(pretrained_model=str(d / "pre"), data_train=str(d / "s_train.rec"),
+        # the transfer recipe, as the sweep above ran with it (momentum 0.9, wd 5e-4, Xavier head)
+        recipe = {k: v for k, v in RECIPES["transfer"].items() if k != "batch_size"}
+        return fit(TrainConfig(**recipe, pretrained_model=str(d / "pre"), data_train=str(d / "s_train.rec"),
                                data_val=str(d / "s_val.rec"), model_prefix=str(d / prefix), num_epochs=epochs,
                                lr=rate, batch_size=16, progress=False, lr_mult=["^conv1_=0"])).metrics
     good = train(lr, "good", 6)

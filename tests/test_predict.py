@@ -63,8 +63,8 @@ def stock_probs(d: Path, paths, mirror=False):
     """Independent path: cv2 decode -> RGB -> Preprocess.apply -> stock Module."""
     pre = load_sidecar(d / "ft")
     x = pre.apply(np.stack([cv2.imread(str(p))[:, :, ::-1] for p in paths]))
-    mod = mx.mod.Module.load(str(d / "ft"), 3, label_names=["prob_label"])
-    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (len(x),))], for_training=False)
+    mod = mx.mod.Module.load(str(d / "ft"), 3, label_names=["softmax_label"])
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("softmax_label", (len(x),))], for_training=False)
     out = 0
     for view in ([x, x[:, :, :, ::-1]] if mirror else [x]):
         mod.forward(mx.io.DataBatch([mx.nd.array(view.copy())], [mx.nd.zeros(len(x))]), is_train=False)
@@ -245,8 +245,8 @@ def test_rec_lst_and_folder_give_the_same_probabilities_when_packed_larger(packe
         top, left = (small.shape[0] - 16) // 2, (small.shape[1] - 16) // 2
         images.append(small[top:top + 16, left:left + 16, ::-1])
     x = pre.apply(np.stack(images))
-    mod = mx.mod.Module.load(str(d / "ft"), 2, label_names=["prob_label"])
-    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (len(x),))], for_training=False)
+    mod = mx.mod.Module.load(str(d / "ft"), 2, label_names=["softmax_label"])
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("softmax_label", (len(x),))], for_training=False)
     mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.zeros(len(x))]), is_train=False)
     # recbuild averages on the exact source grid (its own INTER_AREA variant): a few grey levels of difference.
     np.testing.assert_allclose(np.stack([rec[k] for k in sorted(rec)]), mod.get_outputs()[0].asnumpy(), atol=0.02)

@@ -57,16 +57,16 @@ def test_cache_trains_the_same_head_as_full_forward_passes(data):
     base = small_net_checkpoint(tmp / "base")
     # Three batches per epoch, the last one filled up as ImageRecordIter fills it: the cache follows the record
     # order of full passes, filler included; backbone frozen in fit.
-    cfg = _cfg(tmp, base, "full", batch_size=10, num_epochs=4, lr=0.1, lr_mult=["^(?!fc7_)=0"])
+    cfg = _cfg(tmp, base, "full", batch_size=10, num_epochs=4, lr=0.1, lr_mult=["^(?!fc_)=0"])
     fit(cfg)
     res = features.train_from_cache(replace(cfg, model_prefix=str(tmp / "cached")), cache_dir=tmp / "cache")
     full, cached, pre = _params(tmp / "full", 4), _params(tmp / "cached", 4), _params(base, 0)
     assert set(full) == set(cached)
     for name in full:
         np.testing.assert_allclose(cached[name], full[name], rtol=1e-4, atol=1e-5, err_msg=name)
-        if not name.startswith("fc7_"):
+        if not name.startswith("fc_"):
             np.testing.assert_array_equal(cached[name], pre[name], err_msg=f"{name} is backbone: untouched")
-    assert np.abs(cached["fc7_weight"] - fx_init(tmp, base)).max() > 1e-3  # the head did train
+    assert np.abs(cached["fc_weight"] - fx_init(tmp, base)).max() > 1e-3  # the head did train
     # The checkpoint is the full model: stock Module on the training symbol predicts val like predict does.
     from train.predict import evaluate, load_model
     m = load_model(str(tmp / "cached"), 4, batch_size=4)
@@ -86,7 +86,7 @@ def test_cache_runs_the_dropout_below_the_head_in_the_head_graph(data):
     assert resolved["feature_dim"] == 16  # fc6's width: relu6 is cached, not drop7
     tuned, pre = _params(data / "v", 2), _params(base, 0)
     for name in tuned:
-        if not name.startswith("fc8"):
+        if not name.startswith("fc_"):
             np.testing.assert_array_equal(tuned[name], pre[name], err_msg=f"{name} is frozen")
     # The layers above the cache drop activations in training mode like the full network, and equal it in
     # inference mode.
@@ -175,7 +175,7 @@ def test_cache_is_reused_and_keyed_by_rec_and_model(data):
 def fx_init(tmp, base):
     """The fresh head both paths start from (seeded head surgery)."""
     from train.fit import prepare_model
-    return prepare_model(str(base), 0, 3).arg_params["fc7_weight"].asnumpy()
+    return prepare_model(str(base), 0, 3).arg_params["fc_weight"].asnumpy()
 
 
 def test_cache_run_resumes_exactly(data):
@@ -279,7 +279,7 @@ def test_fused_model_equals_its_branches_run_separately(data):
     assert ev["accuracy"] == pytest.approx(res.metrics[-1]["val_accuracy"], abs=1e-9)
     ft = _params(tmp / "fused-ft", 3)
     np.testing.assert_array_equal(ft["b_fc6_weight"], args["b_fc6_weight"].asnumpy())
-    assert ft["fusion_fc_weight"].shape == (3, 12 + 7)
+    assert ft["fc_weight"].shape == (3, 12 + 7)
     from tools.deploy import main as deploy_main  # bundle + Module/Gluon/C-API parity check
     assert deploy_main([str(tmp / "fused-ft"), "3", str(tmp / "bundle")]) == 0
 
@@ -297,9 +297,10 @@ def test_fusion_refuses_a_mean_image(data):
 
 # ---- 3. stages ------------------------------------------------------------------------------------------------
 SCHEDULE = {"stages": [
-    {"name": "head", "epochs": 2, "optimizer": "adam", "lr": 0.01, "lr_mult": ["^(?!fc8_)=0"],
+    {"name": "head", "epochs": 2, "optimizer": "adam", "lr": 0.01, "lr_mult": ["^(?!fc_)=0"],
      "augment": {"random_mirror": True}},
-    {"name": "top", "epochs": 3, "optimizer": "sgd", "lr": 0.01, "lr_mult": ["^conv1_=0"], "augment": {}}]}
+    {"name": "top", "epochs": 3, "optimizer": "sgd", "lr": 0.01, "mom": 0.9, "lr_mult": ["^conv1_=0"],
+     "augment": {}}]}
 
 
 @pytest.mark.slow
@@ -313,7 +314,7 @@ def test_stages_apply_each_stage_lr_mult_and_optimizer_and_resume_mid_stage(data
     assert recipes_main(["stages", *common, "--model-prefix", str(tmp / "s")]) == 0
     p0, p2, p5 = _params(base, 0), _params(tmp / "s", 2), _params(tmp / "s", 5)
     for name in p2:
-        if name.startswith("fc8_"):
+        if name.startswith("fc_"):
             continue
         np.testing.assert_array_equal(p2[name], p0[name], err_msg=f"stage 1 froze {name}")
         if name.startswith("conv1_"):
@@ -331,7 +332,7 @@ def test_stages_apply_each_stage_lr_mult_and_optimizer_and_resume_mid_stage(data
     s5 = read_optimizer_states(tmp / "s-0005.states")
     assert s2 and all(isinstance(v, tuple) and len(v) == 2 for v in s2.values())
     assert s5 and all(isinstance(v, mx.nd.NDArray) for v in s5.values())
-    assert len(s5) == 8 and len(s2) == 2  # trainable parameters of each stage (conv2_1, fc6, fc7, fc8 | fc8)
+    assert len(s5) == 8 and len(s2) == 2  # trainable parameters of each stage (conv2_1, fc6, fc7, fc | fc)
     # Killed in the middle of stage 2 (after epoch 3) and resumed: the same weights as the uninterrupted run.
     assert recipes_main(["stages", *common, "--model-prefix", str(tmp / "r"), "--until-epoch", "3"]) == 0
     assert not (tmp / "r-0004.params").exists()
@@ -366,7 +367,7 @@ def test_stage_config_offsets_lr_steps_and_replaces_augmentation():
     st = stages.parse_schedule({"stages": [{"epochs": 2}, {"epochs": 6, "lr_step_epochs": [2, 4], "lr": 0.001,
                                                            "augment": {"contrast": 0.1}}]})
     cfg = stages.stage_config(base, st[1], 2, 8)
-    assert (cfg.num_epochs, cfg.lr_step_epochs, cfg.lr) == (8, (4, 6), 0.001)
+    assert (cfg.num_epochs, cfg.lr_step_epochs, cfg.lr) == (8, "4,6", 0.001)
     assert (cfg.random_mirror, cfg.brightness, cfg.contrast) == (False, 0.0, 0.1)
 
 
@@ -536,7 +537,7 @@ def test_pseudo_labels_retrain_a_staged_model_with_its_schedule(data):
     write_rec(tmp / "test.rec", 3, 4, seed=9)
     base = small_net_checkpoint(tmp / "base")
     schedule = stages.parse_schedule({"stages": [
-        {"epochs": 1, "optimizer": "adam", "lr": 0.01, "lr_mult": ["^(?!fc7_)=0"]},
+        {"epochs": 1, "optimizer": "adam", "lr": 0.01, "lr_mult": ["^(?!fc_)=0"]},
         {"epochs": 1, "optimizer": "sgd", "lr": 0.01, "lr_mult": ["^conv1_=0"]}]})
     stages.run_stages(_cfg(tmp, base, "st"), schedule)
     report = pseudo.pseudo_label(str(tmp / "st"), 2, tmp / "test.rec", str(tmp / "pl"), threshold=1e-6)

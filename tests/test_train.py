@@ -11,7 +11,8 @@ import pytest
 
 from symbols.sidecar import load_sidecar
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
-from train.config import AUGMENT, TrainConfig, build_parser, config_from_args, load_run_config, option_names
+from train.config import (AUGMENT, RECIPES, TrainConfig, build_parser, config_from_args, load_run_config,
+                          option_names)
 from train.data import DataError
 from train.fit import TrainError, TrainingDiverged, fit
 
@@ -28,7 +29,9 @@ def data(tmp_path_factory):
 
 
 def config(data: Path, prefix: Path, **kw) -> TrainConfig:
-    base = dict(pretrained_model=str(data / "pre"), data_train=str(data / "set_train.rec"),
+    # The transfer recipe (momentum, weight decay, Xavier head) the trainer's tests were written against.
+    base = dict(**RECIPES["transfer"])
+    base.update(pretrained_model=str(data / "pre"), data_train=str(data / "set_train.rec"),
                 data_val=str(data / "set_val.rec"), model_prefix=str(prefix), num_epochs=4, lr=0.05,
                 batch_size=16, top_k=2, progress=False, lr_step_epochs=(3,), lr_factor=0.5)
     base.update(kw)
@@ -48,11 +51,11 @@ def test_learns_and_writes_every_output(data, tmp_path):
     for epoch in range(1, 5):
         assert (tmp_path / f"ft-{epoch:04d}.params").is_file() and (tmp_path / f"ft-{epoch:04d}.states").is_file()
     pre = load_sidecar(prefix)
-    assert (pre.num_classes, pre.class_names, pre.classifier, pre.output_name) == (4, CLASSES, "fc8", "prob")
+    assert (pre.num_classes, pre.class_names, pre.classifier, pre.output_name) == (4, CLASSES, "fc", "softmax")
     assert pre.channel_order == "BGR" and pre.mean == [104.0, 117.0, 123.0]
     assert json.loads((tmp_path / "ft.classes.json").read_text())["classes"] == CLASSES
     cfg = json.loads((tmp_path / "ft-config.json").read_text())
-    assert cfg["lr"] == 0.05 and cfg["resolved"]["num_classes"] == 4 and cfg["resolved"]["head"]["classifier"] == "fc8"
+    assert cfg["lr"] == 0.05 and cfg["resolved"]["num_classes"] == 4 and cfg["resolved"]["head"]["classifier"] == "fc"
     header = (tmp_path / "ft-metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("epoch", "train_loss", "train_accuracy", "train_top_2_accuracy", "val_loss", "val_accuracy",
                 "val_top_2_accuracy", "img_per_s"):
@@ -67,25 +70,25 @@ def test_learns_and_writes_every_output(data, tmp_path):
     assert load_run_config(prefix) == config(data, prefix)
     # every pretrained weight below the head was kept: fc6/fc7 too (fine-tune.py drops anything with 'fc')
     sym = mx.sym.load(str(tmp_path / "ft-symbol.json"))
-    assert sym.list_outputs() == ["prob_output"]
+    assert sym.list_outputs() == ["softmax_output"]
     shapes = dict(zip(sym.list_arguments(), sym.infer_shape(data=(1, 3, 16, 16))[0]))
-    assert shapes["fc8_weight"] == (4, 16) and shapes["fc7_weight"] == (16, 16)
+    assert shapes["fc_weight"] == (4, 16) and shapes["fc7_weight"] == (16, 16)
 
 
 def test_checkpoint_loads_with_stock_module_and_gluon(data, tmp_path):
     prefix = tmp_path / "ft"
     fit(config(data, prefix, num_epochs=1, data_val=None))
     x = np.random.RandomState(0).uniform(-2, 2, (3, 3, 16, 16)).astype(np.float32)
-    mod = mx.mod.Module.load(str(prefix), 1, label_names=["prob_label"])
-    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("prob_label", (3,))], for_training=False)
+    mod = mx.mod.Module.load(str(prefix), 1)  # fine-tune.py's head names: Module's default label softmax_label
+    mod.bind(data_shapes=[("data", x.shape)], label_shapes=[("softmax_label", (3,))], for_training=False)
     mod.forward(mx.io.DataBatch([mx.nd.array(x)], [mx.nd.zeros(3)]), is_train=False)
     from_module = mod.get_outputs()[0].asnumpy()
-    net = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data", "prob_label"], f"{prefix}-0001.params")
+    net = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data", "softmax_label"], f"{prefix}-0001.params")
     from_gluon = net(mx.nd.array(x), mx.nd.zeros(3)).asnumpy()
     np.testing.assert_allclose(from_gluon, from_module, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(from_module.sum(axis=1), 1, rtol=1e-5)
     sym, args, aux = mx.model.load_checkpoint(str(prefix), 1)
-    assert set(args) == set(sym.list_arguments()) - {"data", "prob_label"}
+    assert set(args) == set(sym.list_arguments()) - {"data", "softmax_label"}
 
 
 # The three optimizer index layouts Module can use: one device; two devices updating on the kvstore
@@ -102,13 +105,13 @@ def test_frozen_layers_bit_identical_and_head_lr_mult(data, tmp_path, monkeypatc
     for mult in (1, 10):
         prefix = tmp_path / f"m{mult}"
         fit(config(data, prefix, num_epochs=1, data_val=None, cpus=cpus, kv_store="local", mom=0.0, wd=0.0,
-                   lr=0.0005, lr_mult=[r"^(conv|fc6)=0", f"^fc8_={mult}"]))
+                   lr=0.0005, lr_mult=[r"^(conv|fc6)=0", f"^fc_={mult}"]))
         out = params(f"{prefix}-0001.params")
         for name in ("conv1_1_weight", "conv1_1_bias", "conv2_1_weight", "fc6_weight", "fc6_bias"):
             assert np.array_equal(out[name], pre[name]), f"{name} changed although frozen"
         assert not np.array_equal(out["fc7_weight"], pre["fc7_weight"]), "fc7 (mult 1) did not train"
         start = tiny_fc8_init(data, tmp_path / f"init{mult}")
-        moved[mult] = float(np.abs(out["fc8_weight"] - start).sum())
+        moved[mult] = float(np.abs(out["fc_weight"] - start).sum())
     # Same data order and seed: the head moves ~10x as far with lr_mult 10 (not exactly: fc7 also moves).
     assert moved[10] > 7 * moved[1], moved
 
@@ -116,12 +119,12 @@ def test_frozen_layers_bit_identical_and_head_lr_mult(data, tmp_path, monkeypatc
 def tiny_fc8_init(data: Path, prefix: Path) -> np.ndarray:
     """The new head's initial weights (seeded, so every run starts from these)."""
     from train.fit import prepare_model
-    return prepare_model(str(data / "pre"), 0, 4).arg_params["fc8_weight"].asnumpy()
+    return prepare_model(str(data / "pre"), 0, 4).arg_params["fc_weight"].asnumpy()
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
     # Momentum, a warm-up, a step at epoch 3, dropout and shuffling: all must continue exactly.
-    common = dict(lr=0.02, mom=0.9, warmup_epochs=1, lr_step_epochs=(3,), lr_factor=0.3, random_mirror=True,
+    common = dict(lr=0.02, mom=0.9, lr_warmup_epochs=1, lr_step_epochs=(3,), lr_factor=0.3, random_mirror=True,
                   data_val=None)
     fit(config(data, tmp_path / "straight", **common))
     fit(config(data, tmp_path / "split", num_epochs=2, **common))
@@ -141,7 +144,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
 
 def test_resume_with_cosine_schedule_and_adam(data, tmp_path):
     # Adam's bias correction and the cosine schedule both depend on the update count, which must continue.
-    common = dict(lr=0.003, optimizer="adam", lr_scheduler="cosine", warmup_epochs=0.5, data_val=None,
+    common = dict(lr=0.003, optimizer="adam", lr_scheduler="cosine", lr_warmup_epochs=0.5, data_val=None,
                   num_epochs=3)
     fit(config(data, tmp_path / "straight", **common))
     fit(config(data, tmp_path / "split", **common))
@@ -222,7 +225,7 @@ def test_two_cpu_contexts_learn(data, tmp_path):
 def test_hidden_head_layer(data, tmp_path):
     result = fit(config(data, tmp_path / "ft", hidden=32, hidden_dropout=0.2, num_epochs=5, lr=0.01))
     names = mx.sym.load(str(tmp_path / "ft-symbol.json")).list_arguments()
-    assert "fc8_hidden_weight" in names and "fc8_weight" in names
+    assert "fc_hidden_weight" in names and "fc_weight" in names
     assert result.metrics[-1]["val_accuracy"] >= 0.75  # chance is 0.25
 
 
@@ -247,7 +250,7 @@ def test_parser_and_augment_derive_from_the_config_declaration():
     argv = ["--image-shape", "3,32,32", "--rgb-mean", "1,2,3", "--lr-step-epochs", "2,4", "--lr-mult", "a=1",
             "--lr-mult", "b=0", "--random-mirror", "1", "--no-progress", "--gpus", "0,1", "--num-classes", "5"]
     cfg = config_from_args(parser.parse_args(argv))
-    assert (cfg.image_shape, cfg.rgb_mean, cfg.lr_step_epochs) == ((3, 32, 32), (1.0, 2.0, 3.0), (2, 4))
+    assert (cfg.image_shape, cfg.rgb_mean, cfg.lr_step_epochs) == ((3, 32, 32), (1.0, 2.0, 3.0), "2,4")
     assert (cfg.lr_mult, cfg.random_mirror, cfg.progress, cfg.gpus, cfg.num_classes) == (
         ["a=1", "b=0"], True, False, "0,1", 5)
     # train.data.Augment holds exactly the augmentation group, with the same defaults
@@ -414,7 +417,7 @@ def test_log_is_read_by_mxnets_parse_log_like_fine_tune_py(data, tmp_path):
 
 
 def test_metrics_record_the_lr_each_epoch_starts_and_ends_with(data, tmp_path):
-    result = fit(config(data, tmp_path / "ft", num_epochs=2, data_val=None, warmup_epochs=1, lr_step_epochs=(20,)))
+    result = fit(config(data, tmp_path / "ft", num_epochs=2, data_val=None, lr_warmup_epochs=1, lr_step_epochs=(20,)))
     first, second = result.metrics
     # 10 updates per epoch; MultiFactorScheduler's linear warm-up from 0: update 1 -> lr/10, update 10 -> lr
     assert (first["lr_start"], first["lr_end"]) == (pytest.approx(0.005), pytest.approx(0.05))

@@ -297,7 +297,7 @@ def test_each_crop_and_mirror_flag_trains_and_checkpoints(tmp_path, flag):
     result = fit(cfg)
     assert result.last_epoch == 1 and (tmp_path / "ft-0001.params").is_file()
     _, args, _ = mx.model.load_checkpoint(str(tmp_path / "ft"), 1)  # the stock loader reads it
-    assert args["fc8_weight"].shape == (3, 16)
+    assert args["fc_weight"].shape == (3, 16)
 
 
 def test_a_training_run_scans_each_rec_once(tmp_path, monkeypatch):

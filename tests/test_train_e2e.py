@@ -35,7 +35,8 @@ def test_caffe_vgg_converted_then_fine_tuned_frozen_and_resumed(tmp_path):
     common = ["-m", "train", "--pretrained-model", str(tmp_path / "vgg"), "--data-train",
               str(tmp_path / "set_train.rec"), "--data-val", str(tmp_path / "set_val.rec"), "--model-prefix",
               str(tmp_path / "ft"), "--num-epochs", "6", "--batch-size", "16", "--lr", "0.01", "--no-progress",
-              "--lr-mult", "^conv[1-3]_=0", "--lr-mult", "^fc8_=5", "--random-mirror", "1", "--top-k", "2"]
+              "--lr-mult", "^conv[1-3]_=0", "--lr-mult", "^fc_=5", "--random-mirror", "1", "--top-k", "2",
+              "--recipe", "transfer"]
     # Interrupted after epoch 2 (the kill is simulated by removing what came later), then resumed.
     first = run(*common)
     assert "Trained 4 classes for 6 epochs" in first.stdout
@@ -53,15 +54,15 @@ def test_caffe_vgg_converted_then_fine_tuned_frozen_and_resumed(tmp_path):
     for key in ("arg:conv4_1_weight", "arg:conv5_3_weight", "arg:fc6_weight", "arg:fc7_weight"):  # kept from Caffe, then trained
         assert tuned[key].shape == converted[key].shape
         assert not np.array_equal(tuned[key].asnumpy(), converted[key].asnumpy()), key
-    assert tuned["arg:fc8_weight"].shape == (4, converted["arg:fc8_weight"].shape[1])
+    assert tuned["arg:fc_weight"].shape == (4, converted["arg:fc8_weight"].shape[1])  # fine-tune.py's `fc`
     metrics = json.loads((tmp_path / "ft-metrics.json").read_text())["epochs"]
     assert [m["epoch"] for m in metrics] == list(range(1, 7))
     assert metrics[-1]["val_accuracy"] >= 0.9, metrics  # chance 0.25
     for key in straight:  # resume == uninterrupted run
         np.testing.assert_allclose(tuned[key].asnumpy(), straight[key].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=key)
     # the fine-tuned checkpoint loads with stock Module and predicts through the CLI
-    mod = mx.mod.Module.load(str(tmp_path / "ft"), 6, label_names=["prob_label"])
-    mod.bind(data_shapes=[("data", (1, 3, 32, 32))], label_shapes=[("prob_label", (1,))], for_training=False)
+    mod = mx.mod.Module.load(str(tmp_path / "ft"), 6, label_names=["softmax_label"])
+    mod.bind(data_shapes=[("data", (1, 3, 32, 32))], label_shapes=[("softmax_label", (1,))], for_training=False)
     run("-m", "train.predict", str(tmp_path / "ft"), "6", str(tmp_path / "set_val.rec"), "--out",
         str(tmp_path / "pred.csv"))
     with open(tmp_path / "pred.csv", newline="") as handle:

@@ -145,16 +145,24 @@ class _AugmentMethods:
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
     def iter_kwargs(self) -> dict:
-        # random_resized_crop is a crop mode of its own: ImageRecordIter refuses it beside rand_crop
-        # ("conflicts with rand_crop"), so rand_crop is set only for the plain random crop.
-        kw = dict(rand_crop=self.random_crop and not self.random_resized_crop, rand_mirror=self.random_mirror,
-                  max_rotate_angle=self.max_random_rotate_angle, brightness=self.brightness,
-                  contrast=self.contrast, saturation=self.saturation, pca_noise=self.pca_noise)
-        if self.random_resized_crop:
-            kw.update(random_resized_crop=True, min_random_area=self.min_random_area,
-                      max_random_area=self.max_random_area, min_aspect_ratio=self.min_random_aspect_ratio,
-                      max_aspect_ratio=self.max_random_aspect_ratio)
-        return kw
+        """ImageRecordIter's augmentation arguments, each set as fine-tune.py's data.py sets it (so the defaults
+        and meanings are its own: an unset --min-random-aspect-ratio makes --max-random-aspect-ratio X a 1 +- X
+        jitter, with or without random_resized_crop, and the area limits default to the whole image)."""
+        return dict(rand_crop=self.random_crop, random_resized_crop=self.random_resized_crop,
+                    rand_mirror=self.random_mirror, max_random_scale=self.max_random_scale,
+                    min_random_scale=self.min_random_scale, max_aspect_ratio=self.max_random_aspect_ratio,
+                    min_aspect_ratio=self.min_random_aspect_ratio, max_random_area=self.max_random_area,
+                    min_random_area=self.min_random_area, min_crop_size=self.min_crop_size,
+                    max_crop_size=self.max_crop_size, brightness=self.brightness, contrast=self.contrast,
+                    saturation=self.saturation, pca_noise=self.pca_noise, random_h=self.max_random_h,
+                    random_s=self.max_random_s, random_l=self.max_random_l,
+                    max_rotate_angle=self.max_random_rotate_angle, max_shear_ratio=self.max_random_shear_ratio)
+
+    def aspect_range(self) -> Tuple[float, float]:
+        """The aspect ratios drawn (data.py's rule: [min, max], or 1 +- max without a min)."""
+        if self.min_random_aspect_ratio is None:
+            return 1 - self.max_random_aspect_ratio, 1 + self.max_random_aspect_ratio
+        return self.min_random_aspect_ratio, self.max_random_aspect_ratio
 
 
 # Training-time augmentation (ImageRecordIter's own, so it runs in its decode threads): a dataclass whose fields,
@@ -223,7 +231,8 @@ class ModelInputIter(mx.io.DataIter):
 def record_iter(path, batch_size: int, pre: Preprocess, sidecar_dir, label_name: str,
                 image_shape: Optional[Sequence[int]] = None, train: bool = False, augment: Optional[Augment] = None,
                 seed: int = 0, resize: int = -1, threads: int = 2, num_parts: int = 1, part_index: int = 0,
-                rgb_mean=None, rgb_std=None, round_batch: bool = True) -> ModelInputIter:
+                rgb_mean=None, rgb_std=None, round_batch: bool = True, idx_path=None, pad: int = 0,
+                fill_value: int = 127) -> ModelInputIter:
     """An iterator over a .rec file that yields exactly what the model expects.
 
     Args:
@@ -242,6 +251,8 @@ def record_iter(path, batch_size: int, pre: Preprocess, sidecar_dir, label_name:
         round_batch: fill the last batch by wrapping around and report the filler in `batch.pad`. With
             False, ImageRecordIter 1.9 wraps around anyway but reports pad 0, so keep it True. Its reset() is
             not clean either (the next epoch starts after the filler), so make a new iterator per pass.
+        idx_path: the .idx to use (--data-train-idx / --data-val-idx); default the .idx beside the .rec.
+        pad / fill_value: pad every image by `pad` pixels of value `fill_value` (--pad-size / --fill-value).
     """
     path = Path(path)
     if not path.is_file():
@@ -258,10 +269,14 @@ def record_iter(path, batch_size: int, pre: Preprocess, sidecar_dir, label_name:
     norm, mean_image = normalisation(pre, sidecar_dir, shape, rgb_mean, rgb_std)
     kw = dict(path_imgrec=str(path), data_shape=shape, batch_size=batch_size, shuffle=train, seed=seed,
               seed_aug=seed, preprocess_threads=max(1, threads), num_parts=num_parts, part_index=part_index,
-              round_batch=round_batch, resize=resize, verbose=False, label_width=1, **norm)
-    idx = path.with_suffix(".idx")
-    if idx.is_file():
-        kw["path_imgidx"] = str(idx)
+              round_batch=round_batch, resize=resize, verbose=False, label_width=1, pad=pad, fill_value=fill_value,
+              **norm)
+    if idx_path:
+        if not Path(idx_path).is_file():
+            raise DataError(f"{idx_path}: no such .idx file (--data-train-idx / --data-val-idx)")
+        kw["path_imgidx"] = str(idx_path)
+    elif path.with_suffix(".idx").is_file():
+        kw["path_imgidx"] = str(path.with_suffix(".idx"))
     if train and augment is not None:
         kw.update(augment.iter_kwargs())
     inner = mx.io.ImageRecordIter(**kw)
@@ -319,8 +334,9 @@ def describe_input(rec_path, pack: Optional[PackTransform], shape: Sequence[int]
     height, width = int(shape[1]), int(shape[2])
     target = f"{height}x{width}"
     if augment.random_resized_crop:
+        low, high = augment.aspect_range()
         crop = (f"random resized crop (area {augment.min_random_area:g}-{augment.max_random_area:g}, aspect "
-                f"{augment.min_random_aspect_ratio:g}-{augment.max_random_aspect_ratio:g}) resized to {target}")
+                f"{low:g}-{high:g}) resized to {target}")
     elif augment.random_crop:
         crop = f"random crop {target}"
     else:

@@ -30,12 +30,13 @@ from recbuild.atomic import remove_stale_parts, write_json
 from recbuild.publish import publish, writer_lock
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
-from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults, to_float16,
-                          with_lr_mults)
+from symbols.head import (HeadError, find_head, fine_tune_names, frozen, parse_lr_mult, replace_head,
+                          resolve_lr_mults, to_float16, with_lr_mults)
 from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
 from symbols.vgg import HeadSpec
-from train.config import (AUGMENT, RANDOM_AUGMENTATIONS, TrainConfig, config_path, flag_of, load_run_config,
-                          parse_gpus, trajectory_options)
+from train.config import (AUGMENT, MOMENTUM_OPTIMIZERS, TrainConfig, active_augmentations,
+                          config_path, flag_of, load_run_config, parse_gpus, poly_power, recipe_values, step_epochs,
+                          trajectory_options)
 from train.data import Augment, ClassInfo, plan_input, record_count, record_iter, resolve_classes
 from train.metrics import MetricsLog, Tally
 
@@ -67,11 +68,19 @@ def contexts(gpus: Optional[str], cpus: int = 1) -> List[mx.Context]:
     return [mx.gpu(i) for i in ids]
 
 
-def schedule(kind: str, lr: float, batches_per_epoch: int, num_epochs: int, step_epochs: Sequence[int] = (),
+def schedule(kind: str, lr: float, batches_per_epoch: int, num_epochs: int, steps_text="",
              factor: float = 0.1, warmup_epochs: float = 0.0) -> mx.lr_scheduler.LRScheduler:
     """The learning rate as a function of the update count (MXNet's own schedulers, so dist servers can
-    unpickle them). Steps are absolute epochs; a resumed run starts the count where it stopped."""
+    unpickle them). `steps_text` is --lr-step-epochs (or a sequence of epochs): absolute epochs, or 'powN',
+    fit.py's polynomial decay to 0 over the run; a resumed run starts the count where it stopped."""
     warmup = int(round(warmup_epochs * batches_per_epoch))
+    text = steps_text if isinstance(steps_text, str) else ",".join(str(int(e)) for e in steps_text)
+    power = poly_power(text) if factor < 1 else None  # fit.py: --lr-factor >= 1 means a constant lr, powN too
+    if power is not None and kind != "cosine":
+        total = max(num_epochs * batches_per_epoch, warmup + 1)
+        return mx.lr_scheduler.PolyScheduler(max_update=total, base_lr=lr, pwr=power, final_lr=0.0,
+                                             warmup_steps=warmup, warmup_begin_lr=0.0)
+    step_epochs = step_epochs_of(text) if factor < 1 else ()  # fit.py: --lr-factor >= 1 means a constant lr
     if kind == "cosine":
         total = max(num_epochs * batches_per_epoch, warmup + 1)
         return mx.lr_scheduler.CosineScheduler(max_update=total, base_lr=lr, final_lr=0.0, warmup_steps=warmup,
@@ -85,28 +94,139 @@ def schedule(kind: str, lr: float, batches_per_epoch: int, num_epochs: int, step
                                                 warmup_begin_lr=0.0)
 
 
-def optimizer_params(cfg: TrainConfig, lr_scheduler, begin_num_update: int) -> dict:
-    """Module.init_optimizer's `optimizer_params` for `cfg.optimizer` (rescale_grad is Module's to set).
+step_epochs_of = step_epochs
+
+
+def optimizer_params(cfg: TrainConfig, lr_scheduler, begin_num_update: int, epoch_size: int = 1,
+                     num_workers: int = 1) -> dict:
+    """Module.init_optimizer's `optimizer_params` for `cfg.optimizer`, any mx.optimizer name, as fit.py sets
+    them (rescale_grad is Module's to set): --mom only where the optimizer has a momentum, lbsgd's warm-up and
+    batch scale from --warmup-epochs/--warmup-strategy/--macrobatch-size and the epoch size.
 
     `begin_num_update` continues the schedule (and Adam's bias correction) on resume.
     """
-    params = dict(learning_rate=cfg.lr, wd=cfg.wd, lr_scheduler=lr_scheduler, begin_num_update=begin_num_update)
-    if cfg.optimizer in ("sgd", "nag"):
-        params.update(momentum=cfg.mom, multi_precision=cfg.dtype == "float16")
-    elif cfg.optimizer == "adam":
-        if cfg.dtype == "float16":
-            params.update(multi_precision=True)
-    else:
-        raise TrainError(f"--optimizer {cfg.optimizer}: supported are sgd, nag, adam")
+    params = dict(learning_rate=cfg.lr, wd=cfg.wd, lr_scheduler=lr_scheduler, begin_num_update=begin_num_update,
+                  multi_precision=cfg.dtype == "float16")
+    if cfg.optimizer in MOMENTUM_OPTIMIZERS:
+        params["momentum"] = cfg.mom
+    if cfg.optimizer == "lbsgd":
+        macrobatch = max(cfg.macrobatch_size, cfg.batch_size * num_workers)
+        params.update(updates_per_epoch=max(1, epoch_size), begin_epoch=cfg.load_epoch or 0,
+                      batch_scale=math.ceil(macrobatch / cfg.batch_size / num_workers),
+                      warmup_strategy=cfg.warmup_strategy, warmup_epochs=cfg.warmup_epochs,
+                      num_epochs=cfg.num_epochs)
     return params
 
 
-def init_optimizer(module: mx.mod.Module, kvstore, cfg: TrainConfig, lr_scheduler, begin_num_update: int) -> None:
+def init_optimizer(module: mx.mod.Module, kvstore, cfg: TrainConfig, lr_scheduler, begin_num_update: int,
+                   epoch_size: int = 1, num_workers: int = 1) -> None:
     """Let Module create the optimizer by name, as Module.fit does: it builds the index -> name map for the
     update placement it chooses, sets rescale_grad, and reads the lr multipliers from the training symbol's
     `__lr_mult__` attributes (see symbols.head.with_lr_mults), so they hold on every device/kvstore layout."""
-    module.init_optimizer(kvstore=kvstore, optimizer=cfg.optimizer,
-                          optimizer_params=optimizer_params(cfg, lr_scheduler, begin_num_update))
+    params = optimizer_params(cfg, lr_scheduler, begin_num_update, epoch_size, num_workers)
+    try:
+        module.init_optimizer(kvstore=kvstore, optimizer=cfg.optimizer, optimizer_params=params)
+    except (TypeError, ValueError, AssertionError, mx.base.MXNetError) as err:
+        raise TrainError(f"--optimizer {cfg.optimizer}: MXNet refused its parameters "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def check_optimizer(name: str, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Refuse an optimizer that cannot update these parameters, before training starts.
+
+    Raises:
+        TrainError: groupadagrad (row-wise AdaGrad for embeddings) with a parameter that is not 2-D.
+    """
+    if name == "groupadagrad":
+        other = [n for n, shape in shapes.items() if len(shape) != 2]
+        if other:
+            raise TrainError(f"--optimizer groupadagrad updates 2-D weights only (embedding rows); {other[0]} has "
+                             f"shape {shapes[other[0]]}; use adagrad")
+
+
+def check_kv_store(name: str, gpus: Optional[str]) -> None:
+    """Refuse, in one line each, the kvstores fit.py could name that cannot run here.
+
+    Raises:
+        TrainError: horovod/byteps not installed, nccl without GPUs or without an NCCL build.
+    """
+    import importlib.util
+    if name in ("horovod", "byteps"):
+        module = {"horovod": "horovod.mxnet", "byteps": "byteps.mxnet"}[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise TrainError(f"--kv-store {name}: {module} is not installed (it is a separate package, launched with "
+                             f"its own runner); use --kv-store device, or dist_sync with `python -m tools.launch`")
+    if name == "nccl":
+        if not gpus:
+            raise TrainError("--kv-store nccl needs --gpus: NCCL runs on GPUs only; on CPU use --kv-store device")
+        if not mx.runtime.Features().is_enabled("NCCL"):
+            raise TrainError("--kv-store nccl: this MXNet build has no NCCL (mxnet-cu* wheels of 1.9.1 do); use "
+                             "--kv-store device")
+
+
+def make_kvstore(cfg: TrainConfig):
+    """The kvstore object fit.py would create, where one is needed before Module: a dist store, or gradient
+    compression (--gc-type), which is set on the store object. Else None: Module creates --kv-store by name."""
+    if "dist" not in cfg.kv_store and cfg.gc_type == "none":
+        return None
+    kv = mx.kv.create(cfg.kv_store)
+    if cfg.gc_type != "none":
+        try:
+            kv.set_gradient_compression({"type": cfg.gc_type, "threshold": cfg.gc_threshold})
+        except Exception as err:  # noqa: BLE001 - MXNet raises a bare Exception for the stores without it
+            raise TrainError(f"--gc-type {cfg.gc_type}: --kv-store {cfg.kv_store} cannot compress gradients "
+                             f"({str(err).splitlines()[0][:120]}); use --kv-store device or a dist store") from None
+    return kv
+
+
+def make_initializer(name: str, network: Optional[str] = None) -> Optional[mx.init.Initializer]:
+    """fit.py's --initializer, for the new head's weights: None for 'xavier', which symbols.head draws itself
+    (MXNet's Xavier() distribution, uniform with fan-avg and magnitude 3, seeded with numpy by --seed)."""
+    if name == "default":
+        if network == "alexnet":
+            return mx.init.Normal()
+        if network and "vgg" in network:
+            return None
+        return mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
+    return {"xavier": None, "msra": mx.init.MSRAPrelu(), "orthogonal": mx.init.Orthogonal(),
+            "normal": mx.init.Normal(), "uniform": mx.init.Uniform(), "one": mx.init.One(),
+            "zero": mx.init.Zero()}[name]
+
+
+def flag_notes(cfg: TrainConfig) -> List[str]:
+    """One line for each fine-tune.py flag given that does nothing (or less) here, saying what it does."""
+    notes = []
+    if cfg.network or cfg.num_layers:
+        given = " ".join(f for f, v in (("--network " + str(cfg.network), cfg.network),
+                                       ("--num-layers " + str(cfg.num_layers), cfg.num_layers)) if v)
+        notes.append(f"{given}: the network is the pretrained checkpoint's ({cfg.pretrained_model or cfg.model_prefix}"
+                     f"-symbol.json); --network only picks --initializer default's distribution, as in fit.py")
+    if cfg.benchmark:
+        notes.append("--benchmark 1: synthetic data is not offered here; training reads --data-train (time the "
+                     "input pipeline with --test-io 1)")
+    if cfg.use_imagenet_data_augmentation:
+        notes.append("--use-imagenet-data-augmentation 1: train_imagenet.py's preset, which fine-tune.py ignores too; "
+                     "no augmentation is added, set the augmentation flags")
+    if cfg.optimizer != "lbsgd":
+        lbsgd_only = [f"{flag_of(k)} {getattr(cfg, k)}" for k, v in (("warmup_epochs", 5),
+                      ("warmup_strategy", "linear"), ("macrobatch_size", 0)) if getattr(cfg, k) != v]
+        if lbsgd_only:
+            notes.append(f"{', '.join(lbsgd_only)}: read by --optimizer lbsgd only (as in fit.py); a warm-up for "
+                         f"{cfg.optimizer} is --lr-warmup-epochs")
+    if cfg.mom and cfg.optimizer not in MOMENTUM_OPTIMIZERS:
+        notes.append(f"--mom {cfg.mom:g}: {cfg.optimizer} has no momentum parameter (fit.py passes --mom to "
+                     f"{', '.join(MOMENTUM_OPTIMIZERS)} only)")
+    if cfg.profile_server_suffix and "dist" not in cfg.kv_store:
+        notes.append(f"--profile-server-suffix {cfg.profile_server_suffix}: only a dist kvstore has servers; "
+                     f"nothing is profiled on that side")
+    if cfg.dtype == "float16" and cfg.network:
+        notes.append("--dtype float16: the checkpoint's symbol is cast here (input to float16, logits back to float32)"
+                     "; fine-tune.py rebuilds it from --network instead")
+    return notes
 
 
 # ---- the model ------------------------------------------------------------------------------------------------
@@ -134,8 +254,11 @@ def load_checkpoint(prefix: str, epoch: int, what: str):
 
 def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int,
                   image_shape: Optional[Sequence[int]] = None, layer_before_fullc: Optional[str] = None,
-                  hidden: int = 0, hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32") -> Prepared:
-    """Load a converted checkpoint and its sidecar and give it a new `num_classes` head."""
+                  hidden: int = 0, hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32",
+                  keep_head_names: bool = False, initializer: Optional[mx.init.Initializer] = None) -> Prepared:
+    """Load a converted checkpoint and its sidecar and give it a new `num_classes` head, named as fine-tune.py
+    names it (`fc` -> `softmax`, label `softmax_label`) unless `keep_head_names`; `initializer` draws its
+    weights (None: symbols.head's seeded Xavier-uniform)."""
     if not has_sidecar(pretrained_model):
         raise TrainError(f"{sidecar_path(pretrained_model)}: no preprocessing sidecar beside the pretrained model; "
                          f"convert it with `python -m tools.caffe_converter`")
@@ -144,7 +267,10 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
     shape = tuple(image_shape or pre.input_shape)
     try:
         spec = find_head(sym, pre.classifier, pre.feature_output, pre.output_name, layer_before_fullc)
-        head = replace_head(sym, args, aux, shape, num_classes, spec, hidden, hidden_dropout, seed, dtype)
+        if not keep_head_names:
+            spec = fine_tune_names(sym, spec)
+        head = replace_head(sym, args, aux, shape, num_classes, spec, hidden, hidden_dropout, seed, dtype,
+                            initializer)
     except HeadError as err:
         raise TrainError(f"{pretrained_model}: {err}") from None
     return Prepared(head.symbol, head.arg_params, head.aux_params, head.spec, pre,
@@ -190,7 +316,9 @@ class Model:
 
 def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
+                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
+                             keep_head_names=cfg.keep_head_names,
+                             initializer=make_initializer(cfg.initializer, cfg.network))
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
     pre = trained_sidecar(prepared, cfg, prefix, shape, classes)
     sidecar_dir = Path(prefix).parent if isinstance(prepared.pre.mean, str) else prepared.sidecar_dir
@@ -219,9 +347,6 @@ def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     does not overwrite checkpoints."""
     cfg.validate()
     classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
-    if cfg.num_examples is not None and cfg.num_examples != classes.num_records:
-        log.warning("--num-examples %d, but %s holds %d records; the counted number is used", cfg.num_examples,
-                    cfg.data_train, classes.num_records)
     # .PREFIX-0003.params.PID.part, .PREFIX.classes.json.PID.part, ...
     remove_stale_parts(Path(prefix).parent, glob.escape(Path(prefix).name) + "[-.]*")
     drop_unpublished(prefix)
@@ -326,7 +451,7 @@ def schedule_change(recorded: TrainConfig, cfg: TrainConfig, batches_per_epoch: 
     """What a changed --num-epochs does to the lr schedule from the resumed epoch on, in one sentence."""
     def plan(c: TrainConfig):
         return schedule(c.lr_scheduler, c.lr, batches_per_epoch, c.num_epochs, c.lr_step_epochs, c.lr_factor,
-                        c.warmup_epochs)
+                        c.lr_warmup_epochs)
     now, recorded_plan = plan(cfg)(num_update + 1), plan(recorded)
     # MXNet's schedulers hold their last value past their end, so walk the recorded plan to its end first.
     recorded_plan(min(num_update + 1, recorded.num_epochs * batches_per_epoch))
@@ -335,8 +460,8 @@ def schedule_change(recorded: TrainConfig, cfg: TrainConfig, batches_per_epoch: 
     if cfg.lr_scheduler == "cosine":
         return (f"{where}: the cosine schedule is re-planned to reach 0 at epoch {cfg.num_epochs}; the lr continues "
                 f"at {now:g} where the {recorded.num_epochs}-epoch plan had {before:g}")
-    old_steps = [e for e in recorded.lr_step_epochs if 0 < e < recorded.num_epochs]
-    new_steps = [e for e in cfg.lr_step_epochs if 0 < e < cfg.num_epochs]
+    old_steps = [e for e in step_epochs(recorded.lr_step_epochs) if 0 < e < recorded.num_epochs]
+    new_steps = [e for e in step_epochs(cfg.lr_step_epochs) if 0 < e < cfg.num_epochs]
     steps = "the same lr steps" if old_steps == new_steps else f"lr steps at epochs {new_steps or 'none'} " \
                                                                  f"(were {old_steps or 'none'})"
     return f"{where}: step schedule with {steps}; the lr continues at {now:g}"
@@ -404,13 +529,16 @@ def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: 
         checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
 
 
-def log_epoch(epoch_index: int, row: dict, phase: str) -> None:
+def log_epoch(epoch_index: int, row: dict, phase: str, losses: str = "") -> None:
     """fine-tune.py's (Module.fit's) epoch lines, which MXNet's tools/parse_log.py reads: `Epoch[N]
     Train-accuracy=...`, `Epoch[N] Time cost=...`, `Epoch[N] Validation-accuracy=...`, N counted from 0 (the
-    checkpoint of Epoch[0] is -0001)."""
+    checkpoint of Epoch[0] is -0001). Cross-entropy is always logged (the NaN stop computes it); `losses`
+    (--loss 'nll_loss') adds mx.metric's `nll-loss` line, the same -log p(label)."""
     side, label = ("train_", "Train") if phase == "train" else ("val_", "Validation")
     for key, name in _metric_names(row, side):
         log.info("Epoch[%d] %s-%s=%f", epoch_index, label, name, row[key])
+    if any(t.strip() in ("nll", "nll_loss") for t in losses.split(",")) and f"{side}loss" in row:
+        log.info("Epoch[%d] %s-nll-loss=%f", epoch_index, label, row[f"{side}loss"])
     if phase == "train":
         log.info("Epoch[%d] Time cost=%.3f", epoch_index, row["seconds"])
 
@@ -590,6 +718,7 @@ class _Loop:
     top_k: int
     epoch_train_rec: Optional[Callable[[int], str]]
     num_records: int = 0
+    monitor: Optional[mx.mon.Monitor] = None
     stream: Optional[EpochStream] = None
     val: Optional[ReusedPasses] = None
 
@@ -599,7 +728,9 @@ class _Loop:
                            self.model.shape, train=train, augment=Augment(**cfg.group(AUGMENT)),
                            seed=seed, resize=cfg.resize, threads=cfg.data_nthreads,
                            num_parts=self.num_workers if train else 1, part_index=self.rank if train else 0,
-                           rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=round_batch)
+                           rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=round_batch,
+                           idx_path=(cfg.data_train_idx if path == cfg.data_train else "") or None,
+                           pad=cfg.pad_size, fill_value=cfg.fill_value)
 
     def train_batches(self, epoch: int, epoch_seed: int):
         """This epoch's training batches: from the one reused iterator where that replays exactly (see
@@ -622,7 +753,8 @@ class _Loop:
             self.val = ReusedPasses(lambda: record_iter(
                 cfg.data_val, cfg.batch_size, self.model.pre, self.model.sidecar_dir, self.model.label_name,
                 self.model.shape, train=False, seed=cfg.seed, resize=cfg.resize, threads=cfg.data_nthreads,
-                rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=False), count)
+                rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=False, idx_path=cfg.data_val_idx or None),
+                count)
         return self.val
 
     def write_states(self, path: str) -> None:
@@ -651,10 +783,16 @@ class _Loop:
         row.update(lr=lr_end, lr_start=lr_start, lr_end=lr_end, num_update=num_update, layout=self.layout())
         if not np.isfinite(row["train_loss"]):
             raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch + 1}; last good checkpoint: {last_good}")
-        log_epoch(epoch, row, "train")
+        losses = self.cfg.loss
+        log_epoch(epoch, row, "train", losses)
         if self.cfg.data_val:
             row.update(_evaluate(self.module, self.val_passes(), self.top_k, epoch))
-            log_epoch(epoch, row, "val")
+            log_epoch(epoch, row, "val", losses)
+        # --save-period N: fit.py's do_checkpoint(period=N) writes every Nth epoch; the last one is written too,
+        # so a run always ends with its result on disk.
+        if (epoch + 1) % self.cfg.save_period and epoch + 1 < self.cfg.num_epochs:
+            self.history.rows.append(row)   # kept for the next published epoch's metrics files
+            return last_good
         args, aux = self.module.get_params()
         publish_epoch(self.prefix, epoch + 1, args, aux, self.write_states if self.with_states else None,
                       self.history, row)
@@ -667,14 +805,19 @@ class _Loop:
         epoch_seed = cfg.seed * 1000 + epoch
         mx.random.seed(epoch_seed)
         train_iter = self.train_batches(epoch, epoch_seed)
-        bar = _progress(cfg.progress and self.rank == 0, self.batches_per_epoch * cfg.batch_size, epoch + 1,
-                        cfg.num_epochs)
+        # The bar counts images: this worker's share of the records (a distributed part may wrap around).
+        images = (self.num_records if self.num_workers == 1 else self.batches_per_epoch * cfg.batch_size)
+        bar = _progress(cfg.progress and self.rank == 0, images, epoch + 1, cfg.num_epochs)
         meter = EpochMeter(epoch, self.top_k, cfg.batch_size, cfg.disp_batches, bar, last_good)
         pending = None
         try:
             for index, batch in enumerate(train_iter):
+                if self.monitor is not None:
+                    self.monitor.tic()
                 self.module.forward_backward(batch)
                 self.module.update()
+                if self.monitor is not None:
+                    self.monitor.toc_print()
                 # A device-side snapshot of the outputs (the next forward overwrites them). The host reads it only
                 # after the next batch's update is queued, so it never waits for a batch before queueing its
                 # update; a NaN stops the run one batch later, still before anything of the epoch is published.
@@ -744,8 +887,13 @@ def _fit(cfg: TrainConfig, ctx, kvstore, restart_optimizer: bool, epoch_train_re
          hold: contextlib.ExitStack) -> FitResult:
     cfg.validate()
     ctx = ctx or contexts(cfg.gpus, cfg.cpus)
-    if kvstore is None and "dist" in cfg.kv_store:
-        kvstore = mx.kv.create(cfg.kv_store)
+    if kvstore is None:
+        check_kv_store(cfg.kv_store, cfg.gpus)
+        kvstore = make_kvstore(cfg)
+    if cfg.recipe:
+        log.info("--recipe %s: %s", cfg.recipe, " ".join(f"{flag_of(k)} {v}" for k, v in recipe_values(cfg).items()))
+    for note in flag_notes(cfg):
+        log.warning("%s", note)
     rank, num_workers = (kvstore.rank, kvstore.num_workers) if kvstore is not None else (0, 1)
     prefix = cfg.model_prefix if rank == 0 else f"{cfg.model_prefix}-{rank}"  # fit.py's convention
     hold.enter_context(writer_lock(prefix))  # also settles what a killed run on it left
@@ -763,12 +911,22 @@ def _fit(cfg: TrainConfig, ctx, kvstore, restart_optimizer: bool, epoch_train_re
         raise TrainError("--lr-mult freezes every parameter; nothing would train")
 
     batches_per_epoch = max(1, math.ceil(math.ceil(classes.num_records / num_workers) / cfg.batch_size))
+    epoch_size = schedule_epoch_size(cfg, batches_per_epoch, num_workers)
+    if cfg.test_io:
+        read_speed(cfg, model, num_workers, rank)
+        return FitResult(prefix, 0, [], classes.num_classes, classes.names, model.dropped)
     history, begin_epoch, begin_num_update, prev = resume_point(cfg, prefix, batches_per_epoch)
-    carried = guard_resume(cfg, len(ctx), batches_per_epoch, begin_num_update, check=not restart_optimizer)
+    carried = guard_resume(cfg, len(ctx), epoch_size, begin_num_update, check=not restart_optimizer)
+    check_optimizer(cfg.optimizer, {n: tuple(v.shape) for n, v in model.arg_params.items() if n not in fixed})
     module = _bind(model, cfg, ctx, mults)
-    sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
-                     cfg.lr_factor, cfg.warmup_epochs)
-    init_optimizer(module, kvstore if kvstore is not None else cfg.kv_store, cfg, sched, begin_num_update)
+    monitor = None
+    if cfg.monitor > 0:
+        monitor = mx.mon.Monitor(cfg.monitor, pattern=".*")
+        module.install_monitor(monitor)
+    sched = schedule(cfg.lr_scheduler, cfg.lr, epoch_size, cfg.num_epochs, cfg.lr_step_epochs,
+                     cfg.lr_factor, cfg.lr_warmup_epochs)
+    init_optimizer(module, kvstore if kvstore is not None else cfg.kv_store, cfg, sched, begin_num_update,
+                   epoch_size, num_workers)
     # A dist kvstore that updates on the servers keeps the optimizer state there, out of reach of a checkpoint.
     dist_states = "dist" in cfg.kv_store and module._update_on_kvstore  # noqa: SLF001
     if resume and not restart_optimizer:
@@ -788,17 +946,80 @@ def _fit(cfg: TrainConfig, ctx, kvstore, restart_optimizer: bool, epoch_train_re
     last_good = (str(checkpoint.params_path(prefix, begin_epoch)) if resume else
                  f"{cfg.pretrained_model}-{cfg.pretrained_epoch:04d}.params (no epoch finished)")
     top_k = cfg.top_k if cfg.top_k < classes.num_classes else 0  # top-k of all classes is always 1
-    lr_plan = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
-                       cfg.lr_factor, cfg.warmup_epochs)
-    _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, lr_plan, begin_epoch, begin_num_update,
-          history, not dist_states, top_k, epoch_train_rec, classes.num_records).run(last_good)
+    lr_plan = schedule(cfg.lr_scheduler, cfg.lr, epoch_size, cfg.num_epochs, cfg.lr_step_epochs,
+                       cfg.lr_factor, cfg.lr_warmup_epochs)
+    with profiling(cfg, kvstore, rank, num_workers):
+        _Loop(cfg, module, model, prefix, rank, num_workers, batches_per_epoch, lr_plan, begin_epoch,
+              begin_num_update, history, not dist_states, top_k, epoch_train_rec, classes.num_records,
+              monitor=monitor).run(last_good)
     return FitResult(prefix, cfg.num_epochs, history.rows, classes.num_classes, classes.names, model.dropped)
+
+
+def schedule_epoch_size(cfg: TrainConfig, batches_per_epoch: int, num_workers: int) -> int:
+    """Updates per epoch as the lr schedule (and lbsgd) count them: fit.py's epoch size from --num-examples,
+    ceil(int(num_examples / workers) / batch), when given; else the batches the data gives."""
+    if cfg.num_examples is None:
+        return batches_per_epoch
+    size = max(1, math.ceil(int(cfg.num_examples / num_workers) / cfg.batch_size))
+    if size != batches_per_epoch:
+        log.warning("--num-examples %d: the lr schedule counts epochs of %d batches (fit.py's epoch size); the data "
+                    "gives %d batches per epoch, and every epoch reads all of them", cfg.num_examples, size,
+                    batches_per_epoch)
+    return size
+
+
+def read_speed(cfg: TrainConfig, model: "Model", num_workers: int, rank: int) -> None:
+    """--test-io 1: read one epoch of training batches, decoded and augmented, logging fit.py's lines
+    `Batch [i]\tSpeed: N samples/sec` every --disp-batches; nothing is trained or written."""
+    it = record_iter(cfg.data_train, cfg.batch_size, model.pre, model.sidecar_dir, model.label_name, model.shape,
+                     train=True, augment=Augment.from_config(cfg), seed=cfg.seed * 1000, resize=cfg.resize,
+                     threads=cfg.data_nthreads, num_parts=num_workers, part_index=rank, rgb_mean=cfg.rgb_mean,
+                     rgb_std=cfg.rgb_std, idx_path=cfg.data_train_idx or None, pad=cfg.pad_size,
+                     fill_value=cfg.fill_value)
+    tic = started = time.time()
+    count = 0
+    for i, batch in enumerate(it):
+        batch.data[0].wait_to_read()
+        count += batch.data[0].shape[0] - batch.pad
+        if (i + 1) % cfg.disp_batches == 0:
+            log.info("Batch [%d]\tSpeed: %.2f samples/sec", i, cfg.disp_batches * cfg.batch_size / (time.time() - tic))
+            tic = time.time()
+    log.info("--test-io: read %d images in %.2f s (%.2f samples/sec); nothing trained", count,
+             time.time() - started, count / max(time.time() - started, 1e-9))
+
+
+class profiling:
+    """--profile-worker-suffix / --profile-server-suffix: MXNet's profiler around the epochs, as fit.py sets it
+    (a worker of several writes rankN_SUFFIX); the worker's trace is dumped when training ends."""
+
+    def __init__(self, cfg: TrainConfig, kvstore, rank: int, num_workers: int):
+        suffix = cfg.profile_worker_suffix
+        self.worker = (f"rank{rank}_{suffix}" if num_workers > 1 else suffix) if suffix else ""
+        self.server = cfg.profile_server_suffix if kvstore is not None and "dist" in cfg.kv_store else ""
+
+    def __enter__(self):
+        if self.server:
+            mx.profiler.set_config(filename=self.server, profile_all=True, profile_process="server")
+            mx.profiler.set_state(state="run", profile_process="server")
+        if self.worker:
+            mx.profiler.set_config(filename=self.worker, profile_all=True, profile_process="worker")
+            mx.profiler.set_state(state="run", profile_process="worker")
+        return self
+
+    def __exit__(self, *exc):
+        if self.worker:
+            mx.profiler.set_state(state="stop", profile_process="worker")
+            mx.profiler.dump(profile_process="worker")
+            log.info("profile of this worker written to %s", self.worker)
+        if self.server:
+            mx.profiler.set_state(state="stop", profile_process="server")
+        return False
 
 
 def reusable_train_iter(cfg: TrainConfig, num_workers: int = 1, epoch_train_rec=None) -> bool:
     """Whether one training iterator can serve every epoch and still replay exactly on resume: no random
     augmentation (its per-image draws cannot be replayed), one file for every epoch, one worker."""
-    return num_workers == 1 and epoch_train_rec is None and not any(getattr(cfg, k) for k in RANDOM_AUGMENTATIONS)
+    return num_workers == 1 and epoch_train_rec is None and not active_augmentations(cfg)
 
 
 def _batches(make, count: Optional[int]):
@@ -825,8 +1046,32 @@ def _updates_done(begin: int, epochs_run: int, batches_per_epoch: int, optimizer
 
 
 def _progress(enabled: bool, total: int, epoch: int, epochs: int):
-    if not enabled:
+    """The epoch's bar, on stderr when it is a terminal only: in a log file or a pipe its carriage-return
+    fragments would share lines with the log records (Speedometer's lines carry the same figures there). On a
+    terminal the log records are routed through the bar (tqdm.write), so each keeps a line of its own."""
+    import sys
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
-    return tqdm(total=total, unit="img", unit_scale=False, desc=f"epoch {epoch}/{epochs}", leave=False,
-                dynamic_ncols=True)
+    return _RoutedBar(tqdm(total=total, unit="img", unit_scale=False, desc=f"epoch {epoch}/{epochs}", leave=False,
+                           dynamic_ncols=True, file=sys.stderr))
+
+
+class _RoutedBar:
+    """A tqdm bar that, while open, sends every logging record through tqdm.write (above the bar)."""
+
+    def __init__(self, bar):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        self.bar = bar
+        self.redirect = logging_redirect_tqdm()
+        self.redirect.__enter__()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **kw) -> None:
+        self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        self.redirect.__exit__(None, None, None)
+        self.bar.close()

@@ -103,7 +103,8 @@ def _model(cfg, num_classes: int):
             raise TrainError(str(err)) from None
         return symbol, args, aux, pre.output_name, pre, Path(cfg.model_prefix).parent
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
+                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
+                             keep_head_names=cfg.keep_head_names)
     return (prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec.output_name, prepared.pre,
             prepared.sidecar_dir)
 
@@ -223,7 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from train.config import config_from_args
     from train.data import DataError
     from train.fit import TrainError
-    a = build_parser().parse_args(argv)
+    from train.config import parse_with_recipe
+    a = parse_with_recipe(build_parser(), sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(a)
     out = a.out or Path(f"{cfg.model_prefix}-lr-find.png" if cfg.model_prefix else "lr-find.png")

@@ -207,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    from train.config import parse_with_recipe
+    args = parse_with_recipe(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import mxnet as mx
 

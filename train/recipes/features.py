@@ -48,11 +48,11 @@ from symbols.checkpoint import (CheckpointError, load_optimizer_states, params_p
                                 states_path)
 from symbols.head import build_head, frozen, with_lr_mults
 from symbols.sidecar import Preprocess, load_sidecar
-from train.config import RANDOM_AUGMENTATIONS, TrainConfig, config_path, load_run_config
+from train.config import TrainConfig, active_augmentations, config_path, load_run_config
 from train.data import DataError, plan_input, record_iter
 from train.fit import (EpochMeter, EpochStream, FitResult, Model, TrainError, guard_resume, init_optimizer,
-                       load_checkpoint, log_epoch, prepare_model, publish_epoch, resolve_mults, resume_point,
-                       reusable_train_iter, schedule, start_run, trained_sidecar, write_run_files)
+                       load_checkpoint, log_epoch, make_initializer, prepare_model, publish_epoch, resolve_mults,
+                       resume_point, reusable_train_iter, schedule, start_run, trained_sidecar, write_run_files)
 from train.metrics import Tally
 
 log = logging.getLogger(__name__)
@@ -314,12 +314,9 @@ def cached_features(backbone: Backbone, rec_path, pre: Preprocess, sidecar_dir, 
 
 # ---- head training --------------------------------------------------------------------------------------------
 # Augmentations that change every epoch's pixels; a cache holds fixed views (random_mirror: a second view).
-# (min/max_random_area and the aspect limits only matter with random_resized_crop, so they are not listed.)
-_UNCACHEABLE = tuple(k for k in RANDOM_AUGMENTATIONS if k != "random_mirror")
-
-
+# (train.config.RANDOM_AUGMENTATIONS lists them with the value at which each is off.)
 def _check_cacheable(cfg: TrainConfig) -> None:
-    active = [k for k in _UNCACHEABLE if getattr(cfg, k)]
+    active = [k for k in active_augmentations(cfg) if k != "random_mirror"]
     if active:
         raise TrainError(f"--{active[0].replace('_', '-')}: the feature cache holds one fixed view per image; "
                          f"only --random-mirror/--mirror can be cached; drop it or train with `python -m train`")
@@ -355,7 +352,9 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     prefix = cfg.model_prefix
     classes = start_run(cfg, prefix)
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
+                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
+                             keep_head_names=cfg.keep_head_names,
+                             initializer=make_initializer(cfg.initializer, cfg.network))  # as train.fit does
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
     model = Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec,
                   trained_sidecar(prepared, cfg, prefix, shape, classes, recipe="feature cache"),
@@ -476,7 +475,7 @@ def _head_module(model: Model, cfg: TrainConfig, point: CachePoint, dim: int, he
     head_args = {p: source[p] for p in list(model.new_params) + frozen_above}
     module.init_params(arg_params=head_args, aux_params={}, allow_missing=False, allow_extra=False)
     sched = schedule(cfg.lr_scheduler, cfg.lr, batches_per_epoch, cfg.num_epochs, cfg.lr_step_epochs,
-                     cfg.lr_factor, cfg.warmup_epochs)
+                     cfg.lr_factor, cfg.lr_warmup_epochs)
     init_optimizer(module, None, cfg, sched, begin_num_update)
     if cfg.load_epoch is not None:
         states = states_path(cfg.model_prefix, cfg.load_epoch)

@@ -145,7 +145,7 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
 
     new_cfg = replace(cfg, data_train=str(out_rec), data_val=str(data_val), model_prefix=str(out_prefix),
                       load_epoch=None, overwrite=True, num_epochs=num_epochs or cfg.num_epochs,
-                      lr_step_epochs=tuple(e for e in cfg.lr_step_epochs if e < (num_epochs or cfg.num_epochs)))
+                      lr_step_epochs=_steps_before(cfg.lr_step_epochs, num_epochs or cfg.num_epochs))
     final_epoch = new_cfg.num_epochs
     from train.recipes.stages import parse_schedule, run_stages, stages_path
     if stages_path(prefix).is_file():  # a staged model is retrained with its own schedule
@@ -175,3 +175,11 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
         report["csv"] = str(out_csv)
     write_json(f"{out_prefix}-pseudo.json", report)
     return report
+
+
+def _steps_before(text: str, num_epochs: int) -> str:
+    """--lr-step-epochs without the steps at or past `num_epochs` ('powN' is kept: it spans any run)."""
+    from train.config import poly_power, step_epochs
+    if poly_power(text) is not None:
+        return text
+    return ",".join(str(e) for e in step_epochs(text) if e < num_epochs)

@@ -129,14 +129,17 @@ def stage_config(base: TrainConfig, stage: Stage, start: int, end: int) -> Train
     aug = TrainConfig().group(AUGMENT)  # a stage gets exactly the augmentation it lists
     aug.update(stage.augment)
     values = {"num_epochs": end, "lr_mult": list(stage.lr_mult),
-              "lr_step_epochs": tuple(start + s for s in stage.lr_step_epochs), **aug}
-    for key in ("optimizer", "lr", "mom", "wd", "lr_factor", "lr_scheduler", "warmup_epochs"):
+              "lr_step_epochs": ",".join(str(start + s) for s in stage.lr_step_epochs), **aug}
+    # A stage's warmup_epochs is the trainer's --lr-warmup-epochs (any optimizer), not fit.py's lbsgd warm-up.
+    for key, option in (("optimizer", "optimizer"), ("lr", "lr"), ("mom", "mom"), ("wd", "wd"),
+                        ("lr_factor", "lr_factor"), ("lr_scheduler", "lr_scheduler"),
+                        ("warmup_epochs", "lr_warmup_epochs")):
         value = getattr(stage, key)
         if value is not None:
-            values[key] = value
+            values[option] = value
     if start > 0:  # later stages: constant lr unless they step it; cosine/warm-up belong to stage one
         values["lr_scheduler"] = "step"
-        values["warmup_epochs"] = 0.0
+        values["lr_warmup_epochs"] = 0.0
     return replace(base, **values)
 
 
