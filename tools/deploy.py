@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
