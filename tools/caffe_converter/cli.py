@@ -102,19 +102,15 @@ def _sizes(record) -> str:
 def _verify_and_publish(args: argparse.Namespace, result) -> int:
     """Stage the files, check the staged files (and, with --verify-layers, every layer) against OpenCV, and
     publish them only when every difference is within tolerance; otherwise remove them."""
-    from tools.caffe_converter.opencv_check import verify_conversion, verify_files
+    from tools.caffe_converter.opencv_check import OpenCVCannotRun, verify_staged
     from tools.caffe_converter.pipeline import discard_staged, publish_staged, stage_checkpoint
     staging = stage_checkpoint(args.prefix, result)
     try:
-        report = verify_files(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance)
-        if args.verify_layers:
-            report.rows += verify_conversion(args.prototxt, args.caffemodel, result, layers=True,
-                                             tolerance=args.tolerance).rows
-    except Exception as err:
+        report = verify_staged(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance,
+                               every_layer=args.verify_layers)
+    except OpenCVCannotRun as err:
         discard_staged(staging)
-        if type(err).__module__.split(".")[0] != "cv2":
-            raise
-        first = next((ln.strip() for ln in str(err).splitlines() if "error:" in ln), str(err).strip()[:200])
+        first = str(err)
         print(f"error: OpenCV cannot run {args.prototxt}, so --verify cannot check it ({first}); nothing written "
               f"to {args.prefix}-*; convert without --verify to keep the unverified files", file=sys.stderr)
         return 1
@@ -124,8 +120,7 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
     print(report.format())
     if not report.ok:
         discard_staged(staging)
-        print(f"error: verification failed: relative difference above {args.tolerance:g}; nothing written to "
-              f"{args.prefix}-*", file=sys.stderr)
+        print(f"error: verification failed: {report.summary()}; nothing written to {args.prefix}-*", file=sys.stderr)
         return 1
     publish_staged(staging, args.prefix)
     return 0

@@ -43,20 +43,46 @@ class Row:
 
 @dataclass
 class VerifyReport:
-    """Per-output (or per-layer) differences between MXNet and OpenCV."""
+    """Per-output (or per-layer) differences between MXNet and OpenCV.
+
+    `verify_staged` fills `figures` (end to end over the probe inputs: printed, not a criterion), `top1` and,
+    when the check itself cannot pass (NaN/Inf weights, a graph MXNet cannot run), `failure`.
+    """
 
     rows: List[Row] = field(default_factory=list)
     tolerance: float = DEFAULT_TOLERANCE
+    figures: List[Row] = field(default_factory=list)
+    top1: Tuple[int, int] = (0, 0)
+    probes: int = 0
+    failure: str = ""
+    every_layer: bool = True
 
     @property
     def ok(self) -> bool:
-        return bool(self.rows) and all(r.ok for r in self.rows)
+        return not self.failure and bool(self.rows) and all(r.ok for r in self.rows)
+
+    @property
+    def first_failure(self) -> Optional[Row]:
+        return next((r for r in self.rows if not r.ok), None)
+
+    def summary(self) -> str:
+        """The one line saying why verification failed (empty when it passed)."""
+        if self.failure:
+            return self.failure
+        first = self.first_failure
+        if first is not None:
+            note = f" ({first.note})" if first.note else ""
+            return (f"first layer that disagrees with OpenCV: '{first.name}', relative difference {first.rel:.3e} > "
+                    f"{self.tolerance:g}{note}")
+        return "" if self.rows else "nothing compared"
 
     @property
     def max_rel(self) -> float:
         return max((r.rel for r in self.rows), default=float("nan"))
 
     def format(self) -> str:
+        if self.probes or self.failure:
+            return _format_staged(self)
         width = max([len(r.name) for r in self.rows] + [5])
         lines = [f"{'layer':<{width}}  {'shape':<20} {'max abs diff':>13} {'rel diff':>10}"]
         for r in self.rows:
@@ -310,3 +336,72 @@ def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyRep
         max_abs, rel = compare(a, b)
         report.rows.append(Row(name, tuple(a.shape), max_abs, rel, bool(rel <= tolerance), note))
     return report
+
+
+# ---- --verify: the written files, layer by layer, in a child process (run_check.py) ---------------------------
+def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = DEFAULT_TOLERANCE,
+                  every_layer: bool = False) -> VerifyReport:
+    """`--verify`: the checkpoint at `prefix` run in a child process, compared with OpenCV layer by layer.
+
+    Each converted layer is fed OpenCV's own input blobs (layerwise.py), so `tolerance` bounds one layer's
+    rounding relative to its output's magnitude at any depth; the end-to-end difference and top-1 agreement
+    over the probe inputs are figures. A crash of the graph, NaN/Inf parameters, or a layer MXNet cannot run
+    fail it, naming the layer or parameter.
+
+    Raises:
+        OpenCVCannotRun: OpenCV's importer refuses the net (no reference to compare with).
+    """
+    from tools.caffe_converter.run_check import verify_in_child
+    found = verify_in_child(prefix, prototxt, caffemodel, result, tolerance)
+    report = VerifyReport(tolerance=tolerance, every_layer=every_layer, probes=found.get("probes", 0))
+    if found.get("opencv_error"):
+        raise OpenCVCannotRun(found["opencv_error"])
+    if found.get("non_finite"):
+        report.failure = f"the written parameters hold NaN/Inf values: {'; '.join(found['non_finite'][:5])}"
+        return report
+    crash = found.get("crash")
+    if crash:
+        where = "when its operators run alone" if crash["alone"] else "when the graph is run up to it"
+        report.failure = f"layer '{crash['layer']}': MXNet fails on the converted graph {where} ({crash['how']})"
+        return report
+    for r in found["rows"]:
+        report.rows.append(Row(r["name"], tuple(r["shape"]), r["max_abs"], r["rel"], bool(r["rel"] <= tolerance),
+                               r["note"]))
+    report.figures = [Row(f["name"], tuple(f["shape"]), f["max_abs"], f["rel"], True) for f in found["figures"]]
+    report.top1 = tuple(found["top1"])
+    return report
+
+
+class OpenCVCannotRun(Exception):
+    """OpenCV's Caffe importer cannot run the net, so there is no reference to verify against."""
+
+
+def _format_staged(report: VerifyReport) -> str:
+    lines = []
+    if report.rows:
+        lines.append(f"layer by layer (each layer fed OpenCV's own input blobs; a layer passes when max |ours - "
+                     f"OpenCV| <= {report.tolerance:g} x max |OpenCV|):")
+        width = max(len(r.name) for r in report.rows)
+        shown = report.rows if report.every_layer else [r for r in report.rows if not r.ok or r.note]
+        worst = max(report.rows, key=lambda r: r.rel)
+        if worst not in shown:
+            shown = shown + [worst]
+        for r in shown:
+            flag = "" if r.ok else "  ABOVE TOLERANCE"
+            label = " (the largest)" if r is worst and not report.every_layer and r.ok else ""
+            lines.append(f"  {r.name:<{width}}  {str(r.shape):<20} {r.max_abs:13.3e} {r.rel:10.3e}{flag}{label}"
+                         + (f"  ({r.note})" if r.note else ""))
+    if report.figures:
+        agree, total = report.top1
+        lines.append(f"end to end over {report.probes} probe inputs (a figure, not a criterion: float32 rounding "
+                     f"accumulates with depth):")
+        for r in report.figures:
+            lines.append(f"  {r.name}  {str(r.shape)}  max abs {r.max_abs:.3e}, relative {r.rel:.3e}")
+        if total:
+            lines.append(f"  top-1 agreement with OpenCV: {agree}/{total}")
+    verdict = "OK" if report.ok else "FAILED"
+    max_rel = f", max relative difference {report.max_rel:.3e}" if report.rows else ""
+    lines.append(f"verify {verdict}: {len(report.rows)} layers compared{max_rel} (tolerance {report.tolerance:g}) "
+                 f"against OpenCV {_cv2_version()} dnn, files on disk run in a child process"
+                 + (f": {report.summary()}" if not report.ok else ""))
+    return "\n".join(lines)
