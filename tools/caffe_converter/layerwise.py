@@ -52,6 +52,22 @@ def relative(ours: np.ndarray, ref: np.ndarray) -> Tuple[float, float]:
     return max_abs, max_abs / (float(np.max(np.abs(b))) + ABS_FLOOR)
 
 
+_PARAM_SUFFIXES = ("_weight", "_bias", "_gamma", "_beta", "_moving_mean", "_moving_var")
+
+
+def non_finite(arrays: Dict[str, np.ndarray]) -> List[str]:
+    """One line per parameter holding NaN or Inf values, naming it and the Caffe layer it comes from."""
+    found = []
+    for name, value in arrays.items():
+        value = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        if nan or inf:
+            layer = next((name[:-len(s)] for s in _PARAM_SUFFIXES if name.endswith(s)), name)
+            found.append(f"parameter '{name}' (Caffe layer '{layer}') holds {nan} NaN and {inf} Inf of "
+                         f"{value.size} values")
+    return found
+
+
 # ---- cutting the written graph ---------------------------------------------------------------------------------
 def entry_of(nodes: Sequence[dict], name: str) -> Tuple[int, int]:
     """(node index, output index) of an MXNet output name such as 'conv1_output' or 'slice1_output1'."""

@@ -340,7 +340,8 @@ def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyRep
 
 # ---- --verify: the written files, layer by layer, in a child process (run_check.py) ---------------------------
 def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = DEFAULT_TOLERANCE,
-                  every_layer: bool = False) -> VerifyReport:
+                  every_layer: bool = False, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                  in_process: bool = False) -> VerifyReport:
     """`--verify`: the checkpoint at `prefix` run in a child process, compared with OpenCV layer by layer.
 
     Each converted layer is fed OpenCV's own input blobs (layerwise.py), so `tolerance` bounds one layer's
@@ -352,12 +353,16 @@ def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = DEFAU
         OpenCVCannotRun: OpenCV's importer refuses the net (no reference to compare with).
     """
     from tools.caffe_converter.run_check import verify_in_child
-    found = verify_in_child(prefix, prototxt, caffemodel, result, tolerance)
+    found = verify_in_child(prefix, prototxt, caffemodel, result, tolerance, input_shapes=input_shapes,
+                            in_process=in_process)
     report = VerifyReport(tolerance=tolerance, every_layer=every_layer, probes=found.get("probes", 0))
     if found.get("opencv_error"):
         raise OpenCVCannotRun(found["opencv_error"])
     if found.get("non_finite"):
         report.failure = f"the written parameters hold NaN/Inf values: {'; '.join(found['non_finite'][:5])}"
+        return report
+    if found.get("graph_error"):  # in process: no bisection
+        report.failure = f"MXNet cannot run the converted graph ({found['graph_error']})"
         return report
     crash = found.get("crash")
     if crash:

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from tools.caffe_converter.layerwise import LAYER_TOLERANCE, LayerPlan, caffe_reference, cut_graph, entry_of, relative
+from tools.caffe_converter.layerwise import (LAYER_TOLERANCE, LayerPlan, caffe_reference, cut_graph, entry_of,
+                                             non_finite, relative)
 
 PROBES = 4  # random inputs for the end-to-end figure and its top-1 agreement; layer by layer uses the first
 CHILD_TIMEOUT_S = 3600  # a child that runs longer is a hang, reported as such
@@ -69,16 +70,26 @@ def _how_it_ended(code: int, stderr: str) -> str:
 
 
 def verify_in_child(prefix, prototxt, caffemodel, result, tolerance: float = LAYER_TOLERANCE,
-                    probes: int = PROBES) -> dict:
+                    probes: int = PROBES, input_shapes: Optional[Dict[str, tuple]] = None,
+                    in_process: bool = False) -> dict:
     """Run the checks of the module docstring on the checkpoint at `prefix` (epoch 0).
+
+    Args:
+        input_shapes: bind at these shapes (MXNet input names) instead of the declared ones.
+        in_process: run here, not in a child (tests of many small nets; a crash is then a crash).
 
     Returns:
         The child's findings: rows (layer by layer), figures (end to end), top1, non_finite, or crash (the
         layer and how it ended), or opencv_error.
     """
+    plan = plan_of(result)
+    if input_shapes:
+        plan["input_shapes"] = {k: list(v) for k, v in input_shapes.items()}
     job = dict(mode="verify", prefix=str(prefix), prototxt=str(prototxt), caffemodel=str(caffemodel),
-               tolerance=tolerance, probes=probes, plan=plan_of(result))
+               tolerance=tolerance, probes=probes, plan=plan)
     with tempfile.TemporaryDirectory(prefix="caffe_verify_") as tmp:
+        if in_process:
+            return _verify(dict(job, progress=str(Path(tmp) / "progress")))
         folder = Path(tmp)
         found, ended = _run_child(job, folder, "verify")
         if found is not None and not found.get("graph_error"):
@@ -130,17 +141,6 @@ def _bind_run(sym, mx_inputs: Dict[str, np.ndarray], arg_params, aux_params) -> 
     mod.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
     mod.forward(mx.io.DataBatch([mx.nd.array(mx_inputs[k]) for k in data_names]), is_train=False)
     return [o.asnumpy() for o in mod.get_outputs()]
-
-
-def non_finite(arrays: Dict[str, np.ndarray]) -> List[str]:
-    """One description per array holding NaN or Inf values, naming it."""
-    found = []
-    for name, value in arrays.items():
-        value = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
-        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
-        if nan or inf:
-            found.append(f"'{name}' holds {nan} NaN and {inf} Inf of {value.size} values")
-    return found
 
 
 def _probe(job: dict) -> dict:
