@@ -16,7 +16,8 @@ from tests._caffe_nets import NetBuilder
 from tests._zoo_nets import deep_residual, write_zoo_net
 from tools.caffe_converter import cli, convert
 from tools.caffe_converter.layerwise import cut_graph, entry_of
-from tools.caffe_converter.opencv_check import verify_files, verify_staged
+from tools.caffe_converter.opencv_check import verify_files
+from tools.caffe_converter.run_check import verify_staged
 
 
 def _error_line(capsys) -> str:

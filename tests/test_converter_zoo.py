@@ -13,7 +13,7 @@ import pytest
 from tests._zoo_nets import ZOO, write_zoo_net
 from tools.caffe_converter import convert
 from tools.caffe_converter.layerwise import LAYER_TOLERANCE
-from tools.caffe_converter.opencv_check import verify_staged
+from tools.caffe_converter.run_check import verify_staged
 
 
 def _sizes():

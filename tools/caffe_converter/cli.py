@@ -102,7 +102,7 @@ def _sizes(record) -> str:
 def _verify_and_publish(args: argparse.Namespace, result) -> int:
     """Stage the files, check the staged files (and, with --verify-layers, every layer) against OpenCV, and
     publish them only when every difference is within tolerance; otherwise remove them."""
-    from tools.caffe_converter.opencv_check import OpenCVCannotRun, verify_staged
+    from tools.caffe_converter.run_check import OpenCVCannotRun, verify_staged
     from tools.caffe_converter.pipeline import discard_staged, publish_staged, stage_checkpoint
     staging = stage_checkpoint(args.prefix, result)
     try:

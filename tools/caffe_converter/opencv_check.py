@@ -24,11 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tools.caffe_converter.layerwise import LAYER_TOLERANCE
+
 log = logging.getLogger(__name__)
 
-# Max relative difference accepted (max |ours - OpenCV| / max |OpenCV|). Converted float32 nets agree to
-# ~1e-6 (VGG16, ResNet-50, SSD measured here); 1e-4 leaves room for summation order, not for a wrong layer.
-DEFAULT_TOLERANCE = 1e-4
+# Max relative difference accepted (max |ours - OpenCV| / max |OpenCV|), per layer: layerwise.py says why.
+DEFAULT_TOLERANCE = LAYER_TOLERANCE
 
 
 @dataclass
@@ -339,48 +340,6 @@ def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyRep
 
 
 # ---- --verify: the written files, layer by layer, in a child process (run_check.py) ---------------------------
-def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = DEFAULT_TOLERANCE,
-                  every_layer: bool = False, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
-                  in_process: bool = False) -> VerifyReport:
-    """`--verify`: the checkpoint at `prefix` run in a child process, compared with OpenCV layer by layer.
-
-    Each converted layer is fed OpenCV's own input blobs (layerwise.py), so `tolerance` bounds one layer's
-    rounding relative to its output's magnitude at any depth; the end-to-end difference and top-1 agreement
-    over the probe inputs are figures. A crash of the graph, NaN/Inf parameters, or a layer MXNet cannot run
-    fail it, naming the layer or parameter.
-
-    Raises:
-        OpenCVCannotRun: OpenCV's importer refuses the net (no reference to compare with).
-    """
-    from tools.caffe_converter.run_check import verify_in_child
-    found = verify_in_child(prefix, prototxt, caffemodel, result, tolerance, input_shapes=input_shapes,
-                            in_process=in_process)
-    report = VerifyReport(tolerance=tolerance, every_layer=every_layer, probes=found.get("probes", 0))
-    if found.get("opencv_error"):
-        raise OpenCVCannotRun(found["opencv_error"])
-    if found.get("non_finite"):
-        report.failure = f"the written parameters hold NaN/Inf values: {'; '.join(found['non_finite'][:5])}"
-        return report
-    if found.get("graph_error"):  # in process: no bisection
-        report.failure = f"MXNet cannot run the converted graph ({found['graph_error']})"
-        return report
-    crash = found.get("crash")
-    if crash:
-        where = "when its operators run alone" if crash["alone"] else "when the graph is run up to it"
-        report.failure = f"layer '{crash['layer']}': MXNet fails on the converted graph {where} ({crash['how']})"
-        return report
-    for r in found["rows"]:
-        report.rows.append(Row(r["name"], tuple(r["shape"]), r["max_abs"], r["rel"], bool(r["rel"] <= tolerance),
-                               r["note"]))
-    report.figures = [Row(f["name"], tuple(f["shape"]), f["max_abs"], f["rel"], True) for f in found["figures"]]
-    report.top1 = tuple(found["top1"])
-    return report
-
-
-class OpenCVCannotRun(Exception):
-    """OpenCV's Caffe importer cannot run the net, so there is no reference to verify against."""
-
-
 def _format_staged(report: VerifyReport) -> str:
     lines = []
     if report.rows:

@@ -25,6 +25,7 @@ import numpy as np
 
 from tools.caffe_converter.layerwise import (LAYER_TOLERANCE, LayerPlan, caffe_reference, cut_graph, entry_of,
                                              non_finite, relative)
+from tools.caffe_converter.opencv_check import Row, VerifyReport, random_inputs, run_opencv
 
 PROBES = 4  # random inputs for the end-to-end figure and its top-1 agreement; layer by layer uses the first
 CHILD_TIMEOUT_S = 3600  # a child that runs longer is a hang, reported as such
@@ -119,10 +120,50 @@ def _bisect(job: dict, folder: Path) -> str:
     return layers[bad]["name"] if bad < len(layers) else "(the graph's outputs)"
 
 
+def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = LAYER_TOLERANCE,
+                  every_layer: bool = False, input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                  in_process: bool = False) -> VerifyReport:
+    """`--verify`: the checkpoint at `prefix` run in a child process, compared with OpenCV layer by layer.
+
+    Each converted layer is fed OpenCV's own input blobs (layerwise.py), so `tolerance` bounds one layer's
+    rounding relative to its output's magnitude at any depth; the end-to-end difference and top-1 agreement
+    over the probe inputs are figures. A crash of the graph, NaN/Inf parameters, or a layer MXNet cannot run
+    fail it, naming the layer or parameter.
+
+    Raises:
+        OpenCVCannotRun: OpenCV's importer refuses the net (no reference to compare with).
+    """
+    found = verify_in_child(prefix, prototxt, caffemodel, result, tolerance, input_shapes=input_shapes,
+                            in_process=in_process)
+    report = VerifyReport(tolerance=tolerance, every_layer=every_layer, probes=found.get("probes", 0))
+    if found.get("opencv_error"):
+        raise OpenCVCannotRun(found["opencv_error"])
+    if found.get("non_finite"):
+        report.failure = f"the written parameters hold NaN/Inf values: {'; '.join(found['non_finite'][:5])}"
+        return report
+    if found.get("graph_error"):  # in process: no bisection
+        report.failure = f"MXNet cannot run the converted graph ({found['graph_error']})"
+        return report
+    crash = found.get("crash")
+    if crash:
+        where = "when its operators run alone" if crash["alone"] else "when the graph is run up to it"
+        report.failure = f"layer '{crash['layer']}': MXNet fails on the converted graph {where} ({crash['how']})"
+        return report
+    for r in found["rows"]:
+        report.rows.append(Row(r["name"], tuple(r["shape"]), r["max_abs"], r["rel"], bool(r["rel"] <= tolerance),
+                               r["note"]))
+    report.figures = [Row(f["name"], tuple(f["shape"]), f["max_abs"], f["rel"], True) for f in found["figures"]]
+    report.top1 = tuple(found["top1"])
+    return report
+
+
+class OpenCVCannotRun(Exception):
+    """OpenCV's Caffe importer cannot run the net, so there is no reference to verify against."""
+
+
 # ---- the child --------------------------------------------------------------------------------------------------
 def _inputs(plan: dict, seed: int) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(OpenCV's inputs by Caffe name in BGR, MXNet's by MXNet name in the model's order) for one probe."""
-    from tools.caffe_converter.opencv_check import random_inputs
     inputs = random_inputs({k: tuple(v) for k, v in plan["input_shapes"].items()}, seed)
     cv = {plan["caffe_input_names"][k]: v for k, v in inputs.items()}
     mx_inputs = dict(inputs)
@@ -154,7 +195,6 @@ def _probe(job: dict) -> dict:
 
 def _end_to_end(job: dict, sym, arg_params, aux_params) -> dict:
     """The outputs (and the classifier's logits) against OpenCV over the probe inputs: figures, not a criterion."""
-    from tools.caffe_converter.opencv_check import run_opencv
     plan = job["plan"]
     names, outputs = _output_entries(plan, sym)
     worst: Dict[str, Tuple[float, float, tuple]] = {}
@@ -212,7 +252,6 @@ def _layer_by_layer(job: dict, sym, arg_params, aux_params, progress: Path) -> L
     """Each compared layer's operators fed OpenCV's blobs (see layerwise.py); one row per layer."""
     import mxnet as mx
     from tools.caffe_converter.caffe_io import read_caffemodel
-    from tools.caffe_converter.opencv_check import run_opencv
     plan = job["plan"]
     graph = json.loads(sym.tojson())
     nodes = graph["nodes"]
