@@ -259,7 +259,8 @@ def hed(z: Zoo) -> None:
 def colorization(z: Zoo) -> None:
     """Colorization: dilated convolutions with BatchNorm alone, a Deconvolution, a per-position Softmax after a
     constant Scale, and a 1x1 convolution of the probabilities."""
-    x = z.relu(z.conv("conv1_1", "data", 8, 3, pad=1))
+    # named after the blob it reads, as in the published file: OpenCV keeps it under its top's name
+    x = z.relu(z.conv("bw_conv1_1", "data", 8, 3, pad=1, top="conv1_1"))
     x = z.bn_scale("conv1_2norm", z.relu(z.conv("conv1_2", x, 8, 3, stride=2, pad=1)), scale=False)
     x = z.relu(z.conv("conv5_1", x, 8, 3, dilation=2))
     x = z.bn_scale("conv5_3norm", z.relu(z.conv("conv5_2", x, 8, 3, dilation=2)), scale=False)

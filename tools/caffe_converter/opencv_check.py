@@ -189,10 +189,13 @@ def opencv_equivalent(prototxt, folder) -> str:
     return str(path)
 
 
-def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str]) -> List[np.ndarray]:
+def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str],
+               missing_ok: bool = False) -> List[Optional[np.ndarray]]:
     """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept).
 
-    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`.
+    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`. With
+    `missing_ok`, a layer OpenCV's importer does not keep under its name (it renames colorization's
+    'bw_conv1_1' after its top) gives None instead of an error.
     """
     import cv2
     with tempfile.TemporaryDirectory() as folder:
@@ -202,8 +205,10 @@ def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names:
     net.enableFusion(False)
     for name, value in inputs.items():
         net.setInput(value, name)
-    outs = net.forward(list(layer_names))
-    return [np.asarray(o) for o in outs]
+    have = set(net.getLayerNames()) if missing_ok else set(layer_names)
+    kept = [n for n in layer_names if n in have]
+    outs = dict(zip(kept, net.forward(kept))) if kept else {}
+    return [np.asarray(outs[n]) if n in outs else None for n in layer_names]
 
 
 def caffe_lrn(x: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:
