@@ -140,3 +140,29 @@ def test_cut_graph_feeds_the_blobs_around_a_layer():
     text, used = cut_graph(graph, entry_of(nodes, "relu_output"), {entry_of(nodes, "conv_output"): "fed_conv"})
     (got,) = mx.sym.load_json(text).bind(mx.cpu(), {"fed_conv": mx.nd.array(fed)}).forward()
     np.testing.assert_array_equal(got.asnumpy(), np.maximum(fed[:, 1:], 0))
+
+
+@pytest.mark.parametrize("kind", ["log", "swish", "ip-transpose"])
+def test_where_opencv_departs_the_layer_is_checked_against_caffes_formula(kind, tmp_path):
+    """OpenCV 4.11 ignores Log's base/scale/shift, Swish's beta and InnerProduct's transpose: those rows compare
+    with Caffe's formula in numpy, and the layers after them still agree with OpenCV."""
+    b = NetBuilder(kind, seed=4)
+    b.input("data", (1, 3, 6, 6))
+    b.layer("conv1", "Convolution", ["data"], params="convolution_param { num_output: 4 kernel_size: 3 }",
+            blobs=[b.rand(4, 3, 3, 3, scale=0.01), b.rand(4)])
+    if kind == "log":
+        b.layer("abs", "AbsVal", ["conv1"], ["conv1"])
+        b.layer("odd", "Log", ["conv1"], params="log_param { base: 10 scale: 2 shift: 1 }")
+    elif kind == "swish":
+        b.layer("odd", "Swish", ["conv1"], params="swish_param { beta: 1.5 }")
+    else:
+        b.layer("odd", "InnerProduct", ["conv1"], params="inner_product_param { num_output: 5 transpose: true }",
+                blobs=[b.rand(4 * 4 * 4, 5), b.rand(5)])
+    b.layer("after", "InnerProduct", ["odd"], params="inner_product_param { num_output: 3 }",
+            blobs=[b.rand(3, 5 if kind == "ip-transpose" else 64), b.rand(3)])
+    prototxt, caffemodel = b.write(tmp_path, kind)
+    result = convert(prototxt, caffemodel, tmp_path / "m", keep_bgr=True)
+    report = verify_staged(tmp_path / "m", prototxt, caffemodel, result, in_process=True)
+    assert report.ok, report.format()
+    rows = {r.name: r for r in report.rows}
+    assert "against Caffe's formula in numpy" in rows["odd"].note and not rows["after"].note

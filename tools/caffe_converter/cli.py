@@ -49,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-layer", action="append", metavar="NAME",
                         help="cut the net at this layer or blob (repeat for several outputs)")
     parser.add_argument("--verify", action="store_true",
-                        help="re-load the written files with mx.model.load_checkpoint and compare their outputs with "
-                             "OpenCV's Caffe importer on random input; the files are published only if they agree")
-    parser.add_argument("--verify-layers", action="store_true", help="--verify, and compare every layer with OpenCV")
+                        help="run the written files (mx.model.load_checkpoint, in a child process) and compare every "
+                             "layer with OpenCV's Caffe importer, each fed OpenCV's input blobs; the files are "
+                             "published only if every layer agrees")
+    parser.add_argument("--verify-layers", action="store_true", help="--verify, printing every layer's row")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"max relative difference accepted by --verify (default {DEFAULT_TOLERANCE:g})")
+                        help=f"max relative difference of a layer accepted by --verify (default {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--strict", action="store_true",
                         help="fail instead of skipping training-only layers or ignoring caffemodel weights for "
                              "layers the prototxt does not define")

@@ -7,6 +7,8 @@ layer, we report the max absolute difference and the relative difference max|a -
 `verify_files` checks what was written: the checkpoint re-loaded with stock `mx.model.load_checkpoint` into a
 fresh `mx.mod.Module`, so a bug in the `.params` writer cannot hide behind the in-memory arrays.
 `verify_conversion` checks the in-memory conversion, layer by layer if asked. cv2 is imported only here.
+`--verify` itself (layer by layer, each layer fed OpenCV's input blobs, in a child process) is run_check.py's
+`verify_staged`, using `run_opencv` and the report classes from here.
 
 Where OpenCV departs from Caffe, it is not trusted blindly: OpenCV computes an ACROSS_CHANNELS LRN as if k were
 1, so it runs an equivalent net (LRN with alpha/k, then a scale by k^-beta), and each such LRN is also compared
@@ -57,6 +59,7 @@ class VerifyReport:
     probes: int = 0
     failure: str = ""
     every_layer: bool = True
+    where: str = "files on disk run in a child process"
 
     @property
     def ok(self) -> bool:
@@ -371,6 +374,6 @@ def _format_staged(report: VerifyReport) -> str:
     verdict = "OK" if report.ok else "FAILED"
     max_rel = f", max relative difference {report.max_rel:.3e}" if report.rows else ""
     lines.append(f"verify {verdict}: {len(report.rows)} layers compared{max_rel} (tolerance {report.tolerance:g}) "
-                 f"against OpenCV {_cv2_version()} dnn, files on disk run in a child process"
+                 f"against OpenCV {_cv2_version()} dnn, {report.where}"
                  + (f": {report.summary()}" if not report.ok else ""))
     return "\n".join(lines)

@@ -135,7 +135,8 @@ def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = LAYER
     """
     found = verify_in_child(prefix, prototxt, caffemodel, result, tolerance, input_shapes=input_shapes,
                             in_process=in_process)
-    report = VerifyReport(tolerance=tolerance, every_layer=every_layer, probes=found.get("probes", 0))
+    report = VerifyReport(tolerance=tolerance, every_layer=every_layer, probes=found.get("probes", 0),
+                          where="files on disk" + ("" if in_process else " run in a child process"))
     if found.get("opencv_error"):
         raise OpenCVCannotRun(found["opencv_error"])
     if found.get("non_finite"):
