@@ -166,3 +166,34 @@ def test_where_opencv_departs_the_layer_is_checked_against_caffes_formula(kind, 
     assert report.ok, report.format()
     rows = {r.name: r for r in report.rows}
     assert "against Caffe's formula in numpy" in rows["odd"].note and not rows["after"].note
+
+
+def test_a_child_killed_by_a_signal_is_bisected_to_the_first_layer_whose_prefix_dies(tmp_path, monkeypatch):
+    """A segfault of MXNet cannot be produced on demand, so the child processes here die by a real SIGSEGV
+    wherever the graph is run up to 'res2a_branch2b' or beyond; the converter names that layer and survives."""
+    import subprocess
+    import sys
+
+    from tools.caffe_converter import run_check
+    prototxt, caffemodel, _, _ = write_zoo_net("resnet", tmp_path)
+    result = convert(prototxt, caffemodel, tmp_path / "m")
+    order = [spec["name"] for spec in run_check.plan_of(result)["layers"]]
+    first_bad = order.index("res2a_branch2b")
+    probed = []
+
+    def dying_child(job, folder, tag):
+        bad = job["mode"] == "verify" or order.index(next(
+            s["name"] for s in job["plan"]["layers"] if s["entry"] == job["entry"])) >= first_bad
+        if job["mode"] == "probe":
+            probed.append(job["entry"])
+        if not bad:
+            return {"ran": True}, ""
+        proc = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+                              stderr=subprocess.PIPE)
+        return None, run_check._how_it_ended(proc.returncode, proc.stderr.decode())
+    monkeypatch.setattr(run_check, "_run_child", dying_child)
+    report = verify_staged(tmp_path / "m", prototxt, caffemodel, result)
+    assert not report.ok
+    assert report.summary() == ("layer 'res2a_branch2b': MXNet fails on the converted graph when the graph is run up "
+                                "to it (killed by SIGSEGV)")
+    assert len(probed) <= int(np.ceil(np.log2(len(order) + 1)))  # a bisection, not a walk
