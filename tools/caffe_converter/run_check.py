@@ -59,12 +59,17 @@ def _run_child(job: dict, folder: Path, tag: str) -> Tuple[Optional[dict], str]:
     return None, _how_it_ended(proc.returncode, proc.stderr.decode(errors="replace"))
 
 
+_DIED = ("killed by", "no answer within")  # how _how_it_ended and _run_child describe a crash or a hang
+
+
 def _how_it_ended(code: int, stderr: str) -> str:
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if "Segmentation fault" in stderr:  # MXNet's own SIGSEGV handler prints this and may exit with a status
+        return "killed by SIGSEGV (MXNet: Segmentation fault)"
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln or "error" in ln]
     return (errors or lines or [f"exit status {code}"])[-1][:300]
@@ -95,6 +100,8 @@ def verify_in_child(prefix, prototxt, caffemodel, result, tolerance: float = LAY
         found, ended = _run_child(job, folder, "verify")
         if found is not None and not found.get("graph_error"):
             return found
+        if found is None and not ended.startswith(_DIED):  # a Python error of the check itself: no bisection
+            return dict(child_error=ended)
         if found is None:
             progress = folder / "verify.progress"
             stage = progress.read_text().strip() if progress.exists() else ""
@@ -141,6 +148,9 @@ def verify_staged(prefix, prototxt, caffemodel, result, tolerance: float = LAYER
         raise OpenCVCannotRun(found["opencv_error"])
     if found.get("non_finite"):
         report.failure = f"the written parameters hold NaN/Inf values: {'; '.join(found['non_finite'][:5])}"
+        return report
+    if found.get("child_error"):
+        report.failure = f"the check could not run the written files ({found['child_error']})"
         return report
     if found.get("graph_error"):  # in process: no bisection
         report.failure = f"MXNet cannot run the converted graph ({found['graph_error']})"
