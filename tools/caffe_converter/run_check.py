@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -49,14 +50,48 @@ def _run_child(job: dict, folder: Path, tag: str) -> Tuple[Optional[dict], str]:
     job = dict(job, output=str(out_path), progress=str(progress))
     job_path.write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "tools.caffe_converter.run_check", str(job_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+    with open(folder / f"{tag}.stderr", "w+b") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "tools.caffe_converter.run_check", str(job_path)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        code = _wait_showing_progress(proc, progress, job["mode"] == "verify")
+        stderr.seek(0)
+        text = stderr.read().decode(errors="replace")
+    if code is None:
         return None, f"no answer within {CHILD_TIMEOUT_S} s"
-    if out_path.exists() and proc.returncode == 0:
+    if out_path.exists() and code == 0:
         return json.loads(out_path.read_text()), ""
-    return None, _how_it_ended(proc.returncode, proc.stderr.decode(errors="replace"))
+    return None, _how_it_ended(code, text)
+
+
+def _wait_showing_progress(proc: subprocess.Popen, progress: Path, show: bool) -> Optional[int]:
+    """The child's exit status (None after CHILD_TIMEOUT_S, the child killed), printing the layer-by-layer
+    progress (done/total, rate, ETA) on stdout beside the report (stderr keeps the one error line): in place on a
+    terminal, every 10 s otherwise."""
+    start, shown, tty, stage = time.monotonic(), 0.0, sys.stdout.isatty(), ""
+    while True:
+        try:
+            code = proc.wait(timeout=1.0)
+            if show and shown and tty:
+                print()
+            return code
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - start > CHILD_TIMEOUT_S:
+            proc.kill()
+            proc.wait()
+            return None
+        fields = progress.read_text().split("\t") if show and progress.exists() else []
+        if len(fields) == 1 and fields[0] != stage and fields[0].startswith("verify:"):
+            stage = fields[0]
+            print(stage, flush=True)
+        if len(fields) == 4 and (tty or now - shown >= 10):
+            done, total, since = int(fields[1]), int(fields[2]), float(fields[3])
+            rate = done / max(time.time() - since, 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            line = f"verify: layer {done}/{total}, {rate:.1f} layers/s, ETA {eta:.0f} s"
+            print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
+            shown = now
 
 
 _DIED = ("killed by", "no answer within")  # how _how_it_ended and _run_child describe a crash or a hang
@@ -106,7 +141,7 @@ def verify_in_child(prefix, prototxt, caffemodel, result, tolerance: float = LAY
             progress = folder / "verify.progress"
             stage = progress.read_text().strip() if progress.exists() else ""
             if stage.startswith("layer "):
-                return dict(crash=dict(layer=stage[6:], how=ended, alone=True))
+                return dict(crash=dict(layer=stage[6:].split("\t")[0], how=ended, alone=True))
         else:
             ended = found["graph_error"]
         layer = _bisect(job, folder)
@@ -290,8 +325,9 @@ def _layer_by_layer(job: dict, sym, arg_params, aux_params, progress: Path) -> L
                       sym.get_internals().infer_shape_partial(**{k: v.shape for k, v in mx_inputs.items()})[1]))
     weights = None
     rows = []
-    for spec, entry, param in layers:
-        progress.write_text(f"layer {spec.name}")
+    since = time.time()
+    for done, (spec, entry, param) in enumerate(layers):
+        progress.write_text(f"layer {spec.name}\t{done}\t{len(layers)}\t{since}")
         text, used = cut_graph(graph, entry, {e: v for e, v in feeds.items() if e != entry})
         sub = mx.sym.load_json(text)
         given = dict(mx_inputs)
@@ -348,7 +384,7 @@ def _verify(job: dict) -> dict:
     bad = non_finite(arg_params) + non_finite(aux_params)
     if bad:
         return dict(non_finite=bad)
-    progress.write_text("graph")
+    progress.write_text(f"verify: the whole graph and OpenCV on {job['probes']} probe inputs")
     try:
         found = _end_to_end(job, sym, arg_params, aux_params)
         found["rows"] = _layer_by_layer(job, sym, arg_params, aux_params, progress)
