@@ -66,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the shape the prototxt declares for input NAME (repeatable), e.g. for a net "
                              "declared at 1x1 and reshaped at run time: --input-shape data=1,3,368,368")
     parser.add_argument("--verify", action="store_true",
-                        help="re-load the written files with mx.model.load_checkpoint and compare their outputs with "
-                             "OpenCV's Caffe importer on random input; the files are published only if they agree")
-    parser.add_argument("--verify-layers", action="store_true", help="--verify, and compare every layer with OpenCV")
+                        help="run the written files (mx.model.load_checkpoint, in a child process) and compare every "
+                             "layer with OpenCV's Caffe importer, each fed OpenCV's input blobs; the files are "
+                             "published only if every layer agrees")
+    parser.add_argument("--verify-layers", action="store_true", help="--verify, printing every layer's row")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"max relative difference accepted by --verify (default {DEFAULT_TOLERANCE:g})")
+                        help=f"max relative difference of a layer accepted by --verify (default {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--strict", action="store_true",
                         help="fail instead of skipping training-only layers or ignoring caffemodel weights for "
                              "layers the prototxt does not define")
@@ -119,19 +120,15 @@ def _sizes(record) -> str:
 def _verify_and_publish(args: argparse.Namespace, result) -> int:
     """Stage the files, check the staged files (and, with --verify-layers, every layer) against OpenCV, and
     publish them only when every difference is within tolerance; otherwise remove them."""
-    from tools.caffe_converter.opencv_check import verify_conversion, verify_files
+    from tools.caffe_converter.run_check import OpenCVCannotRun, verify_staged
     from tools.caffe_converter.pipeline import discard_staged, publish_staged, stage_checkpoint
     staging = stage_checkpoint(args.prefix, result)
     try:
-        report = verify_files(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance)
-        if args.verify_layers:
-            report.rows += verify_conversion(args.prototxt, args.caffemodel, result, layers=True,
-                                             tolerance=args.tolerance).rows
-    except Exception as err:
+        report = verify_staged(staging, args.prototxt, args.caffemodel, result, tolerance=args.tolerance,
+                               every_layer=args.verify_layers)
+    except OpenCVCannotRun as err:
         discard_staged(staging)
-        if type(err).__module__.split(".")[0] != "cv2":
-            raise
-        first = next((ln.strip() for ln in str(err).splitlines() if "error:" in ln), str(err).strip()[:200])
+        first = str(err)
         print(f"error: OpenCV cannot run {args.prototxt}, so --verify cannot check it ({first}); nothing written "
               f"to {args.prefix}-*; convert without --verify to keep the unverified files", file=sys.stderr)
         return 1
@@ -141,8 +138,7 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
     print(report.format())
     if not report.ok:
         discard_staged(staging)
-        print(f"error: verification failed: relative difference above {args.tolerance:g}; nothing written to "
-              f"{args.prefix}-*", file=sys.stderr)
+        print(f"error: verification failed: {report.summary()}; nothing written to {args.prefix}-*", file=sys.stderr)
         return 1
     publish_staged(staging, args.prefix)
     return 0

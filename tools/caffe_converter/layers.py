@@ -870,13 +870,32 @@ def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
         args[f"{layer.name}_gamma"] = blobs[0]
         beta_blob = blobs[1] if p.bias_term else None
     full = (1,) * axis + tuple(sshape) + (1,) * (len(x.shape) - axis - len(sshape))
-    out = mx.sym.broadcast_mul(x.sym, mx.sym.reshape(gamma, shape=full),
-                               name=layer.name if beta_blob is None else f"{layer.name}_mul")
+    if len(inputs) == 2:
+        gamma = _scale_bottom_as(gamma, sshape, full, axis)
+    else:
+        gamma = mx.sym.reshape(gamma, shape=full)
+    out = mx.sym.broadcast_mul(x.sym, gamma, name=layer.name if beta_blob is None else f"{layer.name}_mul")
     if beta_blob is not None:
         beta = _var(f"{layer.name}_beta", beta_blob.shape)
         args[f"{layer.name}_beta"] = beta_blob
         out = mx.sym.broadcast_add(out, mx.sym.reshape(beta, shape=full), name=layer.name)
     return Converted([out], args)
+
+
+def _scale_bottom_as(gamma: mx.sym.Symbol, sshape: Shape, full: Shape, axis: int) -> mx.sym.Symbol:
+    """A Scale's second bottom given the unit axes that broadcast it against the first, at any batch size.
+
+    SE blocks multiply a feature map by an N x C gate (Caffe: Scale, axis 0). MXNet 1.9's MKLDNN Reshape of
+    that gate back to N x C x 1 x 1 fails ("could not create a primitive descriptor for a reorder primitive",
+    C >= 512) and a reshape to the declared shape would fix the batch, so the unit axes come from reshape_like
+    (which MKLDNN leaves alone) against a constant holding only the gate's last axis and the unit axes.
+    """
+    if len(full) == len(sshape):
+        return gamma
+    if axis > 0:  # the batch axis is not in the gate: its shape is fixed by the net's channels
+        return mx.sym.reshape_like(gamma, mx.sym.zeros(shape=full))
+    tail = full[len(sshape) - 1:]
+    return mx.sym.reshape_like(gamma, mx.sym.zeros(shape=tail), lhs_begin=len(sshape) - 1, rhs_begin=0)
 
 
 def convert_sigmoid(layer: Layer, inputs: List[Tensor]) -> Converted:

@@ -7,6 +7,8 @@ layer, we report the max absolute difference and the relative difference max|a -
 `verify_files` checks what was written: the checkpoint re-loaded with stock `mx.model.load_checkpoint` into a
 fresh `mx.mod.Module`, so a bug in the `.params` writer cannot hide behind the in-memory arrays.
 `verify_conversion` checks the in-memory conversion, layer by layer if asked. cv2 is imported only here.
+`--verify` itself (layer by layer, each layer fed OpenCV's input blobs, in a child process) is run_check.py's
+`verify_staged`, using `run_opencv` and the report classes from here.
 
 Where OpenCV departs from Caffe, it is not trusted blindly: OpenCV computes an ACROSS_CHANNELS LRN as if k were
 1, so it runs an equivalent net (LRN with alpha/k, then a scale by k^-beta), and each such LRN is also compared
@@ -24,11 +26,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tools.caffe_converter.layerwise import LAYER_TOLERANCE
+
 log = logging.getLogger(__name__)
 
-# Max relative difference accepted (max |ours - OpenCV| / max |OpenCV|). Converted float32 nets agree to
-# ~1e-6 (VGG16, ResNet-50, SSD measured here); 1e-4 leaves room for summation order, not for a wrong layer.
-DEFAULT_TOLERANCE = 1e-4
+# Max relative difference accepted (max |ours - OpenCV| / max |OpenCV|), per layer: layerwise.py says why.
+DEFAULT_TOLERANCE = LAYER_TOLERANCE
 
 
 @dataclass
@@ -43,20 +46,47 @@ class Row:
 
 @dataclass
 class VerifyReport:
-    """Per-output (or per-layer) differences between MXNet and OpenCV."""
+    """Per-output (or per-layer) differences between MXNet and OpenCV.
+
+    `verify_staged` fills `figures` (end to end over the probe inputs: printed, not a criterion), `top1` and,
+    when the check itself cannot pass (NaN/Inf weights, a graph MXNet cannot run), `failure`.
+    """
 
     rows: List[Row] = field(default_factory=list)
     tolerance: float = DEFAULT_TOLERANCE
+    figures: List[Row] = field(default_factory=list)
+    top1: Tuple[int, int] = (0, 0)
+    probes: int = 0
+    failure: str = ""
+    every_layer: bool = True
+    where: str = "files on disk run in a child process"
 
     @property
     def ok(self) -> bool:
-        return bool(self.rows) and all(r.ok for r in self.rows)
+        return not self.failure and bool(self.rows) and all(r.ok for r in self.rows)
+
+    @property
+    def first_failure(self) -> Optional[Row]:
+        return next((r for r in self.rows if not r.ok), None)
+
+    def summary(self) -> str:
+        """The one line saying why verification failed (empty when it passed)."""
+        if self.failure:
+            return self.failure
+        first = self.first_failure
+        if first is not None:
+            note = f" ({first.note})" if first.note else ""
+            return (f"first layer that disagrees with OpenCV: '{first.name}', relative difference {first.rel:.3e} > "
+                    f"{self.tolerance:g}{note}")
+        return "" if self.rows else "nothing compared"
 
     @property
     def max_rel(self) -> float:
         return max((r.rel for r in self.rows), default=float("nan"))
 
     def format(self) -> str:
+        if self.probes or self.failure:
+            return _format_staged(self)
         width = max([len(r.name) for r in self.rows] + [5])
         lines = [f"{'layer':<{width}}  {'shape':<20} {'max abs diff':>13} {'rel diff':>10}"]
         for r in self.rows:
@@ -162,10 +192,13 @@ def opencv_equivalent(prototxt, folder) -> str:
     return str(path)
 
 
-def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str]) -> List[np.ndarray]:
+def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str],
+               missing_ok: bool = False) -> List[Optional[np.ndarray]]:
     """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept).
 
-    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`.
+    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`. With
+    `missing_ok`, a layer OpenCV's importer does not keep under its name (it renames colorization's
+    'bw_conv1_1' after its top) gives None instead of an error.
     """
     import cv2
     with tempfile.TemporaryDirectory() as folder:
@@ -175,8 +208,10 @@ def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names:
     net.enableFusion(False)
     for name, value in inputs.items():
         net.setInput(value, name)
-    outs = net.forward(list(layer_names))
-    return [np.asarray(o) for o in outs]
+    have = set(net.getLayerNames()) if missing_ok else set(layer_names)
+    kept = [n for n in layer_names if n in have]
+    outs = dict(zip(kept, net.forward(kept))) if kept else {}
+    return [np.asarray(outs[n]) if n in outs else None for n in layer_names]
 
 
 def caffe_lrn(x: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:
@@ -310,3 +345,35 @@ def _report(names, ours, theirs, result, tolerance, note: str = "") -> VerifyRep
         max_abs, rel = compare(a, b)
         report.rows.append(Row(name, tuple(a.shape), max_abs, rel, bool(rel <= tolerance), note))
     return report
+
+
+# ---- --verify: the written files, layer by layer, in a child process (run_check.py) ---------------------------
+def _format_staged(report: VerifyReport) -> str:
+    lines = []
+    if report.rows:
+        lines.append(f"layer by layer (each layer fed OpenCV's own input blobs; a layer passes when max |ours - "
+                     f"OpenCV| <= {report.tolerance:g} x max |OpenCV|):")
+        width = max(len(r.name) for r in report.rows)
+        shown = report.rows if report.every_layer else [r for r in report.rows if not r.ok or r.note]
+        worst = max(report.rows, key=lambda r: r.rel)
+        if worst not in shown:
+            shown = shown + [worst]
+        for r in shown:
+            flag = "" if r.ok else "  ABOVE TOLERANCE"
+            label = " (the largest)" if r is worst and not report.every_layer and r.ok else ""
+            lines.append(f"  {r.name:<{width}}  {str(r.shape):<20} {r.max_abs:13.3e} {r.rel:10.3e}{flag}{label}"
+                         + (f"  ({r.note})" if r.note else ""))
+    if report.figures:
+        agree, total = report.top1
+        lines.append(f"end to end over {report.probes} probe inputs (a figure, not a criterion: float32 rounding "
+                     f"accumulates with depth):")
+        for r in report.figures:
+            lines.append(f"  {r.name}  {str(r.shape)}  max abs {r.max_abs:.3e}, relative {r.rel:.3e}")
+        if total:
+            lines.append(f"  top-1 agreement with OpenCV: {agree}/{total}")
+    verdict = "OK" if report.ok else "FAILED"
+    max_rel = f", max relative difference {report.max_rel:.3e}" if report.rows else ""
+    lines.append(f"verify {verdict}: {len(report.rows)} layers compared{max_rel} (tolerance {report.tolerance:g}) "
+                 f"against OpenCV {_cv2_version()} dnn, {report.where}"
+                 + (f": {report.summary()}" if not report.ok else ""))
+    return "\n".join(lines)

@@ -24,6 +24,7 @@ from symbols.sidecar import Preprocess, save_sidecar
 from tools.caffe_converter.caffe_io import load_net
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError  # noqa: F401
 from tools.caffe_converter.graph import convert_net
+from tools.caffe_converter.layerwise import non_finite
 from tools.caffe_converter.params_writer import save_params
 from tools.caffe_converter.preprocess import build_preprocess
 from tools.caffe_converter.sizes import accepted_sizes
@@ -124,6 +125,8 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
                               caffe_input_names={("data" if i == 0 else n): n for i, n in enumerate(net.inputs)})
     for name, type_name, why in net.skipped:
         log.info("skipped layer '%s' (%s): %s", name, type_name, why)
+    for line in non_finite({**result.arg_arrays, **result.aux_arrays}):  # --verify fails on these
+        log.warning("warning: %s: the model computes NaN/Inf wherever it is used", line)
     if prefix is not None:
         write_checkpoint(prefix, result)
     return result
