@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --labels: the field separator of the labels file: ',' (CSV), 'tab', or 'space' "
                         "(runs of spaces, e.g. Baidu's '<id> <typeid>' train.txt)")
     x.add_argument("--no-header", dest="header", action="store_false",
-                   help="with --labels: the file has no header row; every line is 'id<SEP>label'")
+                   help="with --labels: the file has no header row; every line is 'id<SEP>label' (default: a header row)%(default).0s")
     x.add_argument("--unlabelled", "--unlabeled", action="store_true",
                    help="with --list: ROOT is a flat folder of unlabelled images -> PREFIX_test.lst, label 0; "
                         "integer file stems are kept as record ids")

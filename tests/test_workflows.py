@@ -168,9 +168,9 @@ def test_bot_im2rec_lists_caffe_vgg_fine_tuned_to_stock_checkpoints(tmp_path):
                        "--lr-mult", "^conv=0.01", "--lr", "0.01", "--wd", "1e-4", "--random-crop", "1",
                        "--random-mirror", "1", "--disp-batches", "50", "--num-epochs", "1", *FAST]) == 0
     sym, args, aux = mx.model.load_checkpoint(str(tmp_path / "bot"), 1)   # stock MXNet loads it
-    assert args["fc8_weight"].shape[0] == 3
-    label = [n for n in sym.list_arguments() if n.endswith("_label")]
-    mod = mx.mod.Module(sym, label_names=label)
+    assert args["fc_weight"].shape[0] == 3 and "fc8_weight" not in args   # fc8 replaced by fine-tune.py's `fc`
+    assert "softmax_label" in sym.list_arguments()                          # the post's label name
+    mod = mx.mod.Module(sym)                                                # Module's default label_names
     mod.bind(data_shapes=[("data", (1, 3, 32, 32))], for_training=False)
     mod.set_params(args, aux)
     metrics = json.loads((tmp_path / "bot-metrics.json").read_text())["epochs"]
@@ -263,7 +263,7 @@ def test_food_fine_tuning_against_scratch_compares_test_accuracy_per_epoch(tmp_p
     common = ["--data-train", str(tmp_path / "food_train.rec"), "--data-val", str(tmp_path / "food_test.rec"),
               "--random-resized-crop", "1", "--random-mirror", "1", "--lr", "0.01", "--wd", "0.001",
               "--num-epochs", "2", *FAST]
-    runs = (("ft", base, ["--lr-mult", "^fc7_=10"]), ("scratch", tmp_path / "resnet-random", []))
+    runs = (("ft", base, ["--lr-mult", "^fc_=10"]), ("scratch", tmp_path / "resnet-random", []))
     for name, pretrained, extra in runs:
         assert train_main(["--pretrained-model", str(pretrained), "--model-prefix", str(tmp_path / name), *extra,
                            *common]) == 0
