@@ -87,7 +87,8 @@ def test_the_commands_run_from_any_folder_even_one_with_a_train_image_folder(tmp
                              capture_output=True, text=True, check=True).stdout.strip()
     ours = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "dependencies.pth").write_text(ours + "\n")  # this venv's mxnet, numpy, ... without a pip run
+    # this venv's mxnet, numpy, ... without a pip run (addsitedir: their own .pth files too, e.g. setuptools')
+    Path(purelib, "dependencies.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     subprocess.run(["make", "-s", "-C", str(ROOT), "install-in-place", f"VENV={venv}"], check=True, timeout=60)
     kaggle = tmp_path / "kaggle"
     for folder in ("train", "test"):
