@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -152,6 +153,18 @@ def test_failed_stage_names_itself_its_log_and_the_error(tmp_path):
     missing = demo.Stage("pack", "pack", commands=[[sys.executable, "-c", "pass"]], outputs=[tmp_path / "x.rec"])
     with pytest.raises(demo.DemoError, match=r"did not write .*x\.rec"):
         demo.run_stage(cfg, missing, 1, 1, "start")
+
+
+def test_printed_commands_paste_into_a_shell_as_they_ran(tmp_path, capsys):
+    """A path with a blank or a quote (a user's folder) is printed shell-quoted: the shell gives back the words."""
+    out = tmp_path / "my images" / "it's.txt"
+    stage = demo.Stage("s", "s", commands=[[sys.executable, "-c", "import pathlib, sys; p = pathlib.Path("
+                                            "sys.argv[1]); p.parent.mkdir(); p.write_text('x')", str(out)]],
+                       outputs=[out])
+    demo.run_stage(demo.DemoConfig(out=tmp_path / "out"), stage, 1, 1, "start")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  $ ")]
+    assert len(printed) == 1 and shlex.split(printed[0][4:]) == stage.commands[0]
+    assert out.read_text() == "x"
 
 
 def _write_lst(path, rows):

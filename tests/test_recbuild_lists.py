@@ -298,11 +298,8 @@ def test_malformed_list_lines_are_named(tmp_path, content, expect):
 def test_every_im2rec_option_is_accepted_with_its_default():
     """A script switches over by changing only the program name: every im2rec.py flag exists here too."""
     import re
-    import subprocess
-    import sys
     from recbuild.cli import build_parser
-    help_text = subprocess.run([sys.executable, str(fx.IM2REC), "--help"], capture_output=True, text=True,
-                               check=True).stdout
+    help_text = fx.run_im2rec("--help", cwd=Path.cwd()).stdout
     theirs = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
     ours = {opt for action in build_parser()._actions for opt in action.option_strings}
     assert len(theirs) >= 15 and theirs <= ours, theirs - ours
