@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import List, Optional, Sequence
 
 from recbuild.values import parse_floats
-from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
+from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError, some_names
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
 
 # What `import mxnet` pulls in only because it is installed (mxnet.image/recordio try cv2, mxnet.onnx tries onnx)
@@ -33,12 +34,14 @@ def _floats(text: str) -> List[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.caffe_converter",
+        prog="python -m tools.caffe_converter", usage="%(prog)s [options] prototxt caffemodel prefix",
         description="Convert a Caffe model (prototxt + caffemodel, V1 or current format) into an MXNet checkpoint "
                     "PREFIX-symbol.json + PREFIX-0000.params and a preprocessing sidecar PREFIX-preprocess.json.")
-    parser.add_argument("prototxt", help="the deploy prototxt")
-    parser.add_argument("caffemodel", help="the binary caffemodel")
-    parser.add_argument("prefix", help="output checkpoint prefix (convert_model.py's save_model_name)")
+    # Optional to argparse only so that a missing one is named right (check_positionals): with two words it would
+    # always report `prefix` missing, also when the caffemodel was left out.
+    parser.add_argument("prototxt", nargs="?", help="the deploy prototxt")
+    parser.add_argument("caffemodel", nargs="?", help="the binary caffemodel")
+    parser.add_argument("prefix", nargs="?", help="output checkpoint prefix (convert_model.py's save_model_name)")
     parser.add_argument("--keep-bgr", action="store_true",
                         help="keep Caffe's BGR input; by default the model is converted to take RGB")
     parser.add_argument("--mean-file", help="Caffe mean.binaryproto, recorded in the sidecar as PREFIX-mean.npy")
@@ -59,6 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "layers the prototxt does not define")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     return parser
+
+
+def check_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """All three of PROTOTXT CAFFEMODEL PREFIX given, or a usage error naming the one that is missing."""
+    given = [v for v in (args.prototxt, args.caffemodel, args.prefix) if v is not None]
+    if len(given) == 3:
+        return
+    if len(given) == 2 and not (given[1].endswith(".caffemodel") or os.path.isfile(given[1])):
+        parser.error(f"the caffemodel is missing: {given[1]!r} is not a file, so it reads as PREFIX; expected "
+                     f"PROTOTXT CAFFEMODEL PREFIX")
+    missing = ["prototxt", "caffemodel", "prefix"][len(given):]
+    parser.error(f"the following arguments are required: {', '.join(missing)}")
+
+
+def warn_reversed_mean(mean: Optional[Sequence[float]]) -> None:
+    """One warning line when --mean looks like a common BGR mean given in RGB order."""
+    from tools.caffe_converter.preprocess import reversed_common_mean
+    found = reversed_common_mean(mean)
+    if found:
+        name, bgr = found
+        print(f"warning: --mean {','.join(f'{v:g}' for v in mean)} is the common {name} mean reversed (RGB order); "
+              f"--mean is in the Caffe model's channel order (B,G,R), so you probably meant "
+              f"--mean {','.join(f'{v:g}' for v in bgr)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -91,7 +117,7 @@ def summary(args: argparse.Namespace, result, elapsed: float) -> str:
             f"{_sizes(pre.source.get('input_sizes'))}; {len(result.skipped)} layer(s) skipped"
             + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped)
             + (f"\n  ignored the caffemodel's weights for {len(result.unused_weights)} layer(s) the prototxt does "
-               f"not define: {', '.join(result.unused_weights)}" if result.unused_weights else ""))
+               f"not define: {some_names(result.unused_weights)}" if result.unused_weights else ""))
 
 
 def _sizes(record) -> str:
@@ -132,7 +158,10 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_positionals(parser, args)
+    warn_reversed_mean(args.mean)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     verify = args.verify or args.verify_layers
     with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
