@@ -34,7 +34,7 @@ from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from train.config import checked_type, parse_gpus
-from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
+from train.data import DataError, check_same_classes, load_raw_image, record_count, record_iter, scan_headers
 from train.metrics import Tally
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,17 @@ def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, 
                None if labels is None else np.asarray(labels[start:start + len(chunk)], np.float32))
 
 
+def input_count(source: Path, root: Optional[Path] = None) -> Optional[int]:
+    """How many images `iterate` yields for `source` (the progress bar's total); None when it cannot be read,
+    which `iterate` then reports."""
+    try:
+        if source.suffix == ".rec":
+            return record_count(source)
+        return len(_image_paths(source, root)[0]) if source.exists() else None
+    except (PredictError, DataError, OSError, ValueError):
+        return None
+
+
 def _ids(names: Sequence[str], mode: str) -> List[str]:
     stems = [Path(n).with_suffix("").name for n in names]
     if mode == "stem" or (mode == "auto" and len(set(stems)) == len(stems)):
@@ -200,7 +211,8 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
     from tqdm import tqdm
     names: List[str] = []
     chunks: List[np.ndarray] = []
-    bar = tqdm(unit="img", desc="predict", disable=not progress)
+    bar = tqdm(total=input_count(source, root) if progress else None, unit="img", desc="predict",
+               disable=not progress)
     for batch_names, probs, _ in iterate(model, source, mirror, resize, root):
         names += batch_names
         chunks.append(probs)
