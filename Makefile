@@ -1,6 +1,7 @@
 # mxtransfer: paths and targets only. Hyper-parameters live in the CLIs' defaults (train/config.py etc.).
 #   make demo      the whole pipeline on the bundled default set and the open_nsfw Caffe model
 #   make test      installs .venv and runs the test suite (Python 3.8 to 3.12; make install PYTHON=python3.12)
+#   make test-py312  the suite's fast part on Python 3.12, in .venv-py312 (CI runs it too)
 SHELL := /bin/bash
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -42,7 +43,7 @@ PREDICT_OPTS ?=
 # ---- make demo ------------------------------------------------------------------------------------------
 DEMO_OPTS    ?=
 
-.PHONY: install install-in-place test test-fast demo rec convert train predict fetch-models bench bench-pack bench-convert \
+.PHONY: install install-in-place test test-fast test-py312 demo rec convert train predict fetch-models bench bench-pack bench-convert \
         bench-train bench-scale check-gpu-install check-reports clean
 
 install: $(STAMP)
@@ -81,6 +82,19 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The suite on Python 3.12 in a venv of its own (numpy 1.26, numpy's aliases restored by symbols/mxnet_compat.py),
+# by default its fast part, as CI runs it after `make test`; PYTEST312= runs all of it. PYTHON312:
+# pyenv's newest 3.12, else a python3.12 on PATH that runs (pyenv's shim runs only when 3.12 is selected).
+PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null || echo $${PYENV_ROOT:-$$HOME/.pyenv})/versions/3.12*/bin/python3.12 2>/dev/null | \
+                sort -rV) python3.12; do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+VENV312   ?= .venv-py312
+PYTEST312 ?= -m "not slow"
+
+test-py312:
+	$(if $(PYTHON312),,$(error test-py312: no python3.12 found; pass PYTHON312=/path/to/python3.12 (pyenv install 3.12)))
+	@$(MAKE) --no-print-directory install VENV=$(VENV312) PYTHON=$(PYTHON312)
+	$(VENV312)/bin/python -m pytest -q $(PYTEST312) tests
 
 rec: install
 	$(PY) -m recbuild --list $(LIST_OPTS) $(REC_PREFIX) $(IMAGES)
