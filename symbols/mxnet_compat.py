@@ -10,6 +10,7 @@ A script of your own that imports mxnet before any of ours needs `import symbols
 """
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from typing import List
@@ -27,6 +28,14 @@ def restore_numpy_aliases(np: types.ModuleType = numpy) -> List[str]:
     for name in missing:
         setattr(np, name, REMOVED_ALIASES[name])
     return missing
+
+
+def stock_script(path) -> List[str]:
+    """The command that runs a stock MXNet script as `python SCRIPT` does (the wheel's im2rec.py, convert_model.py),
+    after restore_numpy_aliases; append the script's arguments. The child imports this module, so this repository
+    must be on its path (the venv's .pth, or PYTHONPATH)."""
+    return [sys.executable, "-c", "import runpy, sys; import symbols.mxnet_compat; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')", str(path)]
 
 
 restore_numpy_aliases()

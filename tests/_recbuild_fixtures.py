@@ -15,11 +15,9 @@ from typing import Dict, Tuple
 import cv2
 import numpy as np
 
+from symbols.mxnet_compat import stock_script
+
 IM2REC = Path(cv2.__file__).parents[1] / "mxnet" / "tools" / "im2rec.py"
-# A stock MXNet script run as `python SCRIPT ARGS`, after the numpy aliases MXNet 1.9.1 needs on numpy 1.24+
-# (Python 3.12); a no-op on numpy 1.23.
-STOCK_SCRIPT = [sys.executable, "-c", "import runpy, sys; import symbols.mxnet_compat; sys.argv = sys.argv[1:]; "
-                "runpy.run_path(sys.argv[0], run_name='__main__')"]
 
 
 def photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -71,7 +69,7 @@ def make_tree(root: Path, classes=("cat", "dog", "eel"), per_class=5, ext=".jpg"
 
 def run_im2rec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The wheel's im2rec.py, as a user runs it."""
-    return subprocess.run([*STOCK_SCRIPT, str(IM2REC), *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*stock_script(IM2REC), *args], cwd=cwd, capture_output=True, text=True,
                           check=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
 
 
