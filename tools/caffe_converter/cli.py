@@ -161,11 +161,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_positionals(parser, args)
-    warn_reversed_mean(args.mean)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     verify = args.verify or args.verify_layers
     with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
         from tools.caffe_converter.pipeline import convert  # imports mxnet
+    warn_reversed_mean(args.mean)  # (imports the sidecar module, and so mxnet: after the block above)
     start = time.perf_counter()
     try:
         result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,
