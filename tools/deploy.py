@@ -39,12 +39,11 @@ import numpy as np
 
 from recbuild.atomic import atomic_open
 from recbuild.classmap import write_class_map
-from symbols.checkpoint import load_checkpoint, save_checkpoint
+from symbols.checkpoint import load_checkpoint, resolve_epoch, save_checkpoint
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, copy_mean_file, save_sidecar, sidecar_path
 from tools.inference_graph import DeployError, inference_symbol, load_for_inference, used_params
 from tools.onnx_export import ONNX_ATOL, ONNX_RTOL, export_onnx, run_onnxruntime
-from train.predict import resolve_epoch
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 from recbuild.atomic import atomic_open
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
-from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
+from symbols.checkpoint import CheckpointError, load_checkpoint, resolve_epoch  # noqa: F401 (cli, report use it)
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from train.config import checked_type, parse_gpus
@@ -275,15 +275,6 @@ def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, r
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
-def resolve_epoch(prefix: str, text: str) -> int:
-    """The EPOCH argument of every predict form: a number, or 'latest' (the highest PREFIX-NNNN.params)."""
-    if text == "latest":
-        return latest_epoch(prefix)
-    if text.isdigit():
-        return int(text)
-    raise PredictError(f"epoch {text!r}: expected a number or 'latest'")
-
-
 def trained_resize(prefix: str) -> int:
     """The --resize the checkpoint was trained with, for models whose sidecar does not record it (from
     PREFIX-config.json), so prediction crops alike."""
