@@ -311,7 +311,7 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     assert sorted(stages["predict"].outputs[2:]) == sorted([data_report.html, evaluation.out / "report.html"])
 
     bundle = _parsed(deploy_parser(), stages["deploy"].commands[0])
-    assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), 3, cfg.deploy_dir)
+    assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), "3", cfg.deploy_dir)
     assert bundle.onnx and bundle.force and bundle.check
 
 
