@@ -17,6 +17,9 @@ from typing import List
 
 import numpy
 
+# What a process that only imports mxnet runs (`python -c IMPORT_MXNET`: a ps-lite scheduler or server, whose loop
+# runs inside the import), the aliases first.
+IMPORT_MXNET = "import symbols.mxnet_compat; import mxnet"
 REMOVED_ALIASES = {"bool": bool, "int": int, "float": float, "complex": complex, "object": object, "str": str}
 
 

@@ -15,6 +15,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from symbols.mxnet_compat import IMPORT_MXNET
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
 from tools.launch import LaunchError, local_nodes, main, read_hosts, run, ssh_nodes
 
@@ -148,7 +149,8 @@ def test_ssh_job_runs_a_real_dist_sync_exchange(tmp_path, fake_ssh):
     """2 workers + 1 server over (stand-in) ssh: ps-lite connects, the pushes are summed, exit 0, nothing left."""
     marker = f"MXT_LAUNCH_TEST={uuid.uuid4().hex}"
     env, _ = fake_ssh
-    code = ("import mxnet as mx\n"  # as a server, this import runs the server loop and exits
+    code = ("import symbols.mxnet_compat\n"  # a user's script on Python 3.12 (README)
+            "import mxnet as mx\n"  # as a server, this import runs the server loop and exits
             "kv = mx.kv.create('dist_sync')\n"
             "kv.init(3, mx.nd.zeros(2))\n"
             "kv.push(3, mx.nd.ones(2) * (kv.rank + 1))\n"
@@ -174,7 +176,7 @@ def test_local_nodes_carry_the_dmlc_protocol():
     for n in nodes:
         assert n.env["DMLC_ROLE"] == n.role and n.env["DMLC_NUM_WORKER"] == "2" and n.env["DMLC_NUM_SERVER"] == "3"
         assert n.env["DMLC_PS_ROOT_URI"] == "127.0.0.1" and n.env["A"] == "1"
-    assert nodes[-1].argv == ["python", "-m", "train"] and nodes[1].argv[-1] == "import mxnet"
+    assert nodes[-1].argv == ["python", "-m", "train"] and nodes[1].argv[-1] == IMPORT_MXNET
 
 
 def test_ssh_nodes_and_host_file(tmp_path):
@@ -249,6 +251,7 @@ def test_timeout_stops_everything():
 # batch.index would be simpler, but ImageRecordIter 1.9 leaves it all zero.
 RECORD_SPY = """
 import hashlib, json, os, runpy, sys
+import symbols.mxnet_compat  # before mxnet on Python 3.12 (README)
 import mxnet as mx
 import numpy as np
 
