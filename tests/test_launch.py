@@ -265,9 +265,13 @@ def fingerprints(batch, kw):
     return [hashlib.sha1(image.tobytes()).hexdigest() for image in pixels]
 
 
+made = [0]  # iterators made by this process: a log name of their own (id() repeats once one is freed)
+
+
 def spied_iter(**kw):
     it = real_iter(**kw)
-    log = open(os.path.join(os.environ["SPY_DIR"], f"reads-{os.getpid()}-{id(it)}.jsonl"), "w")
+    made[0] += 1
+    log = open(os.path.join(os.environ["SPY_DIR"], f"reads-{os.getpid()}-{made[0]:04d}.jsonl"), "w")
     real_next = it.next
 
     def next_batch():
