@@ -1,6 +1,7 @@
 # mxtransfer: paths and targets only. Hyper-parameters live in the CLIs' defaults (train/config.py etc.).
 #   make demo      the whole pipeline on the bundled default set and the open_nsfw Caffe model
-#   make test      installs .venv and runs the test suite
+#   make test      installs .venv and runs the test suite (Python 3.8 to 3.12; make install PYTHON=python3.12)
+#   make test-py312  the suite's fast part on Python 3.12, in .venv-py312 (CI runs it too)
 SHELL := /bin/bash
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -42,24 +43,58 @@ PREDICT_OPTS ?=
 # ---- make demo ------------------------------------------------------------------------------------------
 DEMO_OPTS    ?=
 
-.PHONY: install test test-fast demo rec convert train predict fetch-models bench bench-pack bench-convert \
+.PHONY: install install-in-place test test-fast test-py312 demo rec convert train predict fetch-models bench bench-pack bench-convert \
         bench-train bench-scale check-gpu-install check-reports clean
 
 install: $(STAMP)
 
-$(STAMP): $(REQS) requirements-common.txt
+# mxnet 1.9.1 runs on Python 3.8 to 3.12 (3.12 with numpy 1.26: requirements-common.txt, symbols/mxnet_compat.py);
+# numpy 1.x has no wheels for 3.13. Any other interpreter stops the install with one line, before a venv is made.
+# (A recursive variable: the check runs only when an install is due.)
+python_problem = $(shell py=$(PY); what=$(VENV); test -x $$py || { py=$(PYTHON); what="PYTHON=$(PYTHON)"; }; \
+  if ! $$py -c 'import sys; sys.exit(not (3, 8) <= sys.version_info[:2] <= (3, 12))' 2>/dev/null; then \
+    found=$$($$py -c 'import platform; print("is Python " + platform.python_version())' 2>/dev/null || echo "is not a Python"); \
+    command -v $$py >/dev/null || found="is not found"; \
+    fix="make install PYTHON=python3.12 (or python3.8 ... python3.11; pyenv install 3.12 if you have none)"; \
+    test "$$py" = $(PY) && fix="rm -rf $(VENV), then $$fix"; \
+    echo "make install: $$what $$found; mxtransfer supports Python 3.8 to 3.12: $$fix"; fi)
+
+$(STAMP): $(REQS) requirements-common.txt pyproject.toml Makefile
+	$(if $(python_problem),$(error $(python_problem)))
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if $(PY) -m pip show -q $(OTHER_MXNET) 2>/dev/null; then $(PY) -m pip uninstall -y -q $(OTHER_MXNET) mxnet; fi
 	$(PY) -m pip install -q -r $(REQS)
+	@$(MAKE) --no-print-directory install-in-place VENV=$(VENV)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# The project itself, in place: a .pth file puts this repository on the venv's sys.path, so `$(PY) -m train`
+# (recbuild, tools.caffe_converter, ...) runs from any folder; rerun it after moving the repository. Not
+# `pip install -e`: its default finder comes after the current folder's, so in a Kaggle folder `python -m train`
+# would import the train/ image folder as a namespace package; a regular package on sys.path beats that (and the
+# compat mode that does this is deprecated).
+install-in-place:
+	$(PY) -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/mxtransfer.pth", "w").write(sys.argv[1] + "\n")' $(CURDIR)
 
 test: install
 	$(PY) -m pytest -q tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The suite on Python 3.12 in a venv of its own (numpy 1.26, numpy's aliases restored by symbols/mxnet_compat.py),
+# by default its fast part, as CI runs it after `make test`; PYTEST312= runs all of it. PYTHON312:
+# pyenv's newest 3.12, else a python3.12 on PATH that runs (pyenv's shim runs only when 3.12 is selected).
+PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null || echo $${PYENV_ROOT:-$$HOME/.pyenv})/versions/3.12*/bin/python3.12 2>/dev/null | \
+                sort -rV) python3.12; do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+VENV312   ?= .venv-py312
+PYTEST312 ?= -m "not slow"
+
+test-py312:
+	$(if $(PYTHON312),,$(error test-py312: no python3.12 found; pass PYTHON312=/path/to/python3.12 (pyenv install 3.12)))
+	@$(MAKE) --no-print-directory install VENV=$(VENV312) PYTHON=$(PYTHON312)
+	$(VENV312)/bin/python -m pytest -q $(PYTEST312) tests
 
 rec: install
 	$(PY) -m recbuild --list $(LIST_OPTS) $(REC_PREFIX) $(IMAGES)

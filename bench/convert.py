@@ -30,6 +30,7 @@ import numpy as np
 
 from tools.caffe_converter import caffe_pb2
 from recbuild.atomic import atomic_path, write_json
+from symbols.mxnet_compat import stock_script
 from tools.caffe_converter.caffe_io import write_caffemodel, write_prototxt
 
 CACHE = Path(".cache/bench")
@@ -124,8 +125,9 @@ def _bench_one(label: str, prototxt: Path, caffemodel: Path, wheel: Path, env: d
                compare: bool) -> Optional[dict]:
     """Both converters on one model, `repeat` interleaved rounds; best wall time and peak RSS of each."""
     root = Path(__file__).resolve().parents[1]
-    theirs_cmd = [sys.executable, str(wheel / "convert_model.py"), str(prototxt.resolve()),
+    theirs_cmd = [*stock_script(wheel / "convert_model.py"), str(prototxt.resolve()),  # numpy aliases first
                   str(caffemodel.resolve()), str(tmp / f"{label}-theirs")]
+    env = dict(env, PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], str(root)]))  # (stock_script imports symbols)
     ours_cmd = [sys.executable, "-m", "tools.caffe_converter", str(prototxt.resolve()), str(caffemodel.resolve()),
                 str(tmp / f"{label}-ours")]
     runs = {"theirs": [], "ours": []}

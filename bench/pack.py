@@ -52,6 +52,8 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
+from symbols.mxnet_compat import stock_script
+
 # ---- defaults, in one place ------------------------------------------------------------------------------------
 CACHE = Path(".cache/bench_pack")
 DOWNLOADS = Path(".cache/dl")
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
         common = ["--resize", str(RESIZE), "--quality", str(QUALITY), "--num-thread", str(a.workers)]
 
         def im2rec_cmd(list_name: str) -> List[str]:
-            return [sys.executable, str(IM2REC), *common, str(work / "im2rec" / list_name), str(root)]
+            return [*stock_script(IM2REC), *common, str(work / "im2rec" / list_name), str(root)]  # numpy aliases
 
         def ours_cmd(list_name: str, *extra: str) -> List[str]:
             return [sys.executable, "-m", "recbuild", *common, *extra, "--no-progress",

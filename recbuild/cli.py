@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from recbuild import config as defaults
 from recbuild.config import ListConfig, PackConfig
+from recbuild.values import FlatSuffixes, checked_type, parse_suffixes
 
 _EPILOG = """\
 Beyond im2rec: a class map PREFIX.classes.json is written beside the lists; --labels, --unlabelled and
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("Options for creating image lists")
     c.add_argument("--list", action="store_true",
                    help="create image list(s) PREFIX*.lst by traversing ROOT instead of packing them")
-    c.add_argument("--exts", nargs="+", default=list(defaults.EXTS),
+    c.add_argument("--exts", nargs="+", default=list(defaults.EXTS), type=checked_type(parse_suffixes),
+                   action=FlatSuffixes,
                    help="acceptable image suffixes (lower case, with the dot)")
     c.add_argument("--chunks", type=int, default=defaults.CHUNKS, help="number of chunks")
     c.add_argument("--train-ratio", type=float, default=defaults.TRAIN_RATIO,

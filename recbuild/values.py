@@ -6,6 +6,7 @@ or `--gpus 0,1` with one rule: items separated by commas (blanks around them ign
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Callable, Tuple
 
 
@@ -39,3 +40,26 @@ def checked_type(parse: Callable) -> Callable:
             raise argparse.ArgumentTypeError(str(err)) from None
     run.__name__ = getattr(parse, "__name__", "value")
     return run
+
+
+def parse_suffixes(text: str) -> Tuple[str, ...]:
+    """One word of `--exts` -> file suffixes: '.jpg', '.jpg,.png', or the Python-list form old posts use,
+    `--exts=['.jpg','.png']`, which argparse hands over as one word and im2rec.py takes as one suffix that matches
+    nothing.
+
+    Raises:
+        ValueError: a suffix that can never match (im2rec compares the lower-cased suffix, dot included).
+    """
+    items = [v.strip("'\"") for v in re.split(r"[\s,]+", text.strip().strip("[]()")) if v.strip("'\"")]
+    bad = [v for v in items if not v.startswith(".") or len(v) < 2 or v != v.lower()]
+    if not items or bad:
+        raise ValueError(f"expected lower-case file suffixes with the dot, such as .jpg .png, got {text!r} "
+                         "(a file's suffix is lower-cased before it is compared)")
+    return tuple(items)
+
+
+class FlatSuffixes(argparse.Action):
+    """`nargs="+"` of parse_suffixes words, flattened into one list: `--exts .jpg .png`, `--exts .jpg,.png` and
+    `--exts=['.jpg','.png']` all give ['.jpg', '.png']."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [suffix for word in values for suffix in word])

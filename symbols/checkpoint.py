@@ -68,6 +68,15 @@ def latest_epoch(prefix: PathLike) -> int:
     return epochs[-1]
 
 
+def resolve_epoch(prefix: PathLike, text: str) -> int:
+    """An EPOCH argument (train.predict, tools.deploy): a number, or 'latest' (the highest PREFIX-NNNN.params)."""
+    if text == "latest":
+        return latest_epoch(prefix)
+    if text.isdigit():
+        return int(text)
+    raise CheckpointError(f"epoch {text!r}: expected a number or 'latest'")
+
+
 def load_checkpoint(prefix: PathLike, epoch: int, what: str = "checkpoint"
                     ) -> Tuple[mx.sym.Symbol, Dict[str, mx.nd.NDArray], Dict[str, mx.nd.NDArray]]:
     """`mx.model.load_checkpoint`, with one-line errors naming the missing or unreadable file.

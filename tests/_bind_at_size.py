@@ -7,8 +7,11 @@ Reshape causes) fails the test instead of killing pytest. Exit 0 with OUT.npz wr
 the outputs `out0`, `out1`, ...), or exit 3 with MXNet's error on stderr when binding or the first run fails.
 """
 import sys
+from pathlib import Path
 
-import mxnet as mx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project is one folder up
+import symbols.mxnet_compat  # noqa: E402,F401  numpy aliases MXNet 1.9.1 needs, before `import mxnet`
+import mxnet as mx  # noqa: E402
 import numpy as np
 
 

@@ -15,6 +15,8 @@ from typing import Dict, Tuple
 import cv2
 import numpy as np
 
+from symbols.mxnet_compat import stock_script
+
 IM2REC = Path(cv2.__file__).parents[1] / "mxnet" / "tools" / "im2rec.py"
 
 
@@ -67,8 +69,8 @@ def make_tree(root: Path, classes=("cat", "dog", "eel"), per_class=5, ext=".jpg"
 
 def run_im2rec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The wheel's im2rec.py, as a user runs it."""
-    return subprocess.run([sys.executable, str(IM2REC), *args], cwd=cwd, capture_output=True, text=True,
-                          check=True)
+    return subprocess.run([*stock_script(IM2REC), *args], cwd=cwd, capture_output=True, text=True,
+                          check=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
 
 
 def run_recbuild(*args: str, cwd: Path = None, check=True) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """Whole-net conversion: checkpoints stock MXNet loads, VGG16 in V1, channel order and mean, bad input,
 the CLI, and the real open_nsfw model. The reference is OpenCV's Caffe importer (BGR input)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -260,6 +261,20 @@ def test_name_mismatches_and_wrong_shapes(tmp_path):
     assert "layer 'fc6' (InnerProduct): blob 0 (weight) has shape (32, 16), the prototxt" in _one_line(err)
 
 
+def test_a_caffemodel_of_another_net_is_diagnosed_first_and_briefly(tmp_path, caplog):
+    """No prototxt layer finds its weights: one error that says so, before any warning listing the other net's
+    layers (a 160-layer list for a ResNet), and the lists in it cut short."""
+    prototxt, caffemodel = make_tiny_vgg(tmp_path)
+    other = tmp_path / "other.prototxt"  # the same wiring, every weighted layer named differently
+    other.write_text(re.sub(r'name: "(conv|fc)', r'name: "other_\1', prototxt.read_text()))
+    with pytest.raises(CaffeFormatError) as err:
+        convert(other, caffemodel)
+    assert _one_line(err).startswith(f"{caffemodel}: none of this caffemodel's layers are in {other}: it has "
+                                     "weights for 16 layer(s) (conv1_1, conv1_2, conv2_1, conv2_2, conv3_1, "
+                                     "conv3_2, conv3_3, conv4_1, ... (8 more)), the prototxt defines other_conv1_1,")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_unknown_layer_type_names_layer_type_and_supported_list(tmp_path):
     b = NetBuilder()
     b.input("data", (1, 3, 8, 8))
@@ -291,6 +306,32 @@ def test_cli_convert_verify_and_errors(tmp_path):
     proc = _cli(prototxt, tmp_path / "nope.caffemodel", prefix)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "nope.caffemodel" in proc.stderr
+
+
+def test_cli_names_the_missing_argument(tmp_path):
+    prototxt, caffemodel = make_tiny_vgg(tmp_path)
+    no_model = _cli(prototxt, tmp_path / "out" / "vgg")  # the caffemodel left out: PREFIX read as CAFFEMODEL
+    assert no_model.returncode == 2 and no_model.stderr.splitlines()[-1] == (
+        f"python -m tools.caffe_converter: error: the caffemodel is missing: '{tmp_path / 'out' / 'vgg'}' is not a "
+        "file, so it reads as PREFIX; expected PROTOTXT CAFFEMODEL PREFIX")
+    no_prefix = _cli(prototxt, caffemodel)
+    assert no_prefix.returncode == 2 and no_prefix.stderr.splitlines()[-1].endswith("required: prefix")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mean_in_rgb_order_is_warned_about(tmp_path):
+    from tools.caffe_converter.preprocess import reversed_common_mean
+    assert reversed_common_mean([123.68, 116.779, 103.939]) == ("ImageNet", (104.0, 117.0, 123.0))
+    assert reversed_common_mean([0.485, 0.456, 0.406]) == ("ImageNet (0..1 pixels)", (0.406, 0.456, 0.485))
+    assert reversed_common_mean([104, 117, 123]) is None and reversed_common_mean([120, 120, 120]) is None
+    assert reversed_common_mean([127.5]) is None and reversed_common_mean(None) is None
+    prototxt, caffemodel = make_tiny_vgg(tmp_path)
+    rgb = _cli(prototxt, caffemodel, tmp_path / "rgb" / "vgg", "--mean", "123,117,104")
+    assert rgb.returncode == 0, rgb.stderr  # converted as asked (the model may truly want it), with a warning
+    assert "warning: --mean 123,117,104 is the common ImageNet mean reversed (RGB order); --mean is in the Caffe " \
+           "model's channel order (B,G,R), so you probably meant --mean 104,117,123\n" in rgb.stderr
+    bgr = _cli(prototxt, caffemodel, tmp_path / "bgr" / "vgg", "--mean", "104 117 123")
+    assert bgr.returncode == 0 and "warning" not in bgr.stderr.lower(), bgr.stderr
 
 
 def test_cli_without_verify_imports_neither_opencv_nor_onnx(tmp_path):

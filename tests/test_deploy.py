@@ -158,7 +158,7 @@ def test_classes_never_relabel_a_model_that_has_names(tmp_path):
     assert read_class_map(b.outdir / "model.classes.json") == load_sidecar(b.prefix).class_names == fx.CLASSES
     res = subprocess.run([sys.executable, "-m", "tools.deploy", prefix, "1", str(tmp_path / "b3"), "--no-check",
                           "--classes", str(other)], capture_output=True, text=True)
-    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "other.classes.json" in res.stderr
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "other.classes.json" in res.stderr
 
 def test_bad_shapes_are_named(tmp_path):
     prefix = fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)
@@ -173,14 +173,20 @@ def test_cli_one_line_errors_and_summary(tmp_path):
     prefix = fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=2)
     run = lambda *a: subprocess.run([sys.executable, "-m", "tools.deploy", *a], capture_output=True, text=True)
     missing = run(prefix, "7", str(tmp_path / "out"))
-    assert missing.returncode == 1
+    assert missing.returncode == 2  # bad input exits 2, as in train.predict
     assert missing.stderr.strip().count("\n") == 0 and "vgg_like-0007.params" in missing.stderr
     assert "epochs beside it: 0002\n" in missing.stderr  # what is there instead (symbols/checkpoint.py's words)
     ok = run(prefix, "2", str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
     assert "C predict API max|diff|" in ok.stdout and "gluon.SymbolBlock" in ok.stdout
     again = run(prefix, "2", str(tmp_path / "out"))
-    assert again.returncode == 1 and "--force" in again.stderr
+    assert again.returncode == 2 and "--force" in again.stderr
+    word = run(prefix, "last", str(tmp_path / "out2"))
+    assert word.returncode == 2 and "epoch 'last': expected a number or 'latest'" in word.stderr
+    latest = run(prefix, "latest", str(tmp_path / "out3"), "--no-check")  # the highest epoch, as predict takes it
+    assert latest.returncode == 0, latest.stderr
+    assert json.loads((tmp_path / "out3" / "model-preprocess.json").read_text())["source"]["deployed_from"] == \
+        {"prefix": prefix, "epoch": 2}
 
 
 def test_inference_symbol_rejects_internal_softmax_output():

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -154,6 +155,18 @@ def test_failed_stage_names_itself_its_log_and_the_error(tmp_path):
         demo.run_stage(cfg, missing, 1, 1, "start")
 
 
+def test_printed_commands_paste_into_a_shell_as_they_ran(tmp_path, capsys):
+    """A path with a blank or a quote (a user's folder) is printed shell-quoted: the shell gives back the words."""
+    out = tmp_path / "my images" / "it's.txt"
+    stage = demo.Stage("s", "s", commands=[[sys.executable, "-c", "import pathlib, sys; p = pathlib.Path("
+                                            "sys.argv[1]); p.parent.mkdir(); p.write_text('x')", str(out)]],
+                       outputs=[out])
+    demo.run_stage(demo.DemoConfig(out=tmp_path / "out"), stage, 1, 1, "start")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  $ ")]
+    assert len(printed) == 1 and shlex.split(printed[0][4:]) == stage.commands[0]
+    assert out.read_text() == "x"
+
+
 def _write_lst(path, rows):
     path.write_text("".join(f"{i}\t{label:.6f}\t{p}\n" for i, label, p in rows))
 
@@ -302,7 +315,7 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     assert sorted(stages["predict"].outputs[2:]) == sorted([data_report.html, evaluation.out / "report.html"])
 
     bundle = _parsed(deploy_parser(), stages["deploy"].commands[0])
-    assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), 3, cfg.deploy_dir)
+    assert (bundle.prefix, bundle.epoch, bundle.outdir) == (str(cfg.finetune_prefix), "3", cfg.deploy_dir)
     assert bundle.onnx and bundle.force and bundle.check
 
 

@@ -16,6 +16,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from symbols.mxnet_compat import IMPORT_MXNET
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
 from tools.launch import LaunchError, local_nodes, main, read_hosts, run, ssh_nodes, sync_argv, sync_to_hosts
 
@@ -149,7 +150,8 @@ def test_ssh_job_runs_a_real_dist_sync_exchange(tmp_path, fake_ssh):
     """2 workers + 1 server over (stand-in) ssh: ps-lite connects, the pushes are summed, exit 0, nothing left."""
     marker = f"MXT_LAUNCH_TEST={uuid.uuid4().hex}"
     env, _ = fake_ssh
-    code = ("import mxnet as mx\n"  # as a server, this import runs the server loop and exits
+    code = ("import symbols.mxnet_compat\n"  # a user's script on Python 3.12 (README)
+            "import mxnet as mx\n"  # as a server, this import runs the server loop and exits
             "kv = mx.kv.create('dist_sync')\n"
             "kv.init(3, mx.nd.zeros(2))\n"
             "kv.push(3, mx.nd.ones(2) * (kv.rank + 1))\n"
@@ -175,7 +177,7 @@ def test_local_nodes_carry_the_dmlc_protocol():
     for n in nodes:
         assert n.env["DMLC_ROLE"] == n.role and n.env["DMLC_NUM_WORKER"] == "2" and n.env["DMLC_NUM_SERVER"] == "3"
         assert n.env["DMLC_PS_ROOT_URI"] == "127.0.0.1" and n.env["A"] == "1"
-    assert nodes[-1].argv == ["python", "-m", "train"] and nodes[1].argv[-1] == "import mxnet"
+    assert nodes[-1].argv == ["python", "-m", "train"] and nodes[1].argv[-1] == IMPORT_MXNET
 
 
 def test_ssh_nodes_and_host_file(tmp_path):
@@ -302,6 +304,7 @@ def test_timeout_stops_everything():
 # batch.index would be simpler, but ImageRecordIter 1.9 leaves it all zero.
 RECORD_SPY = """
 import hashlib, json, os, runpy, sys
+import symbols.mxnet_compat  # before mxnet on Python 3.12 (README)
 import mxnet as mx
 import numpy as np
 
@@ -315,9 +318,13 @@ def fingerprints(batch, kw):
     return [hashlib.sha1(image.tobytes()).hexdigest() for image in pixels]
 
 
+made = [0]  # iterators made by this process: a log name of their own (id() repeats once one is freed)
+
+
 def spied_iter(**kw):
     it = real_iter(**kw)
-    log = open(os.path.join(os.environ["SPY_DIR"], f"reads-{os.getpid()}-{id(it)}.jsonl"), "w")
+    made[0] += 1
+    log = open(os.path.join(os.environ["SPY_DIR"], f"reads-{os.getpid()}-{made[0]:04d}.jsonl"), "w")
     real_next = it.next
 
     def next_batch():

@@ -90,6 +90,15 @@ def test_rec_prediction_csv(trained, tmp_path):
         assert row[1] == CLASSES[int(probs.argmax())] and float(row[3]) >= float(row[4])
 
 
+def test_the_progress_bar_has_a_total_and_an_eta_for_every_input_form(trained, tmp_path, capsys):
+    model = load_model(str(trained / "ft"), 3, batch_size=8)
+    for source, root in ((trained / "s_val.rec", None), (trained / "s_val.lst", trained / "images"),
+                         (trained / "images", None)):
+        n = predict(model, source, tmp_path / "p.csv", root=root, progress=True)["images"]
+        bar = capsys.readouterr().err.strip().split("\r")[-1]  # the bar's last state
+        assert "100%|" in bar and f"| {n}/{n} [" in bar and "<00:00" in bar, (source, bar)  # done, elapsed<ETA
+
+
 def test_folder_list_and_rec_agree_and_mirror_tta(trained, tmp_path):
     model = load_model(str(trained / "ft"), 3, batch_size=8)
     predict(model, trained / "s_val.rec", tmp_path / "rec.csv", progress=False)

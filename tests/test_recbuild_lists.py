@@ -64,6 +64,25 @@ def test_lists_byte_identical_to_im2rec(tree, tmp_path, flags):
     assert total > 0
 
 
+@pytest.mark.parametrize("words", [["--exts=['.jpg','.png']"], ["--exts", "['.jpg', '.png']"], ["--exts=.jpg,.png"]])
+def test_the_python_list_form_of_exts_lists_what_the_spaced_form_does(tree, tmp_path, words):
+    """`--exts=['.jpg','.png']` (an old blog post's form; one word to argparse, one suffix matching nothing to
+    im2rec.py) lists exactly what im2rec.py lists for `--exts .jpg .png`."""
+    fx.run_im2rec("--list", "ref", str(tree), "--recursive", "--exts", ".jpg", ".png", cwd=tmp_path)
+    fx.run_recbuild("--list", "--recursive", str(tmp_path / "ours"), str(tree), *words)
+    assert len(read_list(str(tmp_path / "ref.lst"))) == 34  # every .jpg/.png of the tree, .JPG included
+    assert (tmp_path / "ours.lst").read_bytes() == (tmp_path / "ref.lst").read_bytes()
+
+
+@pytest.mark.parametrize("word", [".JPG", "jpg", "[]"])
+def test_a_suffix_that_can_never_match_is_refused(tree, tmp_path, word):
+    done = fx.run_recbuild("--list", str(tmp_path / "set"), str(tree), "--exts", word, check=False)
+    assert done.returncode == 2 and not (tmp_path / "set.lst").exists()
+    assert done.stderr.splitlines()[-1] == (
+        f"python -m recbuild: error: argument --exts: expected lower-case file suffixes with the dot, such as "
+        f".jpg .png, got {word!r} (a file's suffix is lower-cased before it is compared)")
+
+
 def test_class_map_names_every_label(tree, tmp_path):
     written = make_lists(str(tmp_path / "set"), str(tree), ListConfig(recursive=True, train_ratio=0.8))
     classes = read_class_map(tmp_path / "set.classes.json")
@@ -279,11 +298,8 @@ def test_malformed_list_lines_are_named(tmp_path, content, expect):
 def test_every_im2rec_option_is_accepted_with_its_default():
     """A script switches over by changing only the program name: every im2rec.py flag exists here too."""
     import re
-    import subprocess
-    import sys
     from recbuild.cli import build_parser
-    help_text = subprocess.run([sys.executable, str(fx.IM2REC), "--help"], capture_output=True, text=True,
-                               check=True).stdout
+    help_text = fx.run_im2rec("--help", cwd=Path.cwd()).stdout
     theirs = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
     ours = {opt for action in build_parser()._actions for opt in action.option_strings}
     assert len(theirs) >= 15 and theirs <= ours, theirs - ours

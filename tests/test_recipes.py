@@ -178,6 +178,12 @@ def fx_init(tmp, base):
     return prepare_model(str(base), 0, 3).arg_params["fc_weight"].asnumpy()
 
 
+def test_the_feature_bar_has_a_total(data, capsys):
+    base = small_net_checkpoint(data / "bar_base")
+    features.features_only(str(base), 0, [str(data / "d_train.rec")], cache_dir=data / "bar_cache", progress=True)
+    assert "| 0/24 [00:00<?" in capsys.readouterr().err  # tqdm's first frame: a total, the ETA still unknown
+
+
 def test_cache_run_resumes_exactly(data):
     base = small_net_checkpoint(data / "base")
     cfg = _cfg(data, base, "a", num_epochs=4, random_mirror=True)  # mirror: a per-epoch random view choice

@@ -202,6 +202,19 @@ def test_label_out_of_range_and_existing_run(data, tmp_path):
     fit(config(data, tmp_path / "b", num_epochs=1, data_val=None, overwrite=True))
 
 
+def test_a_wrong_pretrained_path_says_what_was_looked_for(data, tmp_path):
+    wrong = tmp_path / "nowhere" / "pre"
+    with pytest.raises(TrainError) as err:
+        fit(config(data, tmp_path / "ft", pretrained_model=str(wrong)))
+    assert str(err.value) == (f"--pretrained-model {wrong}: no such checkpoint: none of pre-symbol.json, "
+                              f"pre-0000.params, pre-preprocess.json exists in {wrong.parent} (the folder does not "
+                              "exist)")
+    sym, args, aux = mx.model.load_checkpoint(str(data / "pre"), 0)  # there, but never converted by us: convert it
+    mx.model.save_checkpoint(str(tmp_path / "stock"), 0, sym, args, aux)
+    with pytest.raises(TrainError, match=r"stock-preprocess.json: no preprocessing sidecar .*; convert it with"):
+        fit(config(data, tmp_path / "ft", pretrained_model=str(tmp_path / "stock")))
+
+
 def test_missing_or_misshapen_pretrained_weight_is_an_error(data, tmp_path):
     sym, args, aux = mx.model.load_checkpoint(str(data / "pre"), 0)
     broken = dict(args)

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -309,10 +310,10 @@ def run_stage(cfg: DemoConfig, stage: Stage, index: int, total: int, upstream_to
         except (OSError, ValueError, RuntimeError) as err:
             raise DemoError(f"stage {stage.name} failed: {err}") from None
     for command in stage.commands:
-        print("  $ " + " ".join(command), flush=True)
+        print("  $ " + shlex.join(command), flush=True)  # quoted: a printed command pastes into a shell as it ran
         code = _tee(command, log_file)
         if code != 0:
-            raise DemoError(f"stage {stage.name} failed (exit {code}) running `{' '.join(command)}`; "
+            raise DemoError(f"stage {stage.name} failed (exit {code}) running `{shlex.join(command)}`; "
                             f"full log: {log_file}\n    {_tail(log_file)}")
     missing = [str(p) for p in stage.outputs if not Path(p).exists()]
     if missing:

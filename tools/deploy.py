@@ -39,7 +39,7 @@ import numpy as np
 from recbuild.atomic import atomic_open
 from recbuild.publish import output_error_line, publish
 from recbuild.classmap import write_class_map
-from symbols.checkpoint import load_checkpoint, save_checkpoint
+from symbols.checkpoint import load_checkpoint, resolve_epoch, save_checkpoint
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, copy_mean_file, save_sidecar, sidecar_path
 from tools.inference_graph import DeployError, inference_symbol, load_for_inference, used_params
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.deploy",
                                      description="Write a deployment bundle of an MXNet checkpoint.")
     parser.add_argument("prefix", help="checkpoint prefix (PREFIX-symbol.json, PREFIX-NNNN.params)")
-    parser.add_argument("epoch", type=int, help="checkpoint epoch")
+    parser.add_argument("epoch", help="checkpoint epoch, or 'latest' (the highest PREFIX-NNNN.params)")
     parser.add_argument("outdir", type=Path, help="bundle folder (created; must be empty unless --force)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"file prefix inside the bundle (default {DEFAULT_NAME})")
     parser.add_argument("--classes", help="class map (*.classes.json) or a .lst/.rec beside one, for a model "
@@ -285,14 +285,18 @@ def main(argv: Sequence[str] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     try:
-        bundle, summary = write_bundle(args.prefix, args.epoch, args.outdir, name=args.name, classes=args.classes,
+        epoch = resolve_epoch(args.prefix, args.epoch)
+        bundle, summary = write_bundle(args.prefix, epoch, args.outdir, name=args.name, classes=args.classes,
                                        onnx=args.onnx, force=args.force, check=args.check)
-    except (DeployError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except RuntimeError as err:  # a loader disagrees with mx.mod.Module: the bundle failed, not the input
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (DeployError, FileNotFoundError, ValueError) as err:  # bad input exits 2, as argparse and predict do
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except OSError as err:  # disk full, read-only folder, ...: the earlier bundle is left whole
         print(output_error_line(err), file=sys.stderr)
-        return 1
+        return 2
     files = sorted(p.name for p in bundle.outdir.iterdir())
     unused = summary["unused_params"]
     parity = ", ".join(f"{k} max|diff| {v:.1e}" for k, v in summary["parity"].items()) or "not checked (--no-check)"

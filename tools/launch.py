@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from symbols.mxnet_compat import IMPORT_MXNET
+
 log = logging.getLogger(__name__)
 
 # After the last worker exits, servers and the scheduler shut down on their own within a second or two.
@@ -119,7 +121,7 @@ def local_nodes(command: Sequence[str], num_workers: int, num_servers: int, env:
                 python: str = sys.executable) -> List[Node]:
     """Scheduler, servers and workers on this machine. Servers and the scheduler only `import mxnet`."""
     port = free_port()
-    server_argv = [python, "-c", "import mxnet"]
+    server_argv = [python, "-c", IMPORT_MXNET]
     nodes = [Node("scheduler", server_argv, {**env, **dmlc_env("scheduler", "127.0.0.1", port, num_workers,
                                                                 num_servers)})]
     nodes += [Node("server", server_argv, {**env, **dmlc_env("server", "127.0.0.1", port, num_workers,
@@ -159,7 +161,7 @@ def ssh_nodes(command: Sequence[str], num_workers: int, num_servers: int, env: D
     """
     port = free_port()
     server_command = list(server_command or command)
-    nodes = [Node("scheduler", [sys.executable, "-c", "import mxnet"],
+    nodes = [Node("scheduler", [sys.executable, "-c", IMPORT_MXNET],
                   {**os.environ, **env, **dmlc_env("scheduler", root_uri, port, num_workers, num_servers)})]
     roles = ["server"] * num_servers + ["worker"] * num_workers
     for i, role in enumerate(roles):

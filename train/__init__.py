@@ -14,3 +14,4 @@ Modules, each reusable on its own (train.recipes builds on them):
     predict.py   load_model, predict (Kaggle CSV + top-k CSV), evaluate; `python -m train.predict`
     __main__.py  `python -m train`: fine-tune.py/fit.py options (and --recipe) -> TrainConfig -> fit
 """
+import symbols.mxnet_compat  # noqa: F401  numpy aliases MXNet 1.9.1 needs, before any `import mxnet`

@@ -259,6 +259,13 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
     """Load a converted checkpoint and its sidecar and give it a new `num_classes` head, named as fine-tune.py
     names it (`fc` -> `softmax`, label `softmax_label`) unless `keep_head_names`; `initializer` draws its
     weights (None: symbols.head's seeded Xavier-uniform)."""
+    looked_for = [checkpoint.symbol_path(pretrained_model), checkpoint.params_path(pretrained_model, pretrained_epoch),
+                  sidecar_path(pretrained_model)]
+    if not any(path.exists() for path in looked_for):  # a wrong path, not an unconverted model
+        folder = looked_for[0].parent
+        raise TrainError(f"--pretrained-model {pretrained_model}: no such checkpoint: none of "
+                         f"{', '.join(p.name for p in looked_for)} exists in {folder}"
+                         + ("" if folder.is_dir() else " (the folder does not exist)"))
     if not has_sidecar(pretrained_model):
         raise TrainError(f"{sidecar_path(pretrained_model)}: no preprocessing sidecar beside the pretrained model; "
                          f"convert it with `python -m tools.caffe_converter`")

@@ -110,8 +110,9 @@ def _model(cfg, num_classes: int):
 
 
 def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, num_batches: int = NUM_BATCHES,
-            diverge: float = DIVERGE, beta: float = SMOOTHING) -> LRFindResult:
-    """Run the range test for a training configuration (train.config.TrainConfig); nothing is saved."""
+            diverge: float = DIVERGE, beta: float = SMOOTHING, progress: bool = False) -> LRFindResult:
+    """Run the range test for a training configuration (train.config.TrainConfig); nothing is saved.
+    `progress`: the sweep's own bar (cfg.progress is the trainer's, off here)."""
     import mxnet as mx
     from dataclasses import replace
     from symbols.head import frozen, with_lr_mults
@@ -145,6 +146,7 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, num_batches
     augment = Augment.from_config(cfg)
     lrs, losses, running, stopped, tally, best, average = [], [], [], "completed", Tally(), math.inf, 0.0
     passes = 0
+    bar = _progress(progress, num_batches)
     while len(lrs) < num_batches and stopped == "completed":
         mx.random.seed(cfg.seed * 1000 + passes)
         it = record_iter(cfg.data_train, cfg.batch_size, pre, sidecar_dir, label_name, shape, train=True,
@@ -164,12 +166,15 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, num_batches
             average = beta * average + (1 - beta) * loss  # bias-corrected below: early values are not near 0
             running.append(average / (1 - beta ** len(losses)) if math.isfinite(loss) else math.inf)
             best = min(best, running[-1])
+            bar.set_postfix_str(f"lr {lr:.2g}, loss {running[-1]:.3g}", refresh=False)
+            bar.update()
             if not math.isfinite(running[-1]) or running[-1] > diverge * best:
                 stopped = f"diverged at lr {lr:.3g} (running loss {running[-1]:.3g}, minimum {best:.3g})"
                 break
             module.update()
             if len(lrs) >= num_batches:
                 break
+    bar.close()
     finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
     smoothed = centred([losses[i] for i in finite])
     suggested, steepest, at_min = suggest([lrs[i] for i in finite], smoothed)
@@ -177,6 +182,13 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, num_batches
     return LRFindResult(lrs, [v if math.isfinite(v) else None for v in losses],
                         [curve.get(i) for i in range(len(lrs))], [v if math.isfinite(v) else None for v in running],
                         suggested, steepest, at_min, stopped, fixed, {n: m for n, m in mults.items() if m != 1.0})
+
+
+def _progress(enabled: bool, num_batches: int):
+    """The sweep's bar: batches of --num-batches, rate and ETA, the current lr and running loss (a sweep that
+    diverges ends early, short of the total)."""
+    from tqdm import tqdm
+    return tqdm(total=num_batches, unit="batch", desc="lr-find", disable=not enabled, leave=False)
 
 
 def plot_png(result: LRFindResult) -> bytes:
@@ -235,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: --num-batches must be at least 5", file=sys.stderr)
         return 2
     try:
-        result = lr_find(cfg, a.start_lr, a.end_lr, a.num_batches, a.diverge)
+        result = lr_find(cfg, a.start_lr, a.end_lr, a.num_batches, a.diverge, progress=a.progress)
     except (TrainError, DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

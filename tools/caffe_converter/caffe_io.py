@@ -27,7 +27,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from tools.caffe_converter import caffe_pb2
-from tools.caffe_converter.errors import CaffeFormatError
+from tools.caffe_converter.errors import CaffeFormatError, some_names
 from tools.caffe_converter.text_rules import check_prototxt_text
 
 log = logging.getLogger(__name__)
@@ -583,9 +583,15 @@ def attach_weights(net: CaffeNet, model: Dict[str, _ModelLayer], where: str) -> 
     skipped = {name for name, _, _ in net.skipped}
     net.unused_weights = [name for name, ml in model.items()
                           if ml.blobs and name not in by_name and name not in skipped]
+    if net.unused_weights and not any(model[name].blobs for name in by_name if name in model):
+        # The diagnosis first, before a warning listing every layer of the other net.
+        raise CaffeFormatError(
+            f"{where}: none of this caffemodel's layers are in {net.prototxt}: it has weights for "
+            f"{len(net.unused_weights)} layer(s) ({some_names(net.unused_weights)}), the prototxt defines "
+            f"{some_names([layer.name for layer in net.layers])}; is it the caffemodel of another net?")
     if net.unused_weights:
         log.warning("%s: ignoring weights of %d layer(s) that %s does not define: %s", where,
-                    len(net.unused_weights), net.prototxt, ", ".join(net.unused_weights))
+                    len(net.unused_weights), net.prototxt, some_names(net.unused_weights))
     for layer in net.layers:
         if layer.name in model and model[layer.name].blobs:
             layer.blobs = model[layer.name].blobs

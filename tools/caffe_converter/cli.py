@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
 from recbuild.publish import PrefixBusy, PublishError, output_error_line, writer_lock
 from recbuild.values import parse_floats
-from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
+from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError, some_names
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
 
 # What `import mxnet` pulls in only because it is installed (mxnet.image/recordio try cv2, mxnet.onnx tries onnx)
@@ -47,12 +48,14 @@ def _input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.caffe_converter",
+        prog="python -m tools.caffe_converter", usage="%(prog)s [options] prototxt caffemodel prefix",
         description="Convert a Caffe model (prototxt + caffemodel, V1 or current format) into an MXNet checkpoint "
                     "PREFIX-symbol.json + PREFIX-0000.params and a preprocessing sidecar PREFIX-preprocess.json.")
-    parser.add_argument("prototxt", help="the deploy prototxt")
-    parser.add_argument("caffemodel", help="the binary caffemodel")
-    parser.add_argument("prefix", help="output checkpoint prefix (convert_model.py's save_model_name)")
+    # Optional to argparse only so that a missing one is named right (check_positionals): with two words it would
+    # always report `prefix` missing, also when the caffemodel was left out.
+    parser.add_argument("prototxt", nargs="?", help="the deploy prototxt")
+    parser.add_argument("caffemodel", nargs="?", help="the binary caffemodel")
+    parser.add_argument("prefix", nargs="?", help="output checkpoint prefix (convert_model.py's save_model_name)")
     parser.add_argument("--keep-bgr", action="store_true",
                         help="keep Caffe's BGR input; by default the model is converted to take RGB")
     parser.add_argument("--mean-file", help="Caffe mean.binaryproto, recorded in the sidecar as PREFIX-mean.npy")
@@ -77,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "layers the prototxt does not define")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     return parser
+
+
+def check_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """All three of PROTOTXT CAFFEMODEL PREFIX given, or a usage error naming the one that is missing."""
+    given = [v for v in (args.prototxt, args.caffemodel, args.prefix) if v is not None]
+    if len(given) == 3:
+        return
+    if len(given) == 2 and not (given[1].endswith(".caffemodel") or os.path.isfile(given[1])):
+        parser.error(f"the caffemodel is missing: {given[1]!r} is not a file, so it reads as PREFIX; expected "
+                     f"PROTOTXT CAFFEMODEL PREFIX")
+    missing = ["prototxt", "caffemodel", "prefix"][len(given):]
+    parser.error(f"the following arguments are required: {', '.join(missing)}")
+
+
+def warn_reversed_mean(mean: Optional[Sequence[float]]) -> None:
+    """One warning line when --mean looks like a common BGR mean given in RGB order."""
+    from tools.caffe_converter.preprocess import reversed_common_mean
+    found = reversed_common_mean(mean)
+    if found:
+        name, bgr = found
+        print(f"warning: --mean {','.join(f'{v:g}' for v in mean)} is the common {name} mean reversed (RGB order); "
+              f"--mean is in the Caffe model's channel order (B,G,R), so you probably meant "
+              f"--mean {','.join(f'{v:g}' for v in bgr)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -109,7 +135,7 @@ def summary(args: argparse.Namespace, result, elapsed: float) -> str:
             f"{_sizes(pre.source.get('input_sizes'))}; {len(result.skipped)} layer(s) skipped"
             + "".join(f"\n  skipped '{n}' ({t}): {why}" for n, t, why in result.skipped)
             + (f"\n  ignored the caffemodel's weights for {len(result.unused_weights)} layer(s) the prototxt does "
-               f"not define: {', '.join(result.unused_weights)}" if result.unused_weights else ""))
+               f"not define: {some_names(result.unused_weights)}" if result.unused_weights else ""))
 
 
 def _sizes(record) -> str:
@@ -145,7 +171,9 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_positionals(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:  # one converter per prefix, for the whole run (recbuild.publish); it also settles a killed run's files
         with writer_lock(args.prefix):
@@ -162,6 +190,7 @@ def _convert(args: argparse.Namespace) -> int:
     verify = args.verify or args.verify_layers
     with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
         from tools.caffe_converter.pipeline import convert  # imports mxnet
+    warn_reversed_mean(args.mean)  # (imports the sidecar module, and so mxnet: after the block above)
     start = time.perf_counter()
     try:
         result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,

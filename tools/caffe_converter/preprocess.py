@@ -19,6 +19,23 @@ from tools.caffe_converter.errors import ConversionError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+# Per-channel means Caffe models are commonly trained with, in Caffe's order (B, G, R): ImageNet's (VGG, ResNet,
+# open_nsfw, ... use 104, 117, 123 or VGG's 103.939, 116.779, 123.68) on 0..255 pixels, and the same on 0..1.
+COMMON_BGR_MEANS = {"ImageNet": (104.0, 117.0, 123.0), "ImageNet (0..1 pixels)": (0.406, 0.456, 0.485)}
+
+
+def reversed_common_mean(mean: Optional[Sequence[float]]) -> Optional[Tuple[str, Tuple[float, ...]]]:
+    """(name, mean) of the common BGR mean that `mean` is the reverse of (RGB order given where Caffe's B, G, R is
+    meant), within 1.5 % of the largest value; None when it is not one (or is the common mean itself)."""
+    if mean is None or len(mean) != 3:
+        return None
+    for name, bgr in COMMON_BGR_MEANS.items():
+        close = lambda a, b: max(abs(x - y) for x, y in zip(a, b)) <= 0.015 * max(b)  # noqa: E731
+        if close(mean, bgr[::-1]) and not close(mean, bgr):
+            return name, bgr
+    return None
+
+
 def _classifier(net: CaffeNet, conv: dict) -> Tuple[Optional[str], Optional[str], Optional[str], Optional[int]]:
     """(classifier layer, feature output feeding it, SoftmaxOutput name, class count) from the wiring."""
     layers, reads = net.layers, conv["reads"]

@@ -32,11 +32,11 @@ from recbuild.atomic import atomic_open
 from recbuild.publish import publish
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
-from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
+from symbols.checkpoint import CheckpointError, load_checkpoint, resolve_epoch  # noqa: F401 (cli, report use it)
 from symbols.classes import ClassNamesError, model_class_names
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
 from train.config import checked_type, parse_gpus
-from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
+from train.data import DataError, check_same_classes, load_raw_image, record_count, record_iter, scan_headers
 from train.metrics import Tally
 from train.predict.submission import (SubmissionFormat, add_submission_arguments, submission_ids,
                                       write_submission)
@@ -191,6 +191,17 @@ def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, 
                None if labels is None else np.asarray(labels[start:start + len(chunk)], np.float32))
 
 
+def input_count(source: Path, root: Optional[Path] = None) -> Optional[int]:
+    """How many images `iterate` yields for `source` (the progress bar's total); None when it cannot be read,
+    which `iterate` then reports."""
+    try:
+        if source.suffix == ".rec":
+            return record_count(source)
+        return len(_image_paths(source, root)[0]) if source.exists() else None
+    except (PredictError, DataError, OSError, ValueError):
+        return None
+
+
 def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, mirror: bool = False,
             resize: int = -1, root: Optional[Path] = None, id_mode: str = "auto", progress: bool = True,
             fmt: Optional[SubmissionFormat] = None) -> dict:
@@ -208,7 +219,8 @@ def _predict(model: Model, source: Path, out: Path, top_k: int, mirror: bool, re
     from tqdm import tqdm
     names: List[str] = []
     chunks: List[np.ndarray] = []
-    bar = tqdm(unit="img", desc="predict", disable=not progress)
+    bar = tqdm(total=input_count(source, root) if progress else None, unit="img", desc="predict",
+               disable=not progress)
     for batch_names, probs, _ in iterate(model, source, mirror, resize, root):
         names += batch_names
         chunks.append(probs)
@@ -267,15 +279,6 @@ def evaluate(model: Model, source: Path, top_k: int = 5, mirror: bool = False, r
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
-def resolve_epoch(prefix: str, text: str) -> int:
-    """The EPOCH argument of every predict form: a number, or 'latest' (the highest PREFIX-NNNN.params)."""
-    if text == "latest":
-        return latest_epoch(prefix)
-    if text.isdigit():
-        return int(text)
-    raise PredictError(f"epoch {text!r}: expected a number or 'latest'")
-
-
 def trained_resize(prefix: str) -> int:
     """The --resize the checkpoint was trained with, for models whose sidecar does not record it (from
     PREFIX-config.json), so prediction crops alike."""

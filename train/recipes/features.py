@@ -265,7 +265,7 @@ def extract(backbone: Backbone, rec_path, pre: Preprocess, sidecar_dir, shape, m
     it = record_iter(rec_path, min(backbone.batch_size, count), pre, sidecar_dir, "label", shape, train=False,
                      resize=resize, threads=threads, rgb_mean=rgb_mean, rgb_std=rgb_std)
     feats, labels, flipped = [], [], []
-    bar = tqdm(unit="img", desc=f"features {Path(rec_path).name}", disable=not progress, leave=False)
+    bar = tqdm(total=count, unit="img", desc=f"features {Path(rec_path).name}", disable=not progress, leave=False)
     for batch in it:
         keep = batch.data[0].shape[0] - batch.pad
         data = batch.data[0]
