@@ -461,7 +461,7 @@ def test_deploy_name_must_be_a_plain_name(tmp_path, name, capsys):
     from tools import deploy
     prefix = dfx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=1)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    assert deploy.main([str(prefix), "1", str(tmp_path / "out" / "bundle"), "--name", name, "--no-check"]) == 1
+    assert deploy.main([str(prefix), "1", str(tmp_path / "out" / "bundle"), "--name", name, "--no-check"]) == 2   # bad input exits 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--name {name!r}: expected a plain file name" in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
