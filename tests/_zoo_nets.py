@@ -369,7 +369,7 @@ def roi_pooling(z: Zoo) -> None:
     z.layer("cls_prob", "Softmax", ["cls_score"])
 
 
-def ssd_head(z: Zoo) -> None:
+def ssd_head(z: Zoo, prior_extra: str = "", detection_extra: str = "") -> None:
     """SSD's head, one class besides the background: loc/conf convolutions permuted and flattened, PriorBox with
     Caffe's defaults left out (clip false, variance 0.1: OpenCV departs from both), DetectionOutput with
     `keep_top_k: -1` (keep every box: OpenCV corrupts its memory on it) and `share_location` left out."""
@@ -386,13 +386,14 @@ def ssd_head(z: Zoo) -> None:
                                                                             "order: 3 order: 1 }")
         z.layer(f"mbox_{kind}", "Flatten", [f"mbox_{kind}_perm"], params="flatten_param { axis: 1 }")
     z.layer("mbox_priorbox", "PriorBox", [feature, "data"], params="prior_box_param { min_size: 8 max_size: 16 "
-            "aspect_ratio: 2 flip: false offset: 0.5 }")
+            f"aspect_ratio: 2 flip: false offset: 0.5 {prior_extra} }}")
     z.layer("mbox_conf_reshape", "Reshape", ["mbox_conf"], params="reshape_param { shape { dim: 0 dim: -1 dim: 2 } }")
     z.layer("mbox_conf_softmax", "Softmax", ["mbox_conf_reshape"], params="softmax_param { axis: 2 }")
     z.layer("mbox_conf_flatten", "Flatten", ["mbox_conf_softmax"], params="flatten_param { axis: 1 }")
     z.layer("detection_out", "DetectionOutput", ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"],
             params="detection_output_param { num_classes: 2 background_label_id: 0 code_type: CENTER_SIZE "
-                   "nms_param { nms_threshold: 0.45 top_k: 40 } keep_top_k: -1 confidence_threshold: 0.2 }")
+                   f"nms_param {{ nms_threshold: 0.45 top_k: 40 }} keep_top_k: -1 confidence_threshold: 0.2 "
+                   f"{detection_extra} }}")
 
 
 # name -> (builder, declared input size, another size or None where the input size is fixed)

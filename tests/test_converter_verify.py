@@ -197,3 +197,56 @@ def test_a_child_killed_by_a_signal_is_bisected_to_the_first_layer_whose_prefix_
     assert report.summary() == ("layer 'res2a_branch2b': MXNet fails on the converted graph when the graph is run up "
                                 "to it (killed by SIGSEGV)")
     assert len(probed) <= int(np.ceil(np.log2(len(order) + 1)))  # a bisection, not a walk
+
+
+# ---- where OpenCV departs from Caffe on the forks' layers: the reference stays Caffe's ------------------------
+def _verify_against(tmp_path, converted, reference):
+    """verify_staged of the conversion of `converted` (prototxt, caffemodel) against the Caffe net `reference`."""
+    result = convert(*converted, tmp_path / "out" / "net")
+    return verify_staged(tmp_path / "out" / "net", *reference, result, in_process=True, every_layer=True)
+
+
+def test_axpy_verifies_at_batch_2_and_x_y_exchanged_fails_at_the_layer(tmp_path):
+    """OpenCV 4.11 computes Axpy as a*y + x and fails at batch > 1: --verify's reference is SENet's a*x + y (numpy,
+    and OpenCV on the net with x and y exchanged, one image at a time). A conversion that computed OpenCV's a*y + x
+    fails, naming the Axpy layer."""
+    from tests._zoo_nets import Zoo, se_axpy
+    z = Zoo("se", 10, batch=2)
+    se_axpy(z)
+    files = z.write(tmp_path / "net", stem="se")
+    report = _verify_against(tmp_path / "ok", files, files)
+    assert report.ok, report.format()
+    row = next(r for r in report.rows if r.name == "conv2_1")
+    assert row.shape == (2, 16, 10, 10) and "a*x + y in numpy" in row.note
+    assert report.top1 == (8, 8)  # both images' classes, end to end
+    axpy = next(lp for lp in z.net.layer if lp.type == "Axpy")
+    axpy.bottom[1], axpy.bottom[2] = axpy.bottom[2], axpy.bottom[1]
+    wrong = _verify_against(tmp_path / "wrong", z.write(tmp_path / "swapped", stem="se"), files)
+    assert not wrong.ok and wrong.first_failure.name == "conv2_1", wrong.format()
+
+
+@pytest.mark.parametrize("prior, detection, note", [
+    ("img_size: 40", "", "OpenCV ignores img_size"),  # OpenCV's priors are those of the image's own size
+    ("img_h: 30 img_w: 40 step: 4", "", "OpenCV ignores img_size"),
+    ("", "variance_encoded_in_target: true", ""),  # OpenCV wants the priors without variances
+    ("clip: true variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2", "", ""),
+])
+def test_ssd_head_forms_where_opencv_departs_verify(tmp_path, prior, detection, note):
+    """The zoo's SSD head (PriorBox without clip/variance, DetectionOutput with keep_top_k -1 and no
+    share_location, where OpenCV departs) in the other forms OpenCV reads differently: each verifies, with
+    Caffe's PriorBox in numpy as the reference where OpenCV ignores a field; a conversion whose priors are those of
+    another image size fails at the PriorBox."""
+    from tests._zoo_nets import Zoo, ssd_head
+    z = Zoo("ssd", 32)
+    ssd_head(z, prior, detection)
+    files = z.write(tmp_path / "net", stem="ssd")
+    report = _verify_against(tmp_path / "ok", files, files)
+    assert report.ok, report.format()
+    rows = {r.name: r for r in report.rows}
+    assert {"mbox_priorbox", "detection_out"} <= set(rows) and note in rows["mbox_priorbox"].note
+    assert rows["detection_out"].shape == (1, 1, 192, 7)
+    if note:
+        z = Zoo("ssd", 32)
+        ssd_head(z, prior.replace("img_size: 40", "img_size: 48").replace("img_h: 30", "img_h: 36"), detection)
+        wrong = _verify_against(tmp_path / "wrong", z.write(tmp_path / "other", stem="ssd"), files)
+        assert not wrong.ok and wrong.first_failure.name == "mbox_priorbox", wrong.format()

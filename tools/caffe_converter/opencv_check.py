@@ -174,6 +174,8 @@ def opencv_equivalent(prototxt, folder, keep_top_k: Optional[Dict[str, int]] = N
       one 0.1), so both are written out;
     - DetectionOutput: OpenCV needs `share_location` written out (Caffe: true) and corrupts its memory on
       `keep_top_k: -1` (Caffe: keep every box), which becomes `keep_top_k[name]`, the rows of our output;
+    - DetectionOutput with `variance_encoded_in_target` (Caffe ignores the priors' variances): OpenCV wants
+      the priors' coordinates only, so a Slice keeps those;
     - a net whose input is declared by a data layer (a MemoryData deploy file): OpenCV cannot set that blob, so
       the layer becomes an `input` of the same name.
     """
@@ -191,6 +193,9 @@ def opencv_equivalent(prototxt, folder, keep_top_k: Optional[Dict[str, int]] = N
                 net.input.append(layer.top[0])
             continue
         if layer.name not in k_layers:
+            if layer.type == "DetectionOutput" and layer.detection_output_param.variance_encoded_in_target \
+                    and len(layer.bottom) > 2:
+                _prior_coordinates(net, layer)
             copy = net.layer.add()
             copy.CopyFrom(layer)
             changed |= _spell_out(copy, keep_top_k or {})
@@ -211,6 +216,15 @@ def opencv_equivalent(prototxt, folder, keep_top_k: Optional[Dict[str, int]] = N
     return str(path), per_image
 
 
+def _prior_coordinates(net, layer) -> None:
+    """With variance_encoded_in_target, Caffe ignores the prior blob's variances and OpenCV refuses a prior blob
+    that has them: a Slice before the layer keeps the coordinates' channel only."""
+    cut = net.layer.add(name=f"{layer.name}__coordinates", type="Slice", bottom=[layer.bottom[2]],
+                        top=[f"{layer.bottom[2]}__coordinates", f"{layer.bottom[2]}__variances"])
+    cut.slice_param.axis = 1
+    cut.slice_param.slice_point.append(1)
+
+
 def _spell_out(layer, keep_top_k: Dict[str, int]) -> bool:
     """Rewrite one layer where OpenCV departs from Caffe (see `opencv_equivalent`); whether it changed."""
     if layer.type == "Axpy" and len(layer.bottom) == 3:
@@ -226,8 +240,10 @@ def _spell_out(layer, keep_top_k: Dict[str, int]) -> bool:
         return missing
     if layer.type == "DetectionOutput":
         p = layer.detection_output_param
-        missing = not p.HasField("share_location") or p.keep_top_k < 0
+        missing = not p.HasField("share_location") or p.keep_top_k < 0 or p.variance_encoded_in_target
         p.share_location = p.share_location
+        if p.variance_encoded_in_target and len(layer.bottom) > 2:
+            layer.bottom[2] = f"{layer.bottom[2]}__coordinates"  # see _prior_coordinates
         if p.keep_top_k < 0 and layer.name in keep_top_k:
             p.keep_top_k = keep_top_k[layer.name]
         return missing
