@@ -97,7 +97,7 @@ def test_a_graph_mxnet_cannot_run_is_a_failure_naming_the_layer(tmp_path, monkey
     """The SE gate as the converter wrote it before: MKLDNN cannot reorder the reshaped 512-channel gate
     ('could not create a primitive descriptor'). --verify runs the files in a child and bisects to the layer."""
     prototxt, caffemodel, _, _ = write_zoo_net("se_block", tmp_path)
-    monkeypatch.setattr("tools.caffe_converter.layers._scale_bottom_as",
+    monkeypatch.setattr("tools.caffe_converter.layers._second_bottom_as",
                         lambda gamma, sshape, full, axis: mx.sym.reshape(gamma, shape=full))
     prefix = tmp_path / "out" / "se"
     assert cli.main([str(prototxt), str(caffemodel), str(prefix), "--verify"]) == 1
@@ -119,6 +119,36 @@ def test_se_gate_runs_at_any_batch_and_size(tmp_path):
                            input_shapes={"data": (3, 3, 10, 10)})
     assert report.ok, report.format()
     assert any(r.shape[:1] == (3,) for r in report.rows)
+
+
+def test_bias_by_a_second_bottom_runs_at_another_batch(tmp_path):
+    """Bias with a second bottom (an N x C gate, axis 0) broadcasts as Scale's does: the declared batch is not
+    written into the graph, and MKLDNN runs the 512-channel case. The written files bound in a Module at batch 3
+    and another size; reference: OpenCV's blobs of the two bottoms (OpenCV has no Bias layer) added in numpy."""
+    from tests._zoo_nets import Zoo
+    from tools.caffe_converter.opencv_check import run_opencv
+    def build(with_bias):
+        z = Zoo("bias", 8)
+        x = z.conv_bn_relu("conv1", "data", 512, k=3)
+        gate = z.conv("gate", z.pool("pool", x, "AVE", global_pool=True), 512, 1)
+        z.layer("gate_flat", "Reshape", [gate], params="reshape_param { shape { dim: 0 dim: 0 } }")
+        if with_bias:
+            z.layer("shift", "Bias", [x, "gate_flat"], params="bias_param { axis: 0 }")
+        return z.write(tmp_path / str(with_bias), stem="bias")
+
+    prototxt, caffemodel = build(True)
+    convert(prototxt, caffemodel, tmp_path / "bias", keep_bgr=True)
+    sym, args, aux = mx.model.load_checkpoint(str(tmp_path / "bias"), 0)
+    data = np.random.default_rng(0).uniform(-1, 1, (3, 3, 10, 10)).astype(np.float32)
+    mod = mx.mod.Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+    mod.bind([("data", data.shape)], for_training=False)
+    mod.set_params(args, aux)
+    mod.forward(mx.io.DataBatch([mx.nd.array(data)]), is_train=False)
+    ours = mod.get_outputs()[0].asnumpy()
+    features, shift = run_opencv(*build(False), {"data": data}, ["relu_conv1", "gate_flat"])  # same seeded weights
+    reference = features + shift[:, :, None, None]
+    assert ours.shape == (3, 512, 10, 10)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def test_cut_graph_feeds_the_blobs_around_a_layer():
