@@ -280,3 +280,17 @@ def test_ssd_head_forms_where_opencv_departs_verify(tmp_path, prior, detection, 
         ssd_head(z, prior.replace("img_size: 40", "img_size: 48").replace("img_h: 30", "img_h: 36"), detection)
         wrong = _verify_against(tmp_path / "wrong", z.write(tmp_path / "other", stem="ssd"), files)
         assert not wrong.ok and wrong.first_failure.name == "mbox_priorbox", wrong.format()
+
+
+def test_ssd_head_cut_before_detection_output_verifies(tmp_path):
+    """The --output-layer cut at DetectionOutput's three bottoms: OpenCV still builds the DetectionOutput of the
+    file (keep_top_k -1, which corrupts its memory) and is given a positive count; the child runs it cleanly."""
+    from tests._zoo_nets import Zoo, ssd_head
+    z = Zoo("ssd", 32)
+    ssd_head(z)
+    prototxt, caffemodel = z.write(tmp_path / "net", stem="ssd")
+    result = convert(prototxt, caffemodel, tmp_path / "out" / "ssd",
+                     output_layer=["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"])
+    report = verify_staged(tmp_path / "out" / "ssd", prototxt, caffemodel, result)
+    assert report.ok, report.format()
+    assert {f.name for f in report.figures} == {"mbox_loc", "mbox_conf_flatten", "mbox_priorbox"}

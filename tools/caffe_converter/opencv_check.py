@@ -173,7 +173,8 @@ def opencv_equivalent(prototxt, folder, keep_top_k: Optional[Dict[str, int]] = N
     - PriorBox: OpenCV clips when `clip` is not given (Caffe: false) and refuses a missing `variance` (Caffe:
       one 0.1), so both are written out;
     - DetectionOutput: OpenCV needs `share_location` written out (Caffe: true) and corrupts its memory on
-      `keep_top_k: -1` (Caffe: keep every box), which becomes `keep_top_k[name]`, the rows of our output;
+      `keep_top_k: -1` (Caffe: keep every box), which becomes `keep_top_k[name]`, the rows of our output (the
+      nms top_k where that is not given: a net cut before the layer still builds its memory);
     - DetectionOutput with `variance_encoded_in_target` (Caffe ignores the priors' variances): OpenCV wants
       the priors' coordinates only, so a Slice keeps those;
     - a net whose input is declared by a data layer (a MemoryData deploy file): OpenCV cannot set that blob, so
@@ -244,8 +245,8 @@ def _spell_out(layer, keep_top_k: Dict[str, int]) -> bool:
         p.share_location = p.share_location
         if p.variance_encoded_in_target and len(layer.bottom) > 2:
             layer.bottom[2] = f"{layer.bottom[2]}__coordinates"  # see _prior_coordinates
-        if p.keep_top_k < 0 and layer.name in keep_top_k:
-            p.keep_top_k = keep_top_k[layer.name]
+        if p.keep_top_k < 0:  # not asked for (a net cut before it): any positive count keeps OpenCV's memory sane
+            p.keep_top_k = keep_top_k.get(layer.name, max(p.nms_param.top_k, 1))
         return missing
     return False
 

@@ -312,11 +312,11 @@ def _output_entries(plan: dict, sym):
 def _caffe_layers(prototxt) -> Dict[str, Tuple[object, List[str]]]:
     """Caffe layer name (a repeated name numbered as the converter and OpenCV number it) -> (its LayerParameter,
     for each bottom the layer that last wrote it, or the blob's own name for an input)."""
-    from tools.caffe_converter.caffe_io import _unique_names, read_prototxt
+    from tools.caffe_converter.caffe_io import unique_layer_names, read_prototxt
     layers = list(read_prototxt(prototxt).layer)
     writer: Dict[str, str] = {}
     found = {}
-    for layer, name in zip(layers, _unique_names(layers, str(prototxt))):
+    for layer, name in zip(layers, unique_layer_names(layers, str(prototxt))):
         found.setdefault(name, (layer, [writer.get(b, b) for b in layer.bottom]))
         for top in layer.top:
             writer[top] = name
