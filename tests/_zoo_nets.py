@@ -286,6 +286,116 @@ def openpose(z: Zoo) -> None:
     z.conv("Mconv7_stage2_L2", z.relu(z.conv("Mconv1_stage2_L2", x, 8, 7)), 2, 1)
 
 
+# ---- the dialects of the forks (issue 23): the published nets' own spellings ----------------------------------
+def _ceil_pool(z: Zoo, name: str, bottom: str, kind: str, k: int, stride: int, ceil: bool, pad: int = 0) -> str:
+    z.layer(name, "Pooling", [bottom], params=f"pooling_param {{ pool: {kind} kernel_size: {k} stride: {stride} "
+                                               f"pad: {pad} ceil_mode: {str(ceil).lower()} }}")
+    z.channels[name] = z.channels[bottom]
+    return name
+
+
+def densenet_ceil(z: Zoo) -> None:
+    """DenseNet-121 as published (shicai/DenseNet-Caffe): pool1 and the transition's AVE pooling with
+    `ceil_mode: false`, at sizes where rounding down and up differ."""
+    x = z.relu(z.bn_scale("conv1", z.conv("conv1", "data", 8, 7, stride=2, bias=False)))
+    x = _ceil_pool(z, "pool1", x, "MAX", 3, 2, ceil=False, pad=1)
+    for i in range(2):
+        y = z.relu(z.bn_scale(f"b{i}_x1", z.conv(f"b{i}_x1", x, 8, 1, bias=False)))
+        x = z.concat(f"concat_{i}", [x, z.conv(f"b{i}_x2", y, 4, 3, bias=False)])
+    x = z.relu(z.bn_scale("trans", z.conv("trans", x, 8, 1, bias=False)))
+    z.classifier(_ceil_pool(z, "trans_pool", x, "AVE", 2, 2, ceil=False))
+
+
+def resnext_ceil(z: Zoo) -> None:
+    """ResNeXt-50 as published (soeaver/caffe-model): pool1 with `ceil_mode: false`, grouped bottlenecks."""
+    x = z.conv_bn_relu("conv1", "data", 8, k=7, stride=2)
+    x = _bottleneck(z, "res2a", _ceil_pool(z, "pool1", x, "MAX", 3, 2, ceil=False), 16, 24, group=8)
+    z.classifier(_bottleneck(z, "res3a", x, 16, 32, stride=2, group=8))
+
+
+def se_axpy(z: Zoo) -> None:
+    """SE-ResNet-50 (hujie-frank/SENet): the gate (global pooling, 1x1 down, ReLU, 1x1 up, Sigmoid) and SENet's
+    Axpy(gate, residual, shortcut) = gate * residual + shortcut, which OpenCV computes the other way round."""
+    x = z.conv_bn_relu("conv1", "data", 16, k=3)
+    y = z.conv_bn_relu("conv2_1_1x1_reduce", x, 8, k=1)
+    y = z.bn_scale("conv2_1_1x1_increase", z.conv("conv2_1_1x1_increase", y, 16, 1, bias=False))
+    gate = z.pool("conv2_1_global_pool", y, "AVE", global_pool=True)
+    gate = z.relu(z.conv("conv2_1_1x1_down", gate, 4, 1))
+    gate = z.conv("conv2_1_1x1_up", gate, 16, 1)
+    z.layer("conv2_1_prob", "Sigmoid", [gate], [gate])
+    z.layer("conv2_1", "Axpy", [gate, y, x])
+    z.channels["conv2_1"] = 16
+    z.classifier(z.relu("conv2_1", name="conv2_1_relu"))
+
+
+def hed_duplicates(z: Zoo) -> None:
+    """HED as published (s9xie/hed): the side outputs' Crop layers all named `crop`."""
+    s1 = z.relu(z.conv("conv1_1", "data", 8, 3, pad=1))
+    s2 = z.relu(z.conv("conv2_1", z.pool("pool1", s1, k=2, stride=2), 8, 3, pad=1))
+    s3 = z.relu(z.conv("conv3_1", z.pool("pool2", s2, k=2, stride=2), 8, 3, pad=1))
+    sides = [z.conv("score-dsn1", s1, 1, 1)]
+    for i, (blob, stride) in enumerate(((s2, 2), (s3, 4)), start=2):
+        z.layer(f"upsample_{i}", "Deconvolution", [z.conv(f"score-dsn{i}", blob, 1, 1)], params=f"convolution_param "
+                f"{{ num_output: 1 kernel_size: {2 * stride} stride: {stride} bias_term: false }}",
+                blobs=[z.rand(1, 1, 2 * stride, 2 * stride, scale=0.3)])
+        z.layer("crop", "Crop", [f"upsample_{i}", "data"], [f"score-dsn{i}-up"],
+                params=f"crop_param {{ axis: 2 offset: {stride // 2} }}")
+        z.channels[f"score-dsn{i}-up"] = 1
+        sides.append(f"score-dsn{i}-up")
+    fused = z.conv("new-score-weighting", z.concat("concat", sides), 1, 1)
+    for i, blob in enumerate(sides + [fused], start=1):
+        z.layer(f"sigmoid-dsn{i}" if blob != fused else "sigmoid-fuse", "Sigmoid", [blob])
+
+
+def memorydata_vgg(z: Zoo) -> None:
+    """A VGG16 deploy file that declares its input in a MemoryData layer (no input field, no Input layer)."""
+    z.inputs.clear()
+    z.layer("data", "MemoryData", [], ["data", "label"], params="memory_data_param { batch_size: 1 channels: 3 "
+                                                                "height: 16 width: 16 }")
+    vgg(z)
+
+
+def roi_pooling(z: Zoo) -> None:
+    """py-faster-rcnn's head: conv features, ROIPooling of the `rois` input (image coordinates, spatial_scale
+    1/4 for two stride-2 stages) to 3 x 3, fc6 + ReLU, the class scores and box deltas."""
+    z.input("rois", (4, 5))
+    x = z.relu(z.conv("conv1", "data", 8, 3, stride=2))
+    x = z.relu(z.conv("conv2", x, 8, 3, stride=2))
+    z.layer("roi_pool5", "ROIPooling", [x, "rois"], params="roi_pooling_param { pooled_h: 3 pooled_w: 3 "
+                                                           "spatial_scale: 0.25 }")
+    z.relu(z.fc("fc6", "roi_pool5", 16, 8 * 3 * 3))
+    z.fc("cls_score", "fc6", 3, 16)
+    z.fc("bbox_pred", "fc6", 12, 16)
+    z.layer("cls_prob", "Softmax", ["cls_score"])
+
+
+def ssd_head(z: Zoo, prior_extra: str = "", detection_extra: str = "") -> None:
+    """SSD's head, one class besides the background: loc/conf convolutions permuted and flattened, PriorBox with
+    Caffe's defaults left out (clip false, variance 0.1: OpenCV departs from both), DetectionOutput with
+    `keep_top_k: -1` (keep every box: OpenCV corrupts its memory on it) and `share_location` left out."""
+    x = z.relu(z.conv("conv1", "data", 8, 3, stride=2))
+    feature = z.relu(z.conv("conv2", x, 8, 3, stride=2))
+    priors = 3  # min_size, the max_size square, aspect ratio 2 (flip off)
+    # small head weights: on inputs of +-128 the box deltas stay O(0.1) and the scores spread over (0, 1) (a
+    # saturated softmax gives equal scores, whose order within a tie is arbitrary)
+    for kind, n in (("loc", 4), ("conf", 2)):
+        z.layer(f"mbox_{kind}_conv", "Convolution", [feature], params=f"convolution_param {{ num_output: {priors * n} "
+                f"kernel_size: 3 pad: 1 }}", blobs=[z.rand(priors * n, 8, 3, 3, scale=0.0005 if kind == "loc" else 0.001),
+                                                   z.rand(priors * n, scale=0.3)])
+        z.layer(f"mbox_{kind}_perm", "Permute", [f"mbox_{kind}_conv"], params="permute_param { order: 0 order: 2 "
+                                                                            "order: 3 order: 1 }")
+        z.layer(f"mbox_{kind}", "Flatten", [f"mbox_{kind}_perm"], params="flatten_param { axis: 1 }")
+    z.layer("mbox_priorbox", "PriorBox", [feature, "data"], params="prior_box_param { min_size: 8 max_size: 16 "
+            f"aspect_ratio: 2 flip: false offset: 0.5 {prior_extra} }}")
+    z.layer("mbox_conf_reshape", "Reshape", ["mbox_conf"], params="reshape_param { shape { dim: 0 dim: -1 dim: 2 } }")
+    z.layer("mbox_conf_softmax", "Softmax", ["mbox_conf_reshape"], params="softmax_param { axis: 2 }")
+    z.layer("mbox_conf_flatten", "Flatten", ["mbox_conf_softmax"], params="flatten_param { axis: 1 }")
+    z.layer("detection_out", "DetectionOutput", ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"],
+            params="detection_output_param { num_classes: 2 background_label_id: 0 code_type: CENTER_SIZE "
+                   f"nms_param {{ nms_threshold: 0.45 top_k: 40 }} keep_top_k: -1 confidence_threshold: 0.2 "
+                   f"{detection_extra} }}")
+
+
 # name -> (builder, declared input size, another size or None where the input size is fixed)
 ZOO: Dict[str, Tuple[Callable[[Zoo], None], int, Optional[int]]] = {
     "alexnet": (alexnet, 67, None),
@@ -304,7 +414,18 @@ ZOO: Dict[str, Tuple[Callable[[Zoo], None], int, Optional[int]]] = {
     "hed": (hed, 32, 40),
     "colorization": (colorization, 32, 48),
     "openpose": (openpose, 32, 48),
+    "densenet_ceil": (densenet_ceil, 29, 37),
+    "resnext_ceil": (resnext_ceil, 26, 34),
+    "se_axpy": (se_axpy, 10, 14),
+    "hed_duplicates": (hed_duplicates, 32, 40),
+    "openpose_1x1": (openpose, 1, 48),  # declared 1 x 1 as published; converted with --input-shape (ZOO_CONVERT)
+    "memorydata_vgg": (memorydata_vgg, 16, None),
+    "roi_pooling": (roi_pooling, 32, 40),
+    "ssd_head": (ssd_head, 32, None),  # the priors are those of the declared size
 }
+
+# convert() options of the entries that need one (the command line's --input-shape)
+ZOO_CONVERT: Dict[str, dict] = {"openpose_1x1": dict(input_shape={"data": (1, 3, 32, 32)})}
 
 
 def write_zoo_net(name: str, dirpath, seed: int = 0):

@@ -70,7 +70,7 @@ def test_ceil_mode_equals_round_mode_and_a_contradiction_is_refused(tmp_path):
 
 
 # ---- Axpy ----------------------------------------------------------------------------------------------
-def _se_axpy_net(a_is_2d=False, batch=1, opencv_order=False):
+def _se_axpy_net(a_is_2d=False, batch=1):
     """SE-ResNet-50's pattern: global pooling -> 1x1 convs -> sigmoid -> Axpy(scale, residual, shortcut)."""
     b = NetBuilder(seed=3)
     b.input("data", (batch, 8, 6, 6))
@@ -87,34 +87,42 @@ def _se_axpy_net(a_is_2d=False, batch=1, opencv_order=False):
     if a_is_2d:
         b.layer("flat", "Flatten", ["prob"])
         scale = "flat"
-    # SENet's Axpy (axpy_layer.cpp) computes bottom[0] * bottom[1] + bottom[2]; OpenCV 4.11 computes
-    # bottom[0] * bottom[2] + bottom[1], so its reference net lists x and y the other way round.
-    b.layer("axpy", "Axpy", [scale, "data", "res"] if opencv_order else [scale, "res", "data"])
+    # SENet's Axpy (axpy_layer.cpp) computes bottom[0] * bottom[1] + bottom[2]
+    b.layer("axpy", "Axpy", [scale, "res", "data"])
     return b
 
 
 def test_axpy_matches_opencv_and_the_formula(tmp_path):
-    """OpenCV runs Axpy at batch 1 only (it fails on a larger batch), and with x and y exchanged: compared
-    with OpenCV on the net that lists them the other way round, and with SENet's formula in numpy."""
+    """OpenCV 4.11 computes Axpy as a * y + x: run_opencv runs the net with x and y exchanged (Caffe's semantics);
+    compared with it and with SENet's formula in numpy on OpenCV's own intermediate blobs."""
+    import cv2
     b = _se_axpy_net()
     prototxt, caffemodel = b.write(tmp_path)
     result = convert(prototxt, caffemodel, keep_bgr=True)
     x = {"data": _uniform((1, 8, 6, 6))}
-    out = _compare(prototxt, caffemodel, result, x, reference=_se_axpy_net(opencv_order=True).write(tmp_path / "cv"))
-    # a * x + y in numpy, from OpenCV's own intermediate blobs
+    out = _compare(prototxt, caffemodel, result, x)
     a, res = run_opencv(prototxt, caffemodel, x, ["prob", "res"])
     np.testing.assert_allclose(out, a * res + x["data"], rtol=0, atol=TOLERANCE * np.abs(out).max())
+    # the departure itself: OpenCV on the file as written gives a * y + x
+    raw = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    raw.setInput(x["data"], "data")
+    np.testing.assert_allclose(raw.forward("axpy"), a * x["data"] + res, rtol=0, atol=TOLERANCE * np.abs(out).max())
 
 
 def test_axpy_with_a_two_axis_scale_and_a_batch(tmp_path):
-    """a may be N x C (SENet's layer accepts it; OpenCV's does not), at batch 2 (where OpenCV's Axpy fails): the
-    formula, with OpenCV's blobs of the same net with a 4-D a (same seeded weights) as a and x."""
+    """a may be N x C (SENet's layer accepts it; OpenCV's does not), at batch 2 (where OpenCV's Axpy fails, so
+    run_opencv runs it one image at a time): the formula, with OpenCV's blobs of the same net with a 4-D a (same
+    seeded weights) as a and x; and the 4-D net's output against OpenCV's at batch 2."""
     prototxt, caffemodel = _se_axpy_net(a_is_2d=True, batch=2).write(tmp_path / "2d")
     result = convert(prototxt, caffemodel, keep_bgr=True)
     x = {"data": _uniform((2, 8, 6, 6))}
     ours = run_mxnet(result.symbol, result.arg_arrays, result.aux_arrays, x)[0]
-    a, res = run_opencv(*_se_axpy_net(batch=2).write(tmp_path / "4d"), x, ["prob", "res"])
+    four_d = _se_axpy_net(batch=2).write(tmp_path / "4d")
+    a, res, theirs = run_opencv(*four_d, x, ["prob", "res", "axpy"])
+    assert theirs.shape == ours.shape == (2, 8, 6, 6)
     np.testing.assert_allclose(ours, a * res + x["data"], rtol=0, atol=TOLERANCE * np.abs(ours).max())
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOLERANCE * np.abs(ours).max())
+    assert not np.allclose(ours[0], ours[1])  # two different images, not one repeated
 
 
 def test_axpy_with_mismatched_shapes_is_one_line(tmp_path):

@@ -200,3 +200,35 @@ def test_equal_slice_of_a_spatial_axis_follows_the_input_size(tmp_path):
     assert outs[0].shape == outs[1].shape == (1, 2, 5, 5)
     assert_close(outs[0], conv[..., :5])
     assert_close(outs[1], conv[..., 5:])
+
+
+def test_fixed_pooling_before_an_inner_product_is_fixed(tmp_path):
+    """SE-BN-Inception's end: a fixed 2x2 (there 7x7) pooling feeds an InnerProduct. Three 2x2/2 convolutions
+    (which round down) keep its input 2x2 from 16 up to 23 pixels, so sizes near the declared one all bind; 24 and
+    more do not (the InnerProduct's weight fixes its input). The sidecar must say fixed, and binding far off must
+    fail cleanly."""
+    from tools.caffe_converter.sizes import describe
+    b = NetBuilder("fixed_pool_fc", seed=11)
+    b.input("data", (1, 3, 16, 16))
+    b.layer("conv", "Convolution", ["data"], params="convolution_param { num_output: 4 kernel_size: 1 }",
+            blobs=[b.rand(4, 3, 1, 1), b.rand(4)])
+    bottom = "conv"
+    for i in range(3):
+        b.layer(f"down{i}", "Convolution", [bottom], params="convolution_param { num_output: 4 kernel_size: 2 "
+                "stride: 2 }", blobs=[b.rand(4, 4, 2, 2), b.rand(4)])
+        bottom = f"down{i}"
+    b.layer("pool5", "Pooling", [bottom], params="pooling_param { pool: AVE kernel_size: 2 stride: 1 }")
+    b.layer("fc", "InnerProduct", ["pool5"], params="inner_product_param { num_output: 5 }",
+            blobs=[b.rand(5, 4), b.rand(5)])
+    prototxt, caffemodel = b.write(tmp_path, "fixed_pool_fc")
+    prefix = tmp_path / "fc"
+    convert(prototxt, caffemodel, prefix)
+    sizes = load_sidecar(prefix).source["input_sizes"]
+    assert sizes == {"fixed": True, "declared": [16, 16]}, sizes
+    assert describe(sizes) == "fixed 16x16"
+    rc, outs, x = bind_at(prefix, (1, 3, 17, 19))  # near sizes do run, and give Caffe's answer
+    assert rc == 0, outs
+    (theirs,) = run_opencv(prototxt, caffemodel, {"data": x}, ["fc"])
+    assert_close(outs[0], theirs)
+    rc, err, _ = bind_at(prefix, (1, 3, 32, 32))
+    assert rc != 0 and err[0].strip(), (rc, err)

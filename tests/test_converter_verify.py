@@ -97,7 +97,7 @@ def test_a_graph_mxnet_cannot_run_is_a_failure_naming_the_layer(tmp_path, monkey
     """The SE gate as the converter wrote it before: MKLDNN cannot reorder the reshaped 512-channel gate
     ('could not create a primitive descriptor'). --verify runs the files in a child and bisects to the layer."""
     prototxt, caffemodel, _, _ = write_zoo_net("se_block", tmp_path)
-    monkeypatch.setattr("tools.caffe_converter.layers._scale_bottom_as",
+    monkeypatch.setattr("tools.caffe_converter.layers._second_bottom_as",
                         lambda gamma, sshape, full, axis: mx.sym.reshape(gamma, shape=full))
     prefix = tmp_path / "out" / "se"
     assert cli.main([str(prototxt), str(caffemodel), str(prefix), "--verify"]) == 1
@@ -119,6 +119,36 @@ def test_se_gate_runs_at_any_batch_and_size(tmp_path):
                            input_shapes={"data": (3, 3, 10, 10)})
     assert report.ok, report.format()
     assert any(r.shape[:1] == (3,) for r in report.rows)
+
+
+def test_bias_by_a_second_bottom_runs_at_another_batch(tmp_path):
+    """Bias with a second bottom (an N x C gate, axis 0) broadcasts as Scale's does: the declared batch is not
+    written into the graph, and MKLDNN runs the 512-channel case. The written files bound in a Module at batch 3
+    and another size; reference: OpenCV's blobs of the two bottoms (OpenCV has no Bias layer) added in numpy."""
+    from tests._zoo_nets import Zoo
+    from tools.caffe_converter.opencv_check import run_opencv
+    def build(with_bias):
+        z = Zoo("bias", 8)
+        x = z.conv_bn_relu("conv1", "data", 512, k=3)
+        gate = z.conv("gate", z.pool("pool", x, "AVE", global_pool=True), 512, 1)
+        z.layer("gate_flat", "Reshape", [gate], params="reshape_param { shape { dim: 0 dim: 0 } }")
+        if with_bias:
+            z.layer("shift", "Bias", [x, "gate_flat"], params="bias_param { axis: 0 }")
+        return z.write(tmp_path / str(with_bias), stem="bias")
+
+    prototxt, caffemodel = build(True)
+    convert(prototxt, caffemodel, tmp_path / "bias", keep_bgr=True)
+    sym, args, aux = mx.model.load_checkpoint(str(tmp_path / "bias"), 0)
+    data = np.random.default_rng(0).uniform(-1, 1, (3, 3, 10, 10)).astype(np.float32)
+    mod = mx.mod.Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+    mod.bind([("data", data.shape)], for_training=False)
+    mod.set_params(args, aux)
+    mod.forward(mx.io.DataBatch([mx.nd.array(data)]), is_train=False)
+    ours = mod.get_outputs()[0].asnumpy()
+    features, shift = run_opencv(*build(False), {"data": data}, ["relu_conv1", "gate_flat"])  # same seeded weights
+    reference = features + shift[:, :, None, None]
+    assert ours.shape == (3, 512, 10, 10)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def test_cut_graph_feeds_the_blobs_around_a_layer():
@@ -197,3 +227,70 @@ def test_a_child_killed_by_a_signal_is_bisected_to_the_first_layer_whose_prefix_
     assert report.summary() == ("layer 'res2a_branch2b': MXNet fails on the converted graph when the graph is run up "
                                 "to it (killed by SIGSEGV)")
     assert len(probed) <= int(np.ceil(np.log2(len(order) + 1)))  # a bisection, not a walk
+
+
+# ---- where OpenCV departs from Caffe on the forks' layers: the reference stays Caffe's ------------------------
+def _verify_against(tmp_path, converted, reference):
+    """verify_staged of the conversion of `converted` (prototxt, caffemodel) against the Caffe net `reference`."""
+    result = convert(*converted, tmp_path / "out" / "net")
+    return verify_staged(tmp_path / "out" / "net", *reference, result, in_process=True, every_layer=True)
+
+
+def test_axpy_verifies_at_batch_2_and_x_y_exchanged_fails_at_the_layer(tmp_path):
+    """OpenCV 4.11 computes Axpy as a*y + x and fails at batch > 1: --verify's reference is SENet's a*x + y (numpy,
+    and OpenCV on the net with x and y exchanged, one image at a time). A conversion that computed OpenCV's a*y + x
+    fails, naming the Axpy layer."""
+    from tests._zoo_nets import Zoo, se_axpy
+    z = Zoo("se", 10, batch=2)
+    se_axpy(z)
+    files = z.write(tmp_path / "net", stem="se")
+    report = _verify_against(tmp_path / "ok", files, files)
+    assert report.ok, report.format()
+    row = next(r for r in report.rows if r.name == "conv2_1")
+    assert row.shape == (2, 16, 10, 10) and "a*x + y in numpy" in row.note
+    assert report.top1 == (8, 8)  # both images' classes, end to end
+    axpy = next(lp for lp in z.net.layer if lp.type == "Axpy")
+    axpy.bottom[1], axpy.bottom[2] = axpy.bottom[2], axpy.bottom[1]
+    wrong = _verify_against(tmp_path / "wrong", z.write(tmp_path / "swapped", stem="se"), files)
+    assert not wrong.ok and wrong.first_failure.name == "conv2_1", wrong.format()
+
+
+@pytest.mark.parametrize("prior, detection, note", [
+    ("img_size: 40", "", "OpenCV ignores img_size"),  # OpenCV's priors are those of the image's own size
+    ("img_h: 30 img_w: 40 step: 4", "", "OpenCV ignores img_size"),
+    ("", "variance_encoded_in_target: true", ""),  # OpenCV wants the priors without variances
+    ("clip: true variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2", "", ""),
+])
+def test_ssd_head_forms_where_opencv_departs_verify(tmp_path, prior, detection, note):
+    """The zoo's SSD head (PriorBox without clip/variance, DetectionOutput with keep_top_k -1 and no
+    share_location, where OpenCV departs) in the other forms OpenCV reads differently: each verifies, with
+    Caffe's PriorBox in numpy as the reference where OpenCV ignores a field; a conversion whose priors are those of
+    another image size fails at the PriorBox."""
+    from tests._zoo_nets import Zoo, ssd_head
+    z = Zoo("ssd", 32)
+    ssd_head(z, prior, detection)
+    files = z.write(tmp_path / "net", stem="ssd")
+    report = _verify_against(tmp_path / "ok", files, files)
+    assert report.ok, report.format()
+    rows = {r.name: r for r in report.rows}
+    assert {"mbox_priorbox", "detection_out"} <= set(rows) and note in rows["mbox_priorbox"].note
+    assert rows["detection_out"].shape == (1, 1, 192, 7)
+    if note:
+        z = Zoo("ssd", 32)
+        ssd_head(z, prior.replace("img_size: 40", "img_size: 48").replace("img_h: 30", "img_h: 36"), detection)
+        wrong = _verify_against(tmp_path / "wrong", z.write(tmp_path / "other", stem="ssd"), files)
+        assert not wrong.ok and wrong.first_failure.name == "mbox_priorbox", wrong.format()
+
+
+def test_ssd_head_cut_before_detection_output_verifies(tmp_path):
+    """The --output-layer cut at DetectionOutput's three bottoms: OpenCV still builds the DetectionOutput of the
+    file (keep_top_k -1, which corrupts its memory) and is given a positive count; the child runs it cleanly."""
+    from tests._zoo_nets import Zoo, ssd_head
+    z = Zoo("ssd", 32)
+    ssd_head(z)
+    prototxt, caffemodel = z.write(tmp_path / "net", stem="ssd")
+    result = convert(prototxt, caffemodel, tmp_path / "out" / "ssd",
+                     output_layer=["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"])
+    report = verify_staged(tmp_path / "out" / "ssd", prototxt, caffemodel, result)
+    assert report.ok, report.format()
+    assert {f.name for f in report.figures} == {"mbox_loc", "mbox_conf_flatten", "mbox_priorbox"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests._zoo_nets import ZOO, write_zoo_net
+from tests._zoo_nets import ZOO, ZOO_CONVERT, write_zoo_net
 from tools.caffe_converter import convert
 from tools.caffe_converter.layerwise import LAYER_TOLERANCE
 from tools.caffe_converter.run_check import verify_staged
@@ -27,7 +27,7 @@ def _sizes():
 def test_zoo_pattern_matches_opencv_layer_by_layer(name, other, tmp_path):
     prototxt, caffemodel, size, _ = write_zoo_net(name, tmp_path)
     prefix = tmp_path / "out" / name
-    result = convert(prototxt, caffemodel, prefix)
+    result = convert(prototxt, caffemodel, prefix, **ZOO_CONVERT.get(name, {}))
     channels = result.input_shapes["data"][1]
     shapes = {"data": (1, channels, other, other)} if other else None
     report = verify_staged(prefix, prototxt, caffemodel, result, tolerance=LAYER_TOLERANCE, in_process=True,

@@ -452,7 +452,7 @@ def data_layer_shape(lp: caffe_pb2.LayerParameter) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def _unique_names(layers: Sequence[caffe_pb2.LayerParameter], path: str) -> List[str]:
+def unique_layer_names(layers: Sequence[caffe_pb2.LayerParameter], path: str) -> List[str]:
     """Each layer's name, later layers of a repeated name numbered `name_1`, `name_2`, ... as OpenCV names them.
 
     Caffe accepts repeated layer names (HED has two layers named `crop`): blobs, not layer names, wire the net.
@@ -513,7 +513,7 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None,
     layers: List[Layer] = []
     skipped: List[Tuple[str, str, str]] = []
     transform = fallback_transform = None  # (layer name, transform_param)
-    for lp, name in zip(net.layer, _unique_names(net.layer, prototxt)):
+    for lp, name in zip(net.layer, unique_layer_names(net.layer, prototxt)):
         if lp.HasField("transform_param"):  # the TEST data layer's preprocessing wins over the TRAIN one's
             if in_test_phase(lp) and transform is None:
                 transform = (lp.name, lp.transform_param)

@@ -238,7 +238,9 @@ def convert_bias(layer: Layer, inputs: List[Tensor]) -> Converted:
         b = _var(f"{layer.name}_bias", blob.shape)
         args = {f"{layer.name}_bias": blob}
     full = (1,) * axis + tuple(bshape) + (1,) * (len(x.shape) - axis - len(bshape))
-    out = mx.sym.broadcast_add(x.sym, mx.sym.reshape(b, shape=full), name=layer.name)
+    # a second bottom keeps its batch axis free (reshape_like, as Scale's); a learned blob has no batch axis
+    b = _second_bottom_as(b, bshape, full, axis) if len(inputs) == 2 else mx.sym.reshape(b, shape=full)
+    out = mx.sym.broadcast_add(x.sym, b, name=layer.name)
     return Converted([out], args)
 
 
@@ -871,7 +873,7 @@ def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
         beta_blob = blobs[1] if p.bias_term else None
     full = (1,) * axis + tuple(sshape) + (1,) * (len(x.shape) - axis - len(sshape))
     if len(inputs) == 2:
-        gamma = _scale_bottom_as(gamma, sshape, full, axis)
+        gamma = _second_bottom_as(gamma, sshape, full, axis)
     else:
         gamma = mx.sym.reshape(gamma, shape=full)
     out = mx.sym.broadcast_mul(x.sym, gamma, name=layer.name if beta_blob is None else f"{layer.name}_mul")
@@ -882,8 +884,9 @@ def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
     return Converted([out], args)
 
 
-def _scale_bottom_as(gamma: mx.sym.Symbol, sshape: Shape, full: Shape, axis: int) -> mx.sym.Symbol:
-    """A Scale's second bottom given the unit axes that broadcast it against the first, at any batch size.
+def _second_bottom_as(gamma: mx.sym.Symbol, sshape: Shape, full: Shape, axis: int) -> mx.sym.Symbol:
+    """A Scale's (or Bias's) second bottom given the unit axes that broadcast it against the first, at any batch
+    size.
 
     SE blocks multiply a feature map by an N x C gate (Caffe: Scale, axis 0). MXNet 1.9's MKLDNN Reshape of
     that gate back to N x C x 1 x 1 fails ("could not create a primitive descriptor for a reorder primitive",

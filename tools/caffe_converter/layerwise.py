@@ -179,22 +179,75 @@ def _inner_product(param, x: np.ndarray, blobs: Sequence[np.ndarray]) -> Optiona
     return y + blobs[1].reshape(1, -1) if p.bias_term and len(blobs) > 1 else y
 
 
-# type -> (why, formula(layer param, OpenCV's input blob[, weights]) or None where OpenCV is right)
+def _axpy(param, bottoms: Sequence[np.ndarray]) -> Optional[np.ndarray]:
+    if len(bottoms) != 3:
+        return None
+    a, x, y = (np.asarray(b, np.float64) for b in bottoms)
+    return a.reshape(a.shape[:2] + (1,) * (x.ndim - 2)) * x + y
+
+
+def caffe_priorbox(p, layer_hw: Sequence[int], image_hw: Sequence[int]) -> np.ndarray:
+    """Caffe SSD's PriorBox::Forward_cpu in plain loops: the 1 x 2 x (H * W * priors * 4) blob of a
+    PriorBoxParameter `p` on a feature map of `layer_hw` for an image of `image_hw`."""
+    img_h, img_w = (p.img_h, p.img_w) if p.img_h else (p.img_size, p.img_size) if p.img_size else image_hw
+    step_h, step_w = (p.step_h, p.step_w) if p.step_h else (p.step, p.step) if p.step else \
+        (img_h / layer_hw[0], img_w / layer_hw[1])
+    ratios = [1.0]
+    for ar in p.aspect_ratio:
+        if all(abs(ar - r) > 1e-6 for r in ratios):
+            ratios += [ar, 1 / ar] if p.flip else [ar]
+    boxes = []
+    for h in range(layer_hw[0]):
+        for w in range(layer_hw[1]):
+            cx, cy = (w + p.offset) * step_w, (h + p.offset) * step_h
+            for i, low in enumerate(p.min_size):
+                sides = [(low, low)] + ([(np.sqrt(low * p.max_size[i]),) * 2] if p.max_size else [])
+                sides += [(low * np.sqrt(r), low / np.sqrt(r)) for r in ratios[1:]]
+                boxes += [((cx - bw / 2) / img_w, (cy - bh / 2) / img_h, (cx + bw / 2) / img_w,
+                           (cy + bh / 2) / img_h) for bw, bh in sides]
+    coords = np.array(boxes).reshape(-1)
+    coords = np.clip(coords, 0, 1) if p.clip else coords
+    variances = np.resize(list(p.variance) or [0.1], 4)
+    return np.stack([coords, np.tile(variances, len(boxes))])[None].astype(np.float32)
+
+
+def _priorbox(param, bottoms: Sequence[np.ndarray]) -> Optional[np.ndarray]:
+    p = param.prior_box_param
+    if not (p.img_size or p.img_h or p.img_w) or len(bottoms) < 2:
+        return None
+    return caffe_priorbox(p, bottoms[0].shape[2:4], bottoms[1].shape[2:4])
+
+
+# type -> (why, formula(layer param, OpenCV's blobs of the layer's bottoms, weights) or None where OpenCV is right).
+# OpenCV still runs an equivalent net for LRN's k and Axpy (opencv_check.opencv_equivalent), so the layers after
+# them are fed Caffe's values.
 DEPARTURES: Dict[str, Tuple[str, Callable]] = {
-    "LRN": ("OpenCV ignores k={k:g}: against Caffe's formula in numpy", lambda p, x, w: _lrn_k(p, x)),
-    "Log": ("OpenCV's Log ignores base/scale/shift: against Caffe's formula in numpy", lambda p, x, w: _log(p, x)),
-    "Swish": ("OpenCV's Swish ignores beta: against Caffe's formula in numpy", lambda p, x, w: _swish(p, x)),
-    "InnerProduct": ("OpenCV ignores transpose: against Caffe's formula in numpy", _inner_product),
+    "LRN": ("OpenCV ignores k={k:g}: against Caffe's formula in numpy", lambda p, x, w: _lrn_k(p, x[0])),
+    "Log": ("OpenCV's Log ignores base/scale/shift: against Caffe's formula in numpy",
+            lambda p, x, w: _log(p, x[0])),
+    "Swish": ("OpenCV's Swish ignores beta: against Caffe's formula in numpy", lambda p, x, w: _swish(p, x[0])),
+    "InnerProduct": ("OpenCV ignores transpose: against Caffe's formula in numpy",
+                     lambda p, x, w: _inner_product(p, x[0], w)),
+    "Axpy": ("OpenCV computes a*y + x: against SENet's a*x + y in numpy", lambda p, x, w: _axpy(p, x)),
+    "PriorBox": ("OpenCV ignores img_size/img_h/img_w: against Caffe SSD's loop in numpy",
+                 lambda p, x, w: _priorbox(p, x)),
 }
 
 
-def caffe_reference(param, x: np.ndarray, weights: Sequence[np.ndarray]) -> Tuple[Optional[np.ndarray], str]:
-    """(Caffe's output in numpy, why) where OpenCV departs from Caffe on this layer, else (None, '')."""
+def caffe_reference(param, bottoms: Sequence[np.ndarray],
+                    weights: Sequence[np.ndarray]) -> Tuple[Optional[np.ndarray], str]:
+    """(Caffe's output in numpy, why) where OpenCV departs from Caffe on this layer, else (None, '').
+
+    Args:
+        param: the layer's LayerParameter.
+        bottoms: OpenCV's values of the layer's bottoms, in order.
+        weights: the layer's blobs from the caffemodel (InnerProduct only).
+    """
     entry = DEPARTURES.get(param.type)
     if entry is None:
         return None, ""
     why, formula = entry
-    ref = formula(param, x, weights)
+    ref = formula(param, bottoms, weights)
     if ref is None:
         return None, ""
     return ref, why.format(k=param.lrn_param.k)

@@ -10,9 +10,9 @@ fresh `mx.mod.Module`, so a bug in the `.params` writer cannot hide behind the i
 `--verify` itself (layer by layer, each layer fed OpenCV's input blobs, in a child process) is run_check.py's
 `verify_staged`, using `run_opencv` and the report classes from here.
 
-Where OpenCV departs from Caffe, it is not trusted blindly: OpenCV computes an ACROSS_CHANNELS LRN as if k were
-1, so it runs an equivalent net (LRN with alpha/k, then a scale by k^-beta), and each such LRN is also compared
-with Caffe's formula in numpy (a report row says so). OpenCV's Log ignores base/scale/shift and its Swish
+Where OpenCV departs from Caffe, it is not trusted blindly: it runs an equivalent net (`opencv_equivalent`: LRN's
+k, SENet's Axpy with x and y exchanged, one image at a time, PriorBox's and DetectionOutput's defaults spelled
+out), and each such layer is also compared with Caffe's formula in numpy where one exists (a report row says so). OpenCV's Log ignores base/scale/shift and its Swish
 ignores beta (found by the layer tests; those cases are checked against numpy there).
 """
 from __future__ import annotations
@@ -161,25 +161,48 @@ def lrn_k_layers(prototxt) -> Dict[str, Tuple[int, float, float, float]]:
     return found
 
 
-def opencv_equivalent(prototxt, folder) -> str:
-    """A prototxt OpenCV computes exactly as Caffe computes `prototxt`.
+def opencv_equivalent(prototxt, folder, keep_top_k: Optional[Dict[str, int]] = None) -> Tuple[str, bool]:
+    """A prototxt OpenCV computes exactly as Caffe computes `prototxt`, and whether OpenCV must run it one image
+    at a time. Weights are matched by name, so the caffemodel is used as it is. Where OpenCV 4.11 departs:
 
-    x / (k + alpha/n * S)^beta == k^-beta * x / (1 + (alpha/k)/n * S)^beta, so each LRN with k != 1 becomes
-    an LRN with alpha/k and k 1 (which OpenCV gets right) followed by a Power layer scaling by k^-beta, under
-    the LRN's own name and top. Weights are matched by name, so the caffemodel is used as it is.
+    - LRN ACROSS_CHANNELS with k != 1 (OpenCV takes k as 1): x / (k + alpha/n * S)^beta ==
+      k^-beta * x / (1 + (alpha/k)/n * S)^beta, so an LRN with alpha/k and k 1 then a Power scaling by k^-beta,
+      under the LRN's own name and top;
+    - SENet's Axpy (a, x, y): OpenCV computes a * bottom[2] + bottom[1], so x and y are listed the other way
+      round; it also fails at batch > 1, hence one image at a time;
+    - PriorBox: OpenCV clips when `clip` is not given (Caffe: false) and refuses a missing `variance` (Caffe:
+      one 0.1), so both are written out;
+    - DetectionOutput: OpenCV needs `share_location` written out (Caffe: true) and corrupts its memory on
+      `keep_top_k: -1` (Caffe: keep every box), which becomes `keep_top_k[name]`, the rows of our output (the
+      nms top_k where that is not given: a net cut before the layer still builds its memory);
+    - DetectionOutput with `variance_encoded_in_target` (Caffe ignores the priors' variances): OpenCV wants
+      the priors' coordinates only, so a Slice keeps those;
+    - a net whose input is declared by a data layer (a MemoryData deploy file): OpenCV cannot set that blob, so
+      the layer becomes an `input` of the same name.
     """
-    from tools.caffe_converter import caffe_pb2
-    from tools.caffe_converter.caffe_io import read_prototxt, write_prototxt
+    from tools.caffe_converter.caffe_io import DATA_INPUT_TYPES, read_prototxt, write_prototxt
     net = read_prototxt(prototxt)
     k_layers = lrn_k_layers(prototxt)
-    if not k_layers:
-        return str(prototxt)
     layers = list(net.layer)
+    changed, per_image = False, False
+    declared = bool(net.input) or any(layer.type == "Input" for layer in layers)
     del net.layer[:]
     for layer in layers:
-        if layer.name not in k_layers:
-            net.layer.append(layer)
+        if not declared and layer.type in DATA_INPUT_TYPES and layer.top:
+            changed = True
+            if layer.top[0] not in net.input:
+                net.input.append(layer.top[0])
             continue
+        if layer.name not in k_layers:
+            if layer.type == "DetectionOutput" and layer.detection_output_param.variance_encoded_in_target \
+                    and len(layer.bottom) > 2:
+                _prior_coordinates(net, layer)
+            copy = net.layer.add()
+            copy.CopyFrom(layer)
+            changed |= _spell_out(copy, keep_top_k or {})
+            per_image |= copy.type == "Axpy"
+            continue
+        changed = True
         n, alpha, beta, k = k_layers[layer.name]
         lrn = net.layer.add()
         lrn.CopyFrom(layer)
@@ -187,31 +210,75 @@ def opencv_equivalent(prototxt, folder) -> str:
         lrn.lrn_param.alpha, lrn.lrn_param.k = alpha / k, 1.0
         scale = net.layer.add(name=layer.name, type="Power", bottom=[lrn.top[0]], top=[layer.top[0]])
         scale.power_param.scale = k ** -beta
+    if not changed:
+        return str(prototxt), per_image
     path = Path(folder) / f"opencv_{Path(str(prototxt)).name}"
     write_prototxt(path, net)
-    return str(path)
+    return str(path), per_image
+
+
+def _prior_coordinates(net, layer) -> None:
+    """With variance_encoded_in_target, Caffe ignores the prior blob's variances and OpenCV refuses a prior blob
+    that has them: a Slice before the layer keeps the coordinates' channel only."""
+    cut = net.layer.add(name=f"{layer.name}__coordinates", type="Slice", bottom=[layer.bottom[2]],
+                        top=[f"{layer.bottom[2]}__coordinates", f"{layer.bottom[2]}__variances"])
+    cut.slice_param.axis = 1
+    cut.slice_param.slice_point.append(1)
+
+
+def _spell_out(layer, keep_top_k: Dict[str, int]) -> bool:
+    """Rewrite one layer where OpenCV departs from Caffe (see `opencv_equivalent`); whether it changed."""
+    if layer.type == "Axpy" and len(layer.bottom) == 3:
+        layer.bottom[1], layer.bottom[2] = layer.bottom[2], layer.bottom[1]
+        return True
+    if layer.type == "PriorBox":
+        p = layer.prior_box_param
+        missing = not p.HasField("clip") or not p.variance
+        if not p.HasField("clip"):
+            p.clip = False
+        if not p.variance:
+            p.variance.append(0.1)
+        return missing
+    if layer.type == "DetectionOutput":
+        p = layer.detection_output_param
+        missing = not p.HasField("share_location") or p.keep_top_k < 0 or p.variance_encoded_in_target
+        p.share_location = p.share_location
+        if p.variance_encoded_in_target and len(layer.bottom) > 2:
+            layer.bottom[2] = f"{layer.bottom[2]}__coordinates"  # see _prior_coordinates
+        if p.keep_top_k < 0:  # not asked for (a net cut before it): any positive count keeps OpenCV's memory sane
+            p.keep_top_k = keep_top_k.get(layer.name, max(p.nms_param.top_k, 1))
+        return missing
+    return False
 
 
 def run_opencv(prototxt, caffemodel, inputs: Dict[str, np.ndarray], layer_names: Sequence[str],
-               missing_ok: bool = False) -> List[Optional[np.ndarray]]:
-    """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept).
+               missing_ok: bool = False, keep_top_k: Optional[Dict[str, int]] = None) -> List[Optional[np.ndarray]]:
+    """Forward the Caffe net with OpenCV (no layer fusion, so every layer's own output is kept), with Caffe's
+    semantics: where OpenCV departs from Caffe it runs the equivalent net of `opencv_equivalent` (one image at a
+    time where it needs to, the outputs stacked on axis 0).
 
-    Where OpenCV departs from Caffe (LRN's k), it runs the equivalent net of `opencv_equivalent`. With
-    `missing_ok`, a layer OpenCV's importer does not keep under its name (it renames colorization's
-    'bw_conv1_1' after its top) gives None instead of an error.
+    With `missing_ok`, a layer OpenCV's importer does not keep under its name (it renames colorization's
+    'bw_conv1_1' after its top) gives None instead of an error. `keep_top_k`: DetectionOutput name -> the rows
+    to keep where the prototxt says -1 (every box).
     """
     import cv2
     with tempfile.TemporaryDirectory() as folder:
-        net = cv2.dnn.readNetFromCaffe(opencv_equivalent(prototxt, folder), str(caffemodel))
+        path, per_image = opencv_equivalent(prototxt, folder, keep_top_k)
+        net = cv2.dnn.readNetFromCaffe(path, str(caffemodel))
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
     net.enableFusion(False)
-    for name, value in inputs.items():
-        net.setInput(value, name)
     have = set(net.getLayerNames()) if missing_ok else set(layer_names)
     kept = [n for n in layer_names if n in have]
-    outs = dict(zip(kept, net.forward(kept))) if kept else {}
-    return [np.asarray(outs[n]) if n in outs else None for n in layer_names]
+    batch = max((v.shape[0] for v in inputs.values() if v.ndim), default=1)
+    runs = [slice(i, i + 1) for i in range(batch)] if per_image and batch > 1 else [slice(None)]
+    outs: Dict[str, List[np.ndarray]] = {n: [] for n in kept}
+    for part in runs:
+        for name, value in inputs.items():
+            net.setInput(np.ascontiguousarray(value[part]), name)
+        for name, value in zip(kept, net.forward(kept) if kept else []):
+            outs[name].append(np.asarray(value).copy())
+    return [np.concatenate(outs[n]) if n in outs else None for n in layer_names]
 
 
 def caffe_lrn(x: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:

@@ -20,12 +20,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tools.caffe_converter.layerwise import (LAYER_TOLERANCE, LayerPlan, caffe_reference, cut_graph, entry_of,
-                                             non_finite, relative)
+from tools.caffe_converter.layerwise import (DEPARTURES, LAYER_TOLERANCE, LayerPlan, caffe_reference, cut_graph,
+                                             entry_of, non_finite, relative)
 from tools.caffe_converter.opencv_check import Row, VerifyReport, random_inputs, run_opencv
 
 PROBES = 4  # random inputs for the end-to-end figure and its top-1 agreement; layer by layer uses the first
@@ -125,7 +125,8 @@ def verify_in_child(prefix, prototxt, caffemodel, result, tolerance: float = LAY
     """
     plan = plan_of(result)
     if input_shapes:
-        plan["input_shapes"] = {k: list(v) for k, v in input_shapes.items()}
+        plan["input_shapes"].update({k: list(v) for k, v in input_shapes.items()})
+    plan["rois"] = _roi_inputs(prototxt, plan["caffe_input_names"])
     job = dict(mode="verify", prefix=str(prefix), prototxt=str(prototxt), caffemodel=str(caffemodel),
                tolerance=tolerance, probes=probes, plan=plan)
     with tempfile.TemporaryDirectory(prefix="caffe_verify_") as tmp:
@@ -209,8 +210,19 @@ class OpenCVCannotRun(Exception):
 
 # ---- the child --------------------------------------------------------------------------------------------------
 def _inputs(plan: dict, seed: int) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(OpenCV's inputs by Caffe name in BGR, MXNet's by MXNet name in the model's order) for one probe."""
+    """(OpenCV's inputs by Caffe name in BGR, MXNet's by MXNet name in the model's order) for one probe.
+
+    Uniform noise, except an input of regions (`plan['rois']`, a ROIPooling's second bottom): rows of (image index,
+    x1, y1, x2, y2) inside the image, as Faster R-CNN's proposals are."""
     inputs = random_inputs({k: tuple(v) for k, v in plan["input_shapes"].items()}, seed)
+    images = [tuple(v) for k, v in plan["input_shapes"].items() if len(v) == 4 and k not in plan.get("rois", ())]
+    batch, height, width = (images[0][0], images[0][2], images[0][3]) if images else (1, 1, 1)
+    rng = np.random.default_rng(1000 + seed)
+    for name in plan.get("rois", ()):
+        count = plan["input_shapes"][name][0]
+        x1, y1 = rng.uniform(0, width - 1, count), rng.uniform(0, height - 1, count)
+        x2, y2 = x1 + rng.uniform(0, width - 1 - x1), y1 + rng.uniform(0, height - 1 - y1)
+        inputs[name] = np.stack([rng.integers(0, batch, count), x1, y1, x2, y2], axis=1).astype(np.float32)
     cv = {plan["caffe_input_names"][k]: v for k, v in inputs.items()}
     mx_inputs = dict(inputs)
     if plan["rgb"]:
@@ -218,13 +230,24 @@ def _inputs(plan: dict, seed: int) -> Tuple[Dict[str, np.ndarray], Dict[str, np.
     return cv, mx_inputs
 
 
-def _bind_run(sym, mx_inputs: Dict[str, np.ndarray], arg_params, aux_params) -> List[np.ndarray]:
-    """Forward `sym` as a user would: an mx.mod.Module bound for inference (MKLDNN fusion included)."""
+def _roi_inputs(prototxt, caffe_input_names: Dict[str, str]) -> List[str]:
+    """The MXNet names of the inputs that are a ROIPooling's regions."""
+    from tools.caffe_converter.caffe_io import read_prototxt
+    by_caffe = {caffe: mx for mx, caffe in caffe_input_names.items()}
+    return sorted({by_caffe[lp.bottom[1]] for lp in read_prototxt(prototxt).layer
+                   if lp.type == "ROIPooling" and len(lp.bottom) > 1 and lp.bottom[1] in by_caffe})
+
+
+def _bind_run(sym, mx_inputs: Dict[str, np.ndarray], arg_params, aux_params,
+              unbatched: Sequence[str] = ()) -> List[np.ndarray]:
+    """Forward `sym` as a user would: an mx.mod.Module bound for inference (MKLDNN fusion included). Inputs in
+    `unbatched` (regions: one row per region, not per image) are declared without a batch axis."""
     import mxnet as mx
     data_names = [k for k in mx_inputs if k in sym.list_arguments()]
     labels = [n for n in sym.list_arguments() if n.endswith("_label") and n not in data_names]
     mod = mx.mod.Module(sym, data_names=data_names, label_names=labels or None, context=mx.cpu())
-    mod.bind([(k, mx_inputs[k].shape) for k in data_names], for_training=False)
+    mod.bind([mx.io.DataDesc(k, mx_inputs[k].shape, layout="" if k in unbatched else "NCHW") for k in data_names],
+             for_training=False)
     mod.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True)
     mod.forward(mx.io.DataBatch([mx.nd.array(mx_inputs[k]) for k in data_names]), is_train=False)
     return [o.asnumpy() for o in mod.get_outputs()]
@@ -235,7 +258,7 @@ def _probe(job: dict) -> dict:
     import mxnet as mx
     sym, arg_params, aux_params = mx.model.load_checkpoint(job["prefix"], 0)
     _, mx_inputs = _inputs(job["plan"], 0)
-    _bind_run(sym.get_internals()[job["entry"]], mx_inputs, arg_params, aux_params)
+    _bind_run(sym.get_internals()[job["entry"]], mx_inputs, arg_params, aux_params, job["plan"].get("rois", ()))
     return dict(ran=True)
 
 
@@ -245,10 +268,12 @@ def _end_to_end(job: dict, sym, arg_params, aux_params) -> dict:
     names, outputs = _output_entries(plan, sym)
     worst: Dict[str, Tuple[float, float, tuple]] = {}
     agree, total = 0, 0
+    keep = _keep_top_k(job, _internal_shapes(sym, _inputs(plan, 0)[1]))
     for seed in range(job["probes"]):
         cv_inputs, mx_inputs = _inputs(plan, seed)
-        ours = _bind_run(outputs, mx_inputs, arg_params, aux_params)
-        theirs = run_opencv(job["prototxt"], job["caffemodel"], cv_inputs, names, missing_ok=True) if names else []
+        ours = _bind_run(outputs, mx_inputs, arg_params, aux_params, plan.get("rois", ()))
+        theirs = run_opencv(job["prototxt"], job["caffemodel"], cv_inputs, names, missing_ok=True,
+                            keep_top_k=keep) if names else []
         for name, a, b in zip(names, ours, theirs):
             if b is None:
                 continue
@@ -284,16 +309,37 @@ def _output_entries(plan: dict, sym):
     return names, mx.sym.Group(outs)
 
 
-def _caffe_layers(prototxt) -> Dict[str, Tuple[object, str]]:
-    """Caffe layer name -> (its LayerParameter, the layer that last wrote its first bottom, '' for an input)."""
-    from tools.caffe_converter.caffe_io import read_prototxt
+def _caffe_layers(prototxt) -> Dict[str, Tuple[object, List[str]]]:
+    """Caffe layer name (a repeated name numbered as the converter and OpenCV number it) -> (its LayerParameter,
+    for each bottom the layer that last wrote it, or the blob's own name for an input)."""
+    from tools.caffe_converter.caffe_io import unique_layer_names, read_prototxt
+    layers = list(read_prototxt(prototxt).layer)
     writer: Dict[str, str] = {}
     found = {}
-    for layer in read_prototxt(prototxt).layer:
-        found.setdefault(layer.name, (layer, writer.get(layer.bottom[0], "") if layer.bottom else ""))
+    for layer, name in zip(layers, unique_layer_names(layers, str(prototxt))):
+        found.setdefault(name, (layer, [writer.get(b, b) for b in layer.bottom]))
         for top in layer.top:
-            writer[top] = layer.name
+            writer[top] = name
     return found
+
+
+def _keep_top_k(job: dict, shapes: Dict[str, tuple]) -> Dict[str, int]:
+    """DetectionOutput layers with keep_top_k -1 (Caffe keeps every box; OpenCV 4.11 corrupts its memory on it):
+    name -> the rows of our output, which OpenCV is then asked to keep."""
+    found = {}
+    entries = {spec["name"]: spec["entry"] for spec in job["plan"]["layers"]}
+    for name, (param, _) in _caffe_layers(job["prototxt"]).items():
+        shape = shapes.get(entries.get(name, ""))
+        if param.type == "DetectionOutput" and param.detection_output_param.keep_top_k < 0 and shape:
+            found[name] = int(shape[2])
+    return found
+
+
+def _internal_shapes(sym, mx_inputs: Dict[str, np.ndarray]) -> Dict[str, tuple]:
+    internals = sym.get_internals()
+    shapes = internals.infer_shape_partial(**{k: v.shape for k, v in mx_inputs.items()
+                                              if k in internals.list_arguments()})[1]
+    return dict(zip(internals.list_outputs(), shapes))
 
 
 def _layer_by_layer(job: dict, sym, arg_params, aux_params, progress: Path) -> List[dict]:
@@ -310,19 +356,23 @@ def _layer_by_layer(job: dict, sym, arg_params, aux_params, progress: Path) -> L
         if entry in seen or nodes[entry[0]]["op"] == "null" or spec["name"] not in caffe:
             continue  # the same value as an earlier layer's (Split), or an input
         seen.add(entry)
-        param, bottom = caffe[spec["name"]]
-        candidates.append((LayerPlan(spec["name"], param.type, spec["entry"], spec["rgb"], bottom), entry, param))
+        param, bottoms = caffe[spec["name"]]
+        candidates.append((LayerPlan(spec["name"], param.type, spec["entry"], spec["rgb"], bottoms[0] if bottoms
+                                     else ""), entry, param))
     cv_inputs, mx_inputs = _inputs(plan, 0)
-    values = run_opencv(job["prototxt"], job["caffemodel"], cv_inputs, [p.name for p, _, _ in candidates],
-                        missing_ok=True)
+    shapes = _internal_shapes(sym, mx_inputs)
+    names = [p.name for p, _, _ in candidates]
+    # the bottoms of layers whose reference is Caffe's formula (layerwise.DEPARTURES), fetched too
+    extra = sorted({b for p, _, param in candidates if param.type in DEPARTURES for b in caffe[p.name][1]}
+                   - set(names) - set(cv_inputs))
+    values = run_opencv(job["prototxt"], job["caffemodel"], cv_inputs, names + extra, missing_ok=True,
+                        keep_top_k=_keep_top_k(job, shapes))
     # a layer OpenCV does not expose is computed inside the run of layers ending at the next one it does
     layers = [c for c, v in zip(candidates, values) if v is not None]
-    blobs = {c[0].name: v for c, v in zip(candidates, values) if v is not None}
+    blobs = {name: v for name, v in zip(names + extra, values) if v is not None}
     blobs.update(cv_inputs)
     feeds = {entry: f"__blob{i}" for i, (_, entry, _) in enumerate(layers)}
     by_var = {feeds[e]: p for p, e, _ in layers}
-    shapes = dict(zip(sym.get_internals().list_outputs(),
-                      sym.get_internals().infer_shape_partial(**{k: v.shape for k, v in mx_inputs.items()})[1]))
     weights = None
     rows = []
     since = time.time()
@@ -344,12 +394,12 @@ def _layer_by_layer(job: dict, sym, arg_params, aux_params, progress: Path) -> L
         if spec.rgb:
             ours = np.ascontiguousarray(ours[:, ::-1])
         ref, why = None, ""
-        if param.type in ("LRN", "Log", "Swish", "InnerProduct"):
+        if param.type in DEPARTURES:
             if param.type == "InnerProduct" and weights is None:
                 weights = read_caffemodel(job["caffemodel"])
-            x = blobs.get(spec.bottom_layer) if spec.bottom_layer else blobs.get(param.bottom[0])
+            x = [blobs.get(b) for b in caffe[spec.name][1]]
             w = [np.asarray(b) for b in weights[spec.name].blobs] if param.type == "InnerProduct" else []
-            ref, why = caffe_reference(param, x, w) if x is not None else (None, "")
+            ref, why = caffe_reference(param, x, w) if all(v is not None for v in x) else (None, "")
         ref = blobs[spec.name] if ref is None else ref
         if ours.size != ref.size:
             rows.append(dict(name=spec.name, type=spec.type, shape=list(ours.shape), max_abs=float("inf"),

@@ -20,6 +20,7 @@ from tools.caffe_converter.layers import caffe_pool_size, infer_quietly, pooling
 Shape = Tuple[int, ...]
 # Steps tried, smallest first: 1 is "any size"; a net whose branches meet after k stride-2 layers needs 2^k.
 SIZE_STEPS = (1, 2, 4, 8, 16, 32, 64)
+FAR_STEPS = 16  # the far probe: declared + 16 steps (224 -> 240 at step 1, 736 at step 32)
 
 
 def _pool_checks(symbol: mx.sym.Symbol, net: CaffeNet) -> List[Tuple[str, str, tuple]]:
@@ -82,7 +83,10 @@ def accepted_sizes(symbol: mx.sym.Symbol, input_shapes: Dict[str, Shape], param_
     h, w = data[2:]
     checks = _pool_checks(symbol, net)
     for step in SIZE_STEPS:
-        probes = [(h + step, w + step), (h + 2 * step, w), (h, w + 3 * step), (h + 5 * step, w + 2 * step)]
+        # and one far off: rounding can keep a fixed window's input (SE-BN-Inception's 7x7 pool5 before its
+        # InnerProduct) the same size for a few pixels more, so near sizes alone would pass a fixed net
+        probes = [(h + step, w + step), (h + 2 * step, w), (h, w + 3 * step), (h + 5 * step, w + 2 * step),
+                  (h + FAR_STEPS * step, w + FAR_STEPS * step)]
         if all(works_at(symbol, input_shapes, param_shapes, checks, hw) for hw in probes):
             return {"fixed": False, "step": step, "declared": [h, w], "checked": [list(p) for p in probes]}
     return {"fixed": True, "declared": [h, w]}
