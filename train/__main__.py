@@ -24,13 +24,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from train.lr_find import main as lr_find_main
         return lr_find_main(argv[1:])
     from train.data import DataError
-    from train.fit import TrainError, TrainingDiverged, fit
+    from train.fit import TrainError, TrainingDiverged, fit, resolve_load_epoch
 
     args = build_parser("python -m train", __doc__.split("\n\n")[0]).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(args)
     started = time.time()
     try:
+        cfg = resolve_load_epoch(config_from_args(args))  # --load-epoch's one rule (fine-tune.py's / resume)
         result = fit(cfg)
     except (TrainError, DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -42,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from train.fit import complete_epochs
         done = complete_epochs(cfg.model_prefix)
         hint = (f"last complete checkpoint {cfg.model_prefix}-{done[-1]:04d}.params; resume with the same command "
-                f"plus --load-epoch {done[-1]}" if done else "no epoch finished")
+                f"plus --load-epoch {done[-1]}, without --pretrained-model" if done else "no epoch finished")
         print(f"\ninterrupted: {hint}", file=sys.stderr)
         return 130
     last = result.metrics[-1] if result.metrics else {}

@@ -89,6 +89,9 @@ class TrainConfig:
                                              ".rec files")
     hidden: int = option(0, group=MODEL, help="new: width of an extra hidden head layer (0: none)")
     hidden_dropout: float = option(0.5, group=MODEL, help="new: dropout after the hidden head layer")
+    from_scratch: bool = option(False, group=MODEL, kind="on",
+                                help="new: train --pretrained-model's architecture from fresh weights (every "
+                                     "layer; fit.py's default initializer), the baseline of a fine-tune")
     # ---- data (fit.py / data.py) -------------------------------------------------------------------------
     data_train: str = option("", group=DATA, help=".rec of the training set")
     data_val: Optional[str] = option(None, group=DATA, parse=str, help=".rec of the validation set",
@@ -190,7 +193,8 @@ class TrainConfig:
             bad("--lr must be positive")
         if self.num_classes is not None and self.num_classes < 2:
             bad("--num-classes must be at least 2")
-        if self.load_epoch is not None and not 0 < self.load_epoch < self.num_epochs:
+        if self.load_epoch is not None and not 0 < self.load_epoch < self.num_epochs:  # a resume (see
+            # train.fit.resolve_load_epoch: with --pretrained-model, --load-epoch names the pretrained epoch)
             bad(f"--load-epoch {self.load_epoch}: resumes after that epoch, so it must be in 1..{self.num_epochs - 1}"
                 f" (--num-epochs {self.num_epochs})")
         if self.image_shape is not None and len(self.image_shape) != 3:

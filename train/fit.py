@@ -28,9 +28,10 @@ import numpy as np
 from recbuild.atomic import atomic_path, remove_stale_parts, write_json
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
-from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults, to_float16,
-                          with_lr_mults)
-from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
+from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults,
+                          scratch_network, to_float16, with_lr_mults)
+from symbols.sidecar import (Preprocess, copy_mean_file, has_sidecar, load_sidecar, plain_checkpoint_sidecar,
+                             save_sidecar, sidecar_path)
 from symbols.vgg import HeadSpec
 from train.config import (AUGMENT, RANDOM_AUGMENTATIONS, TrainConfig, config_path, flag_of, load_run_config,
                           parse_gpus, trajectory_options)
@@ -132,16 +133,30 @@ def load_checkpoint(prefix: str, epoch: int, what: str):
 
 def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int,
                   image_shape: Optional[Sequence[int]] = None, layer_before_fullc: Optional[str] = None,
-                  hidden: int = 0, hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32") -> Prepared:
-    """Load a converted checkpoint and its sidecar and give it a new `num_classes` head."""
-    if not has_sidecar(pretrained_model):
-        raise TrainError(f"{sidecar_path(pretrained_model)}: no preprocessing sidecar beside the pretrained model; "
-                         f"convert it with `python -m tools.caffe_converter`")
-    pre = load_sidecar(pretrained_model)
+                  hidden: int = 0, hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32",
+                  rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None,
+                  from_scratch: bool = False) -> Prepared:
+    """Load a pretrained checkpoint and give it a new `num_classes` head.
+
+    Its sidecar says how it is fed; a plain MXNet checkpoint (no sidecar: a model-zoo model, a fine-tune.py
+    output) is read under fine-tune.py's assumptions (symbols.sidecar.plain_checkpoint_sidecar, with the
+    `image_shape`/`rgb_mean`/`rgb_std`/`layer_before_fullc` given), said in one log line. `from_scratch` keeps
+    the architecture and re-initialises every weight (symbols.head.scratch_network).
+    """
     sym, args, aux = load_checkpoint(pretrained_model, pretrained_epoch, "pretrained")
+    if has_sidecar(pretrained_model):
+        pre = load_sidecar(pretrained_model)
+    else:
+        pre = plain_checkpoint_sidecar(sym.tojson(), image_shape, rgb_mean, rgb_std, layer_before_fullc,
+                                       prefix=str(pretrained_model))
+        log.info("%s", pre.source["assumed"])
+        if pre.classifier is None and not layer_before_fullc:
+            layer_before_fullc = pre.feature_output
     shape = tuple(image_shape or pre.input_shape)
     try:
         spec = find_head(sym, pre.classifier, pre.feature_output, pre.output_name, layer_before_fullc)
+        if from_scratch:
+            sym, args, aux = scratch_network(sym, args, aux, seed)
         head = replace_head(sym, args, aux, shape, num_classes, spec, hidden, hidden_dropout, seed, dtype)
     except HeadError as err:
         raise TrainError(f"{pretrained_model}: {err}") from None
@@ -188,9 +203,14 @@ class Model:
 
 def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
+                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
+                             rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, from_scratch=cfg.from_scratch)
+    if cfg.from_scratch:
+        log.info("--from-scratch: %s's architecture with fresh weights in every layer (seed %d); its pretrained "
+                 "weights are not used", cfg.pretrained_model, cfg.seed)
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
-    pre = trained_sidecar(prepared, cfg, prefix, shape, classes)
+    pre = trained_sidecar(prepared, cfg, prefix, shape, classes,
+                          **({"from_scratch": True} if cfg.from_scratch else {}))
     sidecar_dir = Path(prefix).parent if isinstance(prepared.pre.mean, str) else prepared.sidecar_dir
     return Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec, pre, sidecar_dir,
                  prepared.new_params, shape, prepared.dropped)
@@ -212,6 +232,41 @@ def _resumed_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
 
 
 # ---- what every training route settles first ------------------------------------------------------------------
+def resolve_load_epoch(cfg: TrainConfig) -> TrainConfig:
+    """The command line's --load-epoch, one rule (docs/training.md):
+
+    - with --pretrained-model P, `--load-epoch N` names the pretrained epoch, as in fine-tune.py: the run starts
+      from P-NNNN.params with a new head (the same as --pretrained-epoch N);
+    - without --pretrained-model, `--load-epoch N` resumes the run at --model-prefix from its epoch N (weights,
+      optimizer state, schedule; the run's other options are checked against PREFIX-config.json).
+
+    Returns the config in the trainer's terms (pretrained_epoch, and load_epoch for a resume only).
+
+    Refused, each with a one-line reason: P is the --model-prefix itself (fine-tune.py's way of continuing a
+    run: a new head on the run, or a resume of it?); --model-prefix already has its own epoch N (the old "same
+    command plus --load-epoch N" resume; --overwrite says "start afresh"); --pretrained-epoch names another
+    epoch.
+    """
+    if cfg.load_epoch is None or not cfg.pretrained_model:
+        return cfg
+    if cfg.model_prefix and Path(cfg.pretrained_model).resolve() == Path(cfg.model_prefix).resolve():
+        raise TrainError(f"--pretrained-model and --model-prefix are both {cfg.model_prefix}: to resume that run "
+                         f"with its optimizer state, drop --pretrained-model (--model-prefix {cfg.model_prefix} "
+                         f"--load-epoch {cfg.load_epoch}); to start a new run from its epoch {cfg.load_epoch}, "
+                         f"choose another --model-prefix")
+    own = checkpoint.params_path(cfg.model_prefix, cfg.load_epoch) if cfg.model_prefix else None
+    if own is not None and own.is_file() and not cfg.overwrite:
+        raise TrainError(f"--load-epoch {cfg.load_epoch} with --pretrained-model starts a new run from "
+                         f"{checkpoint.params_path(cfg.pretrained_model, cfg.load_epoch)} (fine-tune.py's meaning), "
+                         f"but this run's {own} exists: to resume it, drop --pretrained-model; to start afresh, "
+                         f"pass --overwrite or another --model-prefix")
+    if cfg.pretrained_epoch not in (0, cfg.load_epoch):
+        raise TrainError(f"--load-epoch {cfg.load_epoch} and --pretrained-epoch {cfg.pretrained_epoch} name two "
+                         f"epochs of {cfg.pretrained_model}: with --pretrained-model, --load-epoch is the "
+                         f"pretrained epoch (fine-tune.py's meaning); give one of them")
+    return replace(cfg, pretrained_epoch=cfg.load_epoch, load_epoch=None)
+
+
 def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     """Validate `cfg`, check the data's classes, remove dead runs' `.part` files and check that a fresh run
     does not overwrite checkpoints."""
@@ -226,7 +281,8 @@ def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     done = complete_epochs(prefix)
     if cfg.load_epoch is None and done and not cfg.overwrite:
         raise TrainError(f"{checkpoint.params_path(prefix, done[-1])} exists: resume with --load-epoch "
-                         f"{done[-1]}, or pass --overwrite, or choose another --model-prefix")
+                         f"{done[-1]} (and no --pretrained-model, which makes --load-epoch the pretrained epoch), "
+                         f"or pass --overwrite, or choose another --model-prefix")
     return classes
 
 

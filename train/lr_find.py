@@ -103,7 +103,8 @@ def _model(cfg, num_classes: int):
             raise TrainError(str(err)) from None
         return symbol, args, aux, pre.output_name, pre, Path(cfg.model_prefix).parent
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed)
+                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
+                             rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, from_scratch=cfg.from_scratch)
     return (prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec.output_name, prepared.pre,
             prepared.sidecar_dir)
 
@@ -222,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recbuild.html_report import write_png
     from train.config import config_from_args
     from train.data import DataError
-    from train.fit import TrainError
+    from train.fit import TrainError, resolve_load_epoch
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(a)
@@ -233,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: --num-batches must be at least 5", file=sys.stderr)
         return 2
     try:
-        result = lr_find(cfg, a.start_lr, a.end_lr, a.num_batches, a.diverge)
+        result = lr_find(resolve_load_epoch(cfg), a.start_lr, a.end_lr, a.num_batches, a.diverge)
     except (TrainError, DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
