@@ -317,6 +317,18 @@ def plain_checkpoint_sidecar(symbol_json: str, image_shape: Optional[Sequence[in
                       source={"plain_checkpoint": str(prefix), "assumed": assumed})
 
 
+def declared_input_size(pre: Preprocess) -> Optional[Tuple[int, int]]:
+    """(H, W) when the model takes only that size: the converter's `source.input_sizes` with `fixed` (an
+    InnerProduct after spatial axes), found through the `parent` chain the trainer keeps; None otherwise."""
+    source = pre.source or {}
+    while isinstance(source, dict):
+        sizes = source.get("input_sizes")
+        if isinstance(sizes, dict) and sizes.get("fixed") and sizes.get("declared"):
+            return tuple(int(v) for v in sizes["declared"][-2:])
+        source = source.get("parent")
+    return None
+
+
 def sidecar_path(prefix) -> Path:
     """`PREFIX-preprocess.json` for checkpoint prefix `PREFIX`."""
     return Path(str(prefix) + SUFFIX)

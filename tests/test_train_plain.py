@@ -245,3 +245,48 @@ def test_optimizer_states_file_equals_modules_own_and_loads(tmp_path):
         assert not all_finite(big)
         big[3 * (1 << 22) + 4] = 1
     assert all_finite(mx.nd.array([3e38, -3e38]))  # large but finite
+
+
+# ---- warnings for silent preprocessing mistakes (issue 22) --------------------------------------------------
+def test_rgb_overrides_are_logged_and_a_reversed_mean_warned(data, caplog):
+    from train.fit import check_preprocessing
+    pre = load_sidecar(data / "pre")  # BGR, mean 104,117,123 in B,G,R: 123,117,104 as R,G,B
+    cfg = TrainConfig(pretrained_model=str(data / "pre"), data_train="x.rec", model_prefix="m")
+    cases = [({"rgb_mean": (104.0, 117.0, 123.0)}, logging.WARNING, "in reverse (B,G,R) order"),
+             ({"rgb_mean": (120.0, 110.0, 100.0)}, logging.INFO, "--rgb-mean 120,110,100 (R,G,B) replaces"),
+             ({"rgb_std": (58.0, 57.0, 57.0)}, logging.INFO, "--rgb-std 58,57,57 (R,G,B) replaces"),
+             ({"rgb_mean": (123.0, 117.0, 104.0)}, None, None)]  # the sidecar's own, in R,G,B: silent
+    for change, level, text in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train.fit"):
+            check_preprocessing(pre, TrainConfig(**{**cfg.to_dict(), **change}))
+        lines = [(r.levelno, r.message) for r in caplog.records]
+        if level is None:
+            assert lines == []
+        else:
+            assert len(lines) == 1 and lines[0][0] == level and text in lines[0][1], lines
+
+
+def test_image_shape_other_than_a_fixed_models_size_is_warned(data, caplog):
+    from dataclasses import replace
+    from train.fit import check_preprocessing
+    pre = replace(load_sidecar(data / "pre"), source={"parent": {"input_sizes": {"fixed": True,
+                                                                                 "declared": [16, 16]}}})
+    cfg = TrainConfig(pretrained_model="p", data_train="x.rec", model_prefix="m", image_shape=(3, 24, 24))
+    with caplog.at_level(logging.INFO, logger="train.fit"):
+        check_preprocessing(pre, cfg)
+        check_preprocessing(pre, TrainConfig(**{**cfg.to_dict(), "image_shape": (3, 16, 16)}))
+    assert [r.message for r in caplog.records if r.levelno == logging.WARNING] == [
+        "--image-shape 3,24,24: p takes only 16x16 (its sidecar's source.input_sizes: fixed); at 24x24 its layers "
+        "see another scale than they were trained at and the new head is sized for it; pack at 16 and drop "
+        "--image-shape unless this is meant"]
+
+
+def test_records_far_below_the_input_are_warned_from_their_headers(tmp_path):
+    from train.data import Augment, describe_input
+    augment = Augment.from_config(TrainConfig(pretrained_model="p", data_train="x.rec", model_prefix="m"))
+    small, close = write_rec(tmp_path / "s8.rec", 2, 4, size=8), write_rec(tmp_path / "s12.rec", 2, 4, size=12)
+    warned = [m for level, m in describe_input(small, None, (3, 16, 16), -1, augment) if level == logging.WARNING]
+    assert len(warned) == 1 and "short edge of 8-8 px, more than 1.5x below the 16x16 input" in warned[0]
+    assert not [m for level, m in describe_input(close, None, (3, 16, 16), -1, augment)
+                if level == logging.WARNING]

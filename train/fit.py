@@ -30,8 +30,8 @@ from recbuild.classmap import write_class_map
 from symbols import checkpoint
 from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults,
                           scratch_network, to_float16, with_lr_mults)
-from symbols.sidecar import (Preprocess, copy_mean_file, has_sidecar, load_sidecar, plain_checkpoint_sidecar,
-                             save_sidecar, sidecar_path)
+from symbols.sidecar import (Preprocess, copy_mean_file, declared_input_size, has_sidecar, load_sidecar,
+                             plain_checkpoint_sidecar, save_sidecar, sidecar_path)
 from symbols.vgg import HeadSpec
 from train.config import (AUGMENT, RANDOM_AUGMENTATIONS, TrainConfig, config_path, flag_of, load_run_config,
                           parse_gpus, trajectory_options)
@@ -164,6 +164,41 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
                     Path(str(pretrained_model)).parent, head.new_params, head.dropped)
 
 
+def check_preprocessing(pre: Preprocess, cfg: TrainConfig) -> None:
+    """Start-up lines for the settings that silently change what a pretrained model sees (issue 22): a
+    --rgb-mean/--rgb-std other than the sidecar's (logged; a warning when it is the sidecar's in reverse
+    channel order, the RGB/BGR mix-up), and an --image-shape other than a fixed-size model's declared size."""
+    where = cfg.pretrained_model
+    order = slice(None, None, -1) if pre.channel_order == "BGR" else slice(None)
+    for flag, given, own in (("--rgb-mean", cfg.rgb_mean, pre.mean), ("--rgb-std", cfg.rgb_std, pre.std)):
+        if given is None or pre.source.get("plain_checkpoint"):  # a plain checkpoint's sidecar is the flags
+            continue
+        if isinstance(own, str):
+            log.info("%s %s replaces %s's mean image %s", flag, _numbers(given), where, own)
+            continue
+        ours = pre.per_channel(given, flag)
+        theirs = pre.per_channel(own, flag)[order] if own is not None else [0.0 if "mean" in flag else 1.0] * 3
+        if np.allclose(ours, theirs, atol=1e-3):
+            continue
+        if np.allclose(ours, theirs[::-1], atol=0.5):
+            log.warning("%s %s is %s's own %s in reverse (B,G,R) order: the flag takes R,G,B, so the model's "
+                        "own is %s; drop the flag to use it", flag, _numbers(given), where, flag[6:],
+                        _numbers(theirs))
+        else:
+            log.info("%s %s (R,G,B) replaces %s's %s %s", flag, _numbers(given), where, flag[6:],
+                     _numbers(theirs))
+    declared = declared_input_size(pre)
+    if cfg.image_shape is not None and declared is not None and tuple(cfg.image_shape[1:]) != declared:
+        log.warning("--image-shape %s: %s takes only %dx%d (its sidecar's source.input_sizes: fixed); at %dx%d "
+                    "its layers see another scale than they were trained at and the new head is sized for it; "
+                    "pack at %d and drop --image-shape unless this is meant", _numbers(cfg.image_shape), where,
+                    *declared, *cfg.image_shape[1:], max(declared))
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)
+
+
 def trained_sidecar(prepared: Prepared, cfg: TrainConfig, prefix: str, shape: Sequence[int], classes: ClassInfo,
                     **source) -> Preprocess:
     """The sidecar of the trained model: the pretrained one with the new head, classes and input shape; a mean
@@ -208,6 +243,7 @@ def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
     if cfg.from_scratch:
         log.info("--from-scratch: %s's architecture with fresh weights in every layer (seed %d); its pretrained "
                  "weights are not used", cfg.pretrained_model, cfg.seed)
+    check_preprocessing(prepared.pre, cfg)
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
     pre = trained_sidecar(prepared, cfg, prefix, shape, classes,
                           **({"from_scratch": True} if cfg.from_scratch else {}))
