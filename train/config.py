@@ -82,7 +82,7 @@ class TrainConfig:
     pretrained_model: str = option("", group=MODEL, help="PREFIX of the converted checkpoint")
     pretrained_epoch: int = option(0, group=MODEL, help="the converter writes epoch 0")
     layer_before_fullc: Optional[str] = option(
-        None, group=MODEL, help="attach the new head after this layer (default: VGG's declared head, else the "
+        None, group=MODEL, parse=str, help="attach the new head after this layer (default: VGG's declared head, else the "
                                 "sidecar's)")
     num_classes: Optional[int] = option(None, group=MODEL, parse=int,
                                         help="default: the class map's size; checked against the labels in the "
