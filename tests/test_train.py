@@ -194,7 +194,7 @@ def test_label_out_of_range_and_existing_run(data, tmp_path):
         fit(config(data, tmp_path / "a", data_train=str(tmp_path / "odd_train.rec"), data_val=None,
                    num_classes=3))
     fit(config(data, tmp_path / "b", num_epochs=1, data_val=None))
-    with pytest.raises(TrainError, match="--load-epoch 1 .*, or pass --overwrite"):
+    with pytest.raises(TrainError, match="--load-epoch 1, or pass --overwrite"):
         fit(config(data, tmp_path / "b", num_epochs=1, data_val=None))
     fit(config(data, tmp_path / "b", num_epochs=1, data_val=None, overwrite=True))
 

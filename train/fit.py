@@ -317,8 +317,7 @@ def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     done = complete_epochs(prefix)
     if cfg.load_epoch is None and done and not cfg.overwrite:
         raise TrainError(f"{checkpoint.params_path(prefix, done[-1])} exists: resume with --load-epoch "
-                         f"{done[-1]} (and no --pretrained-model, which makes --load-epoch the pretrained epoch), "
-                         f"or pass --overwrite, or choose another --model-prefix")
+                         f"{done[-1]}, or pass --overwrite, or choose another --model-prefix")
     return classes
 
 
