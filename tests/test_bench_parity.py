@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import finetune_parity as parity
 from train.__main__ import build_parser
 from train.config import config_from_args
@@ -27,3 +29,24 @@ def test_refuses_without_fine_tune_py_or_its_common(tmp_path, capsys):
     (tmp_path / "common" / "fit.py").write_text("")
     assert parity.main(["--finetune-py", str(tmp_path / "fine-tune.py")]) == 2
     assert "lacks data.py, modelzoo.py, find_mxnet.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ours_rss, ours_startup, met", [(3000, 10.5, True), (4200, 10.0, False),
+                                                         (3000, 11.5, False)])
+def test_vgg16_memory_verdict_is_peak_rss_and_startup_against_stock(tmp_path, monkeypatch, capsys, ours_rss,
+                                                                     ours_startup, met):
+    """Stock: 4000 MB, start-up 10 s (wall 30 s, loop 20 s); the verdict is <= stock's RSS, <= +1 s start-up."""
+    from bench import scale
+    from bench._trainruns import Timed
+    monkeypatch.setattr(scale, "write_net", lambda *a, **k: None)
+    monkeypatch.setattr(scale, "dataset", lambda *a, **k: tmp_path / "set.rec")
+
+    def timed(cmd, log, *a):
+        ours = "train" in cmd
+        return Timed(20.0 + (ours_startup if ours else 10.0), ours_rss if ours else 4000.0, log)
+    monkeypatch.setattr(scale, "run_timed", timed)
+    monkeypatch.setattr(scale, "epoch_seconds", lambda *a: [20.0])
+    assert scale.report_vgg16_memory(tmp_path, batch_sizes=(4,)) is met
+    out = capsys.readouterr().out
+    assert f"peak RSS ours {ours_rss} MB / stock 4000 MB = {ours_rss / 4000:.2f}x" in out
+    assert f"start-up ours {ours_startup:.1f} s / stock 10.0 s" in out and ("NOT met" not in out) == met
