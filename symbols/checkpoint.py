@@ -9,6 +9,7 @@ error messages cannot drift apart.
 """
 from __future__ import annotations
 
+import ctypes
 import pickle
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
 import numpy as np
+from mxnet.base import _LIB, check_call
 
 from recbuild.atomic import atomic_path
 
@@ -122,10 +124,9 @@ def save_checkpoint(prefix: PathLike, epoch: int, symbol: Optional[mx.sym.Symbol
 # pickles through MXNDArraySaveRawBytes, which grows a C++ string, copies it into a bytearray, and protocol 4
 # copies that again: ~3x the largest state (1.4 GB for VGG16's fc6 momentum) on top of the whole pickle. This
 # writer builds each CPU array's raw bytes (the same NDArray::Save layout, checked against SaveRawBytes in the
-# tests) in one buffer filled slice by slice, and pickles it with protocol 5, which writes a bytearray straight
+# tests) in one buffer the data is copied into once, and pickles it with protocol 5, which writes a bytearray straight
 # from its buffer. `Module.load_optimizer_states` (pickle.loads) reads the file as it reads its own.
 _NDARRAY_V2_MAGIC = 0xF993FAC9
-_STATE_SLICE = 1 << 22        # elements per host copy while filling a state's buffer
 
 
 def _raw_ndarray_bytes(array: mx.nd.NDArray) -> bytearray:
@@ -138,9 +139,11 @@ def _raw_ndarray_bytes(array: mx.nd.NDArray) -> bytearray:
                   np.dtype(array.dtype).type]], "<i4").tobytes())
     buffer = bytearray(len(header) + array.size * np.dtype(array.dtype).itemsize)
     buffer[:len(header)] = header
-    view, flat = np.frombuffer(buffer, array.dtype, offset=len(header)), array.reshape((-1,))
-    for start in range(0, array.size, _STATE_SLICE):
-        view[start:start + _STATE_SLICE] = flat[start:start + _STATE_SLICE].asnumpy()
+    # The data straight into the buffer: MXNDArraySyncCopyToCPU (MXNet's C API, what asnumpy() calls into an
+    # array of its own) waits for pending writes and copies `size` elements.
+    target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    check_call(_LIB.MXNDArraySyncCopyToCPU(array.handle, ctypes.byref(target, len(header)),
+                                           ctypes.c_size_t(array.size)))
     return buffer
 
 

@@ -782,6 +782,9 @@ class _Loop:
                 pending = current
             if pending is not None:
                 meter.consume(*pending)
+            # The epoch's clock stops when its last update has run, not when it was queued: Module.fit's does (its
+            # iterator waits for the data buffer the last backward reads), and the checkpoint waits for it anyway.
+            mx.nd.waitall()
         finally:
             if bar is not None:
                 bar.close()
