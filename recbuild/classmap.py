@@ -38,7 +38,7 @@ def read_class_map(path) -> List[str]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested deeper than Python recurses
         raise ValueError(f"{path}: not a readable class map ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("classes"), list):
         raise ValueError(f"{path}: not a class map; expected {{\"format\": \"{FORMAT}\", \"classes\": [...]}}")

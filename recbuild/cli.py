@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -21,7 +22,9 @@ _EPILOG = """\
 Beyond im2rec: a class map PREFIX.classes.json is written beside the lists; --labels, --unlabelled and
 --stratify build lists from a Kaggle layout, an unlabelled test folder, or per class; packing never drops an
 image silently (NAME.errors.tsv beside NAME.rec lists each one with its reason, including images the decoder
-reads only with a warning about damaged data) and writes atomically; NAME.pack.json records the record count,
+reads only with a warning about damaged data) and writes atomically; each list records the folder it was listed
+from (NAME.lst.json) and is packed from that folder, so a test list made from test/ is never packed against
+train/; NAME.pack.json records the record count,
 class histogram and transform. Check packed files record by record with: python -m recbuild verify [--quick]
 NAME.rec"""
 
@@ -78,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--keep-numeric-labels", action="store_true",
                    help="with --labels: integer class ids are the labels as they are (the class map names "
                         "absent ids by their number) instead of being renumbered 0..K-1")
+    x.add_argument("--delimiter", default=",", metavar="SEP",
+                   help="with --labels: the field separator of the labels file: ',' (CSV), 'tab', or 'space' "
+                        "(runs of spaces, e.g. Baidu's '<id> <typeid>' train.txt)")
+    x.add_argument("--no-header", dest="header", action="store_false",
+                   help="with --labels: the file has no header row; every line is 'id<SEP>label'")
     x.add_argument("--unlabelled", "--unlabeled", action="store_true",
                    help="with --list: ROOT is a flat folder of unlabelled images -> PREFIX_test.lst, label 0; "
                         "integer file stems are kept as record ids")
@@ -98,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_config(a: argparse.Namespace) -> ListConfig:
+    from recbuild.listing import DELIMITERS
     return ListConfig(exts=tuple(a.exts), chunks=a.chunks, train_ratio=a.train_ratio, test_ratio=a.test_ratio,
                       recursive=a.recursive, shuffle=a.shuffle, seed=a.seed, labels_csv=a.labels,
                       label_column=a.label_column, keep_numeric_labels=a.keep_numeric_labels,
-                      unlabelled=a.unlabelled, stratify=a.stratify)
+                      unlabelled=a.unlabelled, stratify=a.stratify,
+                      labels_delimiter=DELIMITERS.get(a.delimiter, a.delimiter), labels_header=a.header)
 
 
 def _pack_config(a: argparse.Namespace, parser: argparse.ArgumentParser) -> PackConfig:
@@ -136,8 +146,13 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
     cmap = class_map_path(os.path.abspath(prefix))
     total = sum(n for _, n in written)
     if cfg.unlabelled:
+        kept = read_class_map(cmap)
         print(f"Listed {total} unlabelled images (label 0) in {written[0][0]}; class map {cmap} "
-              f"({'kept' if read_class_map(cmap) else 'empty'}).")
+              + (f"(kept: the {len(kept)} classes listed under this prefix)." if kept else
+                 "(empty: these images have no classes; the model's class names name the predictions)."))
+        print(f"Pack it with the other lists of this prefix (it is read from {os.path.abspath(root)}, the folder "
+              f"it was listed from), or alone: python -m recbuild [options] {shlex.quote(written[0][0])} "
+              f"{shlex.quote(root)}")
         return 0
     classes = read_class_map(cmap)
     for label, name in enumerate(classes):
@@ -153,6 +168,7 @@ def run_list(prefix: str, root: str, cfg: ListConfig) -> int:
 def run_pack(prefix: str, root: str, cfg: PackConfig, report: bool = False) -> int:
     """Pack every PREFIX*.lst (im2rec's rule); with `report`, then write the data report. Returns the exit
     status."""
+    from recbuild.listing import pack_root
     from recbuild.packing import find_lists, pack_list
     work, lists = find_lists(prefix)
     if not lists:
@@ -164,9 +180,12 @@ def run_pack(prefix: str, root: str, cfg: PackConfig, report: bool = False) -> i
         print(f"error: image root {root} is not a folder", file=sys.stderr)
         return 1
     failed = 0
-    for lst in lists:
+    roots = [pack_root(lst, root) for lst in lists]   # every list checked before anything is packed
+    for lst, (list_root, note) in zip(lists, roots):
+        if note:
+            print(note)
         print(f"Creating .rec file from {lst} in {work} ({cfg.workers} worker(s))")
-        packed = pack_list(lst, root, cfg, out_dir=work, fingerprints=report)
+        packed = pack_list(lst, list_root, cfg, out_dir=work, fingerprints=report)
         print(packed.summary())
         failed += len(packed.failed)
     status = 0
@@ -191,6 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from recbuild.report import main as report_main
         return report_main(argv[1:])
     from recbuild.listing import ListError
+    from recbuild.publish import PrefixBusy, PublishError, output_error_line
     from recbuild.recordio import RecordIOError
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -202,8 +222,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.labels or a.unlabelled or a.stratify:
             parser.error("--labels, --unlabelled and --stratify build lists: add --list")
         return run_pack(a.prefix, a.root, _pack_config(a, parser), a.report)
-    except (ListError, RecordIOError) as err:
+    except (ListError, RecordIOError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, read-only folder, an output path that is a folder, ...
+        print(output_error_line(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no .rec/.idx was completed by this run; run the same command again",

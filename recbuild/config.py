@@ -77,6 +77,9 @@ class ListConfig:
         keep_numeric_labels: with labels_csv, integer class ids are the labels as they are (class map entries
             for absent ids are their number); otherwise classes are numbered 0..K-1 in sorted order.
         unlabelled: a flat ROOT without labels becomes PREFIX_test.lst; integer file stems are kept as ids.
+        labels_delimiter: with labels_csv, the field separator: ',' (CSV), '\t' (tab) or ' ' (one or more
+            spaces, e.g. Baidu's `train.txt`).
+        labels_header: with labels_csv, the file starts with a header row (False: every line is `id label`).
         stratify: split every class with the same ratios instead of the whole chunk.
     """
     exts: Tuple[str, ...] = EXTS
@@ -90,6 +93,8 @@ class ListConfig:
     label_column: Optional[str] = None
     keep_numeric_labels: bool = False
     unlabelled: bool = False
+    labels_delimiter: str = ","
+    labels_header: bool = True
     stratify: bool = False
 
 

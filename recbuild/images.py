@@ -75,23 +75,59 @@ class Sniffed:
 
 
 def sniff(data: bytes) -> Sniffed:
-    """Identify the format and stored size from the header, without decoding."""
+    """Identify the format from the content (never the file name) and the stored size from the format's own
+    header, without decoding. Every format the packer lets through to OpenCV states its size here, so the
+    decompression-bomb guard applies to each (decode refuses a file whose header does not say); formats not
+    listed (JPEG 2000, OpenEXR, Radiance HDR, PNM, Sun raster, ...) are 'unknown' and never decoded."""
     if data[:3] == b"\xff\xd8\xff":
         return _sniff_jpeg(data)
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        w, h = struct.unpack(">II", data[16:24])
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        # IHDR must be the first chunk (the PNG spec; libpng refuses anything else).
+        w, h = struct.unpack(">II", data[16:24]) if data[12:16] == b"IHDR" and len(data) >= 24 else (None, None)
         return Sniffed("png", w, h, complete=b"IEND" in data[-32:])
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         w, h = struct.unpack("<HH", data[6:10])
         return Sniffed("gif", w, h)
     if data[:2] == b"BM" and len(data) >= 26:
-        w, h = struct.unpack("<ii", data[18:26])
+        if struct.unpack("<I", data[14:18])[0] == 12:              # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            w, h = struct.unpack("<HH", data[18:22])
+        else:
+            w, h = struct.unpack("<ii", data[18:26])
         return Sniffed("bmp", abs(w), abs(h))
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
         return _sniff_webp(data)
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return Sniffed("tiff")
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _sniff_tiff(data)
     return Sniffed("unknown")
+
+
+# TIFF: the first image file directory (IFD0) is the image OpenCV decodes. Tags 256/257 are ImageWidth/ImageLength,
+# of type SHORT (3), LONG (4) or, in BigTIFF, LONG8 (16). An IFD of more entries than this is not an image.
+_TIFF_MAX_ENTRIES = 4096
+_TIFF_VALUE = {3: "H", 4: "I", 16: "Q"}
+
+
+def _sniff_tiff(data: bytes) -> Sniffed:
+    """Size of a classic or BigTIFF file from IFD0; None where the directory does not say (decode refuses it)."""
+    endian = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    # (IFD offset, entry count field, entry size, entry count/value layout) for classic and BigTIFF
+    head, count_fmt, entry_size, entry_fmt = (("Q", 8), "Q", 20, "HHQ") if big else (("I", 4), "H", 12, "HHI")
+    size: Dict[int, int] = {}
+    try:
+        at = 8 if big else 4
+        ifd = struct.unpack_from(endian + head[0], data, at)[0]
+        count = struct.unpack_from(endian + count_fmt, data, ifd)[0]
+        first = ifd + struct.calcsize(endian + count_fmt)
+        for k in range(min(count, _TIFF_MAX_ENTRIES)):
+            pos = first + k * entry_size
+            tag, kind, _ = struct.unpack_from(endian + entry_fmt, data, pos)
+            if tag in (256, 257) and kind in _TIFF_VALUE:
+                value_at = pos + struct.calcsize(endian + entry_fmt)
+                size[tag] = struct.unpack_from(endian + _TIFF_VALUE[kind], data, value_at)[0]
+    except struct.error:                                            # a directory cut short
+        pass
+    return Sniffed("tiff", size.get(256), size.get(257))
 
 
 class _Segment(NamedTuple):
@@ -233,14 +269,17 @@ def decode(data: bytes, path: str, cfg: PackConfig) -> Decoded:
     if not info.complete:
         raise ImageError(f"truncated {info.fmt.upper()} (file ends before the end-of-image marker)")
     scale = reduction(info, cfg.resize, cfg.color)
-    if info.width is not None and info.height is not None:
-        if info.width == 0 or info.height == 0:
-            raise ImageError(f"{info.fmt.upper()} header declares an empty image ({info.width}x{info.height})")
-        pixels = -(-info.width // scale) * -(-info.height // scale)
-        if pixels > cfg.max_pixels:
-            raise ImageError(f"{info.width}x{info.height} ({pixels / 1e6:.0f} MP to decode) exceeds the "
-                             f"decompression-bomb guard of {cfg.max_pixels / 1e6:.0f} MP; raise --max-pixels "
-                             "if the image is genuine")
+    if info.width is None or info.height is None:
+        # The guard must know the size before the decoder allocates it: a header that does not say is refused.
+        raise ImageError(f"{info.fmt.upper()} header does not state the image size (damaged, or a variant the "
+                         "decompression-bomb guard cannot read); not decoded")
+    if info.width == 0 or info.height == 0:
+        raise ImageError(f"{info.fmt.upper()} header declares an empty image ({info.width}x{info.height})")
+    pixels = -(-info.width // scale) * -(-info.height // scale)
+    if pixels > cfg.max_pixels:
+        raise ImageError(f"{info.fmt.upper()} of {info.width}x{info.height} ({pixels / 1e6:.0f} MP to decode) "
+                         f"exceeds the decompression-bomb guard of {cfg.max_pixels / 1e6:.0f} MP; raise "
+                         "--max-pixels if the image is genuine")
     if info.fmt == "gif":
         img = _decode_gif(path, cfg.color)
     else:

@@ -46,7 +46,8 @@ import numpy as np
 
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
-from recbuild.recordio import IR_HEADER, MAGIC, RecordIOError, read_checksums, unpack_header
+from recbuild.names import display_name
+from recbuild.recordio import IR_HEADER, MAGIC, RecordIOError, checksums_path, read_checksums, unpack_header
 
 # Problems printed in full before "... and N more"; ids listed in one problem line.
 _SHOW = 20
@@ -241,37 +242,37 @@ class _Where:
             bits.append(f"offset {offset}")
         entry = self.listed.get(key) if key is not None else None
         if entry is not None:
-            bits.append(f"{self.lst.name} line {entry.line}: {entry.path}")
+            bits.append(f"{self.lst.name} line {entry.line}: {display_name(entry.path)}")
         return "record " + ", ".join(bits)
 
 
-def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry], decode: bool, where: _Where,
+def _check_record(payload: bytes, key: int, span: _Span, entry: Optional[Entry], checks: _Checks, where: _Where,
                   res: VerifyResult, crc: Optional[int] = None) -> bool:
     """Header, labels, image and (when the packer recorded one) checksum of one indexed record; True when it is
     intact. A checksum mismatch is reported only when no other check explains it: one problem per damage."""
-    name = where(key, span.offset)
     try:
         header, body = unpack_header(payload)
     except RecordIOError as err:
-        res.add("header", f"{name}: {err}", key, span.offset)
+        res.add("header", f"{where(key, span.offset)}: {err}", key, span.offset)
         return False
     intact = True
-    if header.id != key:
-        res.add("header-id", f"{name}: header id {header.id} != .idx key {key}", key, span.offset)
+    if checks.ids and header.id != key:
+        res.add("header-id", f"{where(key, span.offset)}: header id {header.id} != .idx key {key}", key, span.offset)
         intact = False
     labels = [float(header.label)] if header.flag == 0 else [float(v) for v in header.label]
     res.per_class[labels[0]] += 1
     # The header stores float32: compare the list's labels as the packer stored them (0.1 is not float32(0.1)).
     listed = [float(v) for v in np.float32(entry.labels)] if entry is not None else []
     if entry is not None and (labels != listed[:len(labels)] or header.flag not in (0, len(listed))):
-        res.add("label", f"{name}: header flag {header.flag} labels {labels} != list labels {list(entry.labels)}",
-                key, span.offset)
+        res.add("label", f"{where(key, span.offset)}: header flag {header.flag} labels {labels} != list labels "
+                         f"{list(entry.labels)}", key, span.offset)
         intact = False
-    if decode:
-        intact &= _check_image(body, name, key, span.offset, res)
+    if checks.decode:
+        intact &= _check_image(body, where(key, span.offset), key, span.offset, res)
     if intact and crc is not None and zlib.crc32(payload) != crc:
-        res.add("checksum", f"{name}: the payload differs from what the packer wrote (CRC32 {zlib.crc32(payload):08x}"
-                            f", recorded {crc:08x}) although it still decodes", key, span.offset)
+        still = " although it still decodes" if checks.decode else ""
+        res.add("checksum", f"{where(key, span.offset)}: the payload differs from what the packer wrote (CRC32 "
+                            f"{zlib.crc32(payload):08x}, recorded {crc:08x}){still}", key, span.offset)
         intact = False
     return intact
 
@@ -318,38 +319,124 @@ def verify_rec(rec: Path, decode: bool = True, progress: bool = True, quick: boo
         if not path.is_file():
             res.add("missing-file", f"{path}: {hint}")
             return res
-    size = rec.stat().st_size
-    if size % 4:
-        res.add("size", f"{rec.name}: {size} bytes, not a multiple of 4 (cut short or appended to): "
-                        "ImageRecordIter refuses the whole file")
     listed, lst = _read_lst(rec, res)
-    where = _Where(listed, lst)
-    with open(rec, "rb") as handle:
-        spans, damage = _walk(handle, size)
-        res.records = len(spans)
-        lines, set_aside = _read_idx(idx, size, where, res)
-        packed_ids, in_file_order = _check_index(handle, spans, damage, lines, set_aside, where, res,
-                                                 decode and not quick, quick, progress, _checksums(rec, res))
+    _check_class_map(rec, res)
+    packed_ids, in_file_order = _check_file(rec, res, _Where(listed, lst), _Checks(decode and not quick, quick),
+                                            progress)
     _check_against_list(rec, lst, listed, packed_ids, in_file_order, res)
     return res
 
 
-def _checksums(rec: Path, res: VerifyResult) -> Optional[Dict[int, int]]:
-    """The packer's payload checksums, when NAME.pack.json names them and still describes this .rec (a .rec
-    replaced since, by another packer, must not be judged by the old sums)."""
+@dataclass(frozen=True)
+class _Checks:
+    """What is checked of each indexed record. decode: the image; quick: nothing past the frame headers (no
+    payload read); ids: the header id against the .idx key (a reader never uses it, so reader_problems does not
+    ask); stride: a sampled check of a file too large to read whole at start-up."""
+    decode: bool
+    quick: bool
+    ids: bool = True
+    stride: int = 1         # read the payload of every stride-th indexed record only (the others as with quick)
+
+
+def _check_file(rec: Path, res: VerifyResult, where: "_Where", checks: _Checks, progress: bool
+                ) -> Tuple[Set[int], List[int]]:
+    """Size, framing, the .idx (which must exist) and each indexed record; see _check_index for the result."""
+    size = rec.stat().st_size
+    if size % 4:
+        res.add("size", f"{rec.name}: {size} bytes, not a multiple of 4 (cut short or appended to): "
+                        "ImageRecordIter refuses the whole file")
+    crcs = _checksums(rec, res)
+    with open(rec, "rb") as handle:
+        spans, damage = _walk(handle, size)
+        res.records = len(spans)
+        lines, set_aside = _read_idx(rec.with_suffix(".idx"), size, where, res)
+        _check_checksum_keys(rec, lines, crcs, res)
+        return _check_index(handle, spans, damage, lines, set_aside, where, res, checks, progress, crcs)
+
+
+# Damage a reader of the .rec meets: MXNet's C++ reader aborts the process on a bad magic or an .idx offset that
+# is not a record start, crashes on an empty .idx, refuses a size that is not a multiple of 4; a record no .idx
+# line names is never read, and a changed byte (checksum) trains on other data than was packed. The other kinds
+# (header id vs key, labels vs the .lst, the list checks, decoding) are verify's own findings.
+READER_KINDS = frozenset({"size", "framing", "cut-short", "idx-malformed", "idx-duplicate-key",
+                          "idx-duplicate-offset", "idx-not-record", "idx-order", "not-indexed", "header", "checksum",
+                          "checksum-file", "pack-info"})
+
+
+def reader_problems(rec: Path, progress: bool = False, crc_stride: int = 1) -> List[Problem]:
+    """What makes `rec` unsafe or wrong to hand to a reader (ImageRecordIter, mx.recordio): the `--quick` walk of
+    the framing and the .idx, plus, where the packer recorded them (NAME.crc32), the payload CRC32 of every
+    `crc_stride`-th record (all of them by default, which reads the whole file once). Nothing is decoded and the
+    .lst is not read. A .rec without an .idx (readers then go through it in order) gets the framing walk alone.
+    [] when the file is sound for readers."""
+    rec = Path(rec)
+    res = VerifyResult(rec)
+    if rec.with_suffix(".idx").is_file():
+        checks = _Checks(decode=False, quick=_checksum_file_named(rec) is None, ids=False, stride=max(1, crc_stride))
+        _check_file(rec, res, _Where({}, None), checks, progress)
+    else:
+        size = rec.stat().st_size
+        if size % 4:
+            res.add("size", f"{rec.name}: {size} bytes, not a multiple of 4 (cut short or appended to)")
+        with open(rec, "rb") as handle:
+            spans, damage = _walk(handle, size)
+        res.records = len(spans)
+        for off, problem in sorted(damage.items()):
+            res.add(problem.kind, f"record at offset {off}: {problem.message}", None, off)
+    return [p for p in res.problems if p.kind in READER_KINDS]
+
+
+def _checksum_file_named(rec: Path) -> Optional[str]:
+    """NAME.crc32's name when NAME.pack.json names it and still describes this .rec (a .rec replaced since, by
+    another packer, must not be judged by the old sums); None otherwise, also for a damaged sidecar (which
+    _checksums reports)."""
     from recbuild.packinfo import PackInfoError, read_pack_info
     try:
         info = read_pack_info(rec)
-        if info is None or not info.matches_rec or not info.data.get("payload_crc32"):
-            return None
-        return read_checksums(rec)
-    except (PackInfoError, RecordIOError) as err:
-        res.add("checksum-file", str(err))
+    except PackInfoError:
         return None
+    if info is None or not info.matches_rec or not isinstance(info.data.get("payload_crc32"), str):
+        return None
+    return info.data["payload_crc32"]
+
+
+def _checksums(rec: Path, res: VerifyResult) -> Optional[Dict[int, int]]:
+    """The packer's payload checksums where NAME.pack.json names them (see _checksum_file_named). A damaged
+    sidecar, or a named NAME.crc32 that is missing or damaged, is a problem: the records then go unchecked."""
+    from recbuild.packinfo import PackInfoError, read_pack_info
+    try:
+        read_pack_info(rec)
+    except PackInfoError as err:
+        res.add("pack-info", f"{err} (the payload checksums cannot be used)")
+        return None
+    if _checksum_file_named(rec) is None:
+        return None
+    try:
+        crcs = read_checksums(rec)
+    except RecordIOError as err:
+        res.add("checksum-file", f"{err} (the payload checksums cannot be used)")
+        return None
+    if crcs is None:
+        res.add("checksum-file", f"{checksums_path(rec)}: missing, though {rec.stem}.pack.json names it; the "
+                                 "payloads cannot be checked (pack again)")
+    return crcs
+
+
+def _check_checksum_keys(rec: Path, lines: List[Tuple[int, int, int]], crcs: Optional[Dict[int, int]],
+                         res: VerifyResult) -> None:
+    """NAME.crc32 has a checksum for every .idx key: an entry lost or changed there would otherwise leave its
+    record silently unchecked. (A checksum for a key the .idx lacks is not reported: the lost .idx line is,
+    as `not-indexed`.)"""
+    if crcs is None:
+        return
+    unchecked = sorted({key for _, key, _ in lines} - set(crcs))
+    if unchecked:
+        res.add("checksum-file", f"{checksums_path(rec).name}: no checksum for {len(unchecked)} indexed record(s) "
+                                 f"(keys {_ids(unchecked)}): the file is damaged; pack again")
 
 
 def _check_index(handle: BinaryIO, spans: List[_Span], damage: Dict[int, Problem], lines, set_aside: Set[int],
-                 where: _Where, res: VerifyResult, decode: bool, quick: bool, progress: bool,
+                 where: _Where, res: VerifyResult, checks: _Checks, progress: bool,
                  crcs: Optional[Dict[int, int]]) -> Tuple[Set[int], List[int]]:
     """Match .idx lines to records and check each indexed record.
 
@@ -360,9 +447,9 @@ def _check_index(handle: BinaryIO, spans: List[_Span], damage: Dict[int, Problem
     starts = [span.offset for span in spans]
     claimed = set(set_aside)
     ids: Dict[int, int] = {}                        # id -> offset
-    bar = _bar(progress and not quick, len(lines), res.rec.name)
+    bar = _bar(progress and not checks.quick, len(lines), res.rec.name)
     try:
-        for _, key, off in lines:
+        for position, (_, key, off) in enumerate(lines):
             bar.update(1)
             ids[key] = off                          # damaged or not, the id is accounted for by its line
             span = by_offset.get(off)
@@ -371,11 +458,14 @@ def _check_index(handle: BinaryIO, spans: List[_Span], damage: Dict[int, Problem
                 continue
             claimed.add(off)
             res.indexed += 1
-            if quick:
+            if checks.quick or position % checks.stride:
                 res.readable += 1
                 continue
-            res.readable += int(_check_record(_payload(handle, span), key, span, where.listed.get(key), decode,
-                                              where, res, crcs.get(key) if crcs else None))
+            payload, crc = _payload(handle, span), crcs.get(key) if crcs else None
+            if crc is not None and not (checks.decode or checks.ids) and zlib.crc32(payload) == crc:
+                res.readable += 1       # the reader check: the bytes the packer wrote, so nothing else to look at
+                continue
+            res.readable += int(_check_record(payload, key, span, where.listed.get(key), checks, where, res, crc))
     finally:
         bar.close()
     for off, problem in sorted(damage.items()):
@@ -452,11 +542,7 @@ def _check_against_list(rec: Path, lst: Optional[Path], listed: Dict[int, Entry]
     if lst is None:
         return
     errors = rec.with_suffix(".errors.tsv")
-    reported: Set[int] = set()
-    if errors.is_file():
-        with open(errors, encoding="utf-8", errors="replace") as handle:
-            next(handle, None)
-            reported = {int(line.split("\t")[0]) for line in handle if line.strip()}
+    reported = _reported_failures(errors, res)
     unaccounted = sorted(set(listed) - ids - reported)
     if unaccounted:
         res.add("list-missing", f"{lst.name}: {len(unaccounted)} listed id(s) neither in {rec.name} nor in "
@@ -476,11 +562,31 @@ def _check_against_list(rec: Path, lst: Optional[Path], listed: Dict[int, Entry]
         print(f"{rec.name}: {len(reported)} listed image(s) were not packed, as reported in {errors.name}")
 
 
+def _reported_failures(errors: Path, res: VerifyResult) -> Set[int]:
+    """The list ids NAME.errors.tsv (`index<TAB>path<TAB>reason`, a header row first) says were not packed. A
+    line without an id is a problem naming the line, not a crash; its id then counts as unaccounted for."""
+    reported: Set[int] = set()
+    if not errors.is_file():
+        return reported
+    with open(errors, encoding="utf-8", errors="replace") as handle:
+        next(handle, None)
+        for line_no, line in enumerate(handle, start=2):
+            if not line.strip():
+                continue
+            try:
+                reported.add(int(line.split("\t", 1)[0]))
+            except ValueError:
+                res.add("errors-file", f"{errors.name}:{line_no}: expected '<index>\\t<path>\\t<reason>', got "
+                                       f"{line.rstrip()[:80]!r}")
+    return reported
+
+
 def _ids(ids: Sequence[int]) -> str:
     return ", ".join(map(str, ids[:_SHOW])) + (f" ... and {len(ids) - _SHOW} more" if len(ids) > _SHOW else "")
 
 
 def _class_names(rec: Path) -> Optional[List[str]]:
+    """The class names for the per-class counts, or None (a damaged class map is reported by _check_class_map)."""
     path = find_class_map(rec)
     if path is None:
         return None
@@ -488,6 +594,18 @@ def _class_names(rec: Path) -> Optional[List[str]]:
         return read_class_map(path)
     except ValueError:
         return None
+
+
+def _check_class_map(rec: Path, res: VerifyResult) -> None:
+    """`class-map`: the class map that belongs to the .rec, when there is one, is readable (the trainer and the
+    predictor refuse a damaged one, so verify says so first)."""
+    path = find_class_map(rec)
+    if path is None:
+        return
+    try:
+        read_class_map(path)
+    except ValueError as err:
+        res.add("class-map", str(err))
 
 
 def _report(rec: str, res: VerifyResult) -> None:

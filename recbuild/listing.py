@@ -13,20 +13,27 @@ random.seed(100); every chunk is ceil(N / chunks) long, and inside a chunk the t
 (int(chunk_size * test_ratio) images, computed from the full chunk size even for a short last chunk), then
 train (int(chunk_size * train_ratio)), then val (the rest, written only when train_ratio + test_ratio < 1).
 train_ratio == 1.0 writes one PREFIX[_i].lst and ignores test_ratio.
+
+Beside every list `--list` writes, NAME.lst.json records the folder it was listed from (the .lst itself stays
+im2rec's), so packing reads each list from its own folder: a test list made from `test/` is never packed
+against `train/`, whose numbered files may have the same names (list_source, pack_root).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from recbuild.classmap import class_map_path, write_class_map
 from recbuild.config import ListConfig
-from recbuild.atomic import atomic_open
+from recbuild.atomic import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # How many offending names an error message shows before "... and N more".
 _SHOW = 10
+# --delimiter names -> the separator of a labels file (' ' takes runs of spaces as one).
+DELIMITERS = {",": ",", "comma": ",", "tab": "\t", "\\t": "\t", "space": " ", " ": " ", "\t": "\t"}
+LIST_SOURCE_FORMAT = "mxtransfer.listsource/1"
 
 
 class ListError(ValueError):
@@ -88,8 +98,10 @@ def scan_tree(root: str, recursive: bool, exts: Sequence[str]) -> Tuple[List[Ent
     entries: List[Entry] = []
     if recursive:
         labels: Dict[str, int] = {}
+        walk_links = _LinkGuard(root)
         for folder, dirs, files in os.walk(root, followlinks=True):
             dirs.sort()
+            dirs[:] = walk_links.followed(folder, dirs)
             files.sort()
             for name in files:
                 full = os.path.join(folder, name)
@@ -104,6 +116,40 @@ def scan_tree(root: str, recursive: bool, exts: Sequence[str]) -> Tuple[List[Ent
                 entries.append(Entry(len(entries), (0.0,), os.path.relpath(full, root)))
         classes = ["."]
     return entries, classes
+
+
+class _LinkGuard:
+    """Which sub-folders a recursive walk enters. Like im2rec (os.walk(followlinks=True)) it follows symbolic links
+    to folders, except two kinds, each warned about once, naming the link: a link whose target lies outside ROOT
+    (its images are not part of the tree the user named), and a link to a folder already on the path from ROOT
+    to it (a loop, which os.walk would follow until the path is too long: 5 images became 204 entries in 122
+    classes). Links to files are kept as im2rec keeps them: a list may well be a farm of links into an image
+    store, and the path written stays inside ROOT."""
+
+    def __init__(self, root: str):
+        self.real_root = os.path.realpath(root)
+        self.chains: Dict[str, frozenset] = {root: frozenset([self.real_root])}   # folder -> real folders above
+        self.warned: set = set()
+
+    def followed(self, folder: str, dirs: List[str]) -> List[str]:
+        chain = self.chains.pop(folder, frozenset([os.path.realpath(folder)]))
+        kept = []
+        for name in dirs:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            outside = os.path.commonpath([self.real_root, real]) != self.real_root
+            if outside or real in chain:
+                self._warn(path, real, "outside ROOT" if outside else "a folder that contains it (a loop)")
+                continue
+            self.chains[path] = chain | {real}
+            kept.append(name)
+        return kept
+
+    def _warn(self, path: str, real: str, what: str) -> None:
+        link = (os.path.realpath(os.path.dirname(path)), os.path.basename(path))  # the same link, however reached
+        if link not in self.warned:
+            self.warned.add(link)
+            log.warning("%s: a symbolic link to %s, %s: not followed", path, real, what)
 
 
 def _flat_images(root: str, exts: Sequence[str]) -> List[str]:
@@ -123,12 +169,16 @@ def _label_order(names: Sequence[str]) -> List[str]:
         return sorted(unique)
 
 
-def _read_csv_rows(csv_path: str) -> List[Tuple[int, List[str]]]:
-    """(line number, stripped fields) of every non-blank CSV row."""
+def _read_csv_rows(csv_path: str, delimiter: str = ",") -> List[Tuple[int, List[str]]]:
+    """(line number, stripped fields) of every non-blank row; `delimiter` ' ' takes runs of spaces as one."""
     rows: List[Tuple[int, List[str]]] = []
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            for line_no, row in enumerate(csv.reader(handle), start=1):
+            lines = handle
+            if delimiter == " ":  # trailing spaces would be an empty last field
+                lines = (line.rstrip(" \r\n") + "\n" for line in handle)
+            reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=delimiter == " ")
+            for line_no, row in enumerate(reader, start=1):
                 if row and any(c.strip() for c in row):
                     rows.append((line_no, [c.strip() for c in row]))
     except OSError as err:
@@ -140,8 +190,17 @@ def _read_csv_rows(csv_path: str) -> List[Tuple[int, List[str]]]:
     return rows
 
 
+def _delimiter_hint(fields: List[str], delimiter: str) -> str:
+    """What to pass when a row holds one field that another separator would split."""
+    text = fields[0] if fields else ""
+    for sep, flag in (("\t", "--delimiter tab"), (" ", "--delimiter space"), (",", "--delimiter ,")):
+        if sep != delimiter and len(text.split(sep if sep != " " else None)) == 2:
+            return f"; the line looks {flag.split()[-1]}-separated: pass {flag}"
+    return ""
+
+
 def _label_field(csv_path: str, rows: List[Tuple[int, List[str]]], label_column: Optional[str],
-                 names_an_image: Callable[[str], bool]) -> int:
+                 names_an_image: Callable[[str], bool], delimiter: str = ",") -> int:
     """Check the header row and return the label column's position.
 
     Rule for telling a header from data (by content, not by whether an image exists): the first row is data when
@@ -150,7 +209,8 @@ def _label_field(csv_path: str, rows: List[Tuple[int, List[str]]], label_column:
     """
     header_line, header = rows[0]
     if len(header) < 2:
-        raise ListError(f"{csv_path}:{header_line}: expected 'id,label', got {','.join(header)!r}")
+        raise ListError(f"{csv_path}:{header_line}: expected 'id,label', got {','.join(header)!r}"
+                        + _delimiter_hint(header, delimiter))
     if label_column is not None:
         if label_column not in header[1:]:
             raise ListError(f"{csv_path}:{header_line}: no column {label_column!r} for --label-column; the header "
@@ -167,7 +227,7 @@ def _label_field(csv_path: str, rows: List[Tuple[int, List[str]]], label_column:
         rule = None
     if rule:
         raise ListError(f"{csv_path}:{header_line}: the first row is data, not a header ({rule}); a header row "
-                        "such as 'id,label' is required")
+                        "such as 'id,label' is required, or pass --no-header for a file of data lines only")
     if label_column is None and len(header) > 2:
         extra = ", ".join(repr(c) for c in header[2:])
         raise ListError(f"{csv_path}:{header_line}: extra column(s) {extra} beyond 'id,label' would be ignored; "
@@ -192,18 +252,22 @@ def _numbered_classes(csv_path: str, file_label: Dict[str, str], line_of: Dict[s
     label_of = {c: i for i, c in enumerate(classes)}
     moved = [f"{c}->{i}" for c, i in label_of.items() if c.isdigit() and int(c) != i]
     if moved and all(c.isdigit() for c in classes):
-        log.warning("%s: integer class ids renumbered 0..%d in numeric order (%s); pass --keep-numeric-labels "
-                    "to keep them as the labels", csv_path, len(classes) - 1, _names(moved))
+        log.warning("%s: integer class ids renumbered 0..%d in numeric order (%s); the class map keeps the ids "
+                    "as the class names, so predictions give them back; pass --keep-numeric-labels to keep them "
+                    "as the labels", csv_path, len(classes) - 1, _names(moved))
     return classes, label_of
 
 
 def read_labels_csv(csv_path: str, root: str, exts: Sequence[str], label_column: Optional[str] = None,
-                    keep_numeric: bool = False) -> Tuple[List[Entry], List[str]]:
-    """The Kaggle layout: a flat folder of images plus a CSV `id,label` (header row required).
+                    keep_numeric: bool = False, delimiter: str = ",", header: bool = True
+                    ) -> Tuple[List[Entry], List[str]]:
+    """The Kaggle layout: a flat folder of images plus a labels file `id,label` (header row required unless
+    `header` is False; `delimiter` ',' '\t' or ' ').
 
     The id is a file name in `root`, with or without its suffix. Every image in the folder must have exactly
     one row and every row exactly one image; anything else is an error that names the ids/files. A header is
-    told from data by content (see _label_field); more than two columns need `label_column`.
+    told from data by content (see _label_field); more than two columns need `label_column`. Class names are
+    the label texts as written (Baidu's type ids stay '12', '47', ...), so outputs can give them back.
 
     Returns:
         (entries sorted by file name with indices 0..N-1, class names in label order).
@@ -213,14 +277,17 @@ def read_labels_csv(csv_path: str, root: str, exts: Sequence[str], label_column:
     by_stem: Dict[str, List[str]] = defaultdict(list)
     for n in files:
         by_stem[os.path.splitext(n)[0]].append(n)
-    rows = _read_csv_rows(csv_path)
-    position = _label_field(csv_path, rows, label_column, lambda i: i in by_name or i in by_stem)
-    width = len(rows[0][1])
-    for line_no, fields in rows[1:]:
+    rows = _read_csv_rows(csv_path, delimiter)
+    if header:
+        position = _label_field(csv_path, rows, label_column, lambda i: i in by_name or i in by_stem, delimiter)
+        width, data, shape = len(rows[0][1]), rows[1:], delimiter.join(rows[0][1])
+    else:
+        position, width, data, shape = 1, 2, rows, delimiter.join(("id", "label"))
+    for line_no, fields in data:
         if len(fields) < position + 1 or (label_column is None and len(fields) != width):
-            raise ListError(f"{csv_path}:{line_no}: expected 'id,label' ({width} fields, like the header "
-                            f"{','.join(rows[0][1])!r}), got {','.join(fields)!r}")
-    file_label, line_of = _match_rows(csv_path, root, exts, [(n, f[0], f[position]) for n, f in rows[1:]],
+            raise ListError(f"{csv_path}:{line_no}: expected 'id,label' ({width} fields, like {shape!r}), got "
+                            f"{delimiter.join(fields)!r}" + _delimiter_hint(fields, delimiter))
+    file_label, line_of = _match_rows(csv_path, root, exts, [(n, f[0], f[position]) for n, f in data],
                                       files, by_name, by_stem)
     classes, label_of = _numbered_classes(csv_path, file_label, line_of, keep_numeric)
     entries = [Entry(i, (float(label_of[file_label[n]]),), n) for i, n in enumerate(files)]
@@ -422,7 +489,7 @@ def make_lists(prefix: str, root: str, cfg: ListConfig) -> List[Tuple[str, int]]
     else:
         if cfg.labels_csv:
             entries, classes = read_labels_csv(cfg.labels_csv, root, cfg.exts, cfg.label_column,
-                                               cfg.keep_numeric_labels)
+                                               cfg.keep_numeric_labels, cfg.labels_delimiter, cfg.labels_header)
         else:
             entries, classes = scan_tree(root, cfg.recursive, cfg.exts)
         parts = chunk_and_split(entries, cfg)
@@ -438,6 +505,7 @@ def make_lists(prefix: str, root: str, cfg: ListConfig) -> List[Tuple[str, int]]
         if os.path.exists(path):
             log.info("replacing %s", path)      # atomically: readers see the old or the new list, never half
         write_list(path, part)
+        write_list_source(path, root, cfg.unlabelled)
         written.append((path, len(part)))
     cmap = class_map_path(prefix)
     if classes is not None:
@@ -464,8 +532,15 @@ def _check_config(cfg: ListConfig) -> None:
                            or cfg.train_ratio != 1.0 or cfg.test_ratio):
         raise ListError("--unlabelled lists a flat folder of unlabelled images into PREFIX_test.lst; it cannot "
                         "be combined with --labels, --recursive, --stratify, --chunks or the split ratios")
-    if (cfg.label_column or cfg.keep_numeric_labels) and not cfg.labels_csv:
-        raise ListError("--label-column and --keep-numeric-labels choose how a --labels CSV is read: add --labels")
+    if (cfg.label_column or cfg.keep_numeric_labels or cfg.labels_delimiter != "," or not cfg.labels_header) \
+            and not cfg.labels_csv:
+        raise ListError("--label-column, --keep-numeric-labels, --delimiter and --no-header choose how a --labels "
+                        "file is read: add --labels")
+    if cfg.labels_delimiter not in DELIMITERS.values():
+        raise ListError(f"--delimiter {cfg.labels_delimiter!r}: supported are {', '.join(DELIMITERS)}")
+    if cfg.label_column and not cfg.labels_header:
+        raise ListError("--label-column names a header column; a --no-header file has exactly the two fields "
+                        "id and label")
     if cfg.labels_csv and cfg.recursive:
         raise ListError("--labels reads a flat folder; drop --recursive")
     bad_exts = [e for e in cfg.exts if not e.startswith(".") or e != e.lower()]
@@ -473,3 +548,93 @@ def _check_config(cfg: ListConfig) -> None:
         # Not an error: im2rec accepts them too, but they never match anything.
         log.warning("--exts %s never match: suffixes are compared lower-cased and with the dot, e.g. .jpg",
                     " ".join(bad_exts))
+
+
+# ---- where a list was made from: NAME.lst.json ------------------------------------------------------------------
+
+def list_source_path(lst: PathLike) -> Path:
+    """The record of the folder a .lst was listed from: NAME.lst.json beside NAME.lst."""
+    return Path(str(lst) + ".json")
+
+
+def _list_digest(lst: PathLike) -> str:
+    digest = hashlib.sha1()
+    with open(lst, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_list_source(lst: PathLike, root: str, unlabelled: bool) -> None:
+    """Record `root` (absolute, and relative to the list's folder so a tree moved as a whole still resolves) and
+    the list's digest (a list rewritten since, e.g. by im2rec.py, is no longer described by the record)."""
+    root = os.path.abspath(root)
+    write_json(list_source_path(lst), {"format": LIST_SOURCE_FORMAT, "root": root,
+                                       "root_from_list": os.path.relpath(root, os.path.dirname(os.path.abspath(lst))),
+                                       "unlabelled": bool(unlabelled), "list_sha1": _list_digest(lst)})
+
+
+def _list_source(lst: PathLike) -> Optional[dict]:
+    """The record beside `lst` when it describes the list as it is now; None when there is none, or when the list
+    was rewritten since (then it is im2rec's or a hand-made list again, and a warning says so)."""
+    path = list_source_path(lst)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        valid = data.get("format") == LIST_SOURCE_FORMAT and isinstance(data["root"], str)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        raise ListError(f"{path}: not a list-source record; expected {{\"format\": \"{LIST_SOURCE_FORMAT}\", "
+                        f"\"root\": ...}} (delete it to pack {lst} against ROOT as im2rec would)")
+    if data.get("list_sha1") != _list_digest(lst):
+        log.warning("%s: %s was rewritten since it was listed from %s; packing it against ROOT as im2rec would",
+                    path, os.path.basename(str(lst)), data["root"])
+        return None
+    return data
+
+
+def listed_unlabelled(lst: PathLike) -> bool:
+    """Whether `lst` was listed with --unlabelled (its labels are placeholders, not classes)."""
+    try:
+        data = _list_source(lst)
+    except (ListError, OSError):
+        return False
+    return data is not None and data.get("unlabelled") is True
+
+
+def listed_root(lst: PathLike) -> Optional[str]:
+    """The folder `lst` was listed from, or None for a list without a record (im2rec's, or one written by hand).
+    A recorded folder that moved with the list (same relative place) is found there."""
+    data = _list_source(lst)
+    if data is None:
+        return None
+    root = data["root"]
+    if not os.path.isdir(root) and isinstance(data.get("root_from_list"), str):
+        moved = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(lst)), data["root_from_list"]))
+        root = moved if os.path.isdir(moved) else root
+    return root
+
+
+def pack_root(lst: PathLike, root: str) -> Tuple[str, Optional[str]]:
+    """The folder to pack `lst` from, and a line to print when it is not ROOT.
+
+    A list is packed from the folder it was listed from. im2rec packs every PREFIX*.lst against the one ROOT
+    given, which packs a test list made from `test/` against `train/`: with numbered ids (`1.png` in both) the
+    training images become the test set without an error. So a list whose recorded folder differs from ROOT is
+    packed from its own folder, and the run says so; a recorded folder that no longer exists is refused.
+
+    Raises:
+        ListError: the recorded folder is gone (naming it, ROOT, and the ways on).
+    """
+    given = os.path.abspath(root)
+    recorded = listed_root(lst)
+    if recorded is None or os.path.realpath(recorded) == os.path.realpath(given):
+        return given, None
+    if not os.path.isdir(recorded):
+        raise ListError(f"{lst} was listed from {recorded}, which no longer exists; refusing to pack it against "
+                        f"ROOT {given} (its images may have the same names there). List the images again with "
+                        f"--list, or delete {list_source_path(lst)} to pack it against ROOT as im2rec would")
+    return recorded, (f"{os.path.basename(str(lst))}: packing from {recorded}, the folder it was listed from "
+                      f"(not ROOT {given})")

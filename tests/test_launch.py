@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests._train_fixtures import tiny_vgg_checkpoint, write_rec
-from tools.launch import LaunchError, local_nodes, main, read_hosts, run, ssh_nodes
+from tools.launch import LaunchError, local_nodes, main, read_hosts, run, ssh_nodes, sync_argv, sync_to_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,6 +205,58 @@ def test_ssh_nodes_and_host_file(tmp_path):
     bad.write_text("node-a slots=two\n")
     with pytest.raises(LaunchError, match=r"bad:1: expected 'HOST' or 'HOST slots=N'"):
         read_hosts(bad)
+
+
+@pytest.mark.parametrize("line", ["-oProxyCommand=touch pwned", "--help", "node-a;rm -rf x", "$(id)", "node`id`",
+                                  "node-a|cat", "-node slots=2", "user@-node", "node\x00a"])
+def test_host_file_refuses_what_is_not_a_host_name(tmp_path, line):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"node-a\n{line}\n")
+    with pytest.raises(LaunchError, match=r"hosts:2: .* is not a host name: expected \[USER@\]NAME"):
+        read_hosts(hosts)
+    assert main(["-n", "1", "--launcher", "ssh", "-H", str(hosts), "--dry-run", "--", "python"]) == 2
+
+
+def test_host_file_takes_names_addresses_and_users(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("gpu-01.example.org slots=2\n10.0.0.7\nmx_user@node_b\n")
+    assert read_hosts(hosts) == ["gpu-01.example.org", "gpu-01.example.org", "10.0.0.7", "mx_user@node_b"]
+
+
+def test_sync_dst_dir_keeps_the_files_already_there(tmp_path, fake_ssh, monkeypatch):
+    """--sync-dst-dir adds and updates the synced files only: what DIR already held (an earlier job's checkpoints,
+    the user's own files) survives. rsync runs through the stand-in ssh (so "the host" is this machine); where
+    rsync is not installed, tests/_fake_rsync.py stands in for it with rsync's semantics, --delete included."""
+    env, _ = fake_ssh
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    if shutil.which("rsync") is None:
+        (bin_dir / "rsync").write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / '_fake_rsync.py'} \"$@\"\n")
+        (bin_dir / "rsync").chmod(0o755)
+    job = tmp_path / "job"
+    (job / "code").mkdir(parents=True)
+    (job / "code" / "model.py").write_text("new code")
+    (job / "run.sh").write_text("python -m train")
+    (job / ".git").mkdir()
+    (job / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    dst = tmp_path / "remote job"
+    (dst / "runs").mkdir(parents=True)
+    (dst / "runs" / "ft-0004.params").write_bytes(b"an earlier run's weights")
+    (dst / "notes.txt").write_text("the user's own file")
+    (dst / "code").mkdir()
+    (dst / "code" / "model.py").write_text("old code")
+    (dst / "code" / "local_patch.py").write_text("kept")
+    monkeypatch.chdir(job)
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_RSYNC_LOG", str(tmp_path / "rsync-argv.jsonl"))
+    sync_to_hosts(["127.0.0.1", "127.0.0.1"], str(dst))
+    assert (dst / "runs" / "ft-0004.params").read_bytes() == b"an earlier run's weights"
+    assert (dst / "notes.txt").read_text() == "the user's own file"
+    assert (dst / "code" / "local_patch.py").read_text() == "kept"
+    assert (dst / "code" / "model.py").read_text() == "new code" and (dst / "run.sh").is_file()
+    assert not (dst / ".git").exists()
+    assert "--delete" not in sync_argv("127.0.0.1", str(dst))
+    if shutil.which("rsync") is None or (bin_dir / "rsync").is_file():
+        assert len((tmp_path / "rsync-argv.jsonl").read_text().splitlines()) == 1  # once per distinct host
 
 
 def test_cli_errors_and_dry_run(capsys, tmp_path):

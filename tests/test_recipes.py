@@ -11,7 +11,6 @@
 """
 import json
 import os
-import pickle
 from dataclasses import replace
 
 import mxnet as mx
@@ -327,8 +326,9 @@ def test_stages_apply_each_stage_lr_mult_and_optimizer_and_resume_mid_stage(data
          "fc7_weight", "fc7_bias"], ["conv1_1_weight", "conv1_1_bias"]]
     assert [s["augment"]["random_mirror"] for s in record["stages"]] == [True, False]
     # The optimizer state of each stage is its own: Adam (mean, var) pairs, then SGD momentum arrays.
-    s2 = pickle.loads((tmp / "s-0002.states").read_bytes())
-    s5 = pickle.loads((tmp / "s-0005.states").read_bytes())
+    from symbols.checkpoint import read_optimizer_states
+    s2 = read_optimizer_states(tmp / "s-0002.states")
+    s5 = read_optimizer_states(tmp / "s-0005.states")
     assert s2 and all(isinstance(v, tuple) and len(v) == 2 for v in s2.values())
     assert s5 and all(isinstance(v, mx.nd.NDArray) for v in s5.values())
     assert len(s5) == 8 and len(s2) == 2  # trainable parameters of each stage (conv2_1, fc6, fc7, fc8 | fc8)

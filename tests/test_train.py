@@ -328,21 +328,21 @@ def test_epoch_is_published_as_a_unit_and_the_advice_names_the_last_complete_one
     argv = base + ["--model-prefix", str(tmp_path / "k")]
     assert main(base + ["--model-prefix", str(tmp_path / "straight")]) == 0
     # Killed while writing epoch 2's optimizer state: epoch 2 must not look complete.
-    import train.fit
-    real, calls = train.fit.save_optimizer_states, []
+    from symbols import checkpoint
+    real, calls = checkpoint.save_optimizer_states, []
 
     def killed_at_second(module, fname):
         calls.append(fname)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(module, fname)
-    monkeypatch.setattr(train.fit, "save_optimizer_states", killed_at_second)
+    monkeypatch.setattr(checkpoint, "save_optimizer_states", killed_at_second)
     assert main(argv) == 130
     assert "last complete checkpoint " + str(tmp_path / "k-0001.params") in capsys.readouterr().err
     assert not (tmp_path / "k-0002.params").exists()
     rows = json.loads((tmp_path / "k-metrics.json").read_text())["epochs"]
     assert [r["epoch"] for r in rows] == [1]
-    monkeypatch.setattr(train.fit, "save_optimizer_states", real)
+    monkeypatch.setattr(checkpoint, "save_optimizer_states", real)
     # Killed a step later, between the metrics row and the .params: the next start removes the orphans.
     from train.fit import drop_unpublished
     from train.metrics import MetricsLog

@@ -187,12 +187,12 @@ def test_record_facts_come_from_the_sidecar_or_one_scan_per_file(tmp_path, monke
     recfile.forget()
     np.testing.assert_array_equal(scan_labels(path), np.arange(12) % 3)
     assert len(scans) == 3
-    # With a pack sidecar, counting and class checks read nothing from the .rec.
-    recfile.forget()
+    # A pack sidecar written beside it changes what the check read: one more checked scan, which compares the
+    # sidecar's counts with the headers; its histogram is then used.
     write_pack_sidecar(path, PackConfig(resize=16), [4, 4, 4], 12)
     info = resolve_classes(path)
     list(record_iter(path, 4, pre, tmp_path, "l"))
-    assert (info.num_records, info.counts.tolist()) == (12, [4, 4, 4]) and len(scans) == 3
+    assert (info.num_records, info.counts.tolist()) == (12, [4, 4, 4]) and len(scans) == 4
 
 
 def test_train_and_val_class_maps_must_agree(tmp_path, capsys):
@@ -317,4 +317,4 @@ def test_a_training_run_scans_each_rec_once(tmp_path, monkeypatch):
         write_pack_sidecar(rec, PackConfig(resize=16), [n // 3] * 3, n)
     fit(TrainConfig(pretrained_model=str(base), data_train=str(train), data_val=str(val), num_epochs=2,
                     batch_size=4, model_prefix=str(tmp_path / "ft2"), progress=False))
-    assert scans == []  # counts and histograms from the pack sidecars
+    assert sorted(scans) == ["r_train.rec", "r_val.rec"]  # still one check per file, against the pack sidecars

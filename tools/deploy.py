@@ -2,7 +2,8 @@
 
     python -m tools.deploy PREFIX EPOCH OUTDIR [--name model] [--classes CLASSMAP|LST|REC] [--onnx] [--force]
 
-writes, atomically (a temporary folder renamed into place only when complete):
+writes, as one unit (recbuild.publish: built and checked in `.OUTDIR.PID.part`, then swapped in; an old bundle is
+moved aside and removed only after; a killed run's leftovers are removed by the next; one deploy per OUTDIR):
 
     OUTDIR/model-symbol.json      inference symbol (SoftmaxOutput -> softmax of the same name, see below)
     OUTDIR/model-0000.params      only the parameters the symbol uses, `arg:`/`aux:` keyed as always
@@ -27,9 +28,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from recbuild.atomic import atomic_open
+from recbuild.publish import output_error_line, publish
 from recbuild.classmap import write_class_map
 from symbols.checkpoint import load_checkpoint, save_checkpoint
 from symbols.classes import ClassNamesError, model_class_names
@@ -178,6 +178,17 @@ then `MXPredSetInput`, `MXPredForward`, `MXPredGetOutput`.
 {onnx_load}"""
 
 
+def check_bundle_name(name: str) -> None:
+    """--name is a plain file name inside OUTDIR: `../x` or `/tmp/x` would write the bundle's files outside it.
+
+    Raises:
+        DeployError: the name is empty, holds a path separator or NUL, or starts with '.' ('.', '..', hidden).
+    """
+    if not name or name.startswith(".") or any(c in name for c in ("/", "\\", "\0", os.sep)):
+        raise DeployError(f"--name {name!r}: expected a plain file name (no '/', '\\', not starting with '.'), "
+                          f"e.g. {DEFAULT_NAME}; the files are written inside OUTDIR as NAME-symbol.json, ...")
+
+
 def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME, classes: Optional[str] = None,
                  onnx: bool = False, force: bool = False, check: bool = True) -> Tuple[Bundle, dict]:
     """Write the deploy bundle of checkpoint `prefix`/`epoch` into `outdir`, atomically.
@@ -196,6 +207,7 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
     Returns:
         The bundle and a summary dict (classes, dropped params, parity figures).
     """
+    check_bundle_name(name)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise DeployError(f"{outdir}: exists and is not a folder")
@@ -212,8 +224,10 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
         raise DeployError(str(err)) from None
 
     outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".part", dir=outdir.parent))
-    try:
+    # One unit (recbuild.publish): the bundle is built in `.OUTDIR.PID.part`, checked there, then swapped in; the
+    # old bundle (with --force) is moved aside and removed only after; a killed run's leftovers go on the next run.
+    with publish(outdir) as unit:
+        tmp = unit.stage(outdir, folder=True)
         bundle = Bundle(tmp, name)
         # dtype=None: the parameters keep the checkpoint's dtype, as mx.model.save_checkpoint keeps them.
         save_checkpoint(bundle.prefix, DEFAULT_EPOCH_OUT, sym, arg_params, aux_params, dtype=None)
@@ -228,17 +242,6 @@ def write_bundle(prefix: str, epoch: int, outdir: Path, name: str = DEFAULT_NAME
                         verify=False)
         _write_readme(bundle, bundle_pre, prefix, epoch, names, onnx)
         parity = check_parity(bundle, bundle_pre, with_onnx=onnx) if check else {}
-        # Swap into place: the old bundle (with --force) survives until the new one is complete.
-        old = None
-        if outdir.exists():
-            old = outdir.with_name(f".{outdir.name}.old.{os.getpid()}")
-            outdir.rename(old)
-        tmp.rename(outdir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Bundle(outdir, name), {"classes": names, "unused_params": unused, "parity": parity}
 
 
@@ -286,6 +289,9 @@ def main(argv: Sequence[str] = None) -> int:
                                        onnx=args.onnx, force=args.force, check=args.check)
     except (DeployError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, read-only folder, ...: the earlier bundle is left whole
+        print(output_error_line(err), file=sys.stderr)
         return 1
     files = sorted(p.name for p in bundle.outdir.iterdir())
     unused = summary["unused_params"]

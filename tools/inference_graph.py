@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Dict, List, Tuple
 
+from recbuild.publish import settle
 from symbols.checkpoint import load_checkpoint
 from symbols.sidecar import Preprocess, has_sidecar, load_sidecar
 
@@ -32,6 +33,7 @@ def load_for_inference(prefix: str, epoch: int, why: str = "it gives the input s
         DeployError: no `PREFIX-preprocess.json` beside the checkpoint.
         symbols.checkpoint.CheckpointError: a checkpoint file is missing or unreadable.
     """
+    settle(prefix)  # finish a killed writer's publication first: the sidecar and the weights of one set
     if not has_sidecar(prefix):
         raise DeployError(f"{prefix}-preprocess.json: no preprocessing sidecar beside the checkpoint ({why}); "
                           f"the converter and trainer write it (python -m tools.caffe_converter / python -m train)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -78,8 +79,18 @@ def dmlc_env(role: str, root_uri: str, root_port: int, num_workers: int, num_ser
             "DMLC_NUM_WORKER": str(num_workers), "DMLC_NUM_SERVER": str(num_servers)}
 
 
+# A host as ssh and rsync take it: an optional USER@, then a name or IPv4 address. Nothing else: a line starting
+# with '-' would reach ssh/rsync as an option, and whitespace or shell characters have no place in a host name.
+_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def read_hosts(path) -> List[str]:
-    """Host names, one per line; '#' comments and blank lines ignored; `host slots=N` repeats a host."""
+    """Host names, one per line; '#' comments and blank lines ignored; `host slots=N` repeats a host.
+
+    Raises:
+        LaunchError: a line that is not `HOST` or `HOST slots=N`, or a host that is not [USER@]NAME (letters,
+            digits, '.', '-', '_'; not starting with '-'), naming the file and line.
+    """
     hosts: List[str] = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -90,6 +101,9 @@ def read_hosts(path) -> List[str]:
         if not line:
             continue
         parts = line.split()
+        if not _HOST.fullmatch(parts[0]):
+            raise LaunchError(f"{path}:{number}: {parts[0]!r} is not a host name: expected [USER@]NAME of letters, "
+                              "digits, '.', '-' and '_', not starting with '-'")
         slots = 1
         for extra in parts[1:]:
             if not extra.startswith("slots=") or not extra[6:].isdigit():
@@ -253,6 +267,25 @@ def run(nodes: List[Node], timeout: Optional[float] = None) -> int:
     return code
 
 
+def sync_argv(host: str, dst_dir: str, ssh_port: int = 22, host_key_check: str = "yes") -> List[str]:
+    """`rsync` of the current folder into DST_DIR on `host`. Never `--delete`: DST_DIR may hold files the launcher
+    did not put there (a home folder, an earlier job's checkpoints), and rsync would remove every one of them;
+    without it, only files of the same relative path as a local one are replaced."""
+    ssh = f"ssh -p {int(ssh_port)} -o BatchMode=yes -o StrictHostKeyChecking={host_key_check}"
+    return ["rsync", "-az", "--exclude", ".git", "-e", ssh, os.getcwd() + "/", f"{host}:{dst_dir}/"]
+
+
+def sync_to_hosts(hosts: Sequence[str], dst_dir: str, ssh_port: int = 22, host_key_check: str = "yes") -> None:
+    """Copy the current folder to DST_DIR on every distinct host (see sync_argv).
+
+    Raises:
+        LaunchError: rsync failed for a host (named).
+    """
+    for host in dict.fromkeys(hosts):
+        if subprocess.call(sync_argv(host, dst_dir, ssh_port, host_key_check)) != 0:
+            raise LaunchError(f"rsync to {host}:{dst_dir} failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("-n", "--num-workers", type=int, required=True)
@@ -260,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("local", "ssh"), default="local")
     p.add_argument("-H", "--hostfile", default=None, help="ssh: one host per line ('HOST' or 'HOST slots=N')")
     p.add_argument("--sync-dst-dir", default=None,
-                   help="ssh: rsync the current folder to this path on every host and run there")
+                   help="ssh: rsync the current folder to this path on every host and run there. Files of the "
+                        "same relative path are updated; nothing else in the folder is touched (no --delete)")
     p.add_argument("--host-ip", default=None, help="ssh: address the hosts reach this machine at (scheduler)")
     p.add_argument("--ssh-port", type=int, default=22)
     p.add_argument("--strict-host-key-checking", choices=HOST_KEY_CHECKS, default="yes",
@@ -305,13 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"warning: --strict-host-key-checking {args.strict_host_key_checking}: {what}; a machine "
                       f"between here and the hosts could impersonate them (unsafe)", file=sys.stderr)
             if args.sync_dst_dir and not args.dry_run:
-                for host in dict.fromkeys(hosts):
-                    ssh = (f"ssh -p {args.ssh_port} -o BatchMode=yes "
-                           f"-o StrictHostKeyChecking={args.strict_host_key_checking}")
-                    rsync = ["rsync", "-az", "--delete", "--exclude", ".git", "-e", ssh,
-                             os.getcwd() + "/", f"{host}:{args.sync_dst_dir}/"]
-                    if subprocess.call(rsync) != 0:
-                        raise LaunchError(f"rsync to {host}:{args.sync_dst_dir} failed")
+                sync_to_hosts(hosts, args.sync_dst_dir, args.ssh_port, args.strict_host_key_checking)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -155,8 +155,12 @@ class TrainConfig:
     allow_config_change: bool = option(False, group=OUTPUT, kind="on",
                                        help="new: resume although trajectory-shaping options differ from "
                                             "PREFIX-config.json (the change is recorded there)", trajectory=False)
-    overwrite: bool = option(False, group=OUTPUT, kind="on", help="new: start afresh over existing checkpoints",
-                             trajectory=False)
+    overwrite: bool = option(False, group=OUTPUT, kind="on", help="new: start afresh over existing checkpoints "
+                             "(the whole earlier run is removed when the new one starts)", trajectory=False)
+    trust_states: bool = option(False, group=OUTPUT, kind="on",
+                                help="new: load a pickled PREFIX-NNNN.states (MXNet's own format, written by older "
+                                     "runs); a pickle can run code, so only for a checkpoint folder you trust",
+                                trajectory=False)
     disp_batches: int = option(20, group=OUTPUT, help="Speedometer line every N batches", trajectory=False)
     top_k: int = option(5, group=OUTPUT, help="top-k accuracy reported besides top-1 (0: off)", trajectory=False)
     seed: int = option(0, group=OUTPUT, help="new: seeds head init, shuffling, augmentation and dropout")

@@ -12,20 +12,22 @@ and rescale_grad come from `Module.init_optimizer`, exactly as in Module.fit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import glob
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
-from recbuild.atomic import atomic_path, remove_stale_parts, write_json
+from recbuild.atomic import remove_stale_parts, write_json
+from recbuild.publish import publish, writer_lock
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
 from symbols.head import (HeadError, find_head, frozen, parse_lr_mult, replace_head, resolve_lr_mults,
@@ -434,8 +436,31 @@ def schedule_change(recorded: TrainConfig, cfg: TrainConfig, batches_per_epoch: 
 def write_run_files(cfg: TrainConfig, prefix: str, model: Model, classes: ClassInfo, resolved: dict,
                     carried: Optional[dict] = None, record_config: bool = True) -> None:
     """PREFIX-config.json (the options, what the run resolved, the config history), the symbol, sidecar and
-    class map."""
+    class map, published as one unit. A fresh run (no --load-epoch) removes every file of an earlier run on this
+    prefix in the same unit (--overwrite; start_run refuses otherwise), so no later step can pair the two runs."""
     carried = carried or {}
+    with publish(prefix) as unit:
+        if cfg.load_epoch is None:
+            for path in earlier_run_files(prefix):
+                unit.remove(path)
+        _write_run_files(cfg, prefix, model, classes, resolved, carried, record_config)
+
+
+def earlier_run_files(prefix: str) -> List[Path]:
+    """What a training run on `prefix` wrote: every epoch > 0 (.params, .states), the metrics, the config, the
+    recipes' stage record and the class map (epoch 0, the symbol and the sidecar may be a converted model's:
+    they are replaced, not removed)."""
+    folder, name = Path(prefix).parent, Path(prefix).name
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(re.escape(name) + r"(-\d{4}\.(params|states)|-metrics\.(json|csv|png)|-config\.json|"
+                         r"-stages\.json|\.classes\.json)")
+    files = [p for p in folder.iterdir() if pattern.fullmatch(p.name)]
+    return sorted(p for p in files if not p.name.endswith("-0000.params") and not p.name.endswith("-0000.states"))
+
+
+def _write_run_files(cfg: TrainConfig, prefix: str, model: Model, classes: ClassInfo, resolved: dict,
+                     carried: dict, record_config: bool) -> None:
     if record_config:
         dropped = resolved.pop("dropped_pretrained", None) or carried.get("dropped_pretrained", [])
         write_json(config_path(cfg.model_prefix), {**cfg.to_dict(), "resolved": {
@@ -450,10 +475,10 @@ def write_run_files(cfg: TrainConfig, prefix: str, model: Model, classes: ClassI
 
 def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: Dict[str, mx.nd.NDArray],
                   write_states: Optional[Callable[[str], None]], history: MetricsLog, row: dict) -> None:
-    """Publish one epoch as a unit: PREFIX-NNNN.states (with `write_states`), the metrics row, and last
-    PREFIX-NNNN.params, each atomically. The .params file is what marks an epoch complete (list_epochs,
-    --load-epoch, the resume advice), so a kill at any point leaves either the whole epoch or an epoch that
-    does not exist, whose leftovers (.states, metrics row) the next start removes (drop_unpublished).
+    """Publish one epoch as a unit (recbuild.publish): PREFIX-NNNN.states (with `write_states`), the metrics
+    rows (.json and .csv) and PREFIX-NNNN.params are staged, then renamed together, the .params last (it marks an
+    epoch complete for list_epochs, --load-epoch, the resume advice and stock readers). A kill at any point leaves
+    the epoch whole (after the next settle) or absent; never a .params of one run beside a .states of another.
 
     Raises:
         TrainingDiverged: a weight is not finite; nothing is written.
@@ -462,11 +487,12 @@ def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: 
     if bad:
         raise TrainingDiverged(f"weights became non-finite in epoch {epoch} ({bad[0]}...); not writing "
                                f"{checkpoint.params_path(prefix, epoch)}; lower --lr")
-    if write_states is not None:
-        with atomic_path(checkpoint.states_path(prefix, epoch)) as tmp:
-            write_states(str(tmp))
-    history.append(row)
-    checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
+    with publish(prefix) as unit:
+        if write_states is not None:
+            write_states(str(unit.stage(checkpoint.states_path(prefix, epoch))))
+        # PREFIX-metrics.json/.csv and the .params join the unit through recbuild.atomic's staging hook.
+        history.append(row)
+        checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
 
 
 # Elements per slice when checking weights on the device. asnumpy() of a whole VGG16 fc6 weight is a 411 MB host
@@ -494,15 +520,6 @@ def current_params(module: mx.mod.Module) -> Tuple[Dict[str, mx.nd.NDArray], Dic
         return module.get_params()
     return ({n: arg_dict[n] for n in module._param_names},  # noqa: SLF001
             {n: aux_dict[n] for n in module._aux_names})  # noqa: SLF001
-
-
-def save_optimizer_states(module: mx.mod.Module, path: str) -> None:
-    """`module.save_optimizer_states(path)` with one state's bytes in memory at a time (see
-    symbols.checkpoint.save_optimizer_states); a kvstore that updates (dist servers) saves through Module."""
-    if module._update_on_kvstore:  # noqa: SLF001 - Module's own switch for where the states live
-        module.save_optimizer_states(path)
-        return
-    checkpoint.save_optimizer_states(module._updater.states, path)  # noqa: SLF001 - what get_states() pickles
 
 
 def log_epoch(epoch_index: int, row: dict, phase: str) -> None:
@@ -726,6 +743,9 @@ class _Loop:
                 rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, round_batch=False), count)
         return self.val
 
+    def write_states(self, path: str) -> None:
+        checkpoint.save_optimizer_states(self.module, path)
+
     def layout(self) -> dict:
         return {"contexts": len(self.module._context),  # noqa: SLF001 - Module keeps its devices here
                 "update_on_kvstore": bool(self.module._update_on_kvstore)}  # noqa: SLF001
@@ -754,8 +774,8 @@ class _Loop:
             row.update(_evaluate(self.module, self.val_passes(), self.top_k, epoch))
             log_epoch(epoch, row, "val")
         args, aux = current_params(self.module)
-        publish_epoch(self.prefix, epoch + 1, args, aux, partial(save_optimizer_states, self.module)
-                      if self.with_states else None, self.history, row)
+        publish_epoch(self.prefix, epoch + 1, args, aux, self.write_states if self.with_states else None,
+                      self.history, row)
         log.info('Saved checkpoint to "%s"', checkpoint.params_path(self.prefix, epoch + 1))
         return str(checkpoint.params_path(self.prefix, epoch + 1))
 
@@ -804,7 +824,7 @@ def _bind(model: Model, cfg: TrainConfig, ctx: List[mx.Context], mults: Dict[str
     return module
 
 
-def _load_states(module: mx.mod.Module, prefix: str, epoch: int, prev: Optional[dict]) -> None:
+def _load_states(module: mx.mod.Module, prefix: str, epoch: int, prev: Optional[dict], trust: bool = False) -> None:
     states = checkpoint.states_path(prefix, epoch)
     if not states.is_file():
         raise TrainError(f"{states}: optimizer state missing, cannot resume momentum exactly")
@@ -813,7 +833,10 @@ def _load_states(module: mx.mod.Module, prefix: str, epoch: int, prev: Optional[
     if layout and layout != now:
         raise TrainError(f"{states}: written with {layout}, this run has {now}; resume with the same "
                          f"--gpus/--cpus/--kv-store")
-    module.load_optimizer_states(str(states))
+    try:
+        checkpoint.load_optimizer_states(module, states, trust_pickle=trust)
+    except checkpoint.CheckpointError as err:
+        raise TrainError(str(err)) from None
 
 
 def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
@@ -832,13 +855,21 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
     Raises:
         TrainError / DataError: bad input, before training starts.
         TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
+        recbuild.publish.PrefixBusy: another process is writing this prefix.
     """
+    with contextlib.ExitStack() as hold:  # the prefix's writer lock, held for the whole run
+        return _fit(cfg, ctx, kvstore, restart_optimizer, epoch_train_rec, hold)
+
+
+def _fit(cfg: TrainConfig, ctx, kvstore, restart_optimizer: bool, epoch_train_rec,
+         hold: contextlib.ExitStack) -> FitResult:
     cfg.validate()
     ctx = ctx or contexts(cfg.gpus, cfg.cpus)
     if kvstore is None and "dist" in cfg.kv_store:
         kvstore = mx.kv.create(cfg.kv_store)
     rank, num_workers = (kvstore.rank, kvstore.num_workers) if kvstore is not None else (0, 1)
     prefix = cfg.model_prefix if rank == 0 else f"{cfg.model_prefix}-{rank}"  # fit.py's convention
+    hold.enter_context(writer_lock(prefix))  # also settles what a killed run on it left
     classes = start_run(cfg, prefix)
     resume = cfg.load_epoch is not None
     model = _resumed_model(cfg, prefix, classes) if resume else _fresh_model(cfg, prefix, classes)
@@ -869,7 +900,7 @@ def fit(cfg: TrainConfig, ctx: Optional[List[mx.Context]] = None, kvstore=None,
             log.warning("dist kvstore: optimizer state lives on the servers and is not checkpointed; momentum "
                         "restarts from zero on resume")
         else:
-            _load_states(module, prefix, cfg.load_epoch, prev)
+            _load_states(module, prefix, cfg.load_epoch, prev, cfg.trust_states)
 
     write_run_files(cfg, prefix, model, classes, {
         "frozen": fixed, "lr_mults": {n: m for n, m in mults.items() if m != 1.0}, "new_params": model.new_params,

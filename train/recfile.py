@@ -6,10 +6,20 @@ Two sources, cheapest first:
   the record count, the class histogram and how the images were transformed (resize, centre crop, colour,
   encoding). It is trusted only while its `rec_bytes` equals the file's size; old im2rec files have none.
 * **the header scan**: the first label and the id of every record, read from the record headers only (no
-  image is decoded). It is computed once per file and kept, keyed by the absolute path, size, mtime_ns and inode:
-  in memory for the process (so a run never rescans per epoch: every ImageRecordIter pass asks for the
-  record count), and on disk for files of DISK_CACHE_MIN_RECORDS records or more, so the next run on an
-  ImageNet-sized file (1.28M records, ~140 GB) starts without minutes of header reads.
+  image is decoded). It is computed once per file and kept, keyed by the absolute path, size, mtime_ns and inode
+  of the .rec and of its .idx, pack sidecar and NAME.crc32: in memory for the process (so a run never rescans
+  per epoch: every ImageRecordIter pass asks for the record count), and on disk for files of
+  DISK_CACHE_MIN_RECORDS records or DISK_CACHE_MIN_BYTES or more, so the next run on an ImageNet-sized file
+  (1.28M records, ~140 GB) starts without minutes of header reads.
+
+**Every file is checked before a reader gets it**, as part of that one scan (so once per file content): MXNet's
+C++ reader aborts the process (SIGABRT) on a bad magic or an .idx offset that is not a record start and crashes
+on an empty .idx, and nothing in RecordIO notices a changed byte. recbuild.integrity.reader_problems walks the
+framing and the .idx (verify --quick's walk) and, where the packer recorded them in NAME.crc32, compares the
+payload CRC32s: all of them for files up to CRC_FULL_CHECK_BYTES, an evenly spaced sample of about that many
+bytes beyond. The pack sidecar's record count and class histogram are then compared with the headers. Any
+mismatch is a DataError naming the file and `python -m recbuild verify`. Measured (docs/reliability-inputs.md):
+12-17 us a record for the walk, plus ~1.3 ms per MB for the checksums (224-px JPEG records, page cache).
 
 The disk cache lives in `REC_CACHE_DIR` (default `.cache/recinfo`, beside the feature cache, git-ignored;
 `MXTRANSFER_REC_CACHE` moves it): not beside the data, which is often on a read-only or shared volume. One
@@ -24,6 +34,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
@@ -33,16 +44,26 @@ import numpy as np
 
 from recbuild import packinfo
 from recbuild.atomic import atomic_path
-from recbuild.recordio import IR_HEADER, RecordIOError, iter_frames, iter_records, unpack_header
+from recbuild.integrity import Problem, reader_problems
+from recbuild.recordio import IR_HEADER, RecordIOError, checksums_path, iter_frames, iter_records, unpack_header
 
 log = logging.getLogger(__name__)
 
 # Below this many records a header scan takes milliseconds: not worth a file on disk (and resampled epoch
 # copies, rewritten every epoch under new names, would otherwise leave one cache file each).
 DISK_CACHE_MIN_RECORDS = 10_000
+# ... and a file this large is checked against its checksums for seconds: remembered too, whatever its count.
+DISK_CACHE_MIN_BYTES = 256 << 20
 REC_CACHE_DIR = Path(os.environ.get("MXTRANSFER_REC_CACHE", ".cache/recinfo"))
 _MEMORY_ENTRIES = 16          # files remembered per process: train, val, test, a few epochs' copies
-_SCAN_FORMAT = "mxtransfer.recscan/1"
+# /2: a cached scan also means "checked" (reader_problems and the sidecar counts); /1 entries were not.
+_SCAN_FORMAT = "mxtransfer.recscan/2"
+# Up to this size every record's payload CRC32 is compared at start-up (a whole read of the file: ~6 s from the
+# page cache at the measured ~1.3 ms per MB); a larger file gets an evenly spaced sample of about this many bytes,
+# and a warning that `python -m recbuild verify` checks them all.
+CRC_FULL_CHECK_BYTES = 4 << 30
+# The check shows a progress bar (on a terminal) from this size.
+_PROGRESS_MIN_BYTES = 256 << 20
 
 
 class DataError(ValueError):
@@ -133,22 +154,33 @@ class RecScan:
         return int(self.labels.size)
 
 
-_memory: "OrderedDict[Tuple[str, int, int, int], RecScan]" = OrderedDict()
+Fingerprint = Tuple[str, int, int, int, tuple]
+_memory: "OrderedDict[Fingerprint, RecScan]" = OrderedDict()
 
 
-def fingerprint(rec_path) -> Tuple[str, int, int, int]:
-    """(absolute path, size, mtime_ns, inode): what identifies a .rec's content cheaply. The inode catches a
-    same-size file renamed into place within one tick of the file-system clock (atomic writes do that)."""
+def fingerprint(rec_path) -> Fingerprint:
+    """(absolute path, size, mtime_ns, inode, companions): what identifies a .rec's content cheaply. The inode
+    catches a same-size file renamed into place within one tick of the file-system clock (atomic writes do that);
+    companions are (size, mtime_ns, inode) of the .idx, pack sidecar and NAME.crc32 (None where absent), which
+    the check read: a damaged .idx beside an unchanged .rec is checked again."""
     path = Path(rec_path)
     st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+    companions = []
+    for other in (path.with_suffix(".idx"), pack_sidecar_path(path), checksums_path(path)):
+        try:
+            ost = other.stat()
+            companions.append((ost.st_size, ost.st_mtime_ns, ost.st_ino))
+        except OSError:
+            companions.append(None)
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, tuple(companions)
 
 
 def scan(rec_path) -> RecScan:
-    """The header scan of `rec_path`, from memory, the disk cache, or the file (then remembered).
+    """The checked header scan of `rec_path`, from memory, the disk cache, or the file (then remembered).
 
     Raises:
-        DataError: the file is missing, is not RecordIO, or is truncated.
+        DataError: the file is missing, is not RecordIO, is truncated or damaged, its .idx or NAME.crc32 does
+            not match it, or its pack sidecar's counts do not (see check_records); the message names the file.
     """
     path = Path(rec_path)
     if not path.is_file():
@@ -160,7 +192,7 @@ def scan(rec_path) -> RecScan:
     found = _read_disk(key)
     if found is None:
         found = _scan_file(path)
-        if found.records >= DISK_CACHE_MIN_RECORDS:
+        if found.records >= DISK_CACHE_MIN_RECORDS or key[1] >= DISK_CACHE_MIN_BYTES:
             _write_disk(key, found)
     _memory[key] = found
     while len(_memory) > _MEMORY_ENTRIES:
@@ -169,6 +201,83 @@ def scan(rec_path) -> RecScan:
 
 
 def _scan_file(path: Path) -> RecScan:
+    """check_records, then the header scan, then the pack sidecar's counts against it."""
+    info = read_pack_info(path)
+    check_records(path)
+    found = _read_headers(path)
+    if info is not None:
+        _check_sidecar_counts(path, info, found)
+    return found
+
+
+def check_records(rec_path) -> None:
+    """Refuse a .rec that a reader must not be given (recbuild.integrity.reader_problems: framing, the .idx, the
+    payload checksums; see the module docstring for what is read).
+
+    Raises:
+        DataError: one line naming the file, the first problem, how many more, and `python -m recbuild verify`.
+    """
+    path = Path(rec_path)
+    size = path.stat().st_size
+    stride = max(1, -(-size // CRC_FULL_CHECK_BYTES))
+    progress = size >= _PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if size >= _PROGRESS_MIN_BYTES:
+        log.info("%s: checking its framing, .idx and checksums before it is read (%.1f GB, once per file)", path,
+                 size / 1e9)
+    try:
+        problems = reader_problems(path, progress=progress, crc_stride=stride)
+    except OSError as err:          # an unreadable .idx or .crc32 (permissions, I/O error): named, not a traceback
+        raise DataError(f"{err.filename or path}: cannot be read ({err.strerror or err})") from None
+    if problems:
+        raise damage_error(path, problems)
+    if stride > 1 and checksums_path(path).is_file():
+        log.warning("%s: %.0f GB: the payload checksums of 1 record in %d were compared at start-up; `python -m "
+                    "recbuild verify %s` compares them all", path, size / 1e9, stride, path)
+
+
+def damage_error(path: Path, problems: List[Problem]) -> DataError:
+    """The one-line error for a damaged .rec: what it is, the problem that says most, and where to look."""
+    headline, shown = "damaged", problems[0]
+    for problem in problems:
+        if problem.kind == "framing" and problem.offset == 0:
+            headline, shown = "not a RecordIO file (or damaged from its first byte)", problem
+            break
+        if problem.kind == "cut-short":
+            headline, shown = "truncated", problem
+            break
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return DataError(f"{path}: {headline}: [{shown.kind}] {shown.message}{more}; not handed to MXNet's reader; "
+                     f"`python -m recbuild verify {path}` lists every problem (re-pack it, or restore it)")
+
+
+def _check_sidecar_counts(path: Path, info: PackInfo, found: "RecScan") -> None:
+    """The sidecar's record count and class histogram equal what the headers say: training trusts them for the
+    epoch length and the class checks (a count x10, or a header label changed to another class, would
+    otherwise train silently)."""
+    verify = f"`python -m recbuild verify {path}` checks the file"
+    if info.records != found.records:
+        raise DataError(f"{info.path}: says {info.records} records, {path} holds {found.records}; one of them is "
+                        f"damaged or they belong to different packs; {verify}")
+    if info.class_counts is None:
+        return
+    labels = found.labels
+    counted = np.asarray(info.class_counts, np.int64)
+    # Not a class index, or one past what the sidecar counts (checked before bincount, which would allocate up to
+    # the largest label: a header label changed to 1e9 must not cost 8 GB).
+    bad = labels[~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0) | (labels >= counted.size)]
+    if bad.size:
+        raise DataError(f"{path}: a record header has label {bad[0]:g}, which {info.path} does not count (its "
+                        f"labels are class indices 0..{counted.size - 1}); {verify}")
+    headers = np.bincount(labels.astype(np.int64), minlength=counted.size)
+    if not np.array_equal(headers, counted):
+        uncounted = np.flatnonzero((headers > 0) & (counted == 0))
+        label = int(uncounted[-1] if uncounted.size else np.flatnonzero(headers != counted)[0])
+        raise DataError(f"{path}: {headers[label]} record(s) have label {label} in their headers, {info.path} "
+                        f"counted {counted[label]}: a header was changed or the files belong to different packs; "
+                        f"{verify}")
+
+
+def _read_headers(path: Path) -> RecScan:
     labels: List[float] = []
     ids: List[int] = []
     try:
@@ -206,16 +315,18 @@ def framing_error(path: Path, err: RecordIOError) -> DataError:
     return DataError(f"{path}: truncated record at byte {err.offset} (the file ends inside it); re-pack it")
 
 
-def _cache_file(key: Tuple[str, int, int, int]) -> Path:
+def _cache_file(key: Fingerprint) -> Path:
     digest = hashlib.sha256(key[0].encode("utf-8")).hexdigest()[:16]
     return REC_CACHE_DIR / f"{Path(key[0]).stem}-{digest}.npz"
 
 
-def _meta(key: Tuple[str, int, int, int]) -> dict:
-    return {"format": _SCAN_FORMAT, "path": key[0], "size": key[1], "mtime_ns": key[2], "inode": key[3]}
+def _meta(key: Fingerprint) -> dict:
+    # Through JSON and back, so that it compares equal to what _read_disk loads (tuples become lists).
+    return json.loads(json.dumps({"format": _SCAN_FORMAT, "path": key[0], "size": key[1], "mtime_ns": key[2],
+                                  "inode": key[3], "companions": key[4]}))
 
 
-def _read_disk(key: Tuple[str, int, int, int]) -> Optional[RecScan]:
+def _read_disk(key: Fingerprint) -> Optional[RecScan]:
     path = _cache_file(key)
     if not path.is_file():
         return None
@@ -230,7 +341,7 @@ def _read_disk(key: Tuple[str, int, int, int]) -> Optional[RecScan]:
         return None
 
 
-def _write_disk(key: Tuple[str, int, int, int], found: RecScan) -> None:
+def _write_disk(key: Fingerprint, found: RecScan) -> None:
     meta = _meta(key)
     buffer = io.BytesIO()
     np.savez(buffer, labels=found.labels, ids=found.ids, meta=np.array(json.dumps(meta)))
@@ -267,15 +378,12 @@ def sample_sizes(rec_path, count: int = 8) -> List[Tuple[int, int]]:
 
 
 def summary(rec_path) -> Tuple[int, Optional[np.ndarray]]:
-    """(record count, class histogram or None), from the pack sidecar where it has them, else the scan."""
-    info = read_pack_info(rec_path)
-    if info is not None and info.records is not None:
-        counts = np.asarray(info.class_counts, np.int64) if info.class_counts is not None else None
-        if counts is None or int(counts.sum()) == info.records:
-            return info.records, counts
-        log.warning("%s: class_counts add up to %d, records says %d; scanning the headers instead", info.path,
-                    int(counts.sum()), info.records)
+    """(record count, class histogram or None) of a checked file (scan: once per file): the histogram is the pack
+    sidecar's, which the check found equal to the headers', or None without one."""
     found = scan(rec_path)
+    info = read_pack_info(rec_path)
+    if info is not None and info.class_counts is not None:
+        return found.records, np.asarray(info.class_counts, np.int64)
     return found.records, None
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from recbuild import html_report as H
 from recbuild.atomic import write_json
+from recbuild.publish import PrefixBusy, PublishError, output_error_line, publish
 from train.metrics import Tally, sample_losses
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ def summarise(c: Collected, class_names: Sequence[str], top_losses: int = TOP_LO
     normalised = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
     off = [(int(counts[t, p]), t, p) for t in range(k) for p in range(k) if t != p and counts[t, p]]
     losses = sample_losses(probs, labels)
-    worst = np.argsort(-losses, kind="stable")[:top_losses]
+    # Only mistakes: with few errors, the highest losses would otherwise include correct predictions.
+    wrong = np.flatnonzero(predicted != labels)
+    worst = wrong[np.argsort(-losses[wrong], kind="stable")][:top_losses]
     result = {"format": FORMAT, "images": tally.n, "accuracy": tally.correct / tally.n,
               "log_loss": tally.loss / tally.n}
     if top_k > 1:
@@ -230,15 +233,22 @@ def render_html(result: dict, title: str, pngs: dict, thumbs: dict) -> str:
             H.section("Per class", H.table(["class", "precision", "recall", "F1", "support", "predicted"], rows)),
             H.section("Most confused pairs", H.table(["true", "predicted as", "images", "fraction of true"], confused,
                                                      left=2) if confused else H.paragraph("No confusions.")),
-            H.section("Top losses", H.paragraph("The images the model is most wrong about: mislabelled, ambiguous "
-                                                "or hard examples.", "muted"), "".join(cards)),
+            H.section("Top losses", H.paragraph("The misclassified images the model is most wrong about: "
+                                                "mislabelled, ambiguous or hard examples.", "muted")
+                      if cards else H.paragraph("No misclassified images."), "".join(cards)),
             H.section("Calibration", H.image(pngs["reliability"], "reliability diagram"),
                       H.table(["confidence bin", "images", "mean confidence", "accuracy"], bins))]
     return H.page(title, body)
 
 
 def write_report(result: dict, out_dir: Path, title: str, thumbs: dict) -> dict:
-    """report.json, the three PNGs and report.html in `out_dir` (each atomically); returns their paths."""
+    """report.json, the three PNGs and report.html in `out_dir`, published as one unit (recbuild.publish, under
+    the writer lock of OUT_DIR/report); returns their paths."""
+    with publish(Path(out_dir) / "report"):
+        return _write_report(result, Path(out_dir), title, thumbs)
+
+
+def _write_report(result: dict, out_dir: Path, title: str, thumbs: dict) -> dict:
     counts = np.array(result["confusion"])
     names = result["class_names"]
     pngs = {"confusion": confusion_png(counts, names, False),
@@ -292,8 +302,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         resize = a.resize if a.resize > 0 else trained_resize(a.prefix)
         result = make_report(model, a.data, a.out, a.top_k, a.mirror, resize, a.top_losses,
                              f"Evaluation report: {Path(a.prefix).name}-{epoch:04d} on {a.data.name}")
-    except (PredictError, DataError, ValueError, OSError) as err:
+    except (PredictError, DataError, ValueError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, --out naming a file, ...
+        print(output_error_line(err), file=sys.stderr)
         return 2
     print(f"{a.data}: {result['images']} images, accuracy {result['accuracy']:.4f}, log loss "
           f"{result['log_loss']:.4f}, ECE {result['calibration']['ece']:.4f}; report {result['paths']['html']} "

@@ -60,9 +60,9 @@ V1_TYPE_NAMES = {
 # V1 layer fields that carry over to LayerParameter unchanged (same message types, same names).
 _V1_SHARED_FIELDS = ("include", "exclude", "loss_weight", "transform_param", "loss_param", "accuracy_param",
                      "concat_param", "convolution_param", "data_param", "dropout_param", "eltwise_param",
-                     "image_data_param", "inner_product_param", "lrn_param", "pooling_param", "power_param",
-                     "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param", "argmax_param",
-                     "exp_param", "mvn_param", "threshold_param")
+                     "image_data_param", "memory_data_param", "inner_product_param", "lrn_param", "pooling_param",
+                     "power_param", "relu_param", "sigmoid_param", "softmax_param", "slice_param", "tanh_param",
+                     "argmax_param", "exp_param", "mvn_param", "threshold_param")
 
 
 def _copy_shared_fields(src, dst) -> None:
@@ -98,6 +98,7 @@ class Layer:
     folded_into: Optional[str] = None
     is_net_output: bool = False
     unused_weights: Tuple[str, ...] = ()  # set when this layer got no weights: the caffemodel's unclaimed ones
+    caffe_name: str = ""  # the prototxt's name when `name` was made unique (a later layer of a repeated name)
 
 
 @dataclass
@@ -134,7 +135,9 @@ def _parse_prototxt(path: PathLike) -> Tuple[caffe_pb2.NetParameter, str]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as err:
         raise CaffeFormatError(f"{path}: cannot read prototxt ({err.strerror})") from None
-    problems = check_prototxt_text(text, path)
+    problems, truncated = check_prototxt_text(text, path)
+    if truncated:
+        raise CaffeFormatError(truncated)
     if problems:
         raise CaffeFormatError(f"{path}: Caffe's parser refuses {len(problems)} setting(s): " + "; ".join(
             p[len(path) + 1:] if p.startswith(path + ":") else p for p in problems))
@@ -142,7 +145,7 @@ def _parse_prototxt(path: PathLike) -> Tuple[caffe_pb2.NetParameter, str]:
     try:  # unknown fields left by now are other layer types' parameters (text_rules.OTHER_CAFFE_PARAMS)
         text_format.Parse(text, net, allow_unknown_field=True)
     except text_format.ParseError as err:
-        raise CaffeFormatError(f"{path}: not a valid Caffe prototxt: {err}") from None
+        raise CaffeFormatError(_syntax_error(path, text, err)) from None
     if net.layers and net.layer:
         raise CaffeFormatError(f"{path}: mixes V1 `layers {{}}` and current `layer {{}}` entries; use one format")
     if not net.layers:
@@ -151,6 +154,19 @@ def _parse_prototxt(path: PathLike) -> Tuple[caffe_pb2.NetParameter, str]:
     del net.layers[:]
     net.layer.extend(upgraded)
     return net, "v1"
+
+
+def _syntax_error(path: str, text: str, err: "text_format.ParseError") -> str:
+    """protobuf's parse error as one line naming the file, line and column (without its copy of the line)."""
+    line, col = err.GetLine(), err.GetColumn()
+    message = str(err).split(" : ", 1)[-1] if line is not None else str(err)
+    lines = text.splitlines()
+    if line is not None and 0 < line <= len(lines):
+        quoted = f"'{lines[line - 1]}': "
+        message = message[len(quoted):] if message.startswith(quoted) else message
+    where = f"{path}:{line}: not a valid Caffe prototxt at column {col}" if line is not None else \
+        f"{path}: not a valid Caffe prototxt"
+    return f"{where}: {' '.join(message.split())[:200]}"
 
 
 def v1_to_v2(v1: caffe_pb2.V1LayerParameter, where: str = "prototxt") -> caffe_pb2.LayerParameter:
@@ -377,7 +393,9 @@ def read_caffemodel(path: PathLike) -> Dict[str, _ModelLayer]:
                 except DecodeError as err:
                     raise CaffeFormatError(f"{path}: layer '{name}' blob {i} is corrupt ({err})") from None
             if name in layers and (layers[name].blobs or parsed):
-                raise CaffeFormatError(f"{path}: two layers named '{name}' carry weights; names must be unique")
+                raise CaffeFormatError(f"{path}: two layers named '{name}' carry weights: Caffe would copy both into "
+                                       f"the first layer of that name (the later overwriting the earlier) and leave "
+                                       f"the later layer at its filler values; give the layers unique names")
             layers[name] = _ModelLayer(name, type_name, parsed)
     except _Truncated as err:
         raise CaffeFormatError(f"{path}: truncated or corrupt caffemodel (data ends early at byte {err.args[0]} "
@@ -410,12 +428,79 @@ def read_mean_binaryproto(path: PathLike) -> np.ndarray:
 
 
 # ---- the whole net --------------------------------------------------------------------------------------
-def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> CaffeNet:
+# Data layers that can declare a deploy net's input: used only when nothing else declares one (a train_val file,
+# or a deploy file that states its shape in a MemoryData layer, as some VGG16 releases do).
+DATA_INPUT_TYPES = ("MemoryData", "ImageData", "Data")
+
+
+def data_layer_shape(lp: caffe_pb2.LayerParameter) -> Optional[Tuple[int, ...]]:
+    """The shape of a data layer's first top as its settings state it, or None where Caffe reads it from the data.
+
+    MemoryData: batch_size x channels x height x width (all four given). ImageData: batch_size x (3, or 1 with
+    is_color: false) x the transform's crop_size, else new_height x new_width. Data: never (the channels and
+    image size come from its database; give them with --input-shape).
+    """
+    crop = int(lp.transform_param.crop_size) if lp.HasField("transform_param") else 0
+    if lp.type == "MemoryData":
+        p = lp.memory_data_param
+        dims = (p.batch_size, p.channels, p.height, p.width)
+        return tuple(int(d) for d in dims) if all(dims) else None
+    if lp.type == "ImageData":
+        p = lp.image_data_param
+        height, width = (crop, crop) if crop else (int(p.new_height), int(p.new_width))
+        return (int(p.batch_size) or 1, 3 if p.is_color else 1, height, width) if height and width else None
+    return None
+
+
+def _unique_names(layers: Sequence[caffe_pb2.LayerParameter], path: str) -> List[str]:
+    """Each layer's name, later layers of a repeated name numbered `name_1`, `name_2`, ... as OpenCV names them.
+
+    Caffe accepts repeated layer names (HED has two layers named `crop`): blobs, not layer names, wire the net.
+    MXNet needs unique operator and parameter names, so the later ones are renamed, with one warning.
+    """
+    taken = {lp.name for lp in layers}
+    seen: Dict[str, int] = {}
+    out = []
+    for lp in layers:
+        count = seen.get(lp.name, 0)
+        seen[lp.name] = count + 1
+        name = lp.name
+        while count and (name == lp.name or name in taken):
+            name = f"{lp.name}_{count}"
+            count += 1
+        taken.add(name)
+        out.append(name)
+    repeated = sorted(n for n, c in seen.items() if c > 1)
+    if repeated:
+        log.warning("%s: layer name(s) %s are used more than once; Caffe accepts this (blobs wire the net) and "
+                    "so does the converter, which calls the later ones %s", path, ", ".join(repeated),
+                    ", ".join(n for n, lp in zip(out, layers) if n != lp.name))
+    return out
+
+
+def _apply_input_shapes(inputs: Dict[str, Optional[Tuple[int, ...]]], given: Dict[str, Sequence[int]],
+                        path: str) -> None:
+    """--input-shape NAME=N,C,H,W: replace a declared input's shape (a net declared at 1x1 and reshaped at run
+    time, as OpenPose); a name that is not an input is an error listing the inputs."""
+    for name, shape in given.items():
+        if name not in inputs:
+            raise CaffeFormatError(f"{path}: --input-shape names '{name}', which is not an input of the net; its "
+                                   f"inputs: {', '.join(inputs) or 'none'}")
+        old = inputs[name]
+        if old is not None and len(old) != len(shape):
+            raise CaffeFormatError(f"{path}: --input-shape {name}={','.join(map(str, shape))} has {len(shape)} "
+                                   f"axes; the net declares {name} with {len(old)}: {old}")
+        inputs[name] = tuple(int(d) for d in shape)
+
+
+def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None,
+             input_shapes: Optional[Dict[str, Sequence[int]]] = None) -> CaffeNet:
     """Load prototxt (+ caffemodel weights) into a CaffeNet.
 
     Args:
         prototxt: the deploy (or train_val) prototxt, V1 or current format.
         caffemodel: the binary weights; None loads the structure only (every layer gets no blobs).
+        input_shapes: {input name: shape} replacing declared input shapes (`--input-shape`).
 
     Raises:
         CaffeFormatError: unreadable files, no input shape, weights for a layer the prototxt lacks.
@@ -423,11 +508,12 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
     net, fmt = _parse_prototxt(prototxt)
     prototxt = str(prototxt)
     inputs = _net_inputs(net, prototxt)
+    data_inputs: Dict[str, Optional[Tuple[int, ...]]] = {}  # declared by data layers (used if nothing else is)
+    data_layers: Dict[str, Tuple[str, str]] = {}  # top -> (layer name, type)
     layers: List[Layer] = []
     skipped: List[Tuple[str, str, str]] = []
     transform = fallback_transform = None  # (layer name, transform_param)
-    names = set()
-    for lp in net.layer:
+    for lp, name in zip(net.layer, _unique_names(net.layer, prototxt)):
         if lp.HasField("transform_param"):  # the TEST data layer's preprocessing wins over the TRAIN one's
             if in_test_phase(lp) and transform is None:
                 transform = (lp.name, lp.transform_param)
@@ -446,14 +532,25 @@ def load_net(prototxt: PathLike, caffemodel: Optional[PathLike] = None) -> Caffe
             for top, shape in zip(lp.top, shapes):
                 inputs[top] = shape
             continue
+        if lp.type in DATA_INPUT_TYPES and lp.top and lp.top[0] not in data_inputs:
+            data_inputs[lp.top[0]] = data_layer_shape(lp)
+            data_layers[lp.top[0]] = (lp.name, lp.type)
         if lp.type in TRAINING_ONLY_TYPES:
             skipped.append((lp.name, lp.type, "training-only layer"))
             continue
-        if lp.name in names:
-            raise CaffeFormatError(f"{prototxt}: two layers named '{lp.name}'; layer names must be unique")
-        names.add(lp.name)
-        layers.append(Layer(lp.name, lp.type, list(lp.bottom), list(lp.top), lp,
-                            [_blob_array(b) for b in lp.blobs]))
+        layers.append(Layer(name, lp.type, list(lp.bottom), list(lp.top), lp, [_blob_array(b) for b in lp.blobs],
+                            caffe_name=lp.name if name != lp.name else ""))
+    if not inputs and data_inputs:  # the data layers declare the inputs (they are not skipped then)
+        inputs = data_inputs
+        declaring = {layer_name for layer_name, _ in data_layers.values()}
+        skipped = [row for row in skipped if row[0] not in declaring]
+    _apply_input_shapes(inputs, dict(input_shapes or {}), prototxt)
+    unstated = [blob for blob, shape in inputs.items() if shape is None]
+    if unstated:
+        layer_name, type_name = data_layers[unstated[0]]
+        raise CaffeFormatError(f"{prototxt}: data layer '{layer_name}' ({type_name}) does not state the shape of "
+                               f"'{unstated[0]}' (Caffe reads it from the data); give it with --input-shape "
+                               f"{unstated[0]}=N,C,H,W")
     if not inputs:
         raise CaffeFormatError(f"{prototxt}: no input shape declared; add `input: \"data\"` with "
                                f"`input_shape {{ dim: 1 dim: 3 dim: 224 dim: 224 }}` or an Input layer")

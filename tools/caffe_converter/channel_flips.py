@@ -91,4 +91,4 @@ INPUT_CHANNEL_FLIPS: Dict[str, Callable[[Layer], bool]] = {
 }
 
 # Bottoms that lend only their shape: a Crop's reference (FCN crops its scores to `data`) carries no channels.
-SHAPE_ONLY_BOTTOMS: Dict[str, Tuple[int, ...]] = {"Crop": (1,)}
+SHAPE_ONLY_BOTTOMS: Dict[str, Tuple[int, ...]] = {"Crop": (1,), "PriorBox": (0, 1)}

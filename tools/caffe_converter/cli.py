@@ -3,7 +3,8 @@
     python -m tools.caffe_converter deploy.prototxt weights.caffemodel out/model/vgg16 [--verify]
 
 Parses the arguments, calls pipeline.convert, prints a one-paragraph summary and, with --verify, the OpenCV
-comparison (opencv_check is imported only then). Exit status: 0 done, 1 verification failed, 2 bad input.
+comparison (opencv_check is imported only then). Exit status: 0 done, 1 verification failed, 2 bad input (or an
+output that cannot be written: one line naming the file and the errno; the earlier model is left whole).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import contextlib
 import logging
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
+from recbuild.publish import PrefixBusy, PublishError, output_error_line, writer_lock
 from recbuild.values import parse_floats
 from tools.caffe_converter.errors import CaffeFormatError, ConversionError, UnsupportedLayerError
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
@@ -29,6 +31,18 @@ def _floats(text: str) -> List[float]:
         return list(parse_floats(",".join(text.split())))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
+    """NAME=N,C,H,W (the --input-shape value)."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W with positive integers, got '{text}'")
+    return name, shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, help="input scale after mean/std (default: transform_param or 1)")
     parser.add_argument("--output-layer", action="append", metavar="NAME",
                         help="cut the net at this layer or blob (repeat for several outputs)")
+    parser.add_argument("--input-shape", action="append", type=_input_shape, metavar="NAME=N,C,H,W",
+                        help="replace the shape the prototxt declares for input NAME (repeatable), e.g. for a net "
+                             "declared at 1x1 and reshaped at run time: --input-shape data=1,3,368,368")
     parser.add_argument("--verify", action="store_true",
                         help="re-load the written files with mx.model.load_checkpoint and compare their outputs with "
                              "OpenCV's Caffe importer on random input; the files are published only if they agree")
@@ -134,6 +151,18 @@ def _verify_and_publish(args: argparse.Namespace, result) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:  # one converter per prefix, for the whole run (recbuild.publish); it also settles a killed run's files
+        with writer_lock(args.prefix):
+            return _convert(args)
+    except (PrefixBusy, PublishError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, an output path that is a folder, ...
+        print(output_error_line(err), file=sys.stderr)
+        return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
     verify = args.verify or args.verify_layers
     with _hidden(() if verify else OPTIONAL_MXNET_IMPORTS):
         from tools.caffe_converter.pipeline import convert  # imports mxnet
@@ -141,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = convert(args.prototxt, args.caffemodel, None if verify else args.prefix, keep_bgr=args.keep_bgr,
                          mean_file=args.mean_file, mean=args.mean, std=args.std, scale=args.scale,
-                         output_layer=args.output_layer, strict=args.strict)
+                         output_layer=args.output_layer, strict=args.strict,
+                         input_shape=dict(args.input_shape or ()))
     except (CaffeFormatError, ConversionError, UnsupportedLayerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import numpy as np
 from tools.caffe_converter import passes
 from tools.caffe_converter.caffe_io import CaffeNet, Layer
 from tools.caffe_converter.errors import ConversionError, UnsupportedLayerError
-from tools.caffe_converter.layers import LAYER_CONVERTERS, Tensor
+from tools.caffe_converter.layers import LAYER_CONVERTERS, Tensor, infer_quietly
 from tools.caffe_converter.passes import Reads, Value
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,13 @@ def _walk(net: CaffeNet, reads: Reads, order: Sequence[int], values: Dict[Value,
         if layer.folded_into:
             outs = [ins[0].sym]  # computed by the BatchNorm it was folded into
         else:
-            outs = _convert_layer(layer, ins, args, aux)
-        shapes = _infer(layer, outs, ins, input_shapes)
+            try:
+                outs = _convert_layer(layer, ins, args, aux)
+            except UnsupportedLayerError as err:
+                if getattr(err, "shape_failure", False):
+                    raise ConversionError(f"{err}; {_input_hint(net.inputs)}") from None
+                raise
+        shapes = _infer(layer, outs, ins, input_shapes, net.inputs)
         for k, (sym, shape) in enumerate(zip(outs, shapes)):
             values[(i, k)] = Tensor(sym, tuple(shape), values[reads[i][0]].probe_inputs if reads[i] else None)
         if ins:
@@ -142,7 +147,12 @@ def _walk(net: CaffeNet, reads: Reads, order: Sequence[int], values: Dict[Value,
 def _convert_layer(layer: Layer, ins: List[Tensor], args: Dict[str, np.ndarray],
                    aux: Dict[str, np.ndarray]) -> List[mx.sym.Symbol]:
     """One table look-up; the layer's parameters join `args`/`aux` (a name used twice is an error)."""
-    converted = LAYER_CONVERTERS[layer.type](layer, ins)
+    try:
+        converted = LAYER_CONVERTERS[layer.type](layer, ins)
+    except (mx.base.MXNetError, ArithmeticError) as err:  # a setting MXNet refuses that no converter check caught
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ConversionError(f"layer '{layer.name}' ({layer.type}): cannot convert it with bottom shape(s) "
+                              f"{', '.join(str(tuple(t.shape)) for t in ins)}: {first.strip()[:200]}") from None
     if len(converted.outputs) != len(layer.tops):
         raise ConversionError(f"layer '{layer.name}' ({layer.type}): {len(layer.tops)} tops, converter made "
                               f"{len(converted.outputs)} outputs")
@@ -155,13 +165,20 @@ def _convert_layer(layer: Layer, ins: List[Tensor], args: Dict[str, np.ndarray],
     return converted.outputs
 
 
-def _infer(layer: Layer, outs: List[mx.sym.Symbol], ins: List[Tensor],
-           input_shapes: Dict[str, Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+def _infer(layer: Layer, outs: List[mx.sym.Symbol], ins: List[Tensor], input_shapes: Dict[str, Tuple[int, ...]],
+           caffe_inputs: Dict[str, Tuple[int, ...]]) -> List[Tuple[int, ...]]:
     """MXNet's output shapes for the layer's symbols; a rejection names the layer and its input shapes."""
     try:
         group = mx.sym.Group(outs)
-        return group.infer_shape(**passes.used_inputs(group, input_shapes))[1]
+        return infer_quietly(group, **passes.used_inputs(group, input_shapes))[1]
     except mx.base.MXNetError as err:
         first = next((ln for ln in str(err).splitlines() if "Error" in ln or "Check failed" in ln), str(err))
-        raise ConversionError(f"layer '{layer.name}' ({layer.type}): MXNet rejects the shapes "
-                              f"{[t.shape for t in ins]}: {first.strip()[:300]}") from None
+        raise ConversionError(f"layer '{layer.name}' ({layer.type}): cannot compute its output from bottom shape(s) "
+                              f"{', '.join(str(tuple(t.shape)) for t in ins)} ({first.strip()[:200]}); "
+                              f"{_input_hint(caffe_inputs)}") from None
+
+
+def _input_hint(caffe_inputs: Dict[str, Tuple[int, ...]]) -> str:
+    """Where a shape fails, the declared input may not be the size the net runs at (OpenPose declares 1x1)."""
+    declared = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in caffe_inputs.items())
+    return f"the net's input is declared as {declared}: --input-shape NAME=N,C,H,W sets another"

@@ -69,6 +69,14 @@ def _fail(layer: Layer, message: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(f"layer '{layer.name}' ({layer.type}): {message}")
 
 
+def shape_failure(layer: Layer, inputs: Sequence["Tensor"], message: str) -> UnsupportedLayerError:
+    """A layer that cannot run on its bottoms' shapes: the message names them; the walker adds the declared
+    input shapes and the --input-shape option (a net declared at a size it is not run at, as OpenPose)."""
+    err = _fail(layer, f"{message}; bottom shape(s) {', '.join(str(tuple(t.shape)) for t in inputs)}")
+    err.shape_failure = True
+    return err
+
+
 def _axis(layer: Layer, axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise _fail(layer, f"axis {axis} is out of range for a {ndim}-D input")
@@ -88,7 +96,10 @@ def take_blobs(layer: Layer, specs: Sequence[Tuple[str, Shape]]) -> List[np.ndar
             f"expected {len(specs)} ({roles})"
             + ("; is the caffemodel missing this layer or is it named differently?" if not layer.blobs else "")
             + (f" (it has unused weights for {list(layer.unused_weights)[:5]})"
-               if not layer.blobs and layer.unused_weights else ""))
+               if not layer.blobs and layer.unused_weights else "")
+            + (f"; it is a later layer named '{layer.caffe_name}', and Caffe copies a caffemodel's weights into the "
+               f"first layer of a name only (this one would keep its filler values): give the layers unique names"
+               if layer.caffe_name and not layer.blobs else ""))
     out = []
     for i, (blob, (role, shape)) in enumerate(zip(layer.blobs, specs)):
         shape = tuple(int(d) for d in shape)
@@ -121,6 +132,22 @@ def _pairs(layer: Layer, repeated: Sequence[int], h: int, w: int, has_hw: bool, 
     return tuple(int(v) for v in repeated)
 
 
+def _at_least(layer: Layer, field: str, values: Sequence[int], minimum: int = 1) -> None:
+    """Caffe CHECKs these settings (a zero stride divides by zero, a zero kernel or output count has no
+    meaning); here they are one line naming the layer and the field instead of an MXNet traceback."""
+    bad = [int(v) for v in values if int(v) < minimum]
+    if bad:
+        raise _fail(layer, f"{field} must be >= {minimum}, got {bad[0]}")
+
+
+def _fits(layer: Layer, x: "Tensor", kernel: Sequence[int], pad: Sequence[int], dilate: Sequence[int]) -> None:
+    """A window larger than the padded input has no output position: a one-line shape error."""
+    for size, k, pd, d in zip(x.shape[2:], kernel, pad, dilate):
+        if size + 2 * pd < d * (k - 1) + 1:
+            raise shape_failure(layer, [x], f"kernel {tuple(kernel)} (dilation {tuple(dilate)}, pad {tuple(pad)}) "
+                                            f"is larger than the padded input")
+
+
 def _reshape_checked(x: mx.sym.Symbol, shape: Shape, keep_batch: bool, name: str) -> mx.sym.Symbol:
     """Reshape to a fully known `shape` so that another input size fails at bind time.
 
@@ -141,6 +168,21 @@ def _var(name: str, shape: Shape) -> mx.sym.Symbol:
 def convert_absval(layer: Layer, inputs: List[Tensor]) -> Converted:
     """|x|."""
     return Converted([mx.sym.abs(inputs[0].sym, name=layer.name)])
+
+
+def convert_axpy(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SENet's Axpy: a * x + y, with bottoms (a, x, y) and a of shape N x C (x 1 x 1): a per-channel scale of x."""
+    if len(inputs) != 3:
+        raise _fail(layer, f"needs three bottoms (a, x, y), got {len(inputs)}")
+    a, x, y = inputs
+    if x.shape != y.shape:
+        raise _fail(layer, f"x {x.shape} and y {y.shape} must have the same shape")
+    if a.shape[:2] != x.shape[:2] or any(d != 1 for d in a.shape[2:]) or len(a.shape) not in (2, len(x.shape)):
+        raise _fail(layer, f"a {a.shape} must be N x C or N x C x 1 x 1 for x {x.shape}")
+    scale = a.sym if len(a.shape) == len(x.shape) else \
+        mx.sym.reshape(a.sym, shape=(0, 0) + (1,) * (len(x.shape) - 2), name=f"{layer.name}_a")
+    scaled = mx.sym.broadcast_mul(scale, x.sym, name=f"{layer.name}_ax")
+    return Converted([mx.sym.elemwise_add(scaled, y.sym, name=layer.name)])
 
 
 def convert_batchnorm(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -217,12 +259,15 @@ def _conv_settings(layer: Layer, x: Tensor):
     nd = len(x.shape) - 2
     kernel = _pairs(layer, p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h") or p.HasField("kernel_w"),
                     0, "kernel", nd)
-    if min(kernel) <= 0:
-        raise _fail(layer, "no kernel size given")
+    _at_least(layer, "kernel_size", kernel)
     stride = _pairs(layer, p.stride, p.stride_h, p.stride_w, p.HasField("stride_h") or p.HasField("stride_w"),
                     1, "stride", nd)
+    _at_least(layer, "stride", stride)
     pad = _pairs(layer, p.pad, p.pad_h, p.pad_w, p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
     dilate = _pairs(layer, p.dilation, 0, 0, False, 1, "dilation", nd)
+    _at_least(layer, "dilation", dilate)
+    _at_least(layer, "num_output", [p.num_output])
+    _at_least(layer, "group", [p.group])
     return p, kernel, stride, pad, dilate
 
 
@@ -249,6 +294,7 @@ def convert_convolution(layer: Layer, inputs: List[Tensor]) -> Converted:
     """
     x = inputs[0]
     p, kernel, stride, pad, dilate = _conv_settings(layer, x)
+    _fits(layer, x, kernel, pad, dilate)
     channels, group = x.shape[1], p.group
     args = _conv_weights(layer, channels, (p.num_output, channels // group) + kernel)
     sym = mx.sym.Convolution(x.sym, name=layer.name, num_filter=p.num_output, kernel=kernel, stride=stride,
@@ -310,6 +356,8 @@ def convert_dropout(layer: Layer, inputs: List[Tensor]) -> Converted:
     Both frameworks scale at training time (inverted dropout), so no weight rescaling is needed.
     """
     ratio = float(layer.param.dropout_param.dropout_ratio)
+    if not 0.0 <= ratio < 1.0:  # Caffe scales kept values by 1 / (1 - ratio); MXNet bounds p to [0, 1]
+        raise _fail(layer, f"dropout_ratio must be in [0, 1), got {ratio:g}")
     return Converted([mx.sym.Dropout(inputs[0].sym, p=ratio, name=layer.name)])
 
 
@@ -336,6 +384,70 @@ def convert_eltwise(layer: Layer, inputs: List[Tensor]) -> Converted:
     for i, s in enumerate(syms[1:], start=1):
         out = combine(out, s, name=layer.name if i == len(syms) - 1 else f"{layer.name}_part{i}")
     return Converted([out])
+
+
+def convert_detectionoutput(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SSD's DetectionOutput as MXNet's MultiBoxDetection, for nets with one class besides the background.
+
+    Caffe decodes each prior (CENTER_SIZE, the prior blob's variances), keeps the scores above
+    confidence_threshold, takes the nms top_k per class, runs greedy NMS per class and keeps the keep_top_k best
+    over all classes. MultiBoxDetection does the same steps, but gives each prior only its best class: with one
+    foreground class that is the same candidate set; with more it is not, and the layer is refused. The
+    variances are applied to the location predictions beforehand (MultiBoxDetection runs with variances 1), so
+    per-prior variances hold as in Caffe. Output: Caffe's [N, 1, K, 7] rows (image, label, score, xmin, ymin,
+    xmax, ymax), best first, K = keep_top_k (or every prior); where Caffe's blob stops after its last
+    detection, the remaining rows are 0, as in OpenCV's output.
+    """
+    p = layer.param.detection_output_param
+    kinds = caffe_pb2.PriorBoxParameter
+    refusals = [(len(inputs) != 3, f"{len(inputs)} bottoms (only loc, conf, priors are supported)"),
+                (p.num_classes != 2, f"num_classes {p.num_classes}: Caffe keeps every class of each prior, MXNet's "
+                                     f"MultiBoxDetection only each prior's best class, which agree only for one class "
+                                     f"besides the background"),
+                (p.background_label_id != 0, f"background_label_id {p.background_label_id} (MXNet's is 0)"),
+                (not p.share_location, "share_location: false (MXNet decodes one box per prior)"),
+                (p.code_type != kinds.CENTER_SIZE, f"code_type {kinds.CodeType.Name(p.code_type)} (MXNet decodes "
+                                                   f"CENTER_SIZE only)"),
+                (p.nms_param.eta != 1.0, f"nms_param.eta {p.nms_param.eta:g} (adaptive NMS; MXNet's is fixed)"),
+                (not 0 < p.nms_param.nms_threshold <= 1, f"nms_threshold {p.nms_param.nms_threshold:g} outside (0, 1]")]
+    for refused, why in refusals:
+        if refused:
+            raise _fail(layer, f"{why}; cut the net before it with --output-layer and decode its inputs yourself")
+    loc, conf, priors = inputs
+    count = priors.shape[-1] // 4
+    if len(priors.shape) != 3 or priors.shape[:2] != (1, 2) or loc.shape[0] != conf.shape[0] or \
+            int(np.prod(loc.shape[1:])) != 4 * count or int(np.prod(conf.shape[1:])) != 2 * count:
+        raise shape_failure(layer, inputs, f"expects loc N x {4 * count}, conf N x {2 * count} and priors 1 x 2 x "
+                                           f"{4 * count}")
+    boxes = mx.sym.reshape(mx.sym.slice_axis(priors.sym, axis=1, begin=0, end=1), shape=(1, -1, 4))
+    deltas = mx.sym.reshape(loc.sym, shape=(0, -1))
+    if not p.variance_encoded_in_target:  # Caffe multiplies each delta by its prior's variance before decoding
+        variances = mx.sym.reshape(mx.sym.slice_axis(priors.sym, axis=1, begin=1, end=2), shape=(1, -1))
+        deltas = mx.sym.broadcast_mul(deltas, variances, name=f"{layer.name}_scaled_loc")
+    scores = mx.sym.transpose(mx.sym.reshape(conf.sym, shape=(0, -1, 2)), axes=(0, 2, 1))
+    top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
+    det = mx.sym.contrib.MultiBoxDetection(scores, deltas, boxes, clip=False, threshold=float(p.confidence_threshold),
+                                           nms_threshold=float(p.nms_param.nms_threshold), force_suppress=False,
+                                           variances=(1.0, 1.0, 1.0, 1.0), nms_topk=top_k, name=f"{layer.name}_nms")
+    return Converted([_caffe_detections(det, count, int(p.keep_top_k), layer.name)])
+
+
+def _caffe_detections(det: mx.sym.Symbol, count: int, keep: int, name: str) -> mx.sym.Symbol:
+    """MultiBoxDetection's N x A x 6 rows (class - 1 or -1 when dropped, score, box) as Caffe's N x 1 x K x 7,
+    the rows after the last detection 0 as OpenCV writes them."""
+    k = count if keep < 0 or keep > count else keep
+    cls = mx.sym.slice_axis(det, axis=2, begin=0, end=1)
+    kept = cls >= 0
+    key = mx.sym.where(kept, mx.sym.slice_axis(det, axis=2, begin=1, end=2), mx.sym.ones_like(cls) * -2.0)
+    order = mx.sym.topk(mx.sym.reshape(key, shape=(0, -1)), axis=1, k=k, ret_typ="indices", is_ascend=False)
+    rows = mx.sym.batch_dot(mx.sym.one_hot(order, depth=count), det)  # N x K x 6, gathered exactly
+    valid = mx.sym.slice_axis(rows, axis=2, begin=0, end=1) >= 0
+    image = mx.sym.broadcast_like(mx.sym.reshape(mx.sym.contrib.arange_like(rows, axis=0), shape=(-1, 1, 1)),
+                                  valid)
+    label = mx.sym.slice_axis(rows, axis=2, begin=0, end=1) + 1.0  # Caffe counts the background as class 0
+    table = mx.sym.concat(image, label, mx.sym.slice_axis(rows, axis=2, begin=1, end=6), dim=2)
+    table = mx.sym.where(mx.sym.broadcast_like(valid, table), table, mx.sym.zeros_like(table))
+    return mx.sym.expand_dims(table, axis=1, name=name)
 
 
 def convert_elu(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -374,6 +486,7 @@ def convert_innerproduct(layer: Layer, inputs: List[Tensor]) -> Converted:
     axis = _axis(layer, p.axis, len(x.shape))
     k = int(np.prod(x.shape[axis:]))
     n = int(p.num_output)
+    _at_least(layer, "num_output", [n])
     specs = [("weight", (k, n) if p.transpose else (n, k))]
     if p.bias_term:
         specs.append(("bias", (n,)))
@@ -465,14 +578,28 @@ def pooling_window(layer: Layer, nd: int) -> Tuple[Shape, Shape, Shape, bool]:
     kernel = _pairs(layer, [p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
                     p.HasField("kernel_h") or p.HasField("kernel_w"), 0, "kernel", nd)
     if min(kernel) <= 0:
-        raise _fail(layer, "no kernel size given (and global_pooling is off)")
+        raise _fail(layer, "kernel_size must be >= 1 (or global_pooling: true), got "
+                           f"{min(kernel) if p.HasField('kernel_size') or p.HasField('kernel_h') else 'none'}")
     stride = _pairs(layer, [p.stride] if p.HasField("stride") else [], p.stride_h, p.stride_w,
                     p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", nd)
+    _at_least(layer, "stride", stride)
     pad = _pairs(layer, [p.pad] if p.HasField("pad") else [], p.pad_h, p.pad_w,
                  p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", nd)
     if any(pd >= k for pd, k in zip(pad, kernel)):
         raise _fail(layer, f"pad {pad} must be smaller than kernel {kernel}")
-    return kernel, stride, pad, p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    return kernel, stride, pad, pooling_rounds_up(layer)
+
+
+def pooling_rounds_up(layer: Layer) -> bool:
+    """BVLC's `round_mode: CEIL/FLOOR`, or the forks' `ceil_mode: true/false` (DenseNet, ResNeXt deploy files);
+    both default to rounding up. A file giving both must agree with itself."""
+    p = layer.param.pooling_param
+    if not p.HasField("ceil_mode"):
+        return p.round_mode == caffe_pb2.PoolingParameter.CEIL
+    if p.HasField("round_mode") and (p.round_mode == caffe_pb2.PoolingParameter.CEIL) != p.ceil_mode:
+        raise _fail(layer, f"ceil_mode: {str(p.ceil_mode).lower()} contradicts round_mode: "
+                           f"{caffe_pb2.PoolingParameter.RoundMode.Name(p.round_mode)}")
+    return bool(p.ceil_mode)
 
 
 def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -496,6 +623,8 @@ def convert_pooling(layer: Layer, inputs: List[Tensor]) -> Converted:
     kernel, stride, pad, ceil = pooling_window(layer, nd)
     spatial = x.shape[2:]
     want = [caffe_pool_size(s, k, st, pd, ceil) for s, k, st, pd in zip(spatial, kernel, stride, pad)]
+    if min(want) < 1:
+        raise shape_failure(layer, [x], f"kernel {kernel} (pad {pad}, stride {stride}) leaves no output position")
     full = [int(math.ceil((s + 2 * pd - k) / st)) + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     valid = [(s + 2 * pd - k) // st + 1 for s, k, st, pd in zip(spatial, kernel, stride, pad)]
     if want == full:
@@ -520,6 +649,112 @@ def convert_power(layer: Layer, inputs: List[Tensor]) -> Converted:
     if p.power != 1.0:
         y = y ** float(p.power)
     return Converted([mx.sym.identity(y, name=layer.name)])
+
+
+def _prior_boxes(layer: Layer) -> Tuple[List[Tuple[float, float]], List[float]]:
+    """Caffe SSD's PriorBox: the (width, height) in pixels of each prior at a position, in Caffe's order, and the
+    four variances. Order per min_size: the min_size square, the sqrt(min_size * max_size) square, then each
+    aspect ratio (not 1, duplicates dropped, 1/ar after ar with flip) at min_size."""
+    p = layer.param.prior_box_param
+    if not p.min_size:
+        raise _fail(layer, "min_size is required")
+    if p.max_size and len(p.max_size) != len(p.min_size):
+        raise _fail(layer, f"{len(p.max_size)} max_size values for {len(p.min_size)} min_size values")
+    for field_name, values in (("min_size", p.min_size), ("max_size", p.max_size)):
+        for v in values:
+            if not (v > 0 and v == int(v)):  # Caffe SSD stores sizes in an int there; OpenCV keeps the fraction
+                raise _fail(layer, f"{field_name} {v:g}: only positive whole numbers are supported (Caffe SSD's "
+                                   f"PriorBox truncates a fraction, OpenCV's does not)")
+    ratios = [1.0]
+    for ar in p.aspect_ratio:
+        if not ar > 0:
+            raise _fail(layer, f"aspect_ratio must be > 0, got {ar:g}")
+        if not any(abs(ar - r) < 1e-6 for r in ratios):
+            ratios += [ar, 1.0 / ar] if p.flip else [ar]
+    boxes = []
+    for i, low in enumerate(p.min_size):
+        boxes.append((low, low))
+        if p.max_size:
+            if not p.max_size[i] > low:
+                raise _fail(layer, f"max_size {p.max_size[i]:g} must be larger than min_size {low:g}")
+            side = math.sqrt(int(low) * int(p.max_size[i]))
+            boxes.append((side, side))
+        boxes += [(low * math.sqrt(r), low / math.sqrt(r)) for r in ratios[1:]]
+    variances = list(p.variance) or [0.1]
+    if len(variances) not in (1, 4) or min(variances) <= 0:
+        raise _fail(layer, f"variance must be one or four positive values, got {variances}")
+    return boxes, variances * 4 if len(variances) == 1 else variances
+
+
+def _prior_geometry(layer: Layer, feature: Shape, image: Shape) -> Tuple[float, float, float, float]:
+    """(image height, image width, step_h, step_w) in pixels, from the settings or, as Caffe, the bottoms."""
+    p = layer.param.prior_box_param
+    if p.img_h or p.img_w:
+        img_h, img_w = float(p.img_h), float(p.img_w)
+    elif p.img_size:
+        img_h = img_w = float(p.img_size)
+    else:
+        img_h, img_w = float(image[2]), float(image[3])
+    if p.step_h or p.step_w:
+        step_h, step_w = float(p.step_h), float(p.step_w)
+    elif p.step:
+        step_h = step_w = float(p.step)
+    else:
+        step_h, step_w = img_h / feature[2], img_w / feature[3]
+    if min(img_h, img_w, step_h, step_w) <= 0:
+        raise _fail(layer, "img_h/img_w and step_h/step_w must be given together and be > 0")
+    return img_h, img_w, step_h, step_w
+
+
+def convert_priorbox(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """SSD's PriorBox: Caffe's 1 x 2 x (H * W * priors * 4) blob (boxes normalised to the image, then the
+    variances), built from parameter-free operators for the feature map and image sizes of the conversion.
+
+    MXNet's MultiBoxPrior cannot express it (sizes relative to the feature map's aspect, no separate max_size
+    box per min_size, no pixel step), so the priors are computed here. They depend on the sizes only: the
+    output is tied to its bottoms' shapes, so binding the model at another input size fails at bind time
+    rather than giving the priors of the declared size (the sidecar records the model as fixed-size).
+    """
+    if len(inputs) != 2 or len(inputs[0].shape) != 4 or len(inputs[1].shape) != 4:
+        raise _fail(layer, "needs two 4-D bottoms (the feature map and the image)")
+    feature, image = inputs
+    boxes, variances = _prior_boxes(layer)
+    img_h, img_w, step_h, step_w = _prior_geometry(layer, feature.shape, image.shape)
+    height, width, count = feature.shape[2], feature.shape[3], len(boxes)
+    offset = float(layer.param.prior_box_param.offset)
+
+    def centres(n: int, step: float, size: float) -> mx.sym.Symbol:  # (i + offset) * step / size, i < n
+        return (mx.sym.arange(0, n, dtype="float32") + offset) * (step / size)
+
+    def constants(values: Sequence[float]) -> mx.sym.Symbol:
+        return mx.sym.concat(*[mx.sym.full(shape=(1,), val=float(v)) for v in values], dim=0)
+
+    def halves(sizes: Sequence[float], image_size: float) -> mx.sym.Symbol:  # each prior's half extent
+        return constants([s / 2.0 / image_size for s in sizes])
+
+    cx = mx.sym.broadcast_to(mx.sym.reshape(centres(width, step_w, img_w), shape=(1, width, 1)),
+                             shape=(height, width, count))
+    cy = mx.sym.broadcast_to(mx.sym.reshape(centres(height, step_h, img_h), shape=(height, 1, 1)),
+                             shape=(height, width, count))
+    hw = mx.sym.reshape(halves([b[0] for b in boxes], img_w), shape=(1, 1, count))
+    hh = mx.sym.reshape(halves([b[1] for b in boxes], img_h), shape=(1, 1, count))
+    corners = [mx.sym.broadcast_sub(cx, hw), mx.sym.broadcast_sub(cy, hh),
+               mx.sym.broadcast_add(cx, hw), mx.sym.broadcast_add(cy, hh)]
+    coords = mx.sym.stack(*corners, axis=3)
+    if layer.param.prior_box_param.clip:
+        coords = mx.sym.clip(coords, 0.0, 1.0)
+    total = height * width * count * 4
+    rows = [mx.sym.reshape(coords, shape=(1, 1, total)),
+            mx.sym.reshape(mx.sym.broadcast_to(constants(variances).reshape((1, 4)),
+                                               shape=(height * width * count, 4)), shape=(1, 1, total))]
+    priors = mx.sym.concat(*rows, dim=1)
+    # zero, but only where the bottoms have the conversion's shapes: another input size fails at bind time
+    # (mx.sym.slice with a partial begin on a 4-D input stops MXNet 1.9.1 with SIGFPE: one axis at a time)
+    firsts = [mx.sym.slice_axis(mx.sym.slice_axis(t.sym, axis=0, begin=0, end=1), axis=1, begin=0, end=1)
+              for t in inputs]
+    ties = [mx.sym.sum(mx.sym.zeros_like(f) + mx.sym.zeros(shape=(1, 1) + tuple(t.shape[2:])))
+            for f, t in zip(firsts, inputs)]
+    return Converted([mx.sym.broadcast_add(priors, ties[0] + ties[1], name=layer.name)])
 
 
 def convert_prelu(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -591,6 +826,26 @@ def convert_reshape(layer: Layer, inputs: List[Tensor]) -> Converted:
         target = [0] * start + spec + [0] * trailing
         return Converted([mx.sym.reshape(inputs[0].sym, shape=tuple(target), name=layer.name)])
     return Converted([_reshape_checked(inputs[0].sym, tuple(out), keeps_batch, layer.name)])
+
+
+def convert_roipooling(layer: Layer, inputs: List[Tensor]) -> Converted:
+    """py-faster-rcnn's ROI max pooling: bottoms (features, rois R x 5: batch index, x1, y1, x2, y2 in image
+    pixels). MXNet's ROIPooling follows Caffe's rules exactly: corners scaled by spatial_scale and rounded, the
+    region at least 1 x 1 (end inclusive), bins from floor(i * h / ph) to ceil((i + 1) * h / ph) clipped to the
+    map, an empty bin gives 0."""
+    p = layer.param.roi_pooling_param
+    if len(inputs) != 2:
+        raise _fail(layer, f"needs two bottoms (features, rois), got {len(inputs)}")
+    _at_least(layer, "pooled_h", [p.pooled_h])
+    _at_least(layer, "pooled_w", [p.pooled_w])
+    feats, rois = inputs
+    if len(feats.shape) != 4 or len(rois.shape) != 2 or rois.shape[1] != 5:
+        raise _fail(layer, f"needs N x C x H x W features and R x 5 rois, got {feats.shape} and {rois.shape}")
+    if not p.spatial_scale > 0:
+        raise _fail(layer, f"spatial_scale must be > 0, got {p.spatial_scale:g}")
+    sym = mx.sym.ROIPooling(feats.sym, rois.sym, pooled_size=(int(p.pooled_h), int(p.pooled_w)),
+                            spatial_scale=float(p.spatial_scale), name=layer.name)
+    return Converted([sym])
 
 
 def convert_scale(layer: Layer, inputs: List[Tensor]) -> Converted:
@@ -698,6 +953,7 @@ def convert_argmax(layer: Layer, inputs: List[Tensor]) -> Converted:
     p = layer.param.argmax_param
     x = inputs[0]
     k = int(p.top_k)
+    _at_least(layer, "top_k", [k])
     if p.HasField("axis"):
         axis = _axis(layer, p.axis, len(x.shape))
         if k > x.shape[axis]:
@@ -853,4 +1109,8 @@ LAYER_CONVERTERS: Dict[str, Callable[[Layer, List[Tensor]], Converted]] = {
     "Swish": convert_swish,
     "Threshold": convert_threshold,
     "Tile": convert_tile,
+    "Axpy": convert_axpy,
+    "PriorBox": convert_priorbox,
+    "DetectionOutput": convert_detectionoutput,
+    "ROIPooling": convert_roipooling,
 }

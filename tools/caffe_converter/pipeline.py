@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from recbuild.atomic import atomic_path
+from recbuild.publish import publish, remove_dead_leftovers
 from symbols.checkpoint import params_blob, params_path, save_symbol
 from symbols.sidecar import SUFFIX as SIDECAR_SUFFIX
 from symbols.sidecar import Preprocess, save_sidecar
@@ -81,7 +82,8 @@ class ConversionResult:
 def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike] = None, *, keep_bgr: bool = False,
             mean_file: Optional[PathLike] = None, mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, scale: Optional[float] = None,
-            output_layer: Optional[Sequence[str]] = None, strict: bool = False) -> ConversionResult:
+            output_layer: Optional[Sequence[str]] = None, strict: bool = False,
+            input_shape: Optional[Dict[str, Sequence[int]]] = None) -> ConversionResult:
     """Convert a Caffe model; when `prefix` is given also write the checkpoint (epoch 0) and sidecar.
 
     Args:
@@ -95,6 +97,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
         scale: Caffe's transform_param.scale (default: read from the prototxt, else 1).
         output_layer: cut the net at these layers or blobs.
         strict: fail instead of skipping training-only layers or ignoring weights the prototxt lacks.
+        input_shape: {input name: shape} replacing the shapes the prototxt declares (`--input-shape`).
 
     Returns:
         ConversionResult (symbol, parameters, preprocessing, per-layer symbols).
@@ -104,7 +107,7 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
     """
     if isinstance(output_layer, str):
         output_layer = [output_layer]
-    net = load_net(prototxt, caffemodel)
+    net = load_net(prototxt, caffemodel, input_shapes=input_shape)
     net.caffemodel = str(caffemodel)
     conv = convert_net(net, keep_bgr=keep_bgr, output_layer=output_layer, strict=strict)
     pre, mean_image = build_preprocess(net, conv, mean_file, mean, std, scale)
@@ -126,9 +129,21 @@ def convert(prototxt: PathLike, caffemodel: PathLike, prefix: Optional[PathLike]
     return result
 
 
-def write_checkpoint(prefix: PathLike, result: ConversionResult, epoch: int = 0) -> List[Path]:
-    """Write `PREFIX-symbol.json`, `PREFIX-%04d.params`, the sidecar (and mean image), each atomically."""
-    prefix = str(prefix)
+def write_checkpoint(prefix: PathLike, result: ConversionResult, epoch: int = 0, unit: bool = True) -> List[Path]:
+    """Write `PREFIX-symbol.json`, `PREFIX-%04d.params`, the sidecar (and mean image) as one unit
+    (recbuild.publish, under the prefix's writer lock): a re-conversion into an existing prefix replaces the
+    whole old set or nothing, and an old mean image the new model does not use is removed with it.
+    `unit=False` writes the files one by one (into a private staging folder)."""
+    if not unit:
+        return _write_files(str(prefix), result, epoch)
+    with publish(prefix) as pub:
+        written = _write_files(str(prefix), result, epoch)
+        if result.mean_image is None:
+            pub.remove(Path(f"{prefix}-mean.npy"))
+    return written
+
+
+def _write_files(prefix: str, result: ConversionResult, epoch: int) -> List[Path]:
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     written = [params_path(prefix, epoch)]
     save_params(written[0], params_blob(result.arg_arrays, result.aux_arrays, dtype=None))
@@ -154,24 +169,27 @@ def stage_checkpoint(prefix: PathLike, result: ConversionResult) -> Path:
     """
     final = Path(str(prefix))
     folder = final.parent / f".{final.name}.staging-{os.getpid()}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(final)  # the staging folders of killed runs (a whole model each)
     shutil.rmtree(folder, ignore_errors=True)  # a killed earlier run of this process id
     folder.mkdir(parents=True)
     staging = folder / final.name
-    write_checkpoint(staging, result)
+    write_checkpoint(staging, result, unit=False)
     return staging
 
 
 def publish_staged(staging: Path, prefix: PathLike) -> List[Path]:
-    """Rename the staged files onto `prefix`'s names (the sidecar last: it marks a complete model)."""
+    """Publish the staged files onto `prefix`'s names as one unit (recbuild.publish; the sidecar renamed last:
+    it marks a complete model); the emptied staging folder goes with the old set's leftovers."""
     final = Path(str(prefix))
     files = sorted(staging.parent.iterdir(), key=lambda f: f.name.endswith(SIDECAR_SUFFIX))
-    published = []
-    for f in files:
-        target = final.parent / f.name
-        os.replace(f, target)
-        published.append(target)
-    staging.parent.rmdir()
-    return published
+    with publish(final) as pub:
+        for f in files:
+            pub.adopt(f, final.parent / f.name)
+        if not any(f.name.endswith("-mean.npy") for f in files):
+            pub.remove(Path(f"{final}-mean.npy"))
+        pub.remove(staging.parent)
+    return [final.parent / f.name for f in files]
 
 
 def discard_staged(staging: Path) -> None:

@@ -10,7 +10,8 @@ ImageRecordIter set-up as validation during training (centre crop of the packed 
 resized (shorter side to the input size, or --resize) and centre-cropped the same way.
 
 Outputs (both atomic):
-  --out CSV            Kaggle style: `id` + one probability column per class, in class-map order
+  --out CSV            the submission (train/predict/submission.py): by default `id` + one probability column
+                       per class in class-map order; --format label, --sort, --delimiter, --no-header, --columns
   CSV stem + .topk.csv `id`, then label_1..label_k and prob_1..prob_k, most likely first
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.atomic import atomic_open
+from recbuild.publish import publish
 from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, latest_epoch, load_checkpoint
@@ -36,6 +38,8 @@ from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, plain_checkpo
 from train.config import checked_type, parse_floats, parse_gpus, parse_ints
 from train.data import DataError, check_same_classes, load_raw_image, record_iter, scan_headers
 from train.metrics import Tally
+from train.predict.submission import (SubmissionFormat, add_submission_arguments, submission_ids,
+                                      write_submission)
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +136,11 @@ def check_data_classes(model: Model, source: Path) -> None:
         DataError: naming the model's sidecar, the data's class map and the first difference.
     """
     found = find_class_map(source) if source.is_file() else None
-    if found is not None and model.pre.class_names:
+    data_classes = read_class_map(found) if found is not None else []
+    # An empty map is an unlabelled test folder listed under its own prefix: it has no classes to disagree.
+    if data_classes and model.pre.class_names:
         check_same_classes(model.pre.class_names, f"the model's sidecar ({model.sidecar_dir})",
-                           read_class_map(found), str(found))
+                           data_classes, str(found))
 
 
 def _image_paths(source: Path, root: Optional[Path]) -> Tuple[List[Path], List[str], Optional[List[float]]]:
@@ -196,18 +202,20 @@ def iterate(model: Model, source: Path, mirror: bool = False, resize: int = -1, 
                None if labels is None else np.asarray(labels[start:start + len(chunk)], np.float32))
 
 
-def _ids(names: Sequence[str], mode: str) -> List[str]:
-    stems = [Path(n).with_suffix("").name for n in names]
-    if mode == "stem" or (mode == "auto" and len(set(stems)) == len(stems)):
-        return stems
-    if mode == "index":
-        return [str(i) for i in range(len(names))]
-    return list(names)
-
-
 def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, mirror: bool = False,
-            resize: int = -1, root: Optional[Path] = None, id_mode: str = "auto", progress: bool = True) -> dict:
-    """Write the Kaggle CSV (id + probabilities in class-map order) and the top-k CSV; return a summary."""
+            resize: int = -1, root: Optional[Path] = None, id_mode: str = "auto", progress: bool = True,
+            fmt: Optional[SubmissionFormat] = None) -> dict:
+    """Write the submission (train.predict.submission: by default id + probabilities in class-map order) and
+    the top-k CSV as one unit (recbuild.publish: both or neither replace the earlier pair; one writer per OUT);
+    return a summary. `fmt` (its id_mode wins over `id_mode`) chooses the submission's layout."""
+    out = Path(out)
+    with publish(out.with_name(out.stem)):  # OUT.csv and OUT.topk.csv, staged in OUT's folder
+        return _predict(model, source, out, top_k, mirror, resize, root, fmt or SubmissionFormat(id_mode=id_mode),
+                        progress)
+
+
+def _predict(model: Model, source: Path, out: Path, top_k: int, mirror: bool, resize: int, root: Optional[Path],
+             fmt: SubmissionFormat, progress: bool) -> dict:
     from tqdm import tqdm
     names: List[str] = []
     chunks: List[np.ndarray] = []
@@ -218,12 +226,8 @@ def predict(model: Model, source: Path, out: Path, top_k: int = DEFAULT_TOP_K, m
         bar.update(len(batch_names))
     bar.close()
     probs = np.concatenate(chunks) if chunks else np.zeros((0, len(model.class_names)), np.float32)
-    ids = _ids(names, id_mode)
-    with atomic_open(out, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id"] + model.class_names)
-        for key, row in zip(ids, probs):
-            writer.writerow([key] + [f"{p:.6g}" for p in row])
+    ids = submission_ids(names, fmt.id_mode, where=str(out))
+    write_submission(out, names, probs, model.class_names, fmt)
     k = min(top_k, len(model.class_names))
     order = np.argsort(-probs, axis=1)[:, :k]
     topk_path = out.with_name(out.stem + ".topk.csv")
@@ -329,6 +333,5 @@ def build_parser(evaluating: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="Kaggle-style CSV to write")
         p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
         p.add_argument("--root", type=Path, default=None, help="image root of a .lst (default: its folder)")
-        p.add_argument("--id", dest="id_mode", choices=("auto", "stem", "path", "index"), default="auto",
-                       help="id column: file stem (auto: when unique), relative path, or row index")
+        add_submission_arguments(p)
     return p

@@ -13,9 +13,11 @@ from typing import List, Optional
 import mxnet as mx
 
 from recbuild.atomic import write_json
+from recbuild.publish import PrefixBusy, PublishError, output_error_line
 from train.data import DataError
 from train.predict import (PredictError, build_parser, evaluate, load_model, predict, resolve_epoch,
                            trained_resize)
+from train.predict.submission import submission_format
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -42,9 +44,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{args.data}: {result['images']} images, accuracy {result['accuracy']:.4f}{topk}, "
                   f"log loss {result['log_loss']:.4f}" + (" (mirror TTA)" if args.mirror else ""))
             return 0
-        summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root, args.id_mode)
-    except (PredictError, DataError, ValueError, OSError) as err:
+        summary = predict(model, args.data, args.out, args.top_k, args.mirror, resize, args.root,
+                          fmt=submission_format(args))
+    except (PredictError, DataError, ValueError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, --out naming a folder, ...
+        print(output_error_line(err), file=sys.stderr)
         return 2
     print(f"Predicted {summary['images']} images in {time.time() - started:.1f} s: probabilities -> "
           f"{summary['csv']}, top-{args.top_k} labels -> {summary['topk_csv']}")

@@ -115,21 +115,24 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _ensemble_options(p: argparse.ArgumentParser) -> None:
+    from train.predict.submission import add_submission_arguments
     p.add_argument("--model", action="append", required=True, metavar="PREFIX:EPOCH", help="two or more")
     p.add_argument("--val", required=True, help="labelled validation .rec (the only data the weights see)")
     p.add_argument("--test", default=None, help=".rec to predict with the searched weights")
-    p.add_argument("--out", type=Path, default=None, help="Kaggle CSV of the test predictions")
+    p.add_argument("--out", type=Path, default=None, help="submission file of the test predictions")
     p.add_argument("--mirror", action="store_true", help="TTA: average each model with the mirror image")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="write the report here")
+    add_submission_arguments(p)
 
 
 def _ensemble(args: argparse.Namespace) -> int:
+    from train.predict.submission import submission_format
     from train.recipes.ensemble import format_report, parse_model, run_ensemble
     if args.out and not args.test:
         raise ValueError("--out needs --test")
     report = run_ensemble([parse_model(m) for m in args.model], args.val, args.test, args.out, args.mirror,
-                          args.batch_size, args.json)
+                          args.batch_size, args.json, submission_format(args))
     print(format_report(report))
     if "test" in report:
         print(f"Test: {report['test']['images']} images" +
@@ -138,6 +141,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _pseudo_options(p: argparse.ArgumentParser) -> None:
+    from train.predict.submission import add_submission_arguments
     from train.recipes.pseudo import DEFAULT_THRESHOLD
     p.add_argument("prefix")
     p.add_argument("epoch", type=int)
@@ -150,17 +154,23 @@ def _pseudo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="feature cache of a retrain by the feature-cache route "
                                                      "(default .cache/features)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also predict --test with the retrained model into this submission file")
+    add_submission_arguments(p)
 
 
 def _pseudo(args: argparse.Namespace) -> int:
+    from train.predict.submission import submission_format
     from train.recipes.pseudo import pseudo_label
     r = pseudo_label(args.prefix, args.epoch, args.test, args.out_prefix, args.threshold, args.data_val,
-                     args.num_epochs, args.mirror, args.batch_size, args.cache_dir)
+                     args.num_epochs, args.mirror, args.batch_size, args.cache_dir, args.out,
+                     submission_format(args))
     print(f"Pseudo-labels: added {r['added']} of {r['test_records']} test images (confidence >= {r['threshold']:g}) "
           f"to {r['train_records']} training images -> {r['pseudo_rec']}; retrained {r['retrained']}. Validation "
           f"accuracy {r['val_accuracy_before']:.4f} -> {r['val_accuracy_after']:.4f} "
           f"({r['val_accuracy_change']:+.4f}), log loss {r['val_log_loss_before']:.4f} -> "
-          f"{r['val_log_loss_after']:.4f}. Report {args.out_prefix}-pseudo.json.")
+          f"{r['val_log_loss_after']:.4f}. Report {args.out_prefix}-pseudo.json." +
+          (f" Test predictions of the retrained model -> {r['csv']}." if "csv" in r else ""))
     return 0
 
 

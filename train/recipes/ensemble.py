@@ -13,7 +13,6 @@ have the same class names in the same order (they are checked).
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from recbuild.atomic import atomic_open, write_json
+from recbuild.atomic import write_json
 from symbols.sidecar import sidecar_path
 from train.data import check_same_classes
 from train.metrics import LOG_LOSS_EPS, Tally
 from train.predict import Model, PredictError, iterate, load_model
+from train.predict.submission import SubmissionFormat, write_submission
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,9 @@ def search_weights(val_probs: Sequence[np.ndarray], val_labels: np.ndarray, step
 
 
 def run_ensemble(models: Sequence[Tuple[str, int]], val_rec, test_rec=None, out_csv=None, mirror: bool = False,
-                 batch_size: int = 32, report_json=None) -> dict:
-    """Predict val (and test) with every model, search weights on val, report, write the test CSV.
+                 batch_size: int = 32, report_json=None, fmt: Optional[SubmissionFormat] = None) -> dict:
+    """Predict val (and test) with every model, search weights on val, report, write the test submission
+    (train.predict.submission, the writer `train.predict` uses: same ids, `fmt` its layout).
 
     Returns:
         {"weights": {...}, "models": [{"model", "val_accuracy", "val_log_loss"}...], "ensemble": {...}}
@@ -145,11 +146,7 @@ def run_ensemble(models: Sequence[Tuple[str, int]], val_rec, test_rec=None, out_
         if test[0].labels is not None:
             report["test"].update(accuracy=accuracy(probs, test[0].labels))
         if out_csv is not None:
-            with atomic_open(out_csv, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["id"] + names)
-                for key, row in zip(test[0].names, probs):
-                    writer.writerow([key] + [f"{p:.6g}" for p in row])
+            write_submission(out_csv, test[0].names, probs, names, fmt or SubmissionFormat())
             report["test"]["csv"] = str(out_csv)
     if report_json is not None:
         write_json(report_json, report)

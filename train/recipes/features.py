@@ -44,7 +44,8 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.atomic import atomic_path
-from symbols.checkpoint import params_path, states_path
+from symbols.checkpoint import (CheckpointError, load_optimizer_states, params_path, save_optimizer_states,
+                                states_path)
 from symbols.head import build_head, frozen, with_lr_mults
 from symbols.sidecar import Preprocess, load_sidecar
 from train.config import RANDOM_AUGMENTATIONS, TrainConfig, config_path, load_run_config
@@ -385,7 +386,7 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
     def save(epoch: int) -> str:
         head_args, _ = module.get_params()
         publish_epoch(prefix, epoch, {**backbone_args, **head_args}, model.aux_params,
-                      module.save_optimizer_states, history, history.rows[-1])
+                      lambda path: save_optimizer_states(module, path), history, history.rows[-1])
         return str(params_path(prefix, epoch))
 
     from tqdm import tqdm
@@ -481,7 +482,10 @@ def _head_module(model: Model, cfg: TrainConfig, point: CachePoint, dim: int, he
         states = states_path(cfg.model_prefix, cfg.load_epoch)
         if not states.is_file():
             raise TrainError(f"{states}: optimizer state missing, cannot resume exactly")
-        module.load_optimizer_states(str(states))
+        try:  # our pickle-free format; MXNet's pickle only with --trust-states
+            load_optimizer_states(module, states, trust_pickle=cfg.trust_states)
+        except CheckpointError as err:
+            raise TrainError(str(err)) from None
     return module, sched
 
 

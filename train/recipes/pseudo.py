@@ -8,13 +8,15 @@
 2. OUT_PREFIX_train.rec (+ .idx, + class map) is written atomically with recbuild.recordio: every training
    record (labels and image bytes unchanged), then the kept test records (image bytes untouched, label
    replaced); keys are 0..n-1 and every header id equals its key.
-   OUT_PREFIX_pseudo.csv lists the kept test ids, labels and confidences.
+   OUT_PREFIX_pseudo.csv lists the kept test ids (the submission's ids), labels and confidences.
 3. The model is retrained with the configuration of the run that made it (PREFIX-config.json, written by
    `python -m train` and by the feature cache), with only the training .rec and the prefix changed, by the
    same route: full fine-tuning, the feature cache, or (when PREFIX-stages.json exists) the same staged
    schedule (`--num-epochs` does not apply to a schedule).
 4. Both models are evaluated on the validation .rec with the same code; the report (printed and written to
    OUT_PREFIX-pseudo.json) gives accuracy and log loss before and after, and their change.
+5. With --out, the retrained model predicts the test .rec into a submission (train.predict.submission: the
+   same ids and formats as `train.predict`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from train import config as train_config
 from train.config import TrainConfig, config_path
 from train.fit import TrainError, fit
 from train.predict import evaluate, load_model
+from train.predict.submission import SubmissionFormat, submission_ids, write_submission
 from train.recipes.ensemble import batch_for, predict_rec
 from train.recipes.sampling import remove_stale_companions, with_record_id
 
@@ -114,8 +117,10 @@ def _records_of(path: Path):
 
 def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: float = DEFAULT_THRESHOLD,
                  data_val: Optional[str] = None, num_epochs: Optional[int] = None, mirror: bool = False,
-                 batch_size: int = 32, cache_dir=None) -> dict:
-    """The whole recipe (see the module docstring); returns the report."""
+                 batch_size: int = 32, cache_dir=None, out_csv=None, fmt: Optional[SubmissionFormat] = None
+                 ) -> dict:
+    """The whole recipe (see the module docstring); returns the report. With `out_csv`, the retrained model
+    then predicts the test .rec into that submission (train.predict.submission, `fmt` its layout)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"--threshold {threshold}: must be in (0, 1]")
     cfg = load_run_config(prefix)
@@ -129,11 +134,12 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
     before = evaluate(model, Path(data_val), top_k=0)
     out_rec = Path(f"{out_prefix}_train.rec")
     added = write_pseudo_rec(cfg.data_train, test_rec, test.probs, threshold, out_rec, model.class_names)
+    test_ids = submission_ids(test.names, (fmt or SubmissionFormat()).id_mode)   # the submission's ids
     with atomic_open(f"{out_prefix}_pseudo.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "label", "confidence"])
         for i, label, conf in zip(added["kept_index"], added["kept_label"], added["kept_confidence"]):
-            writer.writerow([test.names[i], model.class_names[label], f"{conf:.6g}"])
+            writer.writerow([test_ids[i], model.class_names[label], f"{conf:.6g}"])
     log.info("pseudo-labels: %d of %d test records at confidence >= %g added to %d training records -> %s",
              added["added"], added["test_records"], threshold, added["train_records"], out_rec)
 
@@ -154,7 +160,8 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
                          class_balance=bool(resolved.get("class_balance")))
     else:
         fit(new_cfg)
-    after = evaluate(load_model(out_prefix, final_epoch, batch_size), Path(data_val), top_k=0)
+    retrained = load_model(out_prefix, final_epoch, batch_size)
+    after = evaluate(retrained, Path(data_val), top_k=0)
     report = {"model": f"{prefix}:{epoch}", "retrained": f"{out_prefix}:{final_epoch}",
               "threshold": threshold, "test": str(test_rec), "val": str(data_val),
               "train_records": added["train_records"], "test_records": added["test_records"],
@@ -162,5 +169,9 @@ def pseudo_label(prefix: str, epoch: int, test_rec, out_prefix: str, threshold: 
               "val_accuracy_before": before["accuracy"], "val_accuracy_after": after["accuracy"],
               "val_accuracy_change": after["accuracy"] - before["accuracy"],
               "val_log_loss_before": before["log_loss"], "val_log_loss_after": after["log_loss"]}
+    if out_csv is not None:
+        final = predict_rec(retrained, test_rec, mirror)
+        write_submission(out_csv, final.names, final.probs, retrained.class_names, fmt or SubmissionFormat())
+        report["csv"] = str(out_csv)
     write_json(f"{out_prefix}-pseudo.json", report)
     return report
