@@ -182,6 +182,58 @@ def init_array(name: str, shape: Tuple[int, ...], rng: np.random.RandomState) ->
     return xavier_uniform(shape, rng)
 
 
+def he_normal(shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray:
+    """He (MSRA) weights, float32: N(0, 2 / fan_in); mx.init.Xavier(rnd_type='gaussian', factor_type='in',
+    magnitude=2), what fine-tune.py's common/fit.py initialises a network with unless it is a VGG."""
+    fan_in = max(int(np.prod(shape[1:])), 1)
+    return rng.normal(0.0, np.sqrt(2.0 / fan_in), size=tuple(shape)).astype(np.float32)
+
+
+def scratch_network(symbol: mx.sym.Symbol, arg_params: Dict[str, mx.nd.NDArray],
+                    aux_params: Dict[str, mx.nd.NDArray], seed: int = 0
+                    ) -> Tuple[mx.sym.Symbol, Dict[str, mx.nd.NDArray], Dict[str, mx.nd.NDArray]]:
+    """The same network with fresh weights: the "trained from scratch" baseline of a fine-tune.
+
+    Weights are initialised as common/fit.py's default initializer does: Xavier-uniform (xavier_uniform) for
+    a VGG, He (he_normal) for anything else; biases and betas 0, gammas and Caffe Scale factors 1, moving means
+    0 and variances 1, numpy-seeded by `seed`. Every BatchNorm learns its statistics (a converted Caffe net
+    keeps them fixed, right for fine-tuning, but it would leave a random ResNet unnormalised), with MXNet's
+    default momentum 0.9: Caffe's 0.999 would keep the moving statistics near their initial values over a
+    short run. A parameter whose role its name does not tell is an error, not a guess.
+
+    Raises:
+        HeadError: naming the parameter or auxiliary state.
+    """
+    import json
+    graph = json.loads(symbol.tojson())
+    for node in graph["nodes"]:
+        if node["op"] == "BatchNorm":
+            node.setdefault("attrs", {}).update(use_global_stats="False", fix_gamma="False", momentum="0.9")
+    fresh_symbol = mx.sym.load_json(json.dumps(graph))
+    weight_init = xavier_uniform if vgg.matches(symbol) else he_normal
+    rng = np.random.RandomState(seed)
+    args, aux = {}, {}
+    for name in sorted(arg_params):
+        shape = arg_params[name].shape
+        if name.endswith("_weight") and len(shape) >= 2:
+            values = weight_init(shape, rng)
+        elif name.endswith(("_bias", "_beta")):
+            values = np.zeros(shape, np.float32)
+        elif name.endswith("_gamma") or "scale" in name:
+            values = np.ones(shape, np.float32)
+        else:
+            raise HeadError(f"cannot tell how to initialise parameter {name} from scratch (not a weight, bias, "
+                            f"beta, gamma or scale by its name)")
+        args[name] = mx.nd.array(values)
+    for name in sorted(aux_params):
+        if name.endswith(("_moving_mean", "_moving_var")):
+            fill = np.ones if name.endswith("_moving_var") else np.zeros
+            aux[name] = mx.nd.array(fill(aux_params[name].shape, np.float32))
+        else:
+            raise HeadError(f"cannot tell how to initialise auxiliary state {name} from scratch")
+    return fresh_symbol, args, aux
+
+
 def with_lr_mults(symbol: mx.sym.Symbol, mults: Dict[str, float]) -> mx.sym.Symbol:
     """A copy of `symbol` whose parameter variables carry `__lr_mult__` (those not 1).
 

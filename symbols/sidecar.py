@@ -259,6 +259,76 @@ class Preprocess:
         return cls(**{k: v for k, v in data.items() if k != "format"})
 
 
+# ---- a plain MXNet checkpoint (no sidecar): fine-tune.py's assumptions ----------------------------------------
+# MXNet's example/image-classification (1.9.1) feeds every network the same way: common/data.py's --rgb-mean and
+# --rgb-std defaults on ImageRecordIter's RGB decode, fine-tune.py's --image-shape and --layer-before-fullc
+# defaults. A checkpoint without our sidecar (a model-zoo model, any fine-tune.py output) is read under them.
+FINE_TUNE_PY_RGB_MEAN = (123.68, 116.779, 103.939)
+FINE_TUNE_PY_RGB_STD = (1.0, 1.0, 1.0)
+FINE_TUNE_PY_IMAGE_SHAPE = (3, 224, 224)
+FINE_TUNE_PY_LAYER_BEFORE_FULLC = "flatten0"
+
+
+def _classifier_of(nodes: list, heads: list) -> Tuple[str, Optional[dict]]:
+    """(name of the final SoftmaxOutput or "softmax", the FullyConnected node feeding it or None)."""
+    last = nodes[heads[0][0]] if heads else None
+    if last is None or last["op"] != "SoftmaxOutput":
+        return "softmax", None
+    source = nodes[last["inputs"][0][0]]
+    return last["name"], (source if source["op"] == "FullyConnected" else None)
+
+
+def plain_checkpoint_sidecar(symbol_json: str, image_shape: Optional[Sequence[int]] = None,
+                             rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None,
+                             layer_before_fullc: Optional[str] = None, prefix: str = "") -> Preprocess:
+    """The sidecar of a checkpoint that has none, under fine-tune.py's assumptions: RGB input, data.py's mean and
+    std (or the `rgb_mean`/`rgb_std` given), fine-tune.py's 3x224x224 (or `image_shape`), and the new head after
+    `layer_before_fullc`, else fine-tune.py's `flatten0` where the network has it, else the input of the
+    FullyConnected layer feeding the final SoftmaxOutput. `source["assumed"]` says all of it in one line.
+
+    Args:
+        symbol_json: the checkpoint's PREFIX-symbol.json text.
+        prefix: the checkpoint prefix, named in the `assumed` line.
+    """
+    graph = json.loads(symbol_json)
+    nodes = graph["nodes"]
+    output_name, fc = _classifier_of(nodes, graph.get("heads", []))
+    names = {n["name"] for n in nodes if n["op"] != "null"}
+    layer = layer_before_fullc or (FINE_TUNE_PY_LAYER_BEFORE_FULLC if FINE_TUNE_PY_LAYER_BEFORE_FULLC in names
+                                   else None)
+    feature = f"{layer}_output" if layer else None
+    if feature is None and fc is not None:
+        source = nodes[fc["inputs"][0][0]]
+        feature = source["name"] if source["op"] == "null" else f"{source['name']}_output"
+    attrs = (fc or {}).get("attrs", (fc or {}).get("param", {}))
+    num_classes = int(attrs["num_hidden"]) if "num_hidden" in attrs else None
+    mean = [float(v) for v in (rgb_mean or FINE_TUNE_PY_RGB_MEAN)]
+    std = [float(v) for v in (rgb_std or FINE_TUNE_PY_RGB_STD)]
+    shape = tuple(int(v) for v in (image_shape or FINE_TUNE_PY_IMAGE_SHAPE))
+    head = (f"new head after {feature[:-len('_output')] if feature and feature.endswith('_output') else feature}"
+            + (f" (replacing {fc['name']})" if fc is not None else ""))
+    assumed = (f"{prefix or 'checkpoint'}: a plain MXNet checkpoint (no {Path(str(prefix)).name}{SUFFIX}), read "
+               f"with fine-tune.py's assumptions: RGB, --rgb-mean {','.join(f'{v:g}' for v in mean)}, --rgb-std "
+               f"{','.join(f'{v:g}' for v in std)}, --image-shape {','.join(map(str, shape))}, {head}; pass those "
+               f"flags if it was trained otherwise")
+    return Preprocess(input_shape=shape, channel_order="RGB", mean=mean, std=std, scale=1.0,
+                      num_classes=num_classes, classifier=fc["name"] if fc is not None else None,
+                      feature_output=feature, output_name=output_name,
+                      source={"plain_checkpoint": str(prefix), "assumed": assumed})
+
+
+def declared_input_size(pre: Preprocess) -> Optional[Tuple[int, int]]:
+    """(H, W) when the model takes only that size: the converter's `source.input_sizes` with `fixed` (an
+    InnerProduct after spatial axes), found through the `parent` chain the trainer keeps; None otherwise."""
+    source = pre.source or {}
+    while isinstance(source, dict):
+        sizes = source.get("input_sizes")
+        if isinstance(sizes, dict) and sizes.get("fixed") and sizes.get("declared"):
+            return tuple(int(v) for v in sizes["declared"][-2:])
+        source = source.get("parent")
+    return None
+
+
 def sidecar_path(prefix) -> Path:
     """`PREFIX-preprocess.json` for checkpoint prefix `PREFIX`."""
     return Path(str(prefix) + SUFFIX)

@@ -1,16 +1,12 @@
 """tools/demo.py orchestration: cached/invalidated stages, failure reports, accuracy, the from-scratch init."""
-import json
 import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
-import mxnet as mx
-import numpy as np
 import pytest
 
-from tests import _deploy_fixtures as fx
 from tools import demo
 
 
@@ -126,7 +122,7 @@ def test_every_stage_hashes_the_code_it_runs(tmp_path):
     # --verify's lazy import of the OpenCV check is followed (wherever the converter keeps it)
     assert any("readNetFromCaffe" in (root / p).read_text() for p in code["convert"])
     assert {"train/__main__.py", "train/fit.py", "train/data.py", "symbols/head.py"} <= code["finetune"]
-    assert {"tools/demo.py", "symbols/checkpoint.py", "train/fit.py"} <= code["scratch"]  # write_random_init
+    assert {"train/__main__.py", "train/fit.py", "symbols/head.py"} <= code["scratch"]  # --from-scratch
     assert {"train/predict/__init__.py", "train/predict/cli.py", "train/predict/__main__.py",
             "train/data.py"} <= code["predict"] and "train/fit.py" not in code["predict"]
     assert {"tools/deploy.py", "tools/onnx_export.py", "tools/inference_graph.py", "tools/c_predict.py"} <= \
@@ -190,48 +186,6 @@ def test_accuracy_from_csv_matches_ids_by_index_or_path(tmp_path):
         demo.accuracy_from_csv(csv_file, lst, classes)
 
 
-def test_random_init_is_the_same_network_with_learned_batchnorm(tmp_path):
-    prefix = Path(fx.make_checkpoint(tmp_path / "ckpt", "resnet_like", epoch=0))
-    dst = tmp_path / "scratch" / "rand"
-    demo.write_random_init(prefix, dst)
-    src_sym, src_args, src_aux = mx.model.load_checkpoint(str(prefix), 0)
-    sym, args, aux = mx.model.load_checkpoint(str(dst), 0)
-    assert sym.list_arguments() == src_sym.list_arguments() and set(aux) == set(src_aux)
-    bns = [n for n in json.loads(sym.tojson())["nodes"] if n["op"] == "BatchNorm"]
-    assert bns and all(n["attrs"]["use_global_stats"] == "False" and n["attrs"]["momentum"] == "0.9" for n in bns)
-    for name, value in args.items():
-        assert value.shape == src_args[name].shape
-        if name.endswith("_weight"):
-            assert not np.allclose(value.asnumpy(), src_args[name].asnumpy())
-            fan_in = int(np.prod(value.shape[1:]))
-            assert abs(value.asnumpy().std() - np.sqrt(2 / fan_in)) < 0.5 * np.sqrt(2 / fan_in)  # He init
-        elif name.endswith(("_bias", "_beta")):
-            assert not value.asnumpy().any()
-        else:
-            assert (value.asnumpy() == 1).all()
-    assert all((v.asnumpy() == (1 if k.endswith("var") else 0)).all() for k, v in aux.items())
-    assert (tmp_path / "scratch" / "rand-preprocess.json").is_file()
-    # Trains: a step in training mode gives finite outputs.
-    mod = mx.mod.Module(sym, label_names=["prob_label"], context=mx.cpu())
-    mod.bind([("data", (4,) + fx.INPUT_SHAPE)], [("prob_label", (4,))])
-    mod.set_params(args, aux)
-    mod.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.05})
-    batch = mx.io.DataBatch([mx.nd.array(fx.sample_input(4))], [mx.nd.array([0, 1, 2, 3])])
-    mod.forward_backward(batch)
-    mod.update()
-    assert np.isfinite(mod.get_outputs()[0].asnumpy()).all()
-
-
-def test_random_init_refuses_unknown_parameter_roles(tmp_path):
-    prefix = Path(fx.make_checkpoint(tmp_path / "ckpt", "vgg_like", epoch=0))
-    sym, args, aux = mx.model.load_checkpoint(str(prefix), 0)
-    odd = mx.sym.broadcast_mul(sym.get_internals()["fc8_output"], mx.sym.var("temperature", shape=(1, 1)))
-    args["temperature"] = mx.nd.ones((1, 1))
-    mx.model.save_checkpoint(str(prefix), 0, mx.sym.SoftmaxOutput(odd, name="prob"), args, aux)
-    with pytest.raises(ValueError, match="parameter temperature"):
-        demo.write_random_init(prefix, tmp_path / "r")
-
-
 def _converter_parser():
     """The converter's own parser: in tools/caffe_converter.py, or tools/caffe_converter/cli.py in the package."""
     try:
@@ -280,11 +234,12 @@ def test_stage_commands_follow_the_cli_contracts(tmp_path):
     ft, sc = (parse_with_recipe(train_parser(), stages[n].commands[0][3:]) for n in ("finetune", "scratch"))
     assert (ft.pretrained_model, ft.pretrained_epoch, ft.model_prefix) == (str(cfg.model_prefix), 0,
                                                                           str(cfg.finetune_prefix))
-    assert (sc.pretrained_model, sc.pretrained_epoch, sc.model_prefix) == (str(cfg.scratch_init_prefix), 0,
+    assert (sc.pretrained_model, sc.pretrained_epoch, sc.model_prefix) == (str(cfg.model_prefix), 0,
                                                                           str(cfg.scratch_prefix))
+    assert sc.from_scratch and not ft.from_scratch
     assert ft.lr_mult == [f"{cfg.head}=5", f"{cfg.freeze}=0"] and sc.lr_mult == [f"{cfg.head}=5"]
     # Same recipe for both runs: only the start weights, the output prefix and the freezing differ.
-    differ = {"pretrained_model", "model_prefix", "lr_mult"}
+    differ = {"model_prefix", "lr_mult", "from_scratch"}
     assert {k: v for k, v in vars(ft).items() if k not in differ} == \
         {k: v for k, v in vars(sc).items() if k not in differ}
     assert (ft.num_epochs, ft.batch_size, ft.lr, ft.lr_scheduler, ft.lr_warmup_epochs) == (

@@ -375,7 +375,12 @@ def test_epoch_is_published_as_a_unit_and_the_advice_names_the_last_complete_one
     dead.wait()
     leftover = tmp_path / f".k-0002.params.{dead.pid}.part"
     leftover.write_bytes(b"\0" * 1024)
-    assert main(argv + ["--load-epoch", "1"]) == 0
+    # The old resume line (the same command plus --load-epoch) is ambiguous now that --load-epoch with
+    # --pretrained-model is fine-tune.py's pretrained epoch: refused, naming both readings.
+    assert main(argv + ["--load-epoch", "1"]) == 2
+    assert "drop --pretrained-model" in capsys.readouterr().err
+    resume = [v for v in argv if v not in ("--pretrained-model", str(data / "pre"))]
+    assert main(resume + ["--load-epoch", "1"]) == 0
     assert not leftover.exists()
     a, b = params(tmp_path / "straight-0003.params"), params(tmp_path / "k-0003.params")
     for name in a:

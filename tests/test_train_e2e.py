@@ -44,7 +44,7 @@ def test_caffe_vgg_converted_then_fine_tuned_frozen_and_resumed(tmp_path):
     for epoch in range(3, 7):
         for ext in ("params", "states"):
             (tmp_path / f"ft-{epoch:04d}.{ext}").unlink()
-    run(*common, "--load-epoch", "2")
+    run(*[v for v in common if v not in ("--pretrained-model", str(tmp_path / "vgg"))], "--load-epoch", "2")
     converted = mx.nd.load(str(tmp_path / "vgg-0000.params"))
     tuned = mx.nd.load(str(tmp_path / "ft-0006.params"))
     frozen = [k for k in converted if k.split("_")[0] in ("arg:conv1", "arg:conv2", "arg:conv3")]
@@ -96,7 +96,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert done and done[-1] < 4, "the run finished before it could be killed"
     for epoch in done:  # whatever exists is complete and loadable
         mx.nd.load(str(tmp_path / f"k-{epoch:04d}.params"))
-    run(*args, "--model-prefix", str(tmp_path / "k"), "--load-epoch", str(done[-1]))
+    resume = [v for v in args if v not in ("--pretrained-model", str(tmp_path / "pre"))]
+    run(*resume, "--model-prefix", str(tmp_path / "k"), "--load-epoch", str(done[-1]))
     a, b = mx.nd.load(str(tmp_path / "straight-0004.params")), mx.nd.load(str(tmp_path / "k-0004.params"))
     for key in a:
         np.testing.assert_allclose(b[key].asnumpy(), a[key].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=key)

@@ -8,7 +8,7 @@ Stages (each one a CLI of this project, run as a subprocess so the demo only dep
     2. pack      python -m recbuild --list ... / --resize 224 the bundled demo/images -> .lst/.rec/.idx
     3. convert   python -m tools.caffe_converter --verify     Caffe -> MXNet checkpoint + sidecar, checked by OpenCV
     4. finetune  python -m train                             frozen backbone, last stage + new 10-class head
-    5. scratch   python -m train                             the same network from random weights, same budget
+    5. scratch   python -m train --from-scratch              the same network from fresh weights, same budget
     6. predict   python -m train.predict (+ report), recbuild report   the held-out split, both models; both reports
     7. deploy    python -m tools.deploy --onnx               the bundle, checked through 4 loaders
 
@@ -29,7 +29,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -102,10 +101,6 @@ class DemoConfig:
     @property
     def model_prefix(self) -> Path:
         return self.out / "model" / "nsfw"
-
-    @property
-    def scratch_init_prefix(self) -> Path:
-        return self.out / "model" / "nsfw-random"
 
     @property
     def finetune_prefix(self) -> Path:
@@ -324,61 +319,6 @@ def run_stage(cfg: DemoConfig, stage: Stage, index: int, total: int, upstream_to
     return {**stamp, "cached": False}
 
 
-# ---- the from-scratch baseline --------------------------------------------------------------------------------
-def write_random_init(src_prefix: Path, dst_prefix: Path, seed: int = 0) -> None:
-    """The converted network with fresh weights: the "same network trained from scratch" baseline.
-
-    Every BatchNorm is switched to learn its statistics (the converted Caffe net keeps them fixed, which is
-    right for fine-tuning but would leave a randomly initialised ResNet without normalisation), with MXNet's
-    default momentum 0.9: Caffe's 0.999 would leave the moving statistics at their initial values after the
-    few hundred batches of the demo, and the baseline would be judged on statistics it never had. Weights get He
-    initialisation, biases/betas 0, gammas/scales 1, moving means 0 and variances 1. A parameter whose role
-    cannot be told from its name stops the demo rather than being guessed.
-    """
-    import mxnet as mx
-    import numpy as np
-
-    from symbols.checkpoint import load_checkpoint, save_checkpoint
-    from symbols.sidecar import copy_mean_file, load_sidecar, save_sidecar
-
-    sym, arg_params, aux_params = load_checkpoint(src_prefix, 0, "converted model")
-    graph = json.loads(sym.tojson())
-    for node in graph["nodes"]:
-        if node["op"] == "BatchNorm":
-            attrs = node.setdefault("attrs", {})
-            attrs["use_global_stats"] = "False"
-            attrs["fix_gamma"] = "False"
-            attrs["momentum"] = "0.9"
-    sym = mx.sym.load_json(json.dumps(graph))
-    mx.random.seed(seed)
-    np.random.seed(seed)
-    he = mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
-    new_args, new_aux = {}, {}
-    for name, value in arg_params.items():
-        if name.endswith("_weight"):
-            arr = mx.nd.zeros(value.shape)
-            he(mx.init.InitDesc(name), arr)
-        elif name.endswith(("_bias", "_beta")):
-            arr = mx.nd.zeros(value.shape)
-        elif name.endswith("_gamma") or re.search(r"scale", name):
-            arr = mx.nd.ones(value.shape)
-        else:
-            raise ValueError(f"{src_prefix}: cannot tell how to initialise parameter {name} from scratch")
-        new_args[name] = arr
-    for name, value in aux_params.items():
-        if name.endswith("_moving_mean"):
-            new_aux[name] = mx.nd.zeros(value.shape)
-        elif name.endswith("_moving_var"):
-            new_aux[name] = mx.nd.ones(value.shape)
-        else:
-            raise ValueError(f"{src_prefix}: cannot tell how to initialise auxiliary state {name} from scratch")
-    dst_prefix.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(dst_prefix, 0, sym, new_args, new_aux)
-    pre = copy_mean_file(load_sidecar(src_prefix), src_prefix, dst_prefix)
-    pre.source = {**(pre.source or {}), "random_init_of": str(src_prefix), "seed": seed}
-    save_sidecar(dst_prefix, pre)
-
-
 # ---- accuracy from the predictions ----------------------------------------------------------------------------
 def _labels(lst: Path) -> List[Tuple[str, int, str]]:
     """(index, first label, relative path) of each line of an im2rec .lst (recbuild's reader)."""
@@ -469,8 +409,7 @@ def build_stages(cfg: DemoConfig) -> List[Stage]:
               folder=ft.parent, inputs=[rec.parent, *checkpoint_inputs(cfg.model_prefix, 0)],
               outputs=[Path(f"{ft}-{epochs:04d}.params")]),
         Stage("scratch", f"baseline: the same network from random weights, every layer trained, {epochs} epochs",
-              func=lambda: write_random_init(cfg.model_prefix, cfg.scratch_init_prefix),
-              commands=[train_command(cfg, cfg.scratch_init_prefix, sc, None)],
+              commands=[train_command(cfg, cfg.model_prefix, sc, None) + ["--from-scratch"]],
               folder=sc.parent, inputs=[rec.parent, *checkpoint_inputs(cfg.model_prefix, 0)],
               outputs=[Path(f"{sc}-{epochs:04d}.params")]),
         Stage("predict", "predict the held-out split with both models; data-health and evaluation reports",

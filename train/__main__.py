@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return predict_main(argv)
     from recbuild.publish import PrefixBusy, PublishError, output_error_line
     from train.data import DataError
-    from train.fit import TrainError, TrainingDiverged, fit
+    from train.fit import TrainError, TrainingDiverged, fit, resolve_load_epoch
 
     parser = build_parser("python -m train", __doc__.split("\n\n")[0], COMMANDS)
     args = parse_with_recipe(parser, argv)
@@ -45,6 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = config_from_args(args)
     started = time.time()
     try:
+        cfg = resolve_load_epoch(cfg)  # --load-epoch's one rule (fine-tune.py's pretrained epoch / resume)
         result = fit(cfg)
     except (TrainError, DataError, ValueError, FileNotFoundError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -76,7 +77,7 @@ def _resume_hint(cfg) -> str:
     except Exception:  # noqa: BLE001 - advice must not mask the error it follows
         done = []
     return (f"last complete checkpoint {cfg.model_prefix}-{done[-1]:04d}.params; resume with the same command "
-            f"plus --load-epoch {done[-1]}" if done else "no epoch finished")
+            f"plus --load-epoch {done[-1]}, without --pretrained-model" if done else "no epoch finished")
 
 
 def summary(cfg, result, seconds: float) -> str:

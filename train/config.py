@@ -162,6 +162,9 @@ class TrainConfig:
     num_layers: Optional[int] = option(None, group=MODEL, parse=int,
                                        help="fit.py's depth of --network: the checkpoint's network is used "
                                             "as it is")
+    from_scratch: bool = option(False, group=MODEL, kind="on",
+                                help="new: train --pretrained-model's architecture from fresh weights (every "
+                                     "layer; fit.py's default initializer), the baseline of a fine-tune")
     # ---- data (fit.py / data.py) -------------------------------------------------------------------------
     data_train: str = option("", group=DATA, help=".rec of the training set")
     data_train_idx: str = option("", group=DATA, help="its .idx (default: the .idx beside the .rec, if any)")
@@ -323,7 +326,8 @@ class TrainConfig:
             bad("--lr must be positive")
         if self.num_classes is not None and self.num_classes < 2:
             bad("--num-classes must be at least 2")
-        if self.load_epoch is not None and not 0 < self.load_epoch < self.num_epochs:
+        if self.load_epoch is not None and not 0 < self.load_epoch < self.num_epochs:  # a resume (see
+            # train.fit.resolve_load_epoch: with --pretrained-model, --load-epoch names the pretrained epoch)
             bad(f"--load-epoch {self.load_epoch}: resumes after that epoch, so it must be in 1..{self.num_epochs - 1}"
                 f" (--num-epochs {self.num_epochs})")
         if self.image_shape is not None and len(self.image_shape) != 3:

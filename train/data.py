@@ -356,7 +356,27 @@ def describe_input(rec_path, pack: Optional[PackTransform], shape: Sequence[int]
         lines.append((logging.WARNING, f"{rec_path}: images have a short edge of {short}, smaller than the "
                                        f"{target} input: ImageRecordIter enlarges every one (blurred); re-pack with "
                                        f"`python -m recbuild --resize {max(height, width)}` or larger"))
+    elif not short and resize <= 0:
+        lines += _small_records(rec_path, max(height, width), target)
     return lines
+
+
+# Records this much smaller than the input (short edge) are enlarged enough to lose the detail a pretrained
+# model relies on (32 px CIFAR images at 224 are enlarged 7x).
+SMALL_RECORD_FACTOR = 1.5
+
+
+def _small_records(rec_path, side: int, target: str) -> List[Tuple[int, str]]:
+    """A warning when the first records (their encoded headers, nothing decoded) have a short edge more than
+    SMALL_RECORD_FACTOR below the input: packed without --resize, or by im2rec, the pack records no size."""
+    shorts = [min(size) for size in recfile.sample_sizes(rec_path, 16)]
+    if not shorts or min(shorts) * SMALL_RECORD_FACTOR >= side:
+        return []
+    return [(logging.WARNING, f"{rec_path}: the first {len(shorts)} records have a short edge of "
+                              f"{min(shorts)}-{max(shorts)} px, more than {SMALL_RECORD_FACTOR:g}x below the "
+                              f"{target} input: ImageRecordIter enlarges them up to {side / min(shorts):.1f}x "
+                              f"(blurred); pack larger images, or train at a smaller --image-shape if the model "
+                              f"allows it")]
 
 
 def _nothing_to_crop(rec_path, pack: Optional[PackTransform], resize: int, shape: Sequence[int]) -> bool:

@@ -31,8 +31,9 @@ from recbuild.publish import publish, writer_lock
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
 from symbols.head import (HeadError, find_head, fine_tune_names, frozen, parse_lr_mult, replace_head,
-                          resolve_lr_mults, to_float16, with_lr_mults)
-from symbols.sidecar import Preprocess, copy_mean_file, has_sidecar, load_sidecar, save_sidecar, sidecar_path
+                          resolve_lr_mults, scratch_network, to_float16, with_lr_mults)
+from symbols.sidecar import (Preprocess, copy_mean_file, declared_input_size, has_sidecar, load_sidecar,
+                             plain_checkpoint_sidecar, save_sidecar, sidecar_path)
 from symbols.vgg import HeadSpec
 from train.config import (AUGMENT, MOMENTUM_OPTIMIZERS, TrainConfig, active_augmentations,
                           config_path, flag_of, load_run_config, parse_gpus, poly_power, recipe_values, step_epochs,
@@ -255,10 +256,18 @@ def load_checkpoint(prefix: str, epoch: int, what: str):
 def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int,
                   image_shape: Optional[Sequence[int]] = None, layer_before_fullc: Optional[str] = None,
                   hidden: int = 0, hidden_dropout: float = 0.5, seed: int = 0, dtype: str = "float32",
-                  keep_head_names: bool = False, initializer: Optional[mx.init.Initializer] = None) -> Prepared:
-    """Load a converted checkpoint and its sidecar and give it a new `num_classes` head, named as fine-tune.py
-    names it (`fc` -> `softmax`, label `softmax_label`) unless `keep_head_names`; `initializer` draws its
-    weights (None: symbols.head's seeded Xavier-uniform)."""
+                  keep_head_names: bool = False, initializer: Optional[mx.init.Initializer] = None,
+                  rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None,
+                  from_scratch: bool = False) -> Prepared:
+    """Load a pretrained checkpoint and give it a new `num_classes` head, named as fine-tune.py names it (`fc` ->
+    `softmax`, label `softmax_label`) unless `keep_head_names`; `initializer` draws its weights (None:
+    symbols.head's seeded Xavier-uniform).
+
+    Its sidecar says how it is fed; a plain MXNet checkpoint (no sidecar: a model-zoo model, a fine-tune.py
+    output) is read under fine-tune.py's assumptions (symbols.sidecar.plain_checkpoint_sidecar, with the
+    `image_shape`/`rgb_mean`/`rgb_std`/`layer_before_fullc` given), said in one log line. `from_scratch` keeps
+    the architecture and re-initialises every weight (symbols.head.scratch_network).
+    """
     looked_for = [checkpoint.symbol_path(pretrained_model), checkpoint.params_path(pretrained_model, pretrained_epoch),
                   sidecar_path(pretrained_model)]
     if not any(path.exists() for path in looked_for):  # a wrong path, not an unconverted model
@@ -266,22 +275,63 @@ def prepare_model(pretrained_model: str, pretrained_epoch: int, num_classes: int
         raise TrainError(f"--pretrained-model {pretrained_model}: no such checkpoint: none of "
                          f"{', '.join(p.name for p in looked_for)} exists in {folder}"
                          + ("" if folder.is_dir() else " (the folder does not exist)"))
-    if not has_sidecar(pretrained_model):
-        raise TrainError(f"{sidecar_path(pretrained_model)}: no preprocessing sidecar beside the pretrained model; "
-                         f"convert it with `python -m tools.caffe_converter`")
-    pre = load_sidecar(pretrained_model)
     sym, args, aux = load_checkpoint(pretrained_model, pretrained_epoch, "pretrained")
+    if has_sidecar(pretrained_model):
+        pre = load_sidecar(pretrained_model)
+    else:
+        pre = plain_checkpoint_sidecar(sym.tojson(), image_shape, rgb_mean, rgb_std, layer_before_fullc,
+                                       prefix=str(pretrained_model))
+        log.info("%s", pre.source["assumed"])
+        if pre.classifier is None and not layer_before_fullc:
+            layer_before_fullc = pre.feature_output
     shape = tuple(image_shape or pre.input_shape)
     try:
         spec = find_head(sym, pre.classifier, pre.feature_output, pre.output_name, layer_before_fullc)
         if not keep_head_names:
             spec = fine_tune_names(sym, spec)
+        if from_scratch:
+            sym, args, aux = scratch_network(sym, args, aux, seed)
         head = replace_head(sym, args, aux, shape, num_classes, spec, hidden, hidden_dropout, seed, dtype,
                             initializer)
     except HeadError as err:
         raise TrainError(f"{pretrained_model}: {err}") from None
     return Prepared(head.symbol, head.arg_params, head.aux_params, head.spec, pre,
                     Path(str(pretrained_model)).parent, head.new_params, head.dropped)
+
+
+def check_preprocessing(pre: Preprocess, cfg: TrainConfig) -> None:
+    """Start-up lines for the settings that silently change what a pretrained model sees (issue 22): a
+    --rgb-mean/--rgb-std other than the sidecar's (logged; a warning when it is the sidecar's in reverse
+    channel order, the RGB/BGR mix-up), and an --image-shape other than a fixed-size model's declared size."""
+    where = cfg.pretrained_model
+    order = slice(None, None, -1) if pre.channel_order == "BGR" else slice(None)
+    for flag, given, own in (("--rgb-mean", cfg.rgb_mean, pre.mean), ("--rgb-std", cfg.rgb_std, pre.std)):
+        if given is None or pre.source.get("plain_checkpoint"):  # a plain checkpoint's sidecar is the flags
+            continue
+        if isinstance(own, str):
+            log.info("%s %s replaces %s's mean image %s", flag, _numbers(given), where, own)
+            continue
+        ours = pre.per_channel(given, flag)
+        theirs = pre.per_channel(own, flag)[order] if own is not None else [0.0 if "mean" in flag else 1.0] * 3
+        if np.allclose(ours, theirs, atol=1e-3):
+            continue
+        if np.allclose(ours, theirs[::-1], atol=0.5):
+            log.warning("%s %s is %s's own %s in reverse (B,G,R) order: the flag takes R,G,B, so the model's "
+                        "own is %s; drop the flag to use it", flag, _numbers(given), where, flag[6:],
+                        _numbers(theirs))
+        else:
+            log.info("%s %s (R,G,B) replaces %s's %s %s", flag, _numbers(given), where, flag[6:],
+                     _numbers(theirs))
+    declared = declared_input_size(pre)
+    if cfg.image_shape is not None and declared is not None and tuple(cfg.image_shape[1:]) != declared:
+        log.warning("--image-shape %s: %s takes only %dx%d (its sidecar's source.input_sizes: fixed); at %dx%d "
+                    "its layers see another scale than they were trained at and the new head is sized for it; "
+                    "pack at %d and drop --image-shape unless this is meant", _numbers(cfg.image_shape), where,
+                    *declared, *cfg.image_shape[1:], max(declared))
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)
 
 
 def trained_sidecar(prepared: Prepared, cfg: TrainConfig, prefix: str, shape: Sequence[int], classes: ClassInfo,
@@ -325,9 +375,15 @@ def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
                              cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
                              keep_head_names=cfg.keep_head_names,
-                             initializer=make_initializer(cfg.initializer, cfg.network))
+                             initializer=make_initializer(cfg.initializer, cfg.network),
+                             rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std, from_scratch=cfg.from_scratch)
+    if cfg.from_scratch:
+        log.info("--from-scratch: %s's architecture with fresh weights in every layer (seed %d); its pretrained "
+                 "weights are not used", cfg.pretrained_model, cfg.seed)
+    check_preprocessing(prepared.pre, cfg)
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
-    pre = trained_sidecar(prepared, cfg, prefix, shape, classes)
+    pre = trained_sidecar(prepared, cfg, prefix, shape, classes,
+                          **({"from_scratch": True} if cfg.from_scratch else {}))
     sidecar_dir = Path(prefix).parent if isinstance(prepared.pre.mean, str) else prepared.sidecar_dir
     return Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec, pre, sidecar_dir,
                  prepared.new_params, shape, prepared.dropped)
@@ -349,6 +405,41 @@ def _resumed_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
 
 
 # ---- what every training route settles first ------------------------------------------------------------------
+def resolve_load_epoch(cfg: TrainConfig) -> TrainConfig:
+    """The command line's --load-epoch, one rule (docs/training.md):
+
+    - with --pretrained-model P, `--load-epoch N` names the pretrained epoch, as in fine-tune.py: the run starts
+      from P-NNNN.params with a new head (the same as --pretrained-epoch N);
+    - without --pretrained-model, `--load-epoch N` resumes the run at --model-prefix from its epoch N (weights,
+      optimizer state, schedule; the run's other options are checked against PREFIX-config.json).
+
+    Returns the config in the trainer's terms (pretrained_epoch, and load_epoch for a resume only).
+
+    Refused, each with a one-line reason: P is the --model-prefix itself (fine-tune.py's way of continuing a
+    run: a new head on the run, or a resume of it?); --model-prefix already has its own epoch N (the old "same
+    command plus --load-epoch N" resume; --overwrite says "start afresh"); --pretrained-epoch names another
+    epoch.
+    """
+    if cfg.load_epoch is None or not cfg.pretrained_model:
+        return cfg
+    if cfg.model_prefix and Path(cfg.pretrained_model).resolve() == Path(cfg.model_prefix).resolve():
+        raise TrainError(f"--pretrained-model and --model-prefix are both {cfg.model_prefix}: to resume that run "
+                         f"with its optimizer state, drop --pretrained-model (--model-prefix {cfg.model_prefix} "
+                         f"--load-epoch {cfg.load_epoch}); to start a new run from its epoch {cfg.load_epoch}, "
+                         f"choose another --model-prefix")
+    own = checkpoint.params_path(cfg.model_prefix, cfg.load_epoch) if cfg.model_prefix else None
+    if own is not None and own.is_file() and not cfg.overwrite:
+        raise TrainError(f"--load-epoch {cfg.load_epoch} with --pretrained-model starts a new run from "
+                         f"{checkpoint.params_path(cfg.pretrained_model, cfg.load_epoch)} (fine-tune.py's meaning), "
+                         f"but this run's {own} exists: to resume it, drop --pretrained-model; to start afresh, "
+                         f"pass --overwrite or another --model-prefix")
+    if cfg.pretrained_epoch not in (0, cfg.load_epoch):
+        raise TrainError(f"--load-epoch {cfg.load_epoch} and --pretrained-epoch {cfg.pretrained_epoch} name two "
+                         f"epochs of {cfg.pretrained_model}: with --pretrained-model, --load-epoch is the "
+                         f"pretrained epoch (fine-tune.py's meaning); give one of them")
+    return replace(cfg, pretrained_epoch=cfg.load_epoch, load_epoch=None)
+
+
 def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     """Validate `cfg`, check the data's classes, remove dead runs' `.part` files and check that a fresh run
     does not overwrite checkpoints."""
@@ -524,7 +615,7 @@ def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: 
     Raises:
         TrainingDiverged: a weight is not finite; nothing is written.
     """
-    bad = [n for n, v in list(args.items()) + list(aux.items()) if not np.isfinite(v.asnumpy()).all()]
+    bad = [n for n, v in list(args.items()) + list(aux.items()) if not all_finite(v)]
     if bad:
         raise TrainingDiverged(f"weights became non-finite in epoch {epoch} ({bad[0]}...); not writing "
                                f"{checkpoint.params_path(prefix, epoch)}; lower --lr")
@@ -534,6 +625,33 @@ def publish_epoch(prefix: str, epoch: int, args: Dict[str, mx.nd.NDArray], aux: 
         # PREFIX-metrics.json/.csv and the .params join the unit through recbuild.atomic's staging hook.
         history.append(row)
         checkpoint.save_params(checkpoint.params_path(prefix, epoch), args, aux)
+
+
+# Elements per slice when checking weights on the device. asnumpy() of a whole VGG16 fc6 weight is a 411 MB host
+# copy plus a 103 MB mask (this check once set the run's peak memory above stock Module.fit's, and took 6 s);
+# x * 0 is 0 for a finite x and NaN for NaN/inf, so the sum of a slice times 0 is finite exactly when every
+# element is, and its 16 MB temporary comes from MXNet's memory pool.
+_FINITE_SLICE = 1 << 22
+
+
+def all_finite(array: mx.nd.NDArray) -> bool:
+    """Whether every element is finite, computed on the array's device; one scalar per slice reaches the host."""
+    flat = array.reshape((-1,))
+    sums = [mx.nd.sum(flat[i:i + _FINITE_SLICE] * 0) for i in range(0, flat.shape[0], _FINITE_SLICE)]
+    return bool(np.isfinite(mx.nd.concat(*sums, dim=0).asnumpy()).all()) if sums else True
+
+
+def current_params(module: mx.mod.Module) -> Tuple[Dict[str, mx.nd.NDArray], Dict[str, mx.nd.NDArray]]:
+    """The weights to checkpoint. On one float32 device they are the executor's own arrays, read in place:
+    Module.get_params copies each one to the CPU, divides it by the device count and casts it, three
+    temporaries per weight (1.2 GB at VGG16's fc6) for an average of one. Otherwise Module.get_params."""
+    executors = module._exec_group.execs  # noqa: SLF001 - Module's executor group, one executor per device
+    arg_dict, aux_dict = executors[0].arg_dict, executors[0].aux_dict
+    names = module._param_names + module._aux_names  # noqa: SLF001
+    if len(executors) != 1 or any({**arg_dict, **aux_dict}[n].dtype != np.float32 for n in names):
+        return module.get_params()
+    return ({n: arg_dict[n] for n in module._param_names},  # noqa: SLF001
+            {n: aux_dict[n] for n in module._aux_names})  # noqa: SLF001
 
 
 def log_epoch(epoch_index: int, row: dict, phase: str, losses: str = "") -> None:
@@ -800,7 +918,7 @@ class _Loop:
         if (epoch + 1) % self.cfg.save_period and epoch + 1 < self.cfg.num_epochs:
             self.history.rows.append(row)   # kept for the next published epoch's metrics files
             return last_good
-        args, aux = self.module.get_params()
+        args, aux = current_params(self.module)
         publish_epoch(self.prefix, epoch + 1, args, aux, self.write_states if self.with_states else None,
                       self.history, row)
         log.info('Saved checkpoint to "%s"', checkpoint.params_path(self.prefix, epoch + 1))
@@ -834,6 +952,9 @@ class _Loop:
                 pending = current
             if pending is not None:
                 meter.consume(*pending)
+            # The epoch's clock stops when its last update has run, not when it was queued: Module.fit's does (its
+            # iterator waits for the data buffer the last backward reads), and the checkpoint waits for it anyway.
+            mx.nd.waitall()
         finally:
             if bar is not None:
                 bar.close()
@@ -926,6 +1047,9 @@ def _fit(cfg: TrainConfig, ctx, kvstore, restart_optimizer: bool, epoch_train_re
     carried = guard_resume(cfg, len(ctx), epoch_size, begin_num_update, check=not restart_optimizer)
     check_optimizer(cfg.optimizer, {n: tuple(v.shape) for n, v in model.arg_params.items() if n not in fixed})
     module = _bind(model, cfg, ctx, mults)
+    # Module.init_params copied the weights into the module; the loaded ones would be a third copy held for
+    # the whole run (528 MB for VGG16, what put the peak above stock Module.fit's).
+    model.arg_params, model.aux_params = {}, {}
     monitor = None
     if cfg.monitor > 0:
         monitor = mx.mon.Monitor(cfg.monitor, pattern=".*")

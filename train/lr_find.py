@@ -104,7 +104,8 @@ def _model(cfg, num_classes: int):
         return symbol, args, aux, pre.output_name, pre, Path(cfg.model_prefix).parent
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, num_classes, cfg.image_shape,
                              cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
-                             keep_head_names=cfg.keep_head_names)
+                             keep_head_names=cfg.keep_head_names, rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std,
+                             from_scratch=cfg.from_scratch)
     return (prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec.output_name, prepared.pre,
             prepared.sidecar_dir)
 
@@ -235,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recbuild.html_report import write_png
     from train.config import config_from_args
     from train.data import DataError
-    from train.fit import TrainError
+    from train.fit import TrainError, resolve_load_epoch
     from train.config import parse_with_recipe
     a = parse_with_recipe(build_parser(), sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -247,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: --num-batches must be at least 5", file=sys.stderr)
         return 2
     try:
-        result = lr_find(cfg, a.start_lr, a.end_lr, a.num_batches, a.diverge, progress=a.progress)
+        result = lr_find(resolve_load_epoch(cfg), a.start_lr, a.end_lr, a.num_batches, a.diverge, progress=a.progress)
     except (TrainError, DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

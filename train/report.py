@@ -298,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ctx = [mx.gpu(i) for i in a.gpus] or None
     try:
         epoch = resolve_epoch(a.prefix, a.epoch)
-        model = load_model(a.prefix, epoch, a.batch_size, ctx, a.classes)
+        model = load_model(a.prefix, epoch, a.batch_size, ctx, a.classes, a.image_shape, a.rgb_mean, a.rgb_std)
         resize = a.resize if a.resize > 0 else trained_resize(a.prefix)
         result = make_report(model, a.data, a.out, a.top_k, a.mirror, resize, a.top_losses,
                              f"Evaluation report: {Path(a.prefix).name}-{epoch:04d} on {a.data.name}")

@@ -34,8 +34,8 @@ from recbuild.classmap import find_class_map, read_class_map
 from recbuild.listing import Entry, ListError, read_list
 from symbols.checkpoint import CheckpointError, load_checkpoint, resolve_epoch  # noqa: F401 (cli, report use it)
 from symbols.classes import ClassNamesError, model_class_names
-from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, sidecar_path
-from train.config import checked_type, parse_gpus
+from symbols.sidecar import Preprocess, has_sidecar, load_sidecar, plain_checkpoint_sidecar, sidecar_path
+from train.config import checked_type, parse_floats, parse_gpus, parse_ints
 from train.data import DataError, check_same_classes, load_raw_image, record_count, record_iter, scan_headers
 from train.metrics import Tally
 from train.predict.submission import (SubmissionFormat, add_submission_arguments, submission_ids,
@@ -64,8 +64,13 @@ class Model:
 
 
 def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Optional[List[mx.Context]] = None,
-               classes_file: Optional[str] = None) -> Model:
+               classes_file: Optional[str] = None, image_shape: Optional[Sequence[int]] = None,
+               rgb_mean: Optional[Sequence[float]] = None, rgb_std: Optional[Sequence[float]] = None) -> Model:
     """Load PREFIX-symbol.json + PREFIX-EPOCH.params with stock Module and the sidecar.
+
+    A plain MXNet checkpoint (no sidecar: a model-zoo model, a fine-tune.py output) is read under fine-tune.py's
+    assumptions (symbols.sidecar.plain_checkpoint_sidecar; `image_shape`, `rgb_mean`, `rgb_std` override
+    them), said in one log line; with a sidecar those three must not be given (the sidecar says how).
 
     Class names have one source of truth per thing named: the sidecar's `class_names` for a model (the trainer
     writes them), the class map `PREFIX.classes.json` for a data set. `classes_file` (a class map, or a
@@ -76,10 +81,16 @@ def load_model(prefix: str, epoch: int, batch_size: int = DEFAULT_BATCH, ctx: Op
         sym, args, aux = load_checkpoint(prefix, epoch, "checkpoint")
     except CheckpointError as err:
         raise PredictError(str(err)) from None
-    if not has_sidecar(prefix):
-        raise PredictError(f"{sidecar_path(prefix)}: missing; predict needs the preprocessing sidecar that "
-                           f"`python -m train` writes beside its checkpoints")
-    pre = load_sidecar(prefix)
+    if has_sidecar(prefix):
+        given = [flag for flag, value in (("--image-shape", image_shape), ("--rgb-mean", rgb_mean),
+                                          ("--rgb-std", rgb_std)) if value]
+        if given:
+            raise PredictError(f"{' '.join(given)}: {sidecar_path(prefix)} says how this model is fed; those flags "
+                               f"are for a plain checkpoint without a sidecar")
+        pre = load_sidecar(prefix)
+    else:
+        pre = plain_checkpoint_sidecar(sym.tojson(), image_shape, rgb_mean, rgb_std, prefix=str(prefix))
+        log.warning("%s", pre.source["assumed"])  # predict logs warnings only; this must be seen
     # The training symbol ends in SoftmaxOutput: name its label so Module does not take it for a weight.
     labels = [n for n in sym.list_arguments() if n == f"{pre.output_name}_label"]
     module = mx.mod.Module(sym, data_names=["data"], label_names=labels or None, context=ctx or [mx.cpu()])
@@ -299,6 +310,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=-1,
                    help="shorter side before the centre crop (default: the training run's --resize)")
     p.add_argument("--gpus", type=checked_type(parse_gpus), default=[], help="e.g. 0 (default CPU)")
+    p.add_argument("--image-shape", type=checked_type(parse_ints), default=None, metavar="C,H,W",
+                   help="a plain checkpoint (no sidecar) only: its input (default fine-tune.py's 3,224,224)")
+    p.add_argument("--rgb-mean", type=checked_type(parse_floats), default=None, metavar="R,G,B",
+                   help="a plain checkpoint only: the mean (default fine-tune.py's 123.68,116.779,103.939)")
+    p.add_argument("--rgb-std", type=checked_type(parse_floats), default=None, metavar="R,G,B",
+                   help="a plain checkpoint only: the std (default fine-tune.py's 1,1,1)")
     p.add_argument("--classes", default=None,
                    help="class map (or a .lst/.rec beside one) naming the columns of a model whose sidecar has "
                         "no class names; for a model that has them it must agree")

@@ -32,7 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     try:
         epoch = resolve_epoch(args.prefix, args.epoch)
-        model = load_model(args.prefix, epoch, args.batch_size, ctx, args.classes)
+        model = load_model(args.prefix, epoch, args.batch_size, ctx, args.classes, args.image_shape,
+                           args.rgb_mean, args.rgb_std)
         resize = args.resize if args.resize > 0 else trained_resize(args.prefix)
         if evaluating:
             result = evaluate(model, args.data, args.top_k, args.mirror, resize)
