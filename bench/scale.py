@@ -16,7 +16,7 @@ order. Ratios are paired within a round, then the median and the full range over
 
 The wall time of every arm is split by least squares into start-up, start-up per record, per-epoch fixed cost
 and per-batch cost (bench/_trainruns.py: fit_costs) from the runs at two sizes and two epoch counts. Then, for
-the README's scale notes: the reading rate of ImageRecordIter alone on the small records and on 224-px records,
+the scale notes in docs/benchmarks.md: the reading rate of ImageRecordIter alone on the small records and on 224-px records,
 and each arm's peak RSS at each size.
 
 `--vgg16-memory` instead measures only the real VGG16 at 224 (random weights, symbols/vgg.py): each arm's peak

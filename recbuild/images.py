@@ -1,6 +1,6 @@
 """Decode -> center crop -> resize -> encode for one image, with the guards that make bad files reportable.
 
-Choices (documented in the README):
+Choices (documented in docs/packing.md):
 - EXIF orientation is applied (OpenCV's default, so im2rec.py, which uses cv2.imread, does the same): a photo
   is packed the way a viewer shows it.
 - Large JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8) when the reduced image keeps a short edge

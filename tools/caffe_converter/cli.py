@@ -22,7 +22,7 @@ from tools.caffe_converter.errors import CaffeFormatError, ConversionError, Unsu
 from tools.caffe_converter.opencv_check import DEFAULT_TOLERANCE  # numpy only: OpenCV is imported when used
 
 # What `import mxnet` pulls in only because it is installed (mxnet.image/recordio try cv2, mxnet.onnx tries onnx)
-# and a conversion never uses; a conversion without --verify imports neither (README, converter figures).
+# and a conversion never uses; a conversion without --verify imports neither (docs/benchmarks.md, converter figures).
 OPTIONAL_MXNET_IMPORTS = ("cv2", "onnx")
 
 
