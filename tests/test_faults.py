@@ -263,9 +263,11 @@ def train_data(tmp_path_factory):
 
 
 def _train_args(data: Path, prefix: Path, epochs: int, *extra) -> list:
-    return ["--pretrained-model", str(data / "pre"), "--data-train", str(data / "set_train.rec"),
-            "--model-prefix", str(prefix), "--num-epochs", str(epochs), "--batch-size", "8", "--lr", "0.05",
-            "--no-progress", "--top-k", "0", *extra]
+    """A fresh run from the pretrained model; with --load-epoch a resume of PREFIX, which names no
+    --pretrained-model (with one, --load-epoch is fine-tune.py's pretrained epoch)."""
+    start = [] if "--load-epoch" in extra else ["--pretrained-model", str(data / "pre")]
+    return start + ["--data-train", str(data / "set_train.rec"), "--model-prefix", str(prefix), "--num-epochs",
+                    str(epochs), "--batch-size", "8", "--lr", "0.05", "--no-progress", "--top-k", "0", *extra]
 
 
 def _whole_epochs(prefix: Path) -> list:

@@ -219,14 +219,15 @@ def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp
     assert splits["train"]["class_counts"] == [5, 5, 5] and splits["val"]["class_counts"] == [1, 1, 1]
     assert not [p for p in report["pairs"] if {p["a"]["split"], p["b"]["split"]} == {"test", "test (folder)"}]
 
-    # A ResNet from scratch in the post; here the small net's random weights (switch to --from-scratch once the
-    # trainer has it), normalised with the training images' own per-channel mean and std.
+    # A ResNet from scratch in the post; here the small net's architecture with --from-scratch, normalised with
+    # the training images' own per-channel mean and std.
     pixels = np.stack([cv2.imread(str(tmp_path / "train" / f"{i}.png"))[:, :, ::-1] for i in labels]).reshape(-1, 3)
     mean, std = (",".join(f"{v:.3f}" for v in a) for a in (pixels.mean(0), pixels.std(0)))
     base = small_net_checkpoint(tmp_path / "resnet", num_classes=3, channel_order="RGB")
     assert train_main(["--pretrained-model", str(base), "--data-train", f"{out}_train.rec", "--data-val",
                        f"{out}_val.rec", "--model-prefix", str(tmp_path / "cifar-net"), "--num-epochs", "1",
-                       "--mom", "0.9", "--wd", "5e-4", "--rgb-mean", mean, "--rgb-std", std, *FAST]) == 0
+                       "--from-scratch", "--mom", "0.9", "--wd", "5e-4", "--rgb-mean", mean, "--rgb-std", std,
+                       *FAST]) == 0
     for source, name in ((f"{out}_test.rec", "rec.csv"), (str(tmp_path / "test"), "folder.csv")):
         assert predict_main([str(tmp_path / "cifar-net"), "1", source, "--out", str(tmp_path / name),
                              "--format", "label", "--sort", "numeric"]) == 0
@@ -245,7 +246,6 @@ def test_kaggle_cifar10_numbered_ids_pack_test_from_test_and_submit_id_label(tmp
 # ---- 5. Food: train/<class>/ and test/<class>/, fine-tuning against the same net from scratch -------------------
 @pytest.mark.slow
 def test_food_fine_tuning_against_scratch_compares_test_accuracy_per_epoch(tmp_path):
-    from tools.demo import write_random_init
     classes = ["bread", "dessert", "soup"]
     rng = np.random.RandomState(8)
     for split, per_class in (("train", 6), ("test", 3)):
@@ -259,11 +259,10 @@ def test_food_fine_tuning_against_scratch_compares_test_accuracy_per_epoch(tmp_p
         _recbuild("--list", "--recursive", "--train-ratio", "1.0", prefix, tmp_path / "food" / split)
         _recbuild("--resize", "20", "--num-thread", "1", "--no-progress", prefix, tmp_path / "food" / split)
     base = small_net_checkpoint(tmp_path / "resnet", num_classes=3, channel_order="RGB")
-    write_random_init(base, tmp_path / "resnet-random")     # switch to --from-scratch once the trainer has it
     common = ["--data-train", str(tmp_path / "food_train.rec"), "--data-val", str(tmp_path / "food_test.rec"),
               "--random-resized-crop", "1", "--random-mirror", "1", "--lr", "0.01", "--wd", "0.001",
               "--num-epochs", "2", *FAST]
-    runs = (("ft", base, ["--lr-mult", "^fc_=10"]), ("scratch", tmp_path / "resnet-random", []))
+    runs = (("ft", base, ["--lr-mult", "^fc_=10"]), ("scratch", base, ["--from-scratch"]))
     for name, pretrained, extra in runs:
         assert train_main(["--pretrained-model", str(pretrained), "--model-prefix", str(tmp_path / name), *extra,
                            *common]) == 0
