@@ -335,6 +335,22 @@ def test_overwrite_removes_the_whole_earlier_run(tmp_path, train_data):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_resume_from_an_earlier_epoch_is_refused_while_later_epochs_stand(tmp_path, train_data, capsys):
+    """Resuming from epoch 2 beside epochs 3-4 would have `latest` pair an epoch of the old trajectory with the
+    new run's metrics until the new run overwrote it: refused in one line, nothing written."""
+    from train.__main__ import main
+    prefix = tmp_path / "r"
+    assert main(_train_args(train_data, prefix, 4)) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(_train_args(train_data, prefix, 4, "--load-epoch", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "r-0004.params exists" in err and "epochs 3, 4" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert main(_train_args(train_data, prefix, 5, "--load-epoch", "4")) == 0   # the last one resumes
+    assert _whole_epochs(prefix) == [1, 2, 3, 4, 5]
+
+
 def test_a_second_trainer_is_refused_naming_the_first_and_predict_reads_meanwhile(tmp_path, train_data, capsys):
     from train.__main__ import main
     prefix = tmp_path / "r"

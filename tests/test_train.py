@@ -133,13 +133,16 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     assert set(a) == set(b)
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    # ... the resume needs the saved momentum: without it, it refuses rather than silently restarting it.
-    (tmp_path / "split-0002.states").unlink()
-    with pytest.raises(TrainError, match="optimizer state missing"):
-        fit(config(data, tmp_path / "split", load_epoch=2, **common))
     rows = json.loads((tmp_path / "split-metrics.json").read_text())["epochs"]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert [r["num_update"] for r in rows] == [10, 20, 30, 40]
+    # ... the resume needs the saved momentum: without it, it refuses rather than silently restarting it
+    # (epochs 3-4 moved away first: a resume beside later epochs is refused before that).
+    for f in ("split-0002.states", "split-0003.params", "split-0003.states", "split-0004.params",
+              "split-0004.states"):
+        (tmp_path / f).unlink()
+    with pytest.raises(TrainError, match="optimizer state missing"):
+        fit(config(data, tmp_path / "split", load_epoch=2, **common))
 
 
 def test_resume_with_cosine_schedule_and_adam(data, tmp_path):

@@ -452,6 +452,12 @@ def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
     if cfg.load_epoch is None and done and not cfg.overwrite:
         raise TrainError(f"{checkpoint.params_path(prefix, done[-1])} exists: resume with --load-epoch "
                          f"{done[-1]}, or pass --overwrite, or choose another --model-prefix")
+    later = [e for e in checkpoint.list_epochs(prefix) if cfg.load_epoch is not None and e > cfg.load_epoch]
+    if later:  # their epochs would stand beside the resumed run's until overwritten: `latest` would mix the two
+        raise TrainError(f"{checkpoint.params_path(prefix, later[-1])} exists: resuming from epoch "
+                         f"{cfg.load_epoch} would leave epochs {', '.join(map(str, later))} of the earlier "
+                         f"trajectory beside the new ones; resume with --load-epoch {later[-1]}, or move those "
+                         f"epochs away, or resume into another --model-prefix")
     return classes
 
 
