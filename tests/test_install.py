@@ -36,7 +36,8 @@ def test_every_module_that_imports_mxnet_gets_the_aliases_first():
     """Each package holding a module that imports mxnet imports the compat module in its __init__ (which Python
     runs before any of its modules); the tests get it from conftest.py, stock scripts through a wrapper."""
     packages = {p.relative_to(ROOT).parts[0] for p in ROOT.glob("*/**/*.py")
-                if p.relative_to(ROOT).parts[0] not in ("tests", "demo") and ".venv" not in p.parts
+                if p.relative_to(ROOT).parts[0] not in ("tests", "demo")
+                and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)  # .venv*, .cache
                 and _imports_mxnet(p)}
     assert {"symbols", "train", "tools", "bench"} <= packages and "recbuild" not in packages
     for package in sorted(packages | {"tests/conftest.py"}):
