@@ -1,7 +1,7 @@
 # mxtransfer: paths and targets only. Hyper-parameters live in the CLIs' defaults (train/config.py etc.).
 #   make demo      the whole pipeline on the bundled default set and the open_nsfw Caffe model
 #   make test      installs .venv and runs the test suite (Python 3.8 to 3.12; make install PYTHON=python3.12)
-#   make test-py312  the suite's fast part on Python 3.12, in .venv-py312 (CI runs it too)
+#   make test-py312  the whole suite on Python 3.12, in .venv-py312 (CI runs it too)
 SHELL := /bin/bash
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -83,13 +83,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
-# The suite on Python 3.12 in a venv of its own (numpy 1.26, numpy's aliases restored by symbols/mxnet_compat.py),
-# by default its fast part, as CI runs it after `make test`; PYTEST312= runs all of it. PYTHON312:
+# The whole suite on Python 3.12 in a venv of its own (numpy 1.26, numpy's aliases restored by
+# symbols/mxnet_compat.py), as CI runs it after `make test`; PYTEST312='-m "not slow"' runs its fast part. PYTHON312:
 # pyenv's newest 3.12, else a python3.12 on PATH that runs (pyenv's shim runs only when 3.12 is selected).
 PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null || echo $${PYENV_ROOT:-$$HOME/.pyenv})/versions/3.12*/bin/python3.12 2>/dev/null | \
                 sort -rV) python3.12; do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 VENV312   ?= .venv-py312
-PYTEST312 ?= -m "not slow"
+PYTEST312 ?=
 
 test-py312:
 	$(if $(PYTHON312),,$(error test-py312: no python3.12 found; pass PYTHON312=/path/to/python3.12 (pyenv install 3.12)))
