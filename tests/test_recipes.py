@@ -11,7 +11,10 @@
 """
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -213,6 +216,21 @@ def test_features_cli_trains_and_refuses_augmentation_it_cannot_hold(data, capsy
     # Existing checkpoints are never overwritten silently.
     assert recipes_main([*common, "--model-prefix", str(data / "ok")]) == 2
     assert "--load-epoch 2, or pass --overwrite" in capsys.readouterr().err
+    # One writer per prefix, as for python -m train: another process holding the prefix refuses the run in one
+    # line naming it, and nothing is written.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from recbuild.publish import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(data / "busy")],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert recipes_main([*common, "--model-prefix", str(data / "busy")]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"pid {holder.pid}:" in err, err
+    assert not list(data.glob("busy-*"))
 
 
 def test_ensemble_and_pseudo_input_errors(data):

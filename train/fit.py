@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import glob
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from recbuild.atomic import remove_stale_parts, write_json
+from recbuild.atomic import write_json
 from recbuild.publish import publish, writer_lock
 from recbuild.classmap import write_class_map
 from symbols import checkpoint
@@ -441,12 +440,11 @@ def resolve_load_epoch(cfg: TrainConfig) -> TrainConfig:
 
 
 def start_run(cfg: TrainConfig, prefix: str) -> ClassInfo:
-    """Validate `cfg`, check the data's classes, remove dead runs' `.part` files and check that a fresh run
-    does not overwrite checkpoints."""
+    """Validate `cfg`, check the data's classes, drop what an older version's killed run left of an unpublished
+    epoch and check that a fresh run does not overwrite checkpoints. The caller holds the prefix's writer lock,
+    whose settle already removed dead runs' `.part` files (recbuild.publish.remove_dead_leftovers)."""
     cfg.validate()
     classes = resolve_classes(cfg.data_train, cfg.num_classes, cfg.data_val)
-    # .PREFIX-0003.params.PID.part, .PREFIX.classes.json.PID.part, ...
-    remove_stale_parts(Path(prefix).parent, glob.escape(Path(prefix).name) + "[-.]*")
     drop_unpublished(prefix)
     done = complete_epochs(prefix)
     if cfg.load_epoch is None and done and not cfg.overwrite:

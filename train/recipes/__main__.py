@@ -212,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import mxnet as mx
 
+    from recbuild.publish import PrefixBusy, PublishError, output_error_line
     from train.data import DataError
     from train.fit import TrainError, TrainingDiverged
     from train.predict import PredictError
@@ -220,8 +221,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (TrainError, DataError, PredictError, ValueError, FileNotFoundError) as err:
+    except (TrainError, DataError, PredictError, ValueError, FileNotFoundError, PrefixBusy, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, an output path that is a folder: nothing half-written
+        print(output_error_line(err), file=sys.stderr)
         return 2
     except mx.base.MXNetError as err:  # e.g. an input size the network cannot take: MXNet's own first line
         lines = [ln for ln in str(err).splitlines() if ln.strip() and "Traceback" not in ln and "File " not in ln]

@@ -44,6 +44,7 @@ import mxnet as mx
 import numpy as np
 
 from recbuild.atomic import atomic_path
+from recbuild.publish import writer_lock
 from symbols.checkpoint import (CheckpointError, load_optimizer_states, params_path, save_optimizer_states,
                                 states_path)
 from symbols.head import build_head, frozen, with_lr_mults
@@ -343,12 +344,16 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
         save_every: also write a full checkpoint (+ head optimizer state) every N epochs (0: only the last).
 
     Raises:
-        TrainError / DataError: bad input; TrainingDiverged: NaN loss.
+        TrainError / DataError: bad input; TrainingDiverged: NaN loss; PrefixBusy: another run writes the prefix.
     """
     cfg.validate()
     _check_cacheable(cfg)
-    cfg = _with_pretrained_model(cfg)
-    mirror = mirror or cfg.random_mirror
+    with writer_lock(cfg.model_prefix):  # one writer per prefix, as python -m train; settles a killed run first
+        return _train_from_cache(_with_pretrained_model(cfg), cache_dir, mirror or cfg.random_mirror,
+                                 class_balance, save_every)
+
+
+def _train_from_cache(cfg: TrainConfig, cache_dir, mirror: bool, class_balance: bool, save_every: int) -> FitResult:
     prefix = cfg.model_prefix
     classes = start_run(cfg, prefix)
     prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
