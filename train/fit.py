@@ -370,8 +370,10 @@ class Model:
         return [n for n in self.symbol.list_arguments() if n not in ("data", self.label_name)]
 
 
-def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
-    prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
+def prepare_from_config(cfg: TrainConfig, num_classes: int) -> Prepared:
+    """prepare_model with every option of `cfg` that shapes the starting model, and the start-up lines about it:
+    the one route by which a run (fit, the feature cache, lr-find) gets the model it starts from."""
+    prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, num_classes, cfg.image_shape,
                              cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
                              keep_head_names=cfg.keep_head_names,
                              initializer=make_initializer(cfg.initializer, cfg.network),
@@ -380,6 +382,11 @@ def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
         log.info("--from-scratch: %s's architecture with fresh weights in every layer (seed %d); its pretrained "
                  "weights are not used", cfg.pretrained_model, cfg.seed)
     check_preprocessing(prepared.pre, cfg)
+    return prepared
+
+
+def _fresh_model(cfg: TrainConfig, prefix: str, classes: ClassInfo) -> Model:
+    prepared = prepare_from_config(cfg, classes.num_classes)
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
     pre = trained_sidecar(prepared, cfg, prefix, shape, classes,
                           **({"from_scratch": True} if cfg.from_scratch else {}))

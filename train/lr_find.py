@@ -92,7 +92,7 @@ def _model(cfg, num_classes: int):
     """The symbol, weights, sidecar and folder `fit` would start from (read only)."""
     from symbols.checkpoint import CheckpointError, load_checkpoint
     from symbols.sidecar import has_sidecar, load_sidecar, sidecar_path
-    from train.fit import TrainError, prepare_model
+    from train.fit import TrainError, prepare_from_config
     if cfg.load_epoch is not None:
         if not has_sidecar(cfg.model_prefix):
             raise TrainError(f"{sidecar_path(cfg.model_prefix)}: missing, cannot start from {cfg.model_prefix}")
@@ -102,10 +102,7 @@ def _model(cfg, num_classes: int):
         except CheckpointError as err:
             raise TrainError(str(err)) from None
         return symbol, args, aux, pre.output_name, pre, Path(cfg.model_prefix).parent
-    prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
-                             keep_head_names=cfg.keep_head_names, rgb_mean=cfg.rgb_mean, rgb_std=cfg.rgb_std,
-                             from_scratch=cfg.from_scratch)
+    prepared = prepare_from_config(cfg, num_classes)   # the model training would start from
     return (prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec.output_name, prepared.pre,
             prepared.sidecar_dir)
 

@@ -52,7 +52,7 @@ from symbols.sidecar import Preprocess, load_sidecar
 from train.config import TrainConfig, active_augmentations, config_path, load_run_config
 from train.data import DataError, plan_input, record_iter
 from train.fit import (EpochMeter, EpochStream, FitResult, Model, TrainError, guard_resume, init_optimizer,
-                       load_checkpoint, log_epoch, make_initializer, prepare_model, publish_epoch, resolve_mults,
+                       load_checkpoint, log_epoch, prepare_from_config, prepare_model, publish_epoch, resolve_mults,
                        resume_point, reusable_train_iter, schedule, start_run, trained_sidecar, write_run_files)
 from train.metrics import Tally
 
@@ -356,10 +356,7 @@ def train_from_cache(cfg: TrainConfig, cache_dir=DEFAULT_CACHE_DIR, mirror: bool
 def _train_from_cache(cfg: TrainConfig, cache_dir, mirror: bool, class_balance: bool, save_every: int) -> FitResult:
     prefix = cfg.model_prefix
     classes = start_run(cfg, prefix)
-    prepared = prepare_model(cfg.pretrained_model, cfg.pretrained_epoch, classes.num_classes, cfg.image_shape,
-                             cfg.layer_before_fullc, cfg.hidden, cfg.hidden_dropout, cfg.seed,
-                             keep_head_names=cfg.keep_head_names,
-                             initializer=make_initializer(cfg.initializer, cfg.network))  # as train.fit does
+    prepared = prepare_from_config(cfg, classes.num_classes)  # as train.fit does
     shape = tuple(cfg.image_shape or prepared.pre.input_shape)
     model = Model(prepared.symbol, prepared.arg_params, prepared.aux_params, prepared.spec,
                   trained_sidecar(prepared, cfg, prefix, shape, classes, recipe="feature cache"),
